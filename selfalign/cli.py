@@ -28,9 +28,12 @@ def add_sampling_flags(p: argparse.ArgumentParser, temperature: float = 0.7) -> 
 def add_backend_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default=None, help="short name (smollm2-135m, the default), model folder, .gguf file, "
                    "cached hub id; for --backend openai the served model name")
-    p.add_argument("--backend", default="transformers", choices=["transformers", "openai"],
-                   help="transformers: local model; openai: any OpenAI-compatible chat-completions endpoint")
-    p.add_argument("--batch-size", type=int, default=16, help="sequences per batch, local backend (default %(default)s)")
+    p.add_argument("--backend", default="auto", choices=["auto", "lean", "transformers", "openai"],
+                   help="auto (default): the fastest local backend for this machine and model; lean: continuous-"
+                   "batching decode loop (llama/qwen2 models); transformers: model.generate, the reference; openai: "
+                   "any OpenAI-compatible chat-completions endpoint")
+    p.add_argument("--batch-size", type=int, default=None,
+                   help="sequences decoded together, local backends (default: 64 lean, 16 transformers)")
     p.add_argument("--dtype", default="auto", help="auto (bf16 on GPU, fp32 on CPU), float32, bfloat16")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, ...")
     p.add_argument("--trust-remote-code", action="store_true", help="allow model code from the model folder (off)")
@@ -50,7 +53,7 @@ def generator_from_args(args):
             raise SelfalignError("--backend openai needs --base-url")
         return make_generator("openai", model=args.model, base_url=args.base_url, api_key_env=args.api_key_env,
                               concurrency=args.concurrency, timeout=args.timeout, max_retries=args.max_retries)
-    return make_generator("transformers", model=args.model, batch_size=args.batch_size, dtype=args.dtype,
+    return make_generator(args.backend, model=args.model, batch_size=args.batch_size, dtype=args.dtype,
                           device=args.device, trust_remote_code=args.trust_remote_code)
 
 

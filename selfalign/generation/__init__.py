@@ -1,18 +1,40 @@
-"""Generation behind one interface: a local transformers backend and an OpenAI-compatible HTTP backend."""
+"""Generation behind one interface: local backends (the transformers reference loop and the lean continuous-batching
+loop) and an OpenAI-compatible HTTP backend."""
 
 from __future__ import annotations
 
 from selfalign.generation.base import Generator, SamplingParams, generate_to_file, response_key
 
-BACKENDS = ("transformers", "openai")
+BACKENDS = ("auto", "lean", "transformers", "openai")
+# sequences decoded together by default: the lean loop keeps every slot busy, so it profits from more of them
+DEFAULT_BATCH_SIZE = {"lean": 64, "transformers": 16}
 
 
-def make_generator(backend: str = "transformers", model: str | None = None, **options) -> Generator:
-    """Build a generator by backend name. Options go to the backend's constructor."""
-    if backend == "transformers":
+def make_generator(backend: str = "auto", model: str | None = None, **options) -> Generator:
+    """Build a generator by backend name. Options go to the backend's constructor; batch_size=None takes the
+    backend's default.
+
+    "auto" is the fastest local backend measured for the machine (benchmarks/RESULTS.md, "Fast generation"): the lean
+    loop on CPU for the model families it supports, else transformers. On GPU it stays transformers, because the
+    lean loop has not been measured there."""
+    if backend in ("auto", "lean", "transformers"):
+        from selfalign.generation.lean_backend import LeanGenerator
+        from selfalign.generation.lean_decoder import supports
         from selfalign.generation.transformers_backend import TransformersGenerator
 
-        return TransformersGenerator(model=model, **options)
+        batch_size = options.pop("batch_size", None)
+        reference = TransformersGenerator(model=model, batch_size=batch_size or DEFAULT_BATCH_SIZE["transformers"],
+                                          **options)
+        on_cpu = reference.device.type == "cpu"
+        if backend == "transformers" or (backend == "auto" and not (on_cpu and supports(reference.model))):
+            return reference
+        if not supports(reference.model):
+            from selfalign.errors import SelfalignError
+
+            raise SelfalignError(f"--backend lean supports llama and qwen2 models; '{model}' is "
+                                 f"{reference.model.config.model_type} (use --backend transformers)")
+        return LeanGenerator(model=model, batch_size=batch_size or DEFAULT_BATCH_SIZE["lean"],
+                             model_obj=reference.model, tokenizer=reference.tokenizer)
     if backend == "openai":
         from selfalign.generation.openai_backend import OpenAIGenerator
 
@@ -22,4 +44,4 @@ def make_generator(backend: str = "transformers", model: str | None = None, **op
     raise SelfalignError(f"unknown generation backend '{backend}' (choose from {', '.join(BACKENDS)})")
 
 
-__all__ = ["BACKENDS", "Generator", "SamplingParams", "generate_to_file", "make_generator", "response_key"]
+__all__ = ["BACKENDS", "DEFAULT_BATCH_SIZE", "Generator", "SamplingParams", "generate_to_file", "make_generator", "response_key"]

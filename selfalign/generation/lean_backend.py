@@ -1,0 +1,234 @@
+"""Local generation with the lean decoder: continuous batching over a static KV cache, per-sequence seeded sampling.
+
+The loop keeps up to `batch_size` sequences decoding together. When one finishes, its slot goes to the next waiting
+sequence at once (continuous batching), so no step is spent on rows that already stopped, which is where batched
+`model.generate` loses most of its time on answers of uneven length. Live sequences always occupy the first slots
+(a finished slot is refilled, or the last live sequence moves into it), so each step runs over exactly the live
+rows. The n samples of one prompt share a single prefill.
+
+Reproducibility: each sequence draws its random numbers from its own generator seeded by (seed, prompt id, sample
+index), so a sample does not depend on which other sequences share its batch: a resumed run, or the same prompt in
+a different file, gives the same sample. Sampling follows transformers: softmax(logits / temperature), top-p keeps
+the smallest set of most likely tokens whose mass reaches top_p, then one draw from what is left.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass, field
+from typing import Sequence
+
+import torch
+from tqdm.auto import tqdm
+
+from selfalign.data.records import Prompt, Response
+from selfalign.generation.base import OnBatch, SamplingParams
+from selfalign.generation.lean_decoder import LeanDecoder
+from selfalign.generation.transformers_backend import TransformersGenerator
+
+# tokens per prefill chunk: bounds the activation memory of prefilling many new prompts at once
+PREFILL_TOKENS = 4096
+
+
+def sequence_seed(seed: int, prompt_id: str, sample_index: int) -> int:
+    digest = hashlib.sha256(f"{seed}|{prompt_id}|{sample_index}".encode()).digest()
+    return int.from_bytes(digest[:8], "little") & (2**63 - 1)
+
+
+def sample_tokens(logits: torch.Tensor, params: SamplingParams, generators: list[torch.Generator]) -> torch.Tensor:
+    """Next token per row of `logits` [B, V]: argmax when greedy, else one draw per row from the temperature- and
+    top-p-adjusted distribution, using that row's own generator (inverse-CDF sampling of one uniform number)."""
+    if params.greedy:
+        return logits.argmax(dim=-1)
+    probs = torch.softmax(logits / params.temperature, dim=-1)
+    if params.top_p < 1.0:
+        probs, order = probs.sort(dim=-1, descending=True)
+        mass_before = probs.cumsum(dim=-1) - probs
+        probs = probs.masked_fill(mass_before >= params.top_p, 0.0)  # the top token always stays (mass_before = 0)
+    else:
+        order = None
+    cdf = probs.cumsum(dim=-1)
+    u = torch.stack([torch.rand((), generator=g, dtype=cdf.dtype) for g in generators]) * cdf[:, -1]
+    picked = torch.searchsorted(cdf, u.unsqueeze(1)).clamp_(max=cdf.shape[1] - 1).squeeze(1)
+    return picked if order is None else order.gather(1, picked.unsqueeze(1)).squeeze(1)
+
+
+@dataclass
+class _Sequence:
+    prompt_index: int
+    sample_index: int
+    generator: torch.Generator | None
+    tokens: list[int] = field(default_factory=list)
+    length: int = 0  # tokens in the cache (prompt + generated so far, excluding the pending token)
+
+
+class LeanGenerator(TransformersGenerator):
+    """Same interface, prompt encoding and records as TransformersGenerator; a faster decode loop. Models the lean
+    decoder does not support are answered by the transformers loop."""
+
+    backend = "lean"
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.decoder = LeanDecoder(self.model)
+
+    # -- generation --------------------------------------------------------------------------------------------
+    def generate(self, prompts: Sequence[Prompt], params: SamplingParams, on_batch: OnBatch | None = None,
+                 skip: set | None = None, progress: bool = True, source: str | None = None) -> list[Response]:
+        skip = skip or set()
+        encoded = self.encode(prompts, params.max_new_tokens, source)
+        per_prompt = 1 if params.greedy else params.n  # greedy samples are identical: decode once, repeat
+        wanted = [(i, s) for i in sorted(range(len(prompts)), key=lambda i: (-len(encoded[i]), i))
+                  for s in range(per_prompt)
+                  if any((prompts[i].id, k) not in skip for k in ([s] if per_prompt > 1 else range(params.n)))]
+        results: list[Response] = []
+        bar = tqdm(total=len(prompts) * params.n, desc=f"generate ({self.model_name}, lean)", unit="answer",
+                   disable=not progress)
+        bar.update(len(prompts) * params.n - sum(params.n if per_prompt == 1 else 1 for _ in wanted))
+        if not wanted:
+            bar.close()
+            return []
+        longest = max(len(encoded[i]) for i, _ in wanted)
+        slots = max(1, min(self.batch_size, len(wanted)))
+        dec = self.decoder
+        dec.allocate(slots, longest + params.max_new_tokens)
+        limit = dec.max_len
+
+        waiting = list(reversed(wanted))  # pop() takes the longest prompt first
+        live: list[_Sequence] = []
+        pending = torch.zeros(0, dtype=torch.long, device=self.device)  # next input token of each live sequence
+
+        def finish(seq: _Sequence, stopped: bool) -> list[Response]:
+            p = prompts[seq.prompt_index]
+            text = self.tokenizer.decode(seq.tokens, skip_special_tokens=True)
+            n_tok = len(seq.tokens) + (1 if stopped else 0)
+            idx = [seq.sample_index] if per_prompt > 1 else range(params.n)
+            return [self._response(p, text, params, s, "stop" if stopped else "length", n_tok, self.backend)
+                    for s in idx if (p.id, s) not in skip]
+
+        with torch.inference_mode():
+            while waiting or live:
+                done: list[Response] = []
+                if waiting and len(live) < slots:
+                    new = [waiting.pop() for _ in range(min(slots - len(live), len(waiting)))]
+                    first = self._admit(new, encoded, prompts, params, len(live))
+                    live.extend(new)
+                    pending = torch.cat([pending, first])
+                # record the pending tokens; sequences that stop leave, the rest decode one more step
+                keep, kept_tokens = [], []
+                for seq, tok in zip(live, pending.tolist()):
+                    stopped = tok in self.eos_ids
+                    if not stopped:
+                        seq.tokens.append(tok)
+                    if stopped or len(seq.tokens) >= params.max_new_tokens or seq.length + 1 >= limit:
+                        done.extend(finish(seq, stopped))
+                        bar.update(1 if per_prompt > 1 else params.n)
+                    else:
+                        keep.append(seq)
+                        kept_tokens.append(tok)
+                if len(keep) < len(live):
+                    self._compact(live, keep)
+                    live = keep
+                if done:
+                    results.extend(done)
+                    if on_batch is not None:
+                        on_batch(done)
+                if not live:
+                    pending = pending[:0]
+                    continue
+                positions = torch.tensor([s.length for s in live], device=self.device)
+                logits = dec.decode_step(torch.tensor(kept_tokens, device=self.device), positions)
+                for s in live:
+                    s.length += 1
+                pending = sample_tokens(logits, params, [s.generator for s in live])
+        bar.close()
+        by_key = {r.key: r for r in results}
+        return [by_key[(p.id, s)] for p in prompts for s in range(params.n) if (p.id, s) in by_key]
+
+    def _admit(self, new: list[_Sequence | tuple], encoded, prompts, params, first_slot: int) -> torch.Tensor:
+        """Prefill the prompts of `new` (each prompt once, however many of its samples arrive) into slots
+        first_slot.., replace the (prompt, sample) tuples in `new` by live sequences, return their first tokens."""
+        for k, (i, s) in enumerate(new):
+            gen = None
+            if not params.greedy:
+                gen = torch.Generator(device="cpu")
+                gen.manual_seed(sequence_seed(params.seed, prompts[i].id, s))
+            new[k] = _Sequence(i, s, gen, length=len(encoded[i]))
+        owner: dict[int, int] = {}  # prompt index -> the slot that holds its prefill
+        for k, seq in enumerate(new):
+            owner.setdefault(seq.prompt_index, first_slot + k)
+        unique = sorted(owner, key=lambda i: -len(encoded[i]))
+        last_hidden: dict[int, torch.Tensor] = {}
+        start = 0
+        while start < len(unique):  # chunks of at most PREFILL_TOKENS padded tokens
+            width = len(encoded[unique[start]])
+            end = start + max(1, PREFILL_TOKENS // width)
+            chunk = unique[start:end]
+            ids = torch.full((len(chunk), width), self.tokenizer.pad_token_id or 0, dtype=torch.long)
+            for row, i in enumerate(chunk):
+                ids[row, :len(encoded[i])] = torch.tensor(encoded[i])
+            hidden = self.decoder.forward_full(ids.to(self.device),
+                                               torch.tensor([owner[i] for i in chunk], device=self.device))
+            for row, i in enumerate(chunk):
+                last_hidden[i] = hidden[row, len(encoded[i]) - 1]
+            start = end
+        for k, seq in enumerate(new):
+            slot = first_slot + k
+            if owner[seq.prompt_index] != slot:
+                self.decoder.copy_prefix(owner[seq.prompt_index], [slot], seq.length)
+        logits = self.decoder.logits(torch.stack([last_hidden[s.prompt_index] for s in new]))
+        return sample_tokens(logits, params, [s.generator for s in new])
+
+    def _compact(self, live: list[_Sequence], keep: list[_Sequence]) -> None:
+        """Move the surviving sequences' caches into slots 0..len(keep)-1, preserving their order."""
+        slot_of = {id(s): k for k, s in enumerate(live)}
+        for dst, seq in enumerate(keep):
+            src = slot_of[id(seq)]
+            if src != dst:
+                self.decoder.move_slot(src, dst, seq.length)
+
+    # -- scoring -----------------------------------------------------------------------------------------------
+    def sequence_logprobs(self, prefixes: list[list[int]], continuations: list[list[int]],
+                          max_tokens: int = PREFILL_TOKENS) -> list[float]:
+        """Sum of log p(continuation | prefix) for each pair, batched by length (SPA's implicit reward, DPO's
+        reference log-probs)."""
+        seqs = [list(p) + list(c) for p, c in zip(prefixes, continuations)]
+        out = [0.0] * len(seqs)
+        for idx, logp in self._score_batches(seqs, max_tokens):
+            for row, i in enumerate(idx):
+                start, end = len(prefixes[i]), len(seqs[i])
+                if end > start:
+                    targets = torch.tensor(seqs[i][start:end], device=self.device)
+                    out[i] = float(logp(row, start - 1, end - 1).gather(1, targets[:, None]).sum())
+        return out
+
+    def next_token_logprobs(self, prefixes: list[list[int]], candidates: list[int],
+                            max_tokens: int = PREFILL_TOKENS) -> torch.Tensor:
+        """log p(token | prefix) for each candidate token after each prefix: [N, len(candidates)] (judges' verdict
+        tokens)."""
+        out = torch.zeros(len(prefixes), len(candidates))
+        cand = torch.tensor(candidates, device=self.device)
+        for idx, logp in self._score_batches([list(p) for p in prefixes], max_tokens):
+            for row, i in enumerate(idx):
+                n = len(prefixes[i])
+                out[i] = logp(row, n - 1, n)[0, cand].cpu()
+        return out
+
+    def _score_batches(self, seqs: list[list[int]], max_tokens: int):
+        """Yield (indices, logp) over length-sorted batches; logp(row, a, b) gives log-softmax rows a..b-1."""
+        order = sorted(range(len(seqs)), key=lambda i: -len(seqs[i]))
+        start = 0
+        with torch.inference_mode():
+            while start < len(order):
+                width = len(seqs[order[start]])
+                idx = order[start:start + max(1, max_tokens // width)]
+                ids = torch.zeros((len(idx), width), dtype=torch.long)
+                for row, i in enumerate(idx):
+                    ids[row, :len(seqs[i])] = torch.tensor(seqs[i])
+                hidden = self.decoder.forward_full(ids.to(self.device))
+
+                def logp(row, a, b, hidden=hidden):
+                    return torch.log_softmax(self.decoder.logits(hidden[row, a:b]), dim=-1)
+
+                yield idx, logp
+                start += len(idx)
