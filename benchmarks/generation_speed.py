@@ -79,8 +79,8 @@ def main() -> None:
     print(f"# {datetime.date.today()} {platform.node()} {os.cpu_count()} CPUs, torch {torch.__version__}, "
           f"model {args.model}, dtype {next(gen.model.parameters()).dtype}, {len(prompts)} prompts, "
           f"max_new_tokens {args.max_new_tokens}, greedy")
-    print(f"| method | new tokens | seconds | tokens/s | vs 1-at-a-time |")
-    print(f"|---|---:|---:|---:|---:|")
+    print("| method | new tokens | seconds | tokens/s | vs 1-at-a-time |")
+    print("|---|---:|---:|---:|---:|")
     for name, toks, secs in rows:
         print(f"| {name} | {toks} | {secs:.1f} | {toks / secs:.1f} | {toks / secs / base:.2f}x |")
 

@@ -22,6 +22,7 @@ class EvalConfig:
     judge_options: dict = field(default_factory=dict)  # e.g. {model: qwen2.5-coder-1.5b}
     max_new_tokens: int = 256
     batch_size: int = 16
+    backend: str = "auto"  # local generation backend: auto (lean on CPU), lean, transformers
 
 
 def _judge(config: EvalConfig, cache_dir: Path):
@@ -35,11 +36,10 @@ def evaluate_checkpoint(model_dir: str | Path, label: str, config: EvalConfig, e
     """AlpacaEval-style metrics of the model in `model_dir` against the GPT-4-Turbo references, written under
     eval_root/label/. Resumable (answers and annotations are appended as they finish)."""
     from selfalign.evaluation.alpaca import evaluate_alpaca
-    from selfalign.generation import SamplingParams
-    from selfalign.generation.transformers_backend import TransformersGenerator
+    from selfalign.generation import SamplingParams, make_generator
 
     eval_root = Path(eval_root)
-    gen = TransformersGenerator(str(model_dir), batch_size=config.batch_size)
+    gen = make_generator(config.backend, str(model_dir), batch_size=config.batch_size)
     gen.model_name = label
     metrics = evaluate_alpaca(gen, _judge(config, eval_root), eval_root / label, limit=config.instructions,
                               seed=config.seed, params=SamplingParams(temperature=0.0,

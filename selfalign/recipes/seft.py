@@ -34,7 +34,7 @@ from selfalign.data import Conversation, PreferencePair, Prompt, Response, Revis
 from selfalign.data.loaders import load_preference_pairs, load_prompts
 from selfalign.errors import ConfigError
 from selfalign.evaluation.stage import EvalConfig, evaluate_checkpoint, write_summary
-from selfalign.generation import SamplingParams, generate_to_file
+from selfalign.generation import SamplingParams, generate_to_file, make_generator
 from selfalign.models import DEFAULT_MODEL
 from selfalign.recipes.common import data_file
 from selfalign.runs import Run
@@ -48,6 +48,7 @@ class SamplingConfig:
     max_new_tokens: int = 256
     seed: int = 42
     batch_size: int = 16
+    backend: str = "auto"  # local generation backend: auto (lean on CPU), lean, transformers
 
 
 @dataclass
@@ -69,6 +70,7 @@ class ReviserConfig:
     tag_fallback: Literal["none", "minor", "major", "drop"] = "none"  # [R] decision for a missing/garbled tag
     max_new_tokens: int | None = None  # [R] None: the policy's sampling.max_new_tokens
     batch_size: int = 16  # generation batch
+    backend: str = "auto"  # local generation backend: auto (lean on CPU), lean, transformers
     warmup_train: SFTTrainConfig = field(default_factory=lambda: SFTTrainConfig(epochs=2))  # [R] 2 epochs
     adaptive_train: SFTTrainConfig = field(default_factory=lambda: SFTTrainConfig(epochs=2))  # [R] 2 epochs
 
@@ -193,11 +195,10 @@ def train_adaptive(config: Config, run: Run, init: str) -> dict:
 
 # ------------------------------------------------------------------------------------------------ rounds
 def generate(config: Config, run: Run, i: int, policy: str) -> dict:
-    from selfalign.generation.transformers_backend import TransformersGenerator
 
     prompts = read_records(run.path("data", f"round{i}_prompts.jsonl"), Prompt)
     s = config.sampling
-    gen = TransformersGenerator(policy, batch_size=s.batch_size)
+    gen = make_generator(s.backend, policy, batch_size=s.batch_size)
     gen.model_name = f"round{i - 1}"
     params = SamplingParams(temperature=s.temperature, top_p=s.top_p, max_new_tokens=s.max_new_tokens, n=1,
                             seed=s.seed + i)
@@ -228,7 +229,7 @@ def revise(config: Config, run: Run, i: int, reviser: str) -> dict:
 
     rc = config.reviser
     responses, empty = revision_inputs(config, run, i)
-    gen = prefixed_generator(reviser, batch_size=rc.batch_size)
+    gen = prefixed_generator(reviser, batch_size=rc.batch_size, backend=rc.backend)
     gen.model_name = "reviser"
     budget = tag_token_budget(gen.tokenizer)
     revisions = revise_adaptive(gen, responses, load_template(rc.adaptive_template), budget,

@@ -29,7 +29,7 @@ from selfalign.config import config_to_dict
 from selfalign.data import PreferencePair, Prompt, read_records, write_jsonl
 from selfalign.data.loaders import load_preference_pairs, load_prompts
 from selfalign.evaluation.stage import EvalConfig, evaluate_checkpoint, write_summary
-from selfalign.generation import SamplingParams, generate_to_file
+from selfalign.generation import SamplingParams, generate_to_file, make_generator
 from selfalign.models import DEFAULT_MODEL
 from selfalign.recipes.common import data_file
 from selfalign.runs import Run
@@ -45,6 +45,7 @@ class SamplingConfig:
     max_new_tokens: int = 300
     seed: int = 42
     batch_size: int = 16
+    backend: str = "auto"  # local generation backend: auto (lean on CPU), lean, transformers
 
 
 @dataclass
@@ -101,11 +102,10 @@ def build_data(config: Config, run: Run) -> dict:
 
 
 def generate(config: Config, run: Run, i: int, policy: str) -> dict:
-    from selfalign.generation.transformers_backend import TransformersGenerator
 
     prompts = read_records(run.path("data", f"round{i}_prompts.jsonl"), Prompt)
     s = config.sampling
-    gen = TransformersGenerator(policy, batch_size=s.batch_size)
+    gen = make_generator(s.backend, policy, batch_size=s.batch_size)
     gen.model_name = f"round{i - 1}"
     params = SamplingParams(temperature=s.temperature, top_p=s.top_p, max_new_tokens=s.max_new_tokens,
                             n=config.samples_per_prompt, seed=s.seed + i)

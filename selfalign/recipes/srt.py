@@ -57,6 +57,7 @@ class SamplingConfig:
     max_new_tokens: int = 1024  # [R] not stated in the paper
     seed: int = 42
     batch_size: int = 16
+    backend: str = "auto"  # local generation backend: auto (lean on CPU), lean, transformers
 
 
 @dataclass
@@ -74,7 +75,7 @@ class CritiqueConfig:
 
 @dataclass
 class CriticConfig(CritiqueConfig):
-    backend: Literal["transformers", "openai"] = "transformers"
+    backend: Literal["auto", "lean", "transformers", "openai"] = "auto"
     model: str = "qwen2.5-coder-1.5b"  # paper: gpt-4-1106-preview; default: the strongest local model
     base_url: str | None = None  # openai backend: an OpenAI-compatible endpoint, e.g. https://api.openai.com/v1
     api_key_env: str = "OPENAI_API_KEY"  # the environment variable holding the key (never written anywhere)
@@ -303,10 +304,9 @@ def build_data(config: Config, run: Run) -> dict:
 
 
 def answer(config: Config, run: Run, stage: str, model: str, label: str) -> dict:
-    from selfalign.generation.transformers_backend import TransformersGenerator
 
     s = config.sampling
-    gen = TransformersGenerator(model, batch_size=s.batch_size)
+    gen = make_generator(s.backend, model, batch_size=s.batch_size)
     gen.model_name = label
     params = SamplingParams(temperature=s.temperature, top_p=s.top_p, max_new_tokens=s.max_new_tokens,
                             seed=s.seed + int(stage[-1]))
@@ -318,7 +318,7 @@ def answer(config: Config, run: Run, stage: str, model: str, label: str) -> dict
 def make_critic(c: CriticConfig) -> Generator:
     if c.backend == "openai":
         return make_generator("openai", model=c.model, base_url=c.base_url, api_key_env=c.api_key_env, **c.options)
-    return make_generator("transformers", model=c.model, batch_size=c.batch_size, **c.options)
+    return make_generator(c.backend, model=c.model, batch_size=c.batch_size, **c.options)
 
 
 def _summary(critiques: list[Critique], kept: list, dropped: list[dict], stats: dict) -> dict:
@@ -369,10 +369,9 @@ def train_stage1(config: Config, run: Run) -> dict:
 
 
 def critique_stage2(config: Config, run: Run, model: str) -> dict:
-    from selfalign.generation.transformers_backend import TransformersGenerator
 
     c = config.self_critique
-    gen = TransformersGenerator(model, batch_size=c.batch_size)
+    gen = make_generator("auto", model, batch_size=c.batch_size)
     gen.model_name = "stage1"
     responses = read_records(run.path("stage2", "responses.jsonl"), Response)
     critiques, dropped, stats = critique_responses(gen, responses, config.sequence_format, c, run.path("stage2"),
@@ -403,9 +402,8 @@ def evaluate_self_refined(model_dir: str, label: str, config: EvalConfig, eval_r
     """The evaluation stage's AlpacaEval-style metrics for the self-refined outputs (answer → critique → refine)."""
     from selfalign.evaluation.alpaca import evaluate_alpaca
     from selfalign.evaluation.stage import _judge
-    from selfalign.generation.transformers_backend import TransformersGenerator
 
-    inner = TransformersGenerator(str(model_dir), batch_size=config.batch_size)
+    inner = make_generator(config.backend, str(model_dir), batch_size=config.batch_size)
     inner.model_name = label
     budget = critique_tokens or 2 * config.max_new_tokens + 128
     gen = SelfRefineGenerator(inner, SamplingParams(temperature=0.0, max_new_tokens=budget),

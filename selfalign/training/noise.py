@@ -15,7 +15,6 @@ folder. The state (window, flags) is saved in training checkpoints, so a resumed
 
 from __future__ import annotations
 
-import json
 from collections import deque
 from pathlib import Path
 

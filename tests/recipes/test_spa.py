@@ -11,7 +11,7 @@ import torch
 from selfalign.cli import main
 from selfalign.data import PreferencePair
 from selfalign.data.loaders import load_preference_pairs
-from selfalign.training.implicit_reward import label_by_implicit_reward, sequence_logps
+from selfalign.training.implicit_reward import label_by_implicit_reward
 from selfalign.training.noise import SelfRefinementHook
 
 

@@ -1,0 +1,136 @@
+"""Generation throughput: transformers `generate` (dynamic cache), transformers static cache + torch.compile, and
+selfalign's lean backend, on the same real prompts, in one run.
+
+    python benchmarks/fast_generation.py                                    # issue #8's CPU workload
+    python benchmarks/fast_generation.py --random-init smollm2-1.7b --device cuda --batch-size 256 \
+        --prompts 256 --n 1 --max-new-tokens 256                            # a GPU shape (speed ignores weights)
+
+Workload (default): the first 64 prompts of prompts/unlabelled_pool.jsonl, 2 samples each, up to 200 new tokens,
+temperature 0.7 / top_p 0.9, the embedded model, fp32 on CPU. Tokens/s counts generated tokens up to and including
+the end-of-turn token. The transformers rows run the backend's own loop (length-sorted, left-padded batches of
+--hf-batch-size sequences); the lean row decodes --batch-size sequences at once with continuous batching. Greedy
+parity is checked on the first --parity prompts (token-identical answers, lean vs transformers).
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import os
+import platform
+import subprocess
+import time
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+import torch  # noqa: E402
+
+from selfalign.data.loaders import load_prompts, shared_data_dir  # noqa: E402
+from selfalign.generation import SamplingParams  # noqa: E402
+from selfalign.generation.lean_backend import LeanGenerator  # noqa: E402
+from selfalign.generation.transformers_backend import TransformersGenerator  # noqa: E402
+from selfalign.models import load_tokenizer  # noqa: E402
+
+SHAPES = {  # real SmolLM2 configurations, for random-init speed runs
+    "smollm2-135m": dict(hidden_size=576, intermediate_size=1536, num_hidden_layers=30, num_attention_heads=9,
+                         num_key_value_heads=3),
+    "smollm2-1.7b": dict(hidden_size=2048, intermediate_size=8192, num_hidden_layers=24, num_attention_heads=32,
+                         num_key_value_heads=32),
+}
+
+
+def random_model(shape: str, device: str, dtype: torch.dtype):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    cfg = LlamaConfig(vocab_size=49152, max_position_embeddings=8192, rope_theta=100000.0, tie_word_embeddings=True,
+                      **SHAPES[shape])
+    torch.manual_seed(0)
+    return LlamaForCausalLM(cfg).to(device=device, dtype=dtype).eval()
+
+
+def timed(gen, prompts, params) -> tuple[int, float]:
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    out = gen.generate(prompts, params, progress=False)
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+    return sum(r.num_tokens or 0 for r in out), time.perf_counter() - t0
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", default="smollm2-135m")
+    ap.add_argument("--random-init", choices=sorted(SHAPES), help="random weights of this shape (tokenizer: --model)")
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--dtype", default="auto", help="auto: fp32 on CPU, bf16 on GPU")
+    ap.add_argument("--prompts", type=int, default=64)
+    ap.add_argument("--n", type=int, default=2, help="samples per prompt")
+    ap.add_argument("--max-new-tokens", type=int, default=200)
+    ap.add_argument("--batch-size", type=int, default=64, help="lean backend: sequences decoded together")
+    ap.add_argument("--hf-batch-size", type=int, default=16, help="transformers: sequences per generate() call")
+    ap.add_argument("--skip", default="", help="comma list of rows to skip: dynamic,static,lean")
+    ap.add_argument("--parity", type=int, default=8, help="prompts for the greedy parity check (0: none)")
+    args = ap.parse_args()
+    skip = set(filter(None, args.skip.split(",")))
+
+    dtype = {"auto": torch.float32 if args.device == "cpu" else torch.bfloat16, "float32": torch.float32,
+             "bfloat16": torch.bfloat16}[args.dtype]
+    prompts = load_prompts(shared_data_dir() / "prompts" / "unlabelled_pool.jsonl", limit=args.prompts)
+    params = SamplingParams(temperature=0.7, top_p=0.9, max_new_tokens=args.max_new_tokens, n=args.n, seed=0)
+
+    def build(cls, batch_size):
+        tok = load_tokenizer(args.model, "left")
+        if args.random_init:
+            model = random_model(args.random_init, args.device, dtype)
+            return cls(args.model, batch_size=batch_size, model_obj=model, tokenizer=tok)
+        return cls(args.model, batch_size=batch_size, dtype=str(dtype).split(".")[1], device=args.device)
+
+    rows = []
+    hf = build(TransformersGenerator, args.hf_batch_size)
+    hf.generate(prompts[:2], SamplingParams(temperature=0, max_new_tokens=4), progress=False)  # warm-up
+    if "dynamic" not in skip:
+        toks, secs = timed(hf, prompts, params)
+        rows.append((f"transformers generate, dynamic cache, batch {args.hf_batch_size}", toks, secs, None))
+    if "static" not in skip:
+        # transformers compiles the forward itself when the cache is static; the first call pays the compile
+        hf.model.generation_config.cache_implementation = "static"
+        t0 = time.perf_counter()
+        hf.generate(prompts[:args.hf_batch_size], SamplingParams(temperature=0, max_new_tokens=8), progress=False)
+        compile_s = time.perf_counter() - t0
+        toks, secs = timed(hf, prompts, params)
+        rows.append((f"transformers generate, static cache + compile, batch {args.hf_batch_size}", toks, secs,
+                     compile_s))
+        hf.model.generation_config.cache_implementation = None
+    if "lean" not in skip:
+        lean = build(LeanGenerator, args.batch_size)
+        lean.generate(prompts[:2], SamplingParams(temperature=0, max_new_tokens=4), progress=False)  # warm-up
+        toks, secs = timed(lean, prompts, params)
+        rows.append((f"selfalign lean, continuous batching, {args.batch_size} slots", toks, secs, None))
+        if args.parity and not args.random_init:
+            greedy = SamplingParams(temperature=0, max_new_tokens=args.max_new_tokens)
+            hf.model.generation_config.cache_implementation = None
+            a = hf.generate(prompts[:args.parity], greedy, progress=False)
+            b = lean.generate(prompts[:args.parity], greedy, progress=False)
+            same = sum(x.response == y.response for x, y in zip(a, b))
+            print(f"greedy parity: {same}/{len(a)} answers token-identical (lean vs transformers)")
+
+    try:
+        cpu = subprocess.run(["lscpu"], capture_output=True, text=True).stdout
+        cpu = next((ln.split(":", 1)[1].strip() for ln in cpu.splitlines() if ln.startswith("Model name")), "")
+    except OSError:
+        cpu = platform.processor()
+    base = rows[0][1] / rows[0][2]
+    print(f"# {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC, {platform.node()}, {cpu}, "
+          f"{os.cpu_count()} CPUs, device {args.device}, torch {torch.__version__}, "
+          f"model {args.random_init or args.model}{' (random init)' if args.random_init else ''}, {dtype}, "
+          f"{len(prompts)} prompts x {args.n} samples, max_new_tokens {args.max_new_tokens}, T 0.7 top_p 0.9")
+    print("| method | new tokens | seconds | tokens/s | vs first row | first-call compile s |")
+    print("|---|---:|---:|---:|---:|---:|")
+    for name, toks, secs, comp in rows:
+        print(f"| {name} | {toks} | {secs:.1f} | {toks / secs:.1f} | {toks / secs / base:.2f}x | "
+              f"{'' if comp is None else f'{comp:.0f}'} |")
+
+
+if __name__ == "__main__":
+    main()
