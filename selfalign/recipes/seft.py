@@ -10,6 +10,9 @@
         ŷ  = R(x, y), greedy; ŷ = y verbatim on [NO REVISION]   (+ external answers, optional)  round{t}/revisions.jsonl
         π_t = SFT(π_{t-1}, {(x, ŷ)}), prompt masked                                             round{t}/final
     evaluate π_0, π_1, ..., π_T (AlpacaEval-style, seeded subset)                               eval/summary.md
+  evidence (not SEFT; issue #7):
+    R on held-out pairs: revise rejected (judged vs original), keep chosen verbatim?            reviser/quality.md
+    control: SFT(π_0, round 1's unrevised answers), evaluated as sft_unrevised                 baseline/final
 
 Verified ([SEFT-A], [SEFT-3P]): a reviser warmed up by SFT on (x, y_l) -> y_h from preference data; the reviser
 keeps good responses unchanged and revises the rest; the policy is optimised only by SFT on revised responses of
@@ -84,6 +87,16 @@ class ExternalConfig:
 
 
 @dataclass
+class ReviserEvalConfig:
+    """The reviser's own quality on preference pairs it never saw: does it improve the weaker answer, and does it
+    leave the stronger one alone? (not part of SEFT; evidence for issue #7)"""
+    pairs: int = 64  # held-out pairs (0: no reviser/quality stage)
+    # held apart from the reviser's train_1k file (and from the reward judge's training pairs); with the reviser's
+    # own file, only pairs beyond its slice are taken
+    data: str = "preferences/ultrafeedback_binarized_eval_200.jsonl"
+
+
+@dataclass
 class Config:
     model: str = DEFAULT_MODEL  # π_0, an SFT (instruct) model
     prompts: str = "prompts/unlabelled_pool.jsonl"  # X_u; the reviser's and the external prompts are excluded
@@ -95,6 +108,9 @@ class Config:
     policy_init: Literal["previous", "initial"] = "previous"  # [R] π_t = SFT(π_{t-1}) or SFT(π_0)
     round_train: SFTTrainConfig = field(default_factory=SFTTrainConfig)  # [R] 1 epoch per round, lr 2e-5
     eval: EvalConfig = field(default_factory=EvalConfig)
+    # control: SFT of π_0 on round 1's unrevised answers (same prompts, same round_train), evaluated as sft_unrevised
+    baseline_unrevised: bool = True
+    reviser_eval: ReviserEvalConfig = field(default_factory=ReviserEvalConfig)
     shuffle_seed: int = 42
 
 
@@ -193,6 +209,92 @@ def train_adaptive(config: Config, run: Run, init: str) -> dict:
     return {**summary, "init": init, "examples": len(examples)}
 
 
+# ------------------------------------------------------------------------------------------------ reviser quality
+def held_out_pairs(config: Config, run: Run) -> list[PreferencePair]:
+    """`reviser_eval.pairs` pairs the reviser never trained on: no prompt of data/reviser_pairs.jsonl, a real
+    preference (chosen != rejected, both non-empty), and within the reviser's length filter like its training pairs."""
+    rc, qc = config.reviser, config.reviser_eval
+    trained = {p.prompt.strip() for p in read_records(run.path("data", "reviser_pairs.jsonl"), PreferencePair)}
+    pairs = [p for p in load_preference_pairs(data_file(qc.data)) if p.prompt.strip() not in trained
+             and p.chosen.strip() and p.rejected.strip() and p.chosen.strip() != p.rejected.strip()]
+    if rc.max_pair_tokens:
+        from selfalign.models import load_tokenizer
+
+        tok = load_tokenizer(rc.model)
+        pairs = [p for p in pairs if _fits(tok, p, rc.max_pair_tokens)]
+    random.Random(config.shuffle_seed + 2).shuffle(pairs)  # + 2: not the reviser's or the external shuffle
+    if len(pairs) < qc.pairs:
+        raise ConfigError(f"reviser_eval asks for {qc.pairs} held-out pairs; {qc.data} has {len(pairs)} usable")
+    return pairs[:qc.pairs]
+
+
+def _share(hits: int, n: int) -> dict:
+    p = hits / n if n else None
+    return {"n": n, "count": hits, "share": p, "se": (p * (1 - p) / n) ** 0.5 if n else None}
+
+
+def reviser_quality(config: Config, run: Run, reviser: str) -> dict:
+    """Revise both answers of held-out pairs. The rejected (weaker) one should come back better by the run's eval
+    judge; the chosen (stronger) one should come back verbatim ([NO REVISION])."""
+    from selfalign.judges import make_judge
+    from selfalign.judges.base import PairwiseItem
+    from selfalign.reviser import revision_stats
+
+    pairs = held_out_pairs(config, run)
+    write_jsonl(run.path("reviser", "quality", "pairs.jsonl"), pairs)
+    inputs = [Response(prompt_id=f"{p.id}:{side}", messages=p.messages, response=getattr(p, side),
+                       model=f"{config.reviser_eval.data}:{side}", meta={"origin": side})
+              for p in pairs for side in ("rejected", "chosen")]
+    revisions, _ = run_reviser(config, reviser, inputs, run.path("reviser", "quality"), config.sampling.seed)
+    write_jsonl(run.path("reviser", "quality", "revisions.jsonl"), revisions)
+    by_side = {side: [r for r in revisions if r.meta["origin"] == side] for side in ("rejected", "chosen")}
+
+    # only changed answers go to the judge: an unchanged one is by definition not better than itself
+    changed = [r for r in revisions if r.revised != r.original]
+    judge = make_judge(config.eval.judge, cache=str(run.path("reviser", "quality", "judge_cache.jsonl")),
+                       **config.eval.judge_options)
+    verdicts = judge.compare([PairwiseItem(r.messages, r.revised, r.original) for r in changed]) if changed else []
+    p_better = {r.prompt_id: v.p_a for r, v in zip(changed, verdicts)}
+    rows = [{"id": r.prompt_id, "side": r.meta["origin"], "decision": r.decision, "changed": r.revised != r.original,
+             "p_revised_better": p_better.get(r.prompt_id)} for r in revisions]
+    write_jsonl(run.path("reviser", "quality", "verdicts.jsonl"), rows)
+
+    def side_summary(side: str) -> dict:
+        revs, judged = by_side[side], [p_better[r.prompt_id] for r in by_side[side] if r.prompt_id in p_better]
+        return {"decisions": revision_stats(revs),
+                "unchanged": _share(sum(r.revised == r.original for r in revs), len(revs)),
+                "judged_better": _share(sum(p > 0.5 for p in judged), len(revs)),  # over all pairs of the side
+                "judged_better_of_changed": _share(sum(p > 0.5 for p in judged), len(judged)),
+                "mean_p_revised_better_of_changed": sum(judged) / len(judged) if judged else None,
+                "truncated_revisions": sum(r.meta.get("finish_reason") == "length" for r in revs)}
+
+    result = {"data": config.reviser_eval.data, "pairs": len(pairs), "judge": config.eval.judge,
+              "rejected": side_summary("rejected"), "chosen": side_summary("chosen")}
+    run.path("reviser", "quality.json").write_text(json.dumps(result, indent=1))
+    write_quality_summary(run, result)
+    return result
+
+
+def write_quality_summary(run: Run, q: dict) -> None:
+    """reviser/quality.md: the two headline shares with standard errors, and the decisions per input side."""
+    def fmt(s: dict) -> str:
+        return "n/a" if s["share"] is None else f"{s['share']:.3f} ± {s['se']:.3f} ({s['count']}/{s['n']})"
+
+    rej, cho = q["rejected"], q["chosen"]
+    lines = [f"# SEFT run {run.root.name}: reviser quality on {q['pairs']} held-out pairs ({q['data']})", "",
+             f"- weaker (rejected) answer revised, judged better than the original by `{q['judge']}`: "
+             f"{fmt(rej['judged_better'])}; of the changed ones {fmt(rej['judged_better_of_changed'])}",
+             f"- stronger (chosen) answer returned verbatim: {fmt(cho['unchanged'])}; changed ones judged better "
+             f"than the chosen: {fmt(cho['judged_better_of_changed'])}", "",
+             "| input | no | minor | major | tag fallbacks | unchanged | truncated revisions |",
+             "|---|---:|---:|---:|---:|---:|---:|"]
+    for side, s in (("rejected", rej), ("chosen", cho)):
+        d = s["decisions"]
+        lines.append(f"| {side} | {d['count_none']} | {d['count_minor']} | {d['count_major']} | "
+                     f"{d['tag_fallbacks']} | {s['unchanged']['count']} | {s['truncated_revisions']} |")
+    run.path("reviser", "quality.md").write_text("\n".join(lines) + "\n")
+
+
 # ------------------------------------------------------------------------------------------------ rounds
 def generate(config: Config, run: Run, i: int, policy: str) -> dict:
 
@@ -224,20 +326,28 @@ def revision_inputs(config: Config, run: Run, i: int) -> tuple[list[Response], i
     return kept, len(responses) - len(kept)
 
 
-def revise(config: Config, run: Run, i: int, reviser: str) -> dict:
-    from selfalign.reviser import load_template, prefixed_generator, revise_adaptive, revision_stats, tag_token_budget
+def run_reviser(config: Config, reviser: str, responses: list[Response], folder, seed: int) -> tuple[list, int]:
+    """Adaptive revision of `responses` with the trained reviser, both passes resumable under `folder`.
+    Returns (revisions, the decide pass's token budget)."""
+    from selfalign.reviser import load_template, prefixed_generator, revise_adaptive, tag_token_budget
 
     rc = config.reviser
-    responses, empty = revision_inputs(config, run, i)
+    folder.mkdir(parents=True, exist_ok=True)
     gen = prefixed_generator(reviser, batch_size=rc.batch_size, backend=rc.backend)
     gen.model_name = "reviser"
     budget = tag_token_budget(gen.tokenizer)
     revisions = revise_adaptive(gen, responses, load_template(rc.adaptive_template), budget,
                                 rc.max_new_tokens or config.sampling.max_new_tokens,
-                                run.path(f"round{i}", "reviser_tags.jsonl"),
-                                run.path(f"round{i}", "reviser_continuations.jsonl"), rc.tag_fallback,
-                                seed=config.sampling.seed + i)
-    del gen
+                                folder / "reviser_tags.jsonl", folder / "reviser_continuations.jsonl",
+                                rc.tag_fallback, seed=seed)
+    return revisions, budget
+
+
+def revise(config: Config, run: Run, i: int, reviser: str) -> dict:
+    from selfalign.reviser import revision_stats
+
+    responses, empty = revision_inputs(config, run, i)
+    revisions, budget = run_reviser(config, reviser, responses, run.path(f"round{i}"), config.sampling.seed + i)
     write_jsonl(run.path(f"round{i}", "revisions.jsonl"), revisions)
     stats = {**revision_stats(revisions, total=len(responses)), "empty_inputs_skipped": empty, "tag_budget": budget}
     for origin in ("internal", "external"):
@@ -257,6 +367,21 @@ def train_round(config: Config, run: Run, i: int, init: str) -> dict:
     summary = train_sft(init, conversations, config.round_train, run.path(f"round{i}", "train"),
                         run.path(f"round{i}", "final"))
     return {**summary, "init": init, "examples": len(conversations)}
+
+
+def train_baseline(config: Config, run: Run) -> dict:
+    """The control for round 1: SFT of π_0 on the same prompts' unrevised policy answers, same round_train. What
+    round1 gains over it is what the reviser adds."""
+    responses = [r for r in read_records(run.path("round1", "generations.jsonl"), Response) if r.response.strip()]
+    conversations = [Conversation(f"{r.prompt_id}#{r.sample_index}",
+                                  r.messages + [{"role": "assistant", "content": r.response}],
+                                  {"origin": "unrevised"})
+                     for r in responses]  # empty answers are skipped, as in round 1's revision inputs
+    if not conversations:
+        raise ConfigError("baseline: round 1 has no non-empty answers to train on")
+    summary = train_sft(config.model, conversations, config.round_train, run.path("baseline", "train"),
+                        run.path("baseline", "final"))
+    return {**summary, "init": config.model, "examples": len(conversations)}
 
 
 def write_revision_summary(run: Run, rows: dict[str, dict]) -> None:
@@ -298,6 +423,8 @@ def run(config: Config, run_dir: str) -> dict:
     run.stage("reviser/adaptive", lambda: train_adaptive(config, run, adaptive_init))
     reviser = str(run.path("reviser", "final"))
     run.record_model("reviser", reviser)
+    if config.reviser_eval.pairs > 0:
+        run.stage("reviser/quality", lambda: reviser_quality(config, run, reviser))
     init = config.model
     evaluate("initial", init)
     stats: dict[str, dict] = {}
@@ -309,6 +436,9 @@ def run(config: Config, run_dir: str) -> dict:
         write_revision_summary(run, stats)
         run.stage(f"round{i}/train", lambda: train_round(config, run, i, start))
         evaluate(f"round{i}", str(run.path(f"round{i}", "final")))
+    if config.baseline_unrevised:
+        run.stage("baseline/train", lambda: train_baseline(config, run))
+        evaluate("sft_unrevised", str(run.path("baseline", "final")))
     final = run.root / "final"
     if not final.exists():  # the last round's model, under the name every recipe uses
         os.symlink(f"round{len(config.round_sizes)}/final", final)

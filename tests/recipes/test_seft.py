@@ -28,6 +28,42 @@ def _lines(path):
     return [json.loads(line) for line in path.read_text().splitlines()]
 
 
+def _check_baseline(run_dir, stages):
+    """The control: SFT of the initial model on round 1's own unrevised answers, evaluated as sft_unrevised."""
+    base = stages["baseline/train"]["result"]
+    assert base["init"] == "smollm2-135m"  # π_0, not a round's model
+    gens = _lines(run_dir / "round1" / "generations.jsonl")
+    assert base["examples"] == sum(bool(g["response"].strip()) for g in gens)
+    assert (run_dir / "baseline" / "final" / "config.json").exists()
+    assert stages["eval/sft_unrevised"]["result"]["n_total"] == 10
+
+
+def _check_reviser_quality(run_dir, stages, reviser_pairs):
+    """Held-out pairs: both answers revised; only changed answers judged; chosen kept verbatim on NO REVISION."""
+    q = json.loads((run_dir / "reviser" / "quality.json").read_text())
+    assert q == stages["reviser/quality"]["result"] and q["pairs"] == 2 and q["judge"] == "length"
+    held = _lines(run_dir / "reviser" / "quality" / "pairs.jsonl")
+    assert len(held) == 2 and all(p["id"].startswith("uf-200-") for p in held)
+    prompt = lambda p: p["messages"][-1]["content"]  # noqa: E731
+    assert not {prompt(p) for p in held} & {prompt(p) for p in reviser_pairs}, "held-out pairs were trained on"
+    revs = read_records(run_dir / "reviser" / "quality" / "revisions.jsonl", Revision)
+    assert sorted(r.prompt_id for r in revs) == sorted(f"{p['id']}:{side}" for p in held
+                                                       for side in ("rejected", "chosen"))
+    verdicts = {v["id"]: v for v in _lines(run_dir / "reviser" / "quality" / "verdicts.jsonl")}
+    for r in revs:
+        side = r.prompt_id.rsplit(":", 1)[1]
+        assert r.original == next(p[side] for p in held if r.prompt_id.startswith(p["id"] + ":"))
+        if r.decision == "none":
+            assert r.revised == r.original
+        assert (verdicts[r.prompt_id]["p_revised_better"] is None) == (r.revised == r.original)
+    for side in ("rejected", "chosen"):
+        s = q[side]
+        assert s["decisions"]["revisions"] == s["unchanged"]["n"] == s["judged_better"]["n"] == 2
+        assert s["unchanged"]["count"] == sum(r.revised == r.original for r in revs if r.prompt_id.endswith(side))
+        assert s["judged_better"]["count"] == s["judged_better_of_changed"]["count"] <= 2 - s["unchanged"]["count"]
+    assert "held-out pairs" in (run_dir / "reviser" / "quality.md").read_text()
+
+
 def test_two_round_seft_run_end_to_end_and_resume(tmp_path, capsys):
     run_dir = tmp_path / "seft"
     assert main(["run", "seft", "configs/seft-smoke.yaml", "--run-dir", str(run_dir)]) == 0
@@ -35,7 +71,7 @@ def test_two_round_seft_run_end_to_end_and_resume(tmp_path, capsys):
     stages = manifest["stages"]
     for name in ("data", "reviser/labels", "reviser/warmup", "reviser/adaptive", "round1/generate", "round1/revise",
                  "round1/train", "round2/generate", "round2/revise", "round2/train", "eval/initial", "eval/round1",
-                 "eval/round2"):
+                 "eval/round2", "reviser/quality", "baseline/train", "eval/sft_unrevised"):
         assert stages[name]["status"] == "done", name
 
     # data: reviser prompts, round slices and external prompts are disjoint
@@ -88,9 +124,11 @@ def test_two_round_seft_run_end_to_end_and_resume(tmp_path, capsys):
     assert set(TAGS) == {"none", "minor", "major"}
     assert "| round2 |" in (run_dir / "revision_summary.md").read_text()
     summary = json.loads((run_dir / "eval" / "summary.json").read_text())
-    assert list(summary) == ["initial", "round1", "round2"]
+    assert list(summary) == ["initial", "round1", "round2", "sft_unrevised"]
     assert (run_dir / "final" / "config.json").exists()
     assert manifest["models"]["reviser"]["sha256"]
+    _check_baseline(run_dir, stages)
+    _check_reviser_quality(run_dir, stages, pairs)
 
     # a run killed after round 1: forget round 2 and resume with the same command
     for name in [s for s in stages if s.startswith(("round2", "eval/round2"))]:
