@@ -141,6 +141,7 @@ class LeanGenerator(TransformersGenerator):
                 for s in live:
                     s.length += 1
                 pending = sample_tokens(logits, params, [s.generator for s in live])
+        dec.release()
         bar.close()
         by_key = {r.key: r for r in results}
         return [by_key[(p.id, s)] for p in prompts for s in range(params.n) if (p.id, s) in by_key]

@@ -109,6 +109,10 @@ class LeanDecoder:
         self.keys = [torch.zeros(shape, dtype=self.dtype, device=self.device) for _ in self.layers]
         self.values = [torch.zeros(shape, dtype=self.dtype, device=self.device) for _ in self.layers]
 
+    def release(self) -> None:
+        """Free the KV cache (gigabytes at 64 slots): recipes train right after generating, in the same process."""
+        self.keys, self.values = [], []
+
     @property
     def max_len(self) -> int:
         return self.keys[0].shape[2] if self.keys else 0
