@@ -124,8 +124,9 @@ class LeanGenerator(TransformersGenerator):
             while waiting or live:
                 done: list[Response] = []
                 if waiting and len(live) < slots:
-                    new = [waiting.pop() for _ in range(min(slots - len(live), len(waiting)))]
-                    first = self._admit(new, encoded, prompts, params, len(live))
+                    new = [self._sequence(i, s, prompts, encoded, params)
+                           for i, s in (waiting.pop() for _ in range(min(slots - len(live), len(waiting))))]
+                    first = self._admit(new, encoded, params, len(live))
                     live.extend(new)
                     pending = torch.cat([pending, first])
                 # record the pending tokens; sequences that stop leave, the rest decode one more step
@@ -160,15 +161,18 @@ class LeanGenerator(TransformersGenerator):
         by_key = {r.key: r for r in results}
         return [by_key[(p.id, s)] for p in prompts for s in range(params.n) if (p.id, s) in by_key]
 
-    def _admit(self, new: list[_Sequence | tuple], encoded, prompts, params, first_slot: int) -> torch.Tensor:
+    @staticmethod
+    def _sequence(i: int, s: int, prompts, encoded, params: SamplingParams) -> _Sequence:
+        """Sample s of prompt i, with its own random generator when sampling."""
+        gen = None
+        if not params.greedy:
+            gen = torch.Generator(device="cpu")
+            gen.manual_seed(sequence_seed(params.seed, prompts[i].id, s))
+        return _Sequence(i, s, gen, length=len(encoded[i]))
+
+    def _admit(self, new: list[_Sequence], encoded, params, first_slot: int) -> torch.Tensor:
         """Prefill the prompts of `new` (each prompt once, however many of its samples arrive) into slots
-        first_slot.., replace the (prompt, sample) tuples in `new` by live sequences, return their first tokens."""
-        for k, (i, s) in enumerate(new):
-            gen = None
-            if not params.greedy:
-                gen = torch.Generator(device="cpu")
-                gen.manual_seed(sequence_seed(params.seed, prompts[i].id, s))
-            new[k] = _Sequence(i, s, gen, length=len(encoded[i]))
+        first_slot.., return the first token of each sequence."""
         owner: dict[int, int] = {}  # prompt index -> the slot that holds its prefill
         for k, seq in enumerate(new):
             owner.setdefault(seq.prompt_index, first_slot + k)
