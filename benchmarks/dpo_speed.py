@@ -179,6 +179,8 @@ def main() -> int:
             agg["seconds"] += r["seconds"]
             agg["setup_s"] += r["setup_s"] / args.repeats
             agg["runs"].append(round(r["tokens"] / r["seconds"], 1))
+            print(f"  {mode}: {r['tokens']} tokens in {r['seconds']:.1f} s = {agg['runs'][-1]} tokens/s "
+                  f"(setup {r['setup_s']:.1f} s)", file=sys.stderr, flush=True)
 
     device = torch.cuda.get_device_name() if torch.cuda.is_available() else f"CPU, {os.cpu_count()} cores"
     print(f"\nDPO training speed: {args.random_init or args.model}, {args.pairs} pairs, batch {args.batch_size} pairs, "

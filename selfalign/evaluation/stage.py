@@ -25,7 +25,8 @@ class EvalConfig:
     backend: str = "auto"  # local generation backend: auto (lean on CPU), lean, transformers
 
 
-def _judge(config: EvalConfig, cache_dir: Path):
+def eval_judge(config: EvalConfig, cache_dir: Path):
+    """The judge an evaluation stage uses, with its judgement cache under `cache_dir`."""
     from selfalign.judges import make_judge
 
     # one judgement cache per run: the same (judge, prompt, answers) is never judged twice, across rounds or resumes
@@ -41,7 +42,7 @@ def evaluate_checkpoint(model_dir: str | Path, label: str, config: EvalConfig, e
     eval_root = Path(eval_root)
     gen = make_generator(config.backend, str(model_dir), batch_size=config.batch_size)
     gen.model_name = label
-    metrics = evaluate_alpaca(gen, _judge(config, eval_root), eval_root / label, limit=config.instructions,
+    metrics = evaluate_alpaca(gen, eval_judge(config, eval_root), eval_root / label, limit=config.instructions,
                               seed=config.seed, params=SamplingParams(temperature=0.0,
                                                                       max_new_tokens=config.max_new_tokens))
     del gen

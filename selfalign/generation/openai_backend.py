@@ -58,7 +58,7 @@ class OpenAIGenerator(Generator):
     backend = "openai"
 
     def __init__(self, model: str | None = None, base_url: str | None = None, api_key_env: str = "OPENAI_API_KEY",
-                 concurrency: int = 8, timeout: float = 120.0, max_retries: int = 6, backoff_base: float = 0.5,
+                 concurrency: int = 8, timeout: float = 600.0, max_retries: int = 6, backoff_base: float = 0.5,
                  backoff_max: float = 30.0, max_retry_after: float = 120.0):
         if not base_url or not re.match(r"^https?://", base_url):
             raise SelfalignError(f"the openai backend needs an http(s) base URL such as http://127.0.0.1:8000/v1, "
@@ -72,7 +72,10 @@ class OpenAIGenerator(Generator):
         if key:
             headers["Authorization"] = f"Bearer {key}"
         self._secret = key or None  # only to scrub it from error text; never logged or written
-        self._client = httpx.Client(timeout=httpx.Timeout(timeout), headers=headers,
+        # `timeout` bounds the wait for a reply. It is long by default because a server that answers one request at a
+        # time (`selfalign serve`, a local llama.cpp) queues the others: a short read timeout makes every queued
+        # request time out and be re-sent, which only lengthens the queue. Connecting stays quick to fail.
+        self._client = httpx.Client(timeout=httpx.Timeout(timeout, connect=min(30.0, timeout)), headers=headers,
                                     limits=httpx.Limits(max_connections=self.concurrency,
                                                         max_keepalive_connections=self.concurrency))
         self._model = model

@@ -48,7 +48,7 @@ class APIJudge(PairwiseJudge, GradingJudge):
     def __init__(self, base_url: str | None = None, model: str | None = None, api_key_env: str = "OPENAI_API_KEY",
                  prompt: str = "alpaca_eval_clf", both_orders: bool = True, top_logprobs: int = 5,
                  max_answer_tokens: int | None = None, grade_max_tokens: int = 1024, max_retries: int = 2,
-                 concurrency: int = 8, timeout: float = 120.0, generator=None):
+                 concurrency: int = 8, timeout: float = 600.0, generator=None):
         self.prompt = load_prompt(prompt)
         if self.prompt.labels is None:
             raise SelfalignError(f"judge prompt '{self.prompt.name}' has no 'labels' line; not a pairwise prompt")
@@ -69,7 +69,8 @@ class APIJudge(PairwiseJudge, GradingJudge):
         self.grade_max_tokens = int(grade_max_tokens)
         self.max_retries = max(0, int(max_retries))
         self.concurrency = max(1, int(getattr(generator, "concurrency", concurrency) or concurrency))
-        self.batch_size = 4 * self.concurrency  # items per cache chunk
+        # items per cache chunk: one round of requests in flight (x2 orders), so a failure loses at most that much
+        self.batch_size = self.concurrency
         self._logprobs_ok = True
         self.requests = 0
 

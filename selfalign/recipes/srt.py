@@ -14,6 +14,8 @@ Feedback", arXiv 2406.07168, Findings of ACL 2024; METHODS.md §3).
              s_r' = a separate M_self critique of r' (§3.7 item 2)
              pairs (x', r' ≻ y') where s_r' > s_y' (strict)                          stage2/pairs.jsonl
              M_final = DPO(M_self, ref = M_self, β = 0.01)                           stage2/final, final
+    control  SFT(M_base, x → r) on stage 1's kept critic refinements alone         baseline/final
+             (the paper's "learn from the refinements only" comparison; `baseline_refinements: false` skips it)
     evaluate M_base, M_self, M_final answering directly (+ the self-refined mode)    eval/summary.md
 
 Sequence format (`sequence_format`, see srt_prompts.py): `two_turn` (default) trains on both assistant turns
@@ -41,7 +43,7 @@ from selfalign.config import config_to_dict
 from selfalign.critique import ParsedCritique, parse_critique, parse_score
 from selfalign.data import Critique, PreferencePair, Prompt, Response, read_records, write_jsonl
 from selfalign.data.loaders import load_prompts
-from selfalign.evaluation.stage import EvalConfig, evaluate_checkpoint, write_summary
+from selfalign.evaluation.stage import EvalConfig, eval_judge, evaluate_checkpoint, write_summary
 from selfalign.generation import Generator, SamplingParams, generate_to_file, make_generator
 from selfalign.models import DEFAULT_MODEL
 from selfalign.recipes.common import data_file
@@ -99,6 +101,8 @@ class Config:
         max_prompt_length=4096, warmup_ratio=0.1))  # paper: 5 epochs, batch 32, lr 1e-5 cosine, 10% warm-up, 8192
     stage2_train: DPOTrainConfig = field(default_factory=lambda: DPOTrainConfig(
         beta=0.01, epochs=1, learning_rate=5e-7, batch_size=4, grad_accum=8, warmup_ratio=0.1))  # paper: β 0.01
+    baseline_refinements: bool = True  # the control: SFT(M_base, x → r) on the critic's refinements alone, with
+    # stage1_train's settings and the instruction masked; evaluated as sft_refinements
     eval: EvalConfig = field(default_factory=EvalConfig)
     eval_self_refined: bool = True  # also evaluate M_self / M_final in the self-refined mode (the paper's outputs)
     eval_critique_max_new_tokens: int = 0  # self-refined eval: critique budget (0: 2 × eval.max_new_tokens + 128)
@@ -368,6 +372,24 @@ def train_stage1(config: Config, run: Run) -> dict:
             "train_on": config.stage1_train.train_on}
 
 
+def train_baseline(config: Config, run: Run) -> dict:
+    """The control: SFT of M_base on (x → r) for the same kept stage-1 critiques, without the answer and the feedback.
+    What M_self gains over it (answering directly) is what learning the critique-and-refine format adds."""
+    from selfalign.data import Conversation
+    from selfalign.errors import SelfalignError
+
+    critiques = [c for c in _read(run.path("stage1", "critiques.jsonl"), Critique) if (c.refinement or "").strip()]
+    if not critiques:
+        raise SelfalignError(f"baseline: stage 1 kept no critic refinement to train on (see "
+                             f"{run.path('stage1', 'dropped.jsonl')})")
+    convs = [Conversation(f"{c.prompt_id}", c.messages + [{"role": "assistant", "content": c.refinement}],
+                          {"origin": "critic_refinement"}) for c in critiques]
+    write_jsonl(run.path("baseline", "sft.jsonl"), convs)
+    train_config = replace(config.stage1_train, train_on="last")  # same schedule as stage 1; instruction masked
+    summary = train_sft(config.model, convs, train_config, run.path("baseline", "train"), run.path("baseline", "final"))
+    return {**summary, "init": config.model, "examples": len(convs)}
+
+
 def critique_stage2(config: Config, run: Run, model: str) -> dict:
 
     c = config.self_critique
@@ -401,7 +423,6 @@ def evaluate_self_refined(model_dir: str, label: str, config: EvalConfig, eval_r
                           critique_tokens: int = 0) -> dict:
     """The evaluation stage's AlpacaEval-style metrics for the self-refined outputs (answer → critique → refine)."""
     from selfalign.evaluation.alpaca import evaluate_alpaca
-    from selfalign.evaluation.stage import _judge
 
     inner = make_generator(config.backend, str(model_dir), batch_size=config.batch_size)
     inner.model_name = label
@@ -410,7 +431,7 @@ def evaluate_self_refined(model_dir: str, label: str, config: EvalConfig, eval_r
                               fmt=fmt, chunk_size=config.batch_size)
     gen.model_name = label
     params = SamplingParams(temperature=0.0, max_new_tokens=config.max_new_tokens)
-    metrics = evaluate_alpaca(gen, _judge(config, eval_root), eval_root / label, limit=config.instructions,
+    metrics = evaluate_alpaca(gen, eval_judge(config, eval_root), eval_root / label, limit=config.instructions,
                               seed=config.seed, params=params)
     rows = read_records(eval_root / label / "responses.jsonl", Response)
     out = {k: metrics.get(k) for k in ("win_rate", "standard_error", "length_controlled_winrate", "n_total",
@@ -454,6 +475,9 @@ def run(config: Config, run_dir: str) -> dict:
     run.stage("stage2/train", lambda: train_stage2(config, run, m_self))
     m_final = str(run.path("stage2", "final")) if (run.root / "stage2" / "final").exists() else m_self
     evaluate("stage2", m_final, refined=True)
+    if config.baseline_refinements and (run.root / "stage1" / "final").exists():
+        run.stage("baseline/train", lambda: train_baseline(config, run))
+        evaluate("sft_refinements", str(run.path("baseline", "final")))
     final = run.root / "final"
     if not final.exists() and not os.path.islink(final):
         from selfalign.models import resolve_model

@@ -248,7 +248,7 @@ def test_two_stage_srt_run_end_to_end_and_resume(tmp_path, critic_url, monkeypat
     stages = manifest["stages"]
     for name in ("data", "eval/base", "stage1/generate", "stage1/critique", "stage1/train", "eval/stage1",
                  "eval/stage1+self-refine", "stage2/generate", "stage2/critique", "stage2/train", "eval/stage2",
-                 "eval/stage2+self-refine"):
+                 "eval/stage2+self-refine", "baseline/train", "eval/sft_refinements"):
         assert stages[name]["status"] == "done", name
     # the API critic got the Table-1 prompt at T = 0 with the key as a Bearer header
     first = StandInCritic.requests[0]
@@ -275,8 +275,14 @@ def test_two_stage_srt_run_end_to_end_and_resume(tmp_path, critic_url, monkeypat
     t2 = stages["stage2/train"]["result"]
     assert t2.get("skipped") or t2["beta"] == 0.01
     summary = (run_dir / "eval" / "summary.md").read_text()
-    for label in ("base", "stage1", "stage1+self-refine", "stage2", "stage2+self-refine"):
+    for label in ("base", "stage1", "stage1+self-refine", "stage2", "stage2+self-refine", "sft_refinements"):
         assert f"| {label} |" in summary
+    # the control trains M_base on instruction -> critic refinement only, for exactly the kept critiques
+    control = [json.loads(l) for l in (run_dir / "baseline" / "sft.jsonl").read_text().splitlines()]
+    assert [c["messages"][-1]["content"] for c in control] == [c["refinement"] for c in critiques]
+    assert all([m["role"] for m in c["messages"]] == ["user", "assistant"] for c in control)
+    assert stages["baseline/train"]["result"]["examples"] == len(critiques)
+    assert (run_dir / "baseline" / "final" / "config.json").exists()
     assert (run_dir / "final").exists()
 
     # resume: forget the last stages, rerun; earlier artifacts are untouched and nothing earlier re-runs
