@@ -18,6 +18,8 @@ import torch
 import torch.nn.functional as F
 
 SUPPORTED_MODEL_TYPES = ("llama", "qwen2")
+# rows per attention group in a decode step (see LeanDecoder._attention_groups)
+ATTENTION_GROUP = 16
 
 
 def supports(model) -> bool:
@@ -166,11 +168,9 @@ class LeanDecoder:
         """One token for each of the first B slots: `tokens` [B] sit at `positions` [B]. Writes their keys/values
         to the cache and returns next-token logits [B, vocab] (fp32)."""
         b = tokens.shape[0]
-        span = int(positions.max()) + 1
         rows = torch.arange(b, device=self.device)
         cos, sin = self.cos[positions].unsqueeze(1), self.sin[positions].unsqueeze(1)  # [B, 1, d]
-        # a slot sees its own positions 0..position; everything after is stale data from an earlier sequence
-        mask = (torch.arange(span, device=self.device)[None, :] > positions[:, None]).view(b, 1, 1, span)
+        groups = self._attention_groups(positions)
         x = F.embedding(tokens, self.embed)  # [B, D]
         for i, layer in enumerate(self.layers):
             q, k, v = self._qkv(layer, self._rms(x, layer["ln1"]))
@@ -182,11 +182,36 @@ class LeanDecoder:
             # attention for one query per row as two batched matmuls: the query heads that share a KV head form the
             # rows of one product. (CPU SDPA's flash kernel with a mask is ~10x slower at a single query.)
             qg = q.view(b, self.n_kv, self.n_heads // self.n_kv, self.head_dim)
-            scores = torch.matmul(qg, keys[:b, :, :span].transpose(2, 3)) * self.scale
-            scores = scores.masked_fill_(mask, float("-inf"))
-            a = torch.matmul(torch.softmax(scores.float(), dim=-1).to(q.dtype), values[:b, :, :span])
+            parts = []
+            for lo, hi, span, mask in groups:
+                scores = torch.matmul(qg[lo:hi], keys[lo:hi, :, :span].transpose(2, 3)) * self.scale
+                if mask is not None:
+                    scores = scores.masked_fill_(mask, float("-inf"))
+                parts.append(torch.matmul(torch.softmax(scores.float(), dim=-1).to(q.dtype), values[lo:hi, :, :span]))
+            a = parts[0] if len(parts) == 1 else torch.cat(parts)
             x = self._mlp_out(layer, x, a.reshape(b, -1))
         return self.logits(self._rms(x, self.norm))
+
+    def _attention_groups(self, positions: torch.Tensor) -> list[tuple]:
+        """Split the rows into runs of consecutive slots, each attending over its own longest span.
+
+        Reading the KV cache is most of a decode step's attention time, and one span for all rows makes a short
+        sequence read as many (masked, stale) positions as the longest one. Live sequences sit in admission order
+        (longest prompt first, the oldest has generated most), so consecutive slots have similar lengths and
+        groups of ATTENTION_GROUP rows read far less. Per group: (lo, hi, span, mask or None when no row needs
+        one)."""
+        b = positions.shape[0]
+        pos = positions.tolist()
+        groups = []
+        for lo in range(0, b, ATTENTION_GROUP):
+            hi = min(b, lo + ATTENTION_GROUP)
+            span = max(pos[lo:hi]) + 1
+            mask = None
+            if min(pos[lo:hi]) + 1 < span:  # a slot sees only its own positions 0..position; the rest is stale
+                mask = (torch.arange(span, device=self.device)[None, :] > positions[lo:hi, None]).view(
+                    hi - lo, 1, 1, span)
+            groups.append((lo, hi, span, mask))
+        return groups
 
     def move_slot(self, src: int, dst: int, length: int) -> None:
         """Copy a sequence's cache from slot src to slot dst (keeps live sequences in the first slots)."""
