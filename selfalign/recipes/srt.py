@@ -325,6 +325,12 @@ def make_critic(c: CriticConfig) -> Generator:
     return make_generator(c.backend, model=c.model, batch_size=c.batch_size, **c.options)
 
 
+def _histogram(scores) -> dict[str, int]:
+    """score -> count, in score order (integer scores print without '.0'); None scores are left out."""
+    counts = Counter(int(x) if float(x).is_integer() else x for x in scores if x is not None)
+    return {str(k): counts[k] for k in sorted(counts)}
+
+
 def _summary(critiques: list[Critique], kept: list, dropped: list[dict], stats: dict) -> dict:
     reasons = Counter(d["reason"] for d in dropped)
     n = stats["responses"]
@@ -332,6 +338,8 @@ def _summary(critiques: list[Critique], kept: list, dropped: list[dict], stats: 
     return {**stats, "parsed": len(critiques), "kept": len(kept), "dropped": dict(reasons),
             "dropped_total": len(dropped), "drop_rate": round(len(dropped) / max(1, n), 4),
             "mean_score": mean([c.score for c in critiques]),
+            "score_distribution": _histogram([c.score for c in critiques]),
+            "refinement_score_distribution": _histogram([c.meta.get("refinement_score") for c in critiques]),
             "mean_refinement_score": mean([c.meta["refinement_score"] for c in critiques
                                            if c.meta.get("refinement_score") is not None])}
 

@@ -258,6 +258,8 @@ def test_two_stage_srt_run_end_to_end_and_resume(tmp_path, critic_url, monkeypat
     assert s1["responses"] == 6 and s1["kept"] + s1["dropped_total"] == 6 and s1["kept"] >= 1
     critiques = [json.loads(l) for l in (run_dir / "stage1" / "critiques.jsonl").read_text().splitlines()]
     assert len(critiques) == s1["kept"]
+    assert sum(s1["score_distribution"].values()) == s1["parsed"]  # the critic's score distribution is reported
+    assert sum(s1["refinement_score_distribution"].values()) == s1["parsed"]
     assert all(c["meta"]["refinement_score"] >= c["score"] for c in critiques)
     assert (run_dir / "stage1" / "final" / "config.json").exists()
     assert stages["stage1/train"]["result"]["train_on"] == "all"
