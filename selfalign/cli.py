@@ -41,7 +41,8 @@ def add_backend_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--api-key-env", default="OPENAI_API_KEY",
                    help="openai backend: name of the environment variable holding the API key (default %(default)s)")
     p.add_argument("--concurrency", type=int, default=8, help="openai backend: requests in flight (default %(default)s)")
-    p.add_argument("--timeout", type=float, default=120.0, help="openai backend: seconds per request")
+    p.add_argument("--timeout", type=float, default=600.0,
+                   help="openai backend: seconds to wait for a reply (long: local servers queue requests)")
     p.add_argument("--max-retries", type=int, default=6, help="openai backend: retries on 429/5xx/timeouts")
 
 
