@@ -28,10 +28,10 @@ def add_sampling_flags(p: argparse.ArgumentParser, temperature: float = 0.7) -> 
 def add_backend_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default=None, help="short name (smollm2-135m, the default), model folder, .gguf file, "
                    "cached hub id; for --backend openai the served model name")
-    p.add_argument("--backend", default="auto", choices=["auto", "lean", "transformers", "openai"],
+    p.add_argument("--backend", default="auto", choices=["auto", "lean", "transformers", "openai", "vllm"],
                    help="auto (default): the fastest local backend for this machine and model; lean: continuous-"
                    "batching decode loop (llama/qwen2 models); transformers: model.generate, the reference; openai: "
-                   "any OpenAI-compatible chat-completions endpoint")
+                   "any OpenAI-compatible chat-completions endpoint; vllm: vLLM, if installed (CUDA)")
     p.add_argument("--batch-size", type=int, default=None,
                    help="sequences decoded together, local backends (default: 64 lean, 16 transformers)")
     p.add_argument("--dtype", default="auto", help="auto (bf16 on GPU, fp32 on CPU), float32, bfloat16")

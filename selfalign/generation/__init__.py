@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from selfalign.generation.base import Generator, SamplingParams, generate_to_file, response_key
 
-BACKENDS = ("auto", "lean", "transformers", "openai")
+BACKENDS = ("auto", "lean", "transformers", "openai", "vllm")
 # sequences decoded together by default: the lean loop keeps every slot busy, so it profits from more of them
 DEFAULT_BATCH_SIZE = {"lean": 64, "transformers": 16}
 
@@ -39,6 +39,12 @@ def make_generator(backend: str = "auto", model: str | None = None, **options) -
         from selfalign.generation.openai_backend import OpenAIGenerator
 
         return OpenAIGenerator(model=model, **options)
+    if backend == "vllm":  # optional: only when the user has vllm (a CUDA machine); never chosen by "auto"
+        from selfalign.generation.vllm_backend import VLLMGenerator
+
+        options.pop("batch_size", None)  # vLLM schedules its own batches
+        options.pop("device", None)
+        return VLLMGenerator(model=model, **options)
     from selfalign.errors import SelfalignError
 
     raise SelfalignError(f"unknown generation backend '{backend}' (choose from {', '.join(BACKENDS)})")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import abc
+import hashlib
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Callable, Iterable, Sequence
@@ -53,6 +54,13 @@ class Generator(abc.ABC):
         return Response(prompt_id=prompt.id, messages=prompt.messages, response=text, model=self.model_name,
                         sample_index=sample_index, sampling=sampling, finish_reason=finish_reason,
                         num_tokens=num_tokens)
+
+
+def sequence_seed(seed: int, prompt_id: str, sample_index: int) -> int:
+    """The random seed of one sample: a function of (run seed, prompt id, sample index) only, so a sample does not
+    depend on its batch companions and a resumed run draws exactly what the uninterrupted one would have."""
+    digest = hashlib.sha256(f"{seed}|{prompt_id}|{sample_index}".encode()).digest()
+    return int.from_bytes(digest[:8], "little") & (2**63 - 1)
 
 
 def response_key(row: dict) -> tuple[str, int]:

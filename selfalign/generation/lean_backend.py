@@ -14,7 +14,6 @@ the smallest set of most likely tokens whose mass reaches top_p, then one draw f
 
 from __future__ import annotations
 
-import hashlib
 from dataclasses import dataclass, field
 from typing import Sequence
 
@@ -22,7 +21,7 @@ import torch
 from tqdm.auto import tqdm
 
 from selfalign.data.records import Prompt, Response
-from selfalign.generation.base import OnBatch, SamplingParams
+from selfalign.generation.base import OnBatch, SamplingParams, sequence_seed
 from selfalign.generation.lean_decoder import LeanDecoder
 from selfalign.generation.transformers_backend import TransformersGenerator
 
@@ -30,11 +29,6 @@ from selfalign.generation.transformers_backend import TransformersGenerator
 PREFILL_TOKENS = 4096
 # candidates for top-p sampling before falling back to a full sort of the vocabulary
 TOP_P_CANDIDATES = 256
-
-
-def sequence_seed(seed: int, prompt_id: str, sample_index: int) -> int:
-    digest = hashlib.sha256(f"{seed}|{prompt_id}|{sample_index}".encode()).digest()
-    return int.from_bytes(digest[:8], "little") & (2**63 - 1)
 
 
 def sample_tokens(logits: torch.Tensor, params: SamplingParams, generators: list[torch.Generator]) -> torch.Tensor:

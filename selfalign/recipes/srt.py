@@ -77,7 +77,7 @@ class CritiqueConfig:
 
 @dataclass
 class CriticConfig(CritiqueConfig):
-    backend: Literal["auto", "lean", "transformers", "openai"] = "auto"
+    backend: Literal["auto", "lean", "transformers", "openai", "vllm"] = "auto"
     model: str = "qwen2.5-coder-1.5b"  # paper: gpt-4-1106-preview; default: the strongest local model
     base_url: str | None = None  # openai backend: an OpenAI-compatible endpoint, e.g. https://api.openai.com/v1
     api_key_env: str = "OPENAI_API_KEY"  # the environment variable holding the key (never written anywhere)
