@@ -20,6 +20,14 @@ class SamplingParams:
     max_new_tokens: int = 256
     n: int = 1  # samples per prompt
     seed: int = 0
+    stop: tuple[str, ...] = ()  # stop strings: generation ends at the first one, which is left out of the text
+
+    def __post_init__(self):
+        if isinstance(self.stop, str):
+            self.stop = (self.stop,)
+        self.stop = tuple(self.stop)
+        if not all(isinstance(x, str) and x for x in self.stop):
+            raise ValueError("stop strings must be non-empty strings")
 
     @property
     def greedy(self) -> bool:
@@ -50,10 +58,19 @@ class Generator(abc.ABC):
                   finish_reason: str | None, num_tokens: int | None, backend: str) -> Response:
         sampling = params.to_dict()
         sampling.pop("n")
+        stop = sampling.pop("stop")
+        if stop:  # recorded only when used, as a JSON list (records read back compare equal)
+            sampling["stop"] = list(stop)
         sampling["backend"] = backend
         return Response(prompt_id=prompt.id, messages=prompt.messages, response=text, model=self.model_name,
                         sample_index=sample_index, sampling=sampling, finish_reason=finish_reason,
                         num_tokens=num_tokens)
+
+
+def cut_at_stop(text: str, stop: Sequence[str]) -> tuple[str, bool]:
+    """`text` up to the earliest stop string (excluded), and whether one was found (OpenAI's `stop` semantics)."""
+    cut = min((k for k in (text.find(x) for x in stop) if k >= 0), default=-1)
+    return (text[:cut], True) if cut >= 0 else (text, False)
 
 
 def sequence_seed(seed: int, prompt_id: str, sample_index: int) -> int:

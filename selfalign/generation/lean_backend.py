@@ -21,12 +21,14 @@ import torch
 from tqdm.auto import tqdm
 
 from selfalign.data.records import Prompt, Response
-from selfalign.generation.base import OnBatch, SamplingParams, sequence_seed
+from selfalign.generation.base import OnBatch, SamplingParams, cut_at_stop, sequence_seed
 from selfalign.generation.lean_decoder import LeanDecoder
 from selfalign.generation.transformers_backend import TransformersGenerator
 
 # tokens per prefill chunk: bounds the activation memory of prefilling many new prompts at once
 PREFILL_TOKENS = 4096
+# tokens decoded per step to look for a stop string (stop strings are a few words at most)
+STOP_WINDOW = 32
 # candidates for top-p sampling before falling back to a full sort of the vocabulary
 TOP_P_CANDIDATES = 256
 
@@ -110,6 +112,10 @@ class LeanGenerator(TransformersGenerator):
             p = prompts[seq.prompt_index]
             text = self.tokenizer.decode(seq.tokens, skip_special_tokens=True)
             n_tok = len(seq.tokens) + (1 if stopped else 0)
+            if params.stop:
+                text, hit = cut_at_stop(text, params.stop)
+                if hit:
+                    stopped, n_tok = True, len(seq.tokens)
             idx = [seq.sample_index] if per_prompt > 1 else range(params.n)
             return [self._response(p, text, params, s, "stop" if stopped else "length", n_tok, self.backend)
                     for s in idx if (p.id, s) not in skip]
@@ -129,7 +135,8 @@ class LeanGenerator(TransformersGenerator):
                     stopped = tok in self.eos_ids
                     if not stopped:
                         seq.tokens.append(tok)
-                    if stopped or len(seq.tokens) >= params.max_new_tokens or seq.length + 1 >= limit:
+                    if stopped or len(seq.tokens) >= params.max_new_tokens or seq.length + 1 >= limit or (
+                            params.stop and self._at_stop(seq.tokens, params.stop)):
                         done.extend(finish(seq, stopped))
                         bar.update(1 if per_prompt > 1 else params.n)
                     else:
@@ -154,6 +161,11 @@ class LeanGenerator(TransformersGenerator):
         bar.close()
         by_key = {r.key: r for r in results}
         return [by_key[(p.id, s)] for p in prompts for s in range(params.n) if (p.id, s) in by_key]
+
+    def _at_stop(self, tokens: list[int], stop: tuple[str, ...]) -> bool:
+        """Whether the text so far holds a stop string; only the last few tokens are decoded (a stop string is
+        complete the moment its last token arrives, and no stop string is longer than STOP_WINDOW tokens)."""
+        return cut_at_stop(self.tokenizer.decode(tokens[-STOP_WINDOW:], skip_special_tokens=True), stop)[1]
 
     @staticmethod
     def _sequence(i: int, s: int, prompts, encoded, params: SamplingParams) -> _Sequence:

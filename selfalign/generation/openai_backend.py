@@ -23,7 +23,7 @@ from tqdm.auto import tqdm
 
 from selfalign.data.records import Prompt, Response
 from selfalign.errors import SelfalignError
-from selfalign.generation.base import Generator, OnBatch, SamplingParams
+from selfalign.generation.base import Generator, OnBatch, SamplingParams, cut_at_stop
 
 RETRY_STATUS = frozenset({429}) | frozenset(range(500, 600))  # other 4xx are the request's fault: not retried
 SEED_MODULUS = 2**31 - 1  # some servers (llama.cpp) keep seeds in 32 bits
@@ -165,6 +165,8 @@ class OpenAIGenerator(Generator):
             body["temperature"] = 0
         else:
             body.update(temperature=params.temperature, top_p=params.top_p)
+        if params.stop:
+            body["stop"] = list(params.stop)
         data = self._call("POST", "/chat/completions", body)
         try:
             choice = data["choices"][0]
@@ -173,7 +175,11 @@ class OpenAIGenerator(Generator):
             raise self._fail("/chat/completions", f"answer has no choices[0].message: {_excerpt(str(data))}", 1)
         usage = data.get("usage") if isinstance(data.get("usage"), dict) else {}
         tokens = usage.get("completion_tokens")
-        return {"text": text, "finish_reason": choice.get("finish_reason"),
+        finish = choice.get("finish_reason")
+        if params.stop:  # an endpoint that ignores `stop` still gives the same text
+            text, hit = cut_at_stop(text, params.stop)
+            finish = "stop" if hit else finish
+        return {"text": text, "finish_reason": finish,
                 "num_tokens": tokens if isinstance(tokens, int) and not isinstance(tokens, bool) else None}
 
     def generate(self, prompts: Sequence[Prompt], params: SamplingParams, on_batch: OnBatch | None = None,

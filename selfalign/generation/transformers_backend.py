@@ -9,7 +9,7 @@ from tqdm.auto import tqdm
 from selfalign.data.io import source_of
 from selfalign.data.records import Prompt, Response
 from selfalign.errors import DataError
-from selfalign.generation.base import Generator, OnBatch, SamplingParams
+from selfalign.generation.base import Generator, OnBatch, SamplingParams, cut_at_stop
 from selfalign.models import encode_prompt, load_model, load_tokenizer, model_name
 
 
@@ -88,6 +88,8 @@ class TransformersGenerator(Generator):
             per_prompt = 1 if params.greedy else params.n
             kwargs = dict(max_new_tokens=params.max_new_tokens, num_return_sequences=per_prompt, pad_token_id=pad,
                           eos_token_id=self.eos_ids)
+            if params.stop:  # transformers stops each row at a stop string; the text is cut below
+                kwargs.update(stop_strings=list(params.stop), tokenizer=self.tokenizer)
             if params.greedy:
                 kwargs.update(do_sample=False, temperature=None, top_p=None, top_k=None)
             else:
@@ -104,6 +106,11 @@ class TransformersGenerator(Generator):
                     finish = "stop" if end is not None else "length"
                     toks = toks[:end] if end is not None else toks
                     text = self.tokenizer.decode(toks, skip_special_tokens=True)
+                    if params.stop:
+                        text, hit = cut_at_stop(text, params.stop)
+                        if hit:
+                            finish, end = "stop", None  # the stop string's tokens are counted, no end token
+                            toks = [t for t in toks if t != pad] if pad not in self.eos_ids else toks
                     if (prompts[i].id, s) in skip:
                         continue
                     batch.append(self._response(prompts[i], text, params, s, finish,

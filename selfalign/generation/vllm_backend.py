@@ -27,7 +27,7 @@ from tqdm.auto import tqdm
 
 from selfalign.data.records import Prompt, Response
 from selfalign.errors import DataError, SelfalignError
-from selfalign.generation.base import Generator, OnBatch, SamplingParams, sequence_seed
+from selfalign.generation.base import Generator, OnBatch, SamplingParams, cut_at_stop, sequence_seed
 
 
 def _import_vllm():
@@ -86,7 +86,8 @@ class VLLMGenerator(Generator):
         greedy = params.greedy
         return self.vllm.SamplingParams(n=1, temperature=0.0 if greedy else params.temperature,
                                         top_p=1.0 if greedy else params.top_p, max_tokens=params.max_new_tokens,
-                                        seed=None if greedy else seed, stop_token_ids=self.eos_ids, **extra)
+                                        seed=None if greedy else seed, stop_token_ids=self.eos_ids,
+                                        stop=list(params.stop) or None, **extra)
 
     def generate(self, prompts: Sequence[Prompt], params: SamplingParams, on_batch: OnBatch | None = None,
                  skip: set | None = None, progress: bool = True, source: str | None = None) -> list[Response]:
@@ -114,6 +115,9 @@ class VLLMGenerator(Generator):
                 completion = out.outputs[0]
                 stopped = completion.finish_reason == "stop"
                 text = self.tokenizer.decode(completion.token_ids, skip_special_tokens=True)
+                if params.stop:  # vLLM leaves the stop string out of `text`, not out of token_ids
+                    text, hit = cut_at_stop(text, params.stop)
+                    stopped = stopped or hit
                 done += [self._response(prompts[i], text, params, k, "stop" if stopped else "length",
                                         len(completion.token_ids), self.backend) for k in answers]
             results.extend(done)

@@ -114,6 +114,7 @@ class Config:
 
 
 # ------------------------------------------------------------------------------------------------ critique parsing
+RESCORE_STOP = "### Improved Response"  # the heading after the score line in the Table-1 format
 def _read(path: Path, cls) -> list:
     """read_records, but an empty file (every critique dropped) is an empty list, not an error."""
     return read_records(path, cls) if path.exists() and path.read_text().strip() else []
@@ -130,7 +131,8 @@ def _parse_score_only(raw: Response, _answer: str) -> ParsedCritique:
 
 
 def critique_with_retries(gen: Generator, prompts: dict[str, Prompt], answers: dict[str, str], c: CritiqueConfig,
-                          out_prefix: Path, parse: Callable[[Response, str], ParsedCritique], progress: bool = True):
+                          out_prefix: Path, parse: Callable[[Response, str], ParsedCritique], progress: bool = True,
+                          stop: tuple[str, ...] = ()):
     """Critique every prompt; re-sample the malformed ones up to `c.retries` times (attempt k > 0 at
     `retry_temperature` with seed `c.seed + k`). Each attempt is a resumable file `{out_prefix}/attempt{k}.jsonl`.
 
@@ -143,7 +145,7 @@ def critique_with_retries(gen: Generator, prompts: dict[str, Prompt], answers: d
         if not pending:
             break
         params = SamplingParams(temperature=c.temperature if k == 0 else max(c.retry_temperature, 1e-3),
-                                top_p=1.0, max_new_tokens=c.max_new_tokens, seed=c.seed + k)
+                                top_p=1.0, max_new_tokens=c.max_new_tokens, seed=c.seed + k, stop=stop)
         raws = generate_to_file(gen, [prompts[i] for i in pending], params, out_prefix / f"attempt{k}.jsonl",
                                 progress=progress)
         by_id = {r.prompt_id: r for r in raws}
@@ -188,8 +190,11 @@ def critique_responses(gen: Generator, responses: Sequence[Response], fmt: str, 
     rescored: dict = {}
     if rescore and ok:
         rprompts = {i: critique_prompt(i, by_id[i].messages, p.refinement, fmt) for i, (p, _, _) in ok.items()}
+        # only the score is read, and it comes before the improved response: stop there instead of writing a
+        # refinement of the refinement (about half of a critique's tokens)
         rescored, rfailed, rattempts = critique_with_retries(gen, rprompts, {i: "" for i in rprompts}, c,
-                                                             out_dir / "rescore", _parse_score_only, progress)
+                                                             out_dir / "rescore", _parse_score_only, progress,
+                                                             stop=(RESCORE_STOP,))
         stats["rescore_attempts"] = rattempts
         for i, (reason, raw) in rfailed.items():
             dropped.append({"prompt_id": i, "reason": f"refinement_unscored:{reason}",

@@ -101,3 +101,20 @@ def test_auto_backend_picks_lean_on_cpu(embedded_model_dir):
     gen = make_generator("auto", str(embedded_model_dir))
     assert isinstance(gen, LeanGenerator) and gen.batch_size == 64
     assert type(make_generator("transformers", str(embedded_model_dir))) is TransformersGenerator
+
+
+def test_stop_strings_end_generation_the_same_way_in_both_backends(reference, lean, prompts):
+    full = lean.generate(prompts[:4], SamplingParams(temperature=0, max_new_tokens=40), progress=False)
+    params = SamplingParams(temperature=0, max_new_tokens=40, stop=(". ", "\n"))
+    got = lean.generate(prompts[:4], params, progress=False)
+    expected = reference.generate(prompts[:4], params, progress=False)
+    assert [r.response for r in got] == [r.response for r in expected]
+    assert [r.finish_reason for r in got] == [r.finish_reason for r in expected]
+    stopped = 0
+    for short, long in zip(got, full):
+        assert ". " not in short.response and "\n" not in short.response
+        assert long.response.startswith(short.response)
+        if short.response != long.response:  # a stop string occurred: cut there, and fewer tokens decoded
+            stopped += 1
+            assert short.finish_reason == "stop" and short.num_tokens < long.num_tokens
+    assert stopped >= 2  # real answers of 40 tokens hold a sentence end or a newline

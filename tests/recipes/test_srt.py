@@ -254,6 +254,11 @@ def test_two_stage_srt_run_end_to_end_and_resume(tmp_path, critic_url, monkeypat
     first = StandInCritic.requests[0]
     assert first["auth"] == "Bearer sk-test" and first["body"]["temperature"] == 0
     assert "### Requirements" in first["body"]["messages"][-1]["content"]
+    # rescoring a refinement needs only its score: those requests stop at the improved-response heading
+    table1 = [r["body"] for r in StandInCritic.requests if "### Requirements" in r["body"]["messages"][-1]["content"]]
+    rescoring = [b for b in table1 if "More detail follows here." in b["messages"][-1]["content"]]
+    assert rescoring and all(b.get("stop") == ["### Improved Response"] for b in rescoring)
+    assert all("stop" not in b for b in table1 if b not in rescoring)
     s1 = stages["stage1/critique"]["result"]
     assert s1["responses"] == 6 and s1["kept"] + s1["dropped_total"] == 6 and s1["kept"] >= 1
     critiques = [json.loads(l) for l in (run_dir / "stage1" / "critiques.jsonl").read_text().splitlines()]
