@@ -72,6 +72,17 @@ def parse_score(text: str | None, min_score: float = 1, max_score: float = 10) -
     return score, None
 
 
+def insert_score_line(text: str, score: float) -> str:
+    """`text` with the line "Overall Score: [[n]]" added at the end of its feedback, i.e. right before the improved
+    response heading (or at the end when there is none): how a score obtained by a follow-up question is put back
+    where the Table-1 format wants it."""
+    line = f"Overall Score: [[{int(score) if float(score).is_integer() else score}]]"
+    m = _IMPROVED.search(text)
+    if m is None:
+        return f"{text.rstrip()}\n\n{line}"
+    return f"{text[:m.start()].rstrip()}\n\n{line}\n\n{text[m.start():]}"
+
+
 def parse_critique(text: str | None, response: str | None = None, min_score: float = 1, max_score: float = 10,
                    finish_reason: str | None = None) -> ParsedCritique:
     """Strictly split critic output into feedback, score and refinement (see the module docstring).

@@ -375,3 +375,41 @@ def test_stage2_dpo_really_trains_on_score_improving_pairs(tmp_path, embedded_mo
     out = srt.train_stage2(config, run, str(embedded_model_dir))
     assert out["pairs"] == 2 and out["beta"] == 0.01 and out["steps"] == 1
     assert (run.root / "stage2" / "final" / "config.json").exists()
+
+
+def test_a_critique_missing_only_its_score_gets_it_from_a_follow_up_turn(tmp_path):
+    from selfalign.recipes.srt import SCORE_FOLLOWUP
+
+    def rule(p: Prompt, params: SamplingParams) -> str:
+        if p.messages[-1]["content"] == SCORE_FOLLOWUP:  # the follow-up turn, after the critic's own critique
+            assert p.messages[-2]["role"] == "assistant" and "Add one concrete example." in p.messages[-2]["content"]
+            return "Overall Score: [[3]]" if p.id != "mute" else "I would rather not rate it."
+        answer = critiqued_response(p.messages[-1]["content"])
+        if p.id == "nothing":
+            return "No comment."  # not a critique at all: no follow-up can fix it
+        # weaknesses, advice and a refinement, but no rating (what Qwen2.5-Coder-1.5B writes)
+        return (f"The answer is too short and gives no example.\nAdd one concrete example.\n"
+                f"### Improved Response\n{answer} For example, this one.")
+
+    responses = [Response(prompt_id=i, messages=X, response=f"Answer number {i}.", model="m")
+                 for i in ("fixed", "mute", "nothing")]
+    gen = ScriptedGenerator(rule)
+    c = CritiqueConfig(retries=0, max_new_tokens=64)
+    critiques, dropped, stats = critique_responses(gen, responses, "critic_template", c, tmp_path, "scripted",
+                                                   rescore=True, progress=False)
+    assert [x.prompt_id for x in critiques] == ["fixed"]
+    fixed = critiques[0]
+    assert fixed.score == 3 and fixed.feedback.endswith("Overall Score: [[3]]")
+    assert fixed.refinement == "Answer number fixed. For example, this one."
+    assert fixed.meta["score_followup"] == "Overall Score: [[3]]" and fixed.meta["refinement_score"] == 3
+    assert {d["prompt_id"]: d["reason"] for d in dropped} == {"mute": "no_score", "nothing": "no_score"}
+    assert stats["recovered_by_score_followup"] == 1
+    assert stats["critique_attempts"][0] == {"no_score": 3, "ok_after_score_followup": 1}
+    # "nothing" got no follow-up (a score would not make it a critique); "mute" got one, which failed
+    asked = [json.loads(l)["prompt_id"] for l in (tmp_path / "critique" / "attempt0_score.jsonl").read_text().splitlines()]
+    assert sorted(asked) == ["fixed", "mute"]
+    # switched off, the same critiques are dropped
+    off, dropped_off, _ = critique_responses(ScriptedGenerator(rule), responses, "critic_template",
+                                             CritiqueConfig(retries=0, max_new_tokens=64, score_followup=False),
+                                             tmp_path / "off", "scripted", rescore=True, progress=False)
+    assert off == [] and len(dropped_off) == 3
