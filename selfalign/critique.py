@@ -72,6 +72,23 @@ def parse_score(text: str | None, min_score: float = 1, max_score: float = 10) -
     return score, None
 
 
+_FOLLOWUP_SCORE = re.compile(r"overall\s+score\s*[:：]?\s*\[*\s*(\d+(?:\.\d+)?)\s*\]*", re.IGNORECASE)
+
+
+def parse_followup_score(text: str | None, min_score: float = 1, max_score: float = 10
+                         ) -> tuple[float | None, str | None]:
+    """The rating in a reply to the score follow-up question: "[[n]]" as in a critique, or "Overall Score: n"
+    without the brackets, or a reply that is just the number (the question asks for nothing else)."""
+    score, reason = parse_score(text, min_score, max_score)
+    if reason != "no_score":
+        return score, reason
+    m = _FOLLOWUP_SCORE.search(text) or re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*\.?\s*", text)
+    if m is None:
+        return None, "no_score"
+    score = float(m.group(1))
+    return (score, None) if min_score <= score <= max_score else (score, "score_out_of_range")
+
+
 def insert_score_line(text: str, score: float) -> str:
     """`text` with the line "Overall Score: [[n]]" added at the end of its feedback, i.e. right before the improved
     response heading (or at the end when there is none): how a score obtained by a follow-up question is put back

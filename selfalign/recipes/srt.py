@@ -40,7 +40,8 @@ from pathlib import Path
 from typing import Callable, Literal, Sequence
 
 from selfalign.config import config_to_dict
-from selfalign.critique import ParsedCritique, insert_score_line, parse_critique, parse_score
+from selfalign.critique import (ParsedCritique, insert_score_line, parse_critique, parse_followup_score,
+                                parse_score)
 from selfalign.data import Critique, PreferencePair, Prompt, Response, read_records, write_jsonl
 from selfalign.data.loaders import load_prompts
 from selfalign.evaluation.stage import EvalConfig, eval_judge, evaluate_checkpoint, write_summary
@@ -200,7 +201,7 @@ def score_followups(gen: Generator, prompts: dict[str, Prompt], answers: dict[st
     fixed = {}
     for reply in replies:
         i = reply.prompt_id
-        score, reason = parse_score(reply.response)
+        score, reason = parse_followup_score(reply.response)
         if reason is not None:
             continue
         raw = failed[i][1]
