@@ -88,3 +88,25 @@ def test_training_target_round_trips_through_the_parser():
     p = parse_critique(GOOD, ANSWER)
     again = parse_critique(format_feedback_and_refinement(p.feedback, p.refinement), ANSWER)
     assert (again.feedback, again.score, again.refinement) == (p.feedback, p.score, p.refinement)
+
+
+def test_followup_score_reads_the_forms_a_critic_replies_with():
+    from selfalign.critique import parse_followup_score
+
+    assert parse_followup_score("Overall Score: 2") == (2.0, None)  # Qwen2.5-Coder-1.5B's reply
+    assert parse_followup_score("Overall Score: [[7]]") == (7.0, None)
+    assert parse_followup_score(" 8. ") == (8.0, None)
+    assert parse_followup_score("Overall score: 11") == (11.0, "score_out_of_range")
+    assert parse_followup_score("I would rather not rate it.") == (None, "no_score")
+    assert parse_followup_score("It deserves 5 out of 10 and maybe 6.") == (None, "no_score")  # not guessed
+
+
+def test_insert_score_line_goes_before_the_improved_response():
+    from selfalign.critique import insert_score_line, parse_critique
+
+    text = "Too short.\nAdd an example.\n\n### Improved Response\nA longer answer."
+    spliced = insert_score_line(text, 4)
+    assert spliced == "Too short.\nAdd an example.\n\nOverall Score: [[4]]\n\n### Improved Response\nA longer answer."
+    parsed = parse_critique(spliced, "A short answer.")
+    assert parsed.ok and parsed.score == 4 and parsed.refinement == "A longer answer."
+    assert insert_score_line("Feedback only.", 6) == "Feedback only.\n\nOverall Score: [[6]]"
