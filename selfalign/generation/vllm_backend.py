@@ -6,12 +6,18 @@ selfalign's own chat formatting and handed to vLLM as token ids, so the prompt t
 transformers and lean backends.
 
 Sampling semantics follow the other local backends: one vLLM request per (prompt, sample index) with the seed
-`sequence_seed(seed, prompt id, sample index)`, so a sample does not depend on what else is in the batch and a
-resumed run draws the same samples (vLLM's prefix caching shares the prompt's prefill across the n requests);
-greedy decoding (`temperature 0`) decodes each prompt once and repeats the answer n times. Responses are handed to
+`sequence_seed(seed, prompt id, sample index)` (vLLM's prefix caching shares the prompt's prefill across the n
+requests); greedy decoding (`temperature 0`) decodes each prompt once and repeats the answer n times. The seed fixes
+each sample's random stream, but vLLM's logits depend on batch composition unless `VLLM_BATCH_INVARIANT=1` is set
+(vLLM docs, "Reproducibility"), so a resumed run's samples are bit-identical only with it. Responses are handed to
 `on_batch` every `chunk_size` requests, which is what makes a killed `generate_to_file` resumable.
 
-`sequence_logprobs` (SPA's implicit reward, DPO reference log-probs) uses vLLM's prompt log-probabilities.
+`sequence_logprobs` (SPA's implicit reward, DPO reference log-probs) uses vLLM's prompt log-probabilities
+(vLLM >= 0.10: earlier V1 releases ignored `prompt_logprobs` under prefix caching). For scoring runs that must not
+depend on request order, pass `enable_prefix_caching=False` (an engine option; see vllm issue #42019).
+
+Checked against vLLM's source (entrypoints/llm.py, sampling_params.py, outputs.py, 2026 main): argument names,
+`{"prompt_token_ids": ...}` prompts, finish reasons, the prompt_logprobs layout.
 
 Not measured here: this project's machines had no GPU and no vLLM (benchmarks/RESULTS.md says which numbers exist).
 The adapter is tested against a stand-in `vllm` module that checks every call it receives
@@ -52,12 +58,23 @@ class VLLMGenerator(Generator):
         self.tokenizer = load_tokenizer(model)
         self.model_name = model_name(model)
         self.chunk_size = max(1, int(chunk_size))
-        config = json.loads((folder / "config.json").read_text())
-        self.context = int(max_model_len or config.get("max_position_embeddings") or 2048)
         self.eos_ids = sorted(set(filter(lambda x: x is not None, self._eos_ids(folder) + [self.tokenizer.eos_token_id])))
+        if max_model_len:  # only a user's value is forced: vLLM refuses one above the length it derives itself
+            engine_options["max_model_len"] = int(max_model_len)
         self.llm = llm if llm is not None else self.vllm.LLM(
             model=str(folder), tokenizer=str(folder), dtype=dtype, seed=seed, trust_remote_code=trust_remote_code,
-            gpu_memory_utilization=gpu_memory_utilization, max_model_len=self.context, **engine_options)
+            gpu_memory_utilization=gpu_memory_utilization, **engine_options)
+        self.context = self._context(folder, max_model_len)
+
+    def _context(self, folder, max_model_len: int | None) -> int:
+        """The engine's own context length (it reads more config keys than max_position_embeddings); a config guess
+        only for an injected engine without one."""
+        engine = getattr(self.llm, "llm_engine", None)
+        derived = getattr(getattr(engine, "model_config", None), "max_model_len", None)
+        if derived:
+            return int(derived)
+        config = json.loads((folder / "config.json").read_text())
+        return int(max_model_len or config.get("max_position_embeddings") or 2048)
 
     @staticmethod
     def _eos_ids(folder) -> list[int]:
@@ -84,6 +101,11 @@ class VLLMGenerator(Generator):
 
     def _params(self, params: SamplingParams, seed: int | None, **extra):
         greedy = params.greedy
+        # vLLM rejects these with its own validation error deep in the engine; say it in selfalign's terms
+        if not greedy and not 0 < params.temperature <= 2:
+            raise SelfalignError(f"--backend vllm takes temperature in [0, 2], got {params.temperature}")
+        if not greedy and not 0 < params.top_p <= 1:
+            raise SelfalignError(f"--backend vllm takes top_p in (0, 1], got {params.top_p}")
         return self.vllm.SamplingParams(n=1, temperature=0.0 if greedy else params.temperature,
                                         top_p=1.0 if greedy else params.top_p, max_tokens=params.max_new_tokens,
                                         seed=None if greedy else seed, stop_token_ids=self.eos_ids,
@@ -113,8 +135,14 @@ class VLLMGenerator(Generator):
             done = []
             for (i, _, answers), out in zip(chunk, outputs):
                 completion = out.outputs[0]
+                if completion.finish_reason not in ("stop", "length"):  # abort / error: never saved as an answer
+                    raise SelfalignError(f"vLLM request for prompt '{prompts[i].id}' ended with "
+                                         f"'{completion.finish_reason}'; answers so far are saved, rerun to resume")
                 stopped = completion.finish_reason == "stop"
-                text = self.tokenizer.decode(completion.token_ids, skip_special_tokens=True)
+                ids = list(completion.token_ids)
+                if ids and ids[-1] in self.eos_ids:  # token_ids end with the EOS id; it is not part of the text
+                    ids = ids[:-1]
+                text = self.tokenizer.decode(ids, skip_special_tokens=True)
                 if params.stop:  # vLLM leaves the stop string out of `text`, not out of token_ids
                     text, hit = cut_at_stop(text, params.stop)
                     stopped = stopped or hit
@@ -132,7 +160,7 @@ class VLLMGenerator(Generator):
         """Sum of log p(continuation | prefix) for each pair, from vLLM's prompt log-probabilities."""
         seqs = [list(p) + list(c) for p, c in zip(prefixes, continuations)]
         outputs = self.llm.generate([{"prompt_token_ids": s} for s in seqs],
-                                    self.vllm.SamplingParams(max_tokens=1, temperature=0.0, prompt_logprobs=0),
+                                    self.vllm.SamplingParams(max_tokens=1, temperature=0.0, prompt_logprobs=1),
                                     use_tqdm=False)
         sums = []
         for prefix, seq, out in zip(prefixes, seqs, outputs):
