@@ -42,6 +42,14 @@ GRADE_PROMPTS = {(False, 1): "single_v1", (True, 1): "single_math_v1", (False, 2
                  (True, 2): "single_math_v1_multi_turn"}
 
 
+def _cache_kwarg(model) -> str:
+    """The forward() keyword for a KV cache: transformers 5.24 renamed `past_key_values` to `cache` (the old name
+    is deprecated, to be removed in 5.40); older 5.x releases know only `past_key_values`."""
+    import inspect
+
+    return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+
+
 def _as_list(value) -> list[str]:
     if isinstance(value, str):
         return [v.strip() for v in value.split(",") if v.strip()]
@@ -176,7 +184,7 @@ class LocalJudge(PairwiseJudge, GradingJudge):
             cache = copy.deepcopy(prefix[1])
             if len(rows) > 1:
                 cache.batch_repeat_interleave(len(rows))
-            kwargs["past_key_values"] = cache
+            kwargs[_cache_kwarg(model)] = cache
             mask = torch.cat([torch.ones((len(rows), skip), dtype=torch.long), mask], dim=1)
             keep_cache = True
         device = next(model.parameters()).device
@@ -357,7 +365,7 @@ class LocalJudge(PairwiseJudge, GradingJudge):
             if len(cont) > 1:
                 pos = torch.arange(len(ids), len(ids) + len(cont) - 1, device=device)[None]
                 with torch.inference_mode():
-                    o = model(input_ids=torch.tensor([cont[:-1]], device=device), past_key_values=cache,
+                    o = model(input_ids=torch.tensor([cont[:-1]], device=device), **{_cache_kwarg(model): cache},
                               position_ids=pos, use_cache=True)
                 lp = torch.log_softmax(o.logits[0].float(), dim=-1)
                 total += float(sum(lp[k, t] for k, t in enumerate(cont[1:])))
