@@ -28,6 +28,7 @@ cut, with a visible "[... truncated ...]" mark; the verdict's details say which 
 
 from __future__ import annotations
 
+import functools
 import time
 
 from tqdm.auto import tqdm
@@ -45,9 +46,14 @@ GRADE_PROMPTS = {(False, 1): "single_v1", (True, 1): "single_math_v1", (False, 2
 def _cache_kwarg(model) -> str:
     """The forward() keyword for a KV cache: transformers 5.24 renamed `past_key_values` to `cache` (the old name
     is deprecated, to be removed in 5.40); older 5.x releases know only `past_key_values`."""
+    return _cache_kwarg_of(type(model))
+
+
+@functools.lru_cache(maxsize=None)
+def _cache_kwarg_of(model_class) -> str:  # inspected once per class, not on every forward
     import inspect
 
-    return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+    return "cache" if "cache" in inspect.signature(model_class.forward).parameters else "past_key_values"
 
 
 def _as_list(value) -> list[str]:
