@@ -55,11 +55,59 @@ def load_prompts(path: str | Path, limit: int | None = None, exclude_ids: set | 
 
 def load_preference_pairs(path: str | Path, limit: int | None = None, drop_identical: bool = True) -> list[PreferencePair]:
     """Preference pairs; pairs whose chosen == rejected (an upstream quirk of UltraFeedback) carry no signal for
-    DPO and are dropped unless `drop_identical=False`."""
+    DPO and are dropped unless `drop_identical=False`. An alpaca_eval annotations file (`instruction`, `output_1`,
+    `output_2`, `preference`) is read as pairs too: see `load_annotated_pairs`."""
+    if _is_annotation_file(path):
+        pairs = load_annotated_pairs(path)
+        if drop_identical:
+            pairs = [p for p in pairs if p.chosen.strip() != p.rejected.strip()]
+        return pairs[:limit] if limit is not None else pairs
     pairs = read_records(path, PreferencePair)
     if drop_identical:
         pairs = [p for p in pairs if p.chosen.strip() != p.rejected.strip()]
     return pairs[:limit] if limit is not None else pairs
+
+
+def _is_annotation_file(path) -> bool:
+    """True for a .json/.jsonl file whose first row is in alpaca_eval's annotation format (and not a pair file)."""
+    if not isinstance(path, (str, Path)) or not str(path).endswith((".json", ".jsonl")) or not Path(path).exists():
+        return False
+    for _, row in iter_json_rows(path):
+        return "chosen" not in row and all(k in row for k in ("output_1", "output_2", "preference"))
+    return False
+
+
+def load_annotated_pairs(path: str | Path, min_margin: float = 0.0) -> list[PreferencePair]:
+    """Judge annotations in alpaca_eval's format as preference pairs: `preference` in [1, 2] (1 = output_1 better),
+    chosen = the preferred output. Ties (preference 1.5), and preferences closer to 1.5 than `min_margin`, carry no
+    direction and are skipped. The id is the row's `id` if it has one, else `<file stem>:<line>`; the preference and
+    generators are kept in `meta`."""
+    out = []
+    for line, row in iter_json_rows(path):
+        try:
+            messages = [{"role": "user", "content": _required_text(row, "instruction")}]
+            first, second = _required_text(row, "output_1", True), _required_text(row, "output_2", True)
+            pref = row.get("preference")
+            if isinstance(pref, bool) or not isinstance(pref, (int, float)) or not 1.0 <= pref <= 2.0:
+                raise DataError(f"expected a number in [1, 2], got {pref!r}", field="preference")
+        except DataError as e:
+            raise DataError(e.reason, path=str(path), line=line, field=e.field) from None
+        if pref == 1.5 or abs(pref - 1.5) < min_margin:
+            continue
+        chosen, rejected = (first, second) if pref < 1.5 else (second, first)
+        meta = {k: row[k] for k in ("preference", "generator_1", "generator_2", "dataset") if k in row}
+        out.append(PreferencePair(id=str(row.get("id", f"{Path(path).stem}:{line}")), messages=messages,
+                                  chosen=chosen, rejected=rejected, meta=meta))
+    if not out:
+        raise DataError("no annotated pairs with a preference", path=str(path))
+    return out
+
+
+def _required_text(row: dict, name: str, allow_empty: bool = False) -> str:
+    value = row.get(name)
+    if not isinstance(value, str) or (not allow_empty and not value.strip()):
+        raise DataError("missing, empty or not a string", field=name)
+    return value
 
 
 @dataclass

@@ -11,13 +11,13 @@ from selfalign.errors import SelfalignError
 def cmd_train_reward(args) -> int:
     from selfalign.judges.reward import default_reward_dir, train_reward_model
 
-    if args.n_pairs < 2:
-        raise SelfalignError("--n-pairs must be at least 2")
+    if args.n_pairs < 0 or args.n_pairs == 1:
+        raise SelfalignError("--n-pairs must be 0 (all) or at least 2")
     out = args.out or default_reward_dir()
     cfg = train_reward_model(out, base=args.base, train_data=args.pairs, eval_data=args.eval_pairs,
-                             n_pairs=args.n_pairs, n_eval=args.n_eval, max_length=args.max_length,
+                             n_pairs=args.n_pairs, n_eval=None if args.n_eval < 0 else args.n_eval, max_length=args.max_length,
                              train_layers=args.train_layers, epochs=args.epochs, seed=args.seed,
-                             progress=not args.quiet)
+                             allow_eval_instructions=args.allow_eval_instructions, progress=not args.quiet)
     last = cfg["history"][-1]
     print(json.dumps({"out": str(out), "n_pairs": cfg["train_data"]["n_pairs"], **last, "seconds": cfg["seconds"]}))
     return 0
@@ -36,17 +36,22 @@ def register(subparsers) -> argparse._SubParsersAction:
         "prompt is an AlpacaEval or MT-Bench instruction are never trained on.")
     t.add_argument("--out", default=None, help="output folder (default ~/.cache/selfalign/reward/smollm2-135m-uf, "
                    "where `--judge reward` looks)")
-    t.add_argument("--pairs", default=None, help="training pairs (default: shared preferences/"
-                   "ultrafeedback_binarized_train_1k.jsonl)")
+    t.add_argument("--pairs", default=None, help="training pairs: a preference-pair file or alpaca_eval annotations "
+                   "(default: shared preferences/ultrafeedback_binarized_train_1k.jsonl)")
     t.add_argument("--eval-pairs", default=None, help="held-out pairs for accuracy (default: shared preferences/"
                    "ultrafeedback_binarized_eval_200.jsonl)")
-    t.add_argument("--n-pairs", type=int, default=300, help="training pairs, a seeded sample (default %(default)s)")
-    t.add_argument("--n-eval", type=int, default=100, help="held-out pairs (default %(default)s)")
+    t.add_argument("--n-pairs", type=int, default=300, help="training pairs, a seeded sample; 0 = all "
+                   "(default %(default)s)")
+    t.add_argument("--n-eval", type=int, default=100, help="held-out pairs; -1 = all, 0 = none "
+                   "(default %(default)s)")
     t.add_argument("--max-length", type=int, default=384, help="tokens per prompt + answer (default %(default)s)")
     t.add_argument("--train-layers", type=int, default=2, help="top decoder layers trained (default %(default)s)")
     t.add_argument("--epochs", type=int, default=4, help="passes over the pairs (default %(default)s)")
     t.add_argument("--base", default="smollm2-135m", help="backbone model (default %(default)s)")
     t.add_argument("--seed", type=int, default=0)
+    t.add_argument("--allow-eval-instructions", action="store_true",
+                   help="train on AlpacaEval / MT-Bench prompts too (e.g. on GPT-4's AlpacaEval annotations); hold "
+                   "out by instruction when you measure agreement")
     t.add_argument("--quiet", action="store_true", help="no progress output")
     t.set_defaults(fn=cmd_train_reward)
     return sub

@@ -204,8 +204,11 @@ def train_reward_model(out: str | Path, base: str = "smollm2-135m", train_data: 
                        eval_data: str | Path | None = None, n_pairs: int = 300, n_eval: int = 100,
                        max_length: int = 384, max_prompt_tokens: int = 128, train_layers: int = 2, epochs: int = 4,
                        batch_size: int = 16, lr: float = 5e-5, head_lr: float = 1e-3, seed: int = 0,
-                       progress: bool = True) -> dict:
-    """Train and save a reward model in `out`; returns the metrics written to its config."""
+                       allow_eval_instructions: bool = False, progress: bool = True) -> dict:
+    """Train and save a reward model in `out`; returns the metrics written to its config. `n_pairs` of 0 or
+    None takes every pair; `n_eval` None takes every held-out pair, 0 none. `allow_eval_instructions` lifts the guard against AlpacaEval / MT-Bench prompts,
+    for training on GPT-4's own AlpacaEval annotations (then hold out by instruction: see
+    benchmarks/reward_judge_indomain.py); held-out pairs never share a prompt with training pairs either way."""
     import torch
     from safetensors.torch import save_file
 
@@ -217,9 +220,9 @@ def train_reward_model(out: str | Path, base: str = "smollm2-135m", train_data: 
     prefs = shared_data_dir() / "preferences"
     train_data = Path(train_data or prefs / "ultrafeedback_binarized_train_1k.jsonl")
     eval_data = Path(eval_data) if eval_data else prefs / "ultrafeedback_binarized_eval_200.jsonl"
-    exclude = evaluation_instructions()
+    exclude = set() if allow_eval_instructions else evaluation_instructions()
     train = _pairs(train_data, n_pairs, seed, exclude)
-    held = _pairs(eval_data, n_eval, seed, exclude) if eval_data.exists() and n_eval else []
+    held = _pairs(eval_data, n_eval, seed, exclude) if eval_data.exists() and n_eval != 0 else []
     train_prompts = {_norm_text(p.prompt) for p in train}
     held = [p for p in held if _norm_text(p.prompt) not in train_prompts]
     if len(train) < 2:
@@ -306,6 +309,7 @@ def train_reward_model(out: str | Path, base: str = "smollm2-135m", train_data: 
         "train_data": {"file": str(train_data), "n_pairs": len(train), "ids_sha256_16": ids_hash, "seed": seed,
                        "ids": [p.id for p in train]},
         "eval_data": {"file": str(eval_data), "n_pairs": len(held)},
+        "allow_eval_instructions": bool(allow_eval_instructions),
         "hyperparameters": {"epochs": epochs, "batch_size": batch_size, "lr": lr, "head_lr": head_lr,
                             "optimizer": "AdamW", "dtype": "float32"},
         "history": history,

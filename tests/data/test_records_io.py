@@ -32,6 +32,36 @@ def test_preference_pairs_load_and_drop_identical(data_dir):
     assert all(isinstance(p, PreferencePair) and p.chosen != p.rejected for p in pairs)
 
 
+def test_alpaca_eval_annotations_load_as_pairs(data_dir):
+    """GPT-4's AlpacaEval annotations are preference pairs: chosen = the preferred output, ties skipped."""
+    path = data_dir / "alpaca_eval" / "balanced_pairs_dev.json"
+    rows = json.loads(path.read_text())
+    pairs = load_preference_pairs(path)
+    assert len(pairs) == len(rows) == 736
+    for row, pair in zip(rows[:20], pairs[:20]):
+        better, worse = ("output_1", "output_2") if row["preference"] < 1.5 else ("output_2", "output_1")
+        assert (pair.chosen, pair.rejected) == (row[better], row[worse])
+        assert pair.prompt == row["instruction"] and pair.meta["preference"] == row["preference"]
+    cot = load_preference_pairs(data_dir / "alpaca_eval" / "cot_gpt4_turbo_fn_annotations_dev.json")
+    assert len(cot) == 1608 - 3  # its 3 ties carry no direction
+
+
+def test_bad_annotation_row_names_file_line_field(tmp_path):
+    from selfalign.data.loaders import load_annotated_pairs
+
+    rows = [{"instruction": "a", "output_1": "x", "output_2": "y", "preference": 1.0},
+            {"instruction": "b", "output_1": "x", "output_2": "y", "preference": 1.5},
+            {"instruction": "c", "output_1": "x", "output_2": "y", "preference": 1.9},
+            {"instruction": "d", "output_1": "x", "output_2": "y", "preference": 2.5}]
+    path = write_lines(tmp_path / "ann.jsonl", [json.dumps(r) for r in rows[:3]])
+    pairs = load_preference_pairs(path)
+    assert [p.id for p in pairs] == ["ann:1", "ann:3"] and pairs[1].chosen == "y"
+    assert [p.id for p in load_annotated_pairs(path, min_margin=0.45)] == ["ann:1"]
+    bad = write_lines(tmp_path / "bad.jsonl", [json.dumps(r) for r in rows])
+    with pytest.raises(DataError, match=r"bad.jsonl:4: field 'preference': expected a number in \[1, 2\], got 2.5"):
+        load_preference_pairs(bad)
+
+
 def test_multiturn_pairs_keep_history(data_dir):
     pairs = load_preference_pairs(data_dir / "preferences" / "hh_rlhf_helpful_base_test.jsonl", limit=200)
     multi = [p for p in pairs if len(p.messages) > 1]

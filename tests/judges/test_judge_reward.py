@@ -38,6 +38,26 @@ def test_training_saves_safetensors_and_documents_its_data(trained, data_dir):
     assert not any(_norm_text(train[i]) in evaluation for i in saved["train_data"]["ids"])
 
 
+def test_training_on_gpt4_annotations_needs_the_guard_lifted(tmp_path, data_dir, embedded_model_dir):
+    """AlpacaEval annotations are all evaluation prompts: by default none is trained on (an error, not a silent
+    empty model); with allow_eval_instructions the judge trains on them and the config says so."""
+    from selfalign.errors import SelfalignError
+
+    rows = json.loads((data_dir / "alpaca_eval" / "balanced_pairs_dev.json").read_text())
+    train, held = tmp_path / "train.json", tmp_path / "held.json"
+    train.write_text(json.dumps(rows[:6]))
+    held.write_text(json.dumps(rows[-4:]))
+    assert not {r["instruction"] for r in rows[:6]} & {r["instruction"] for r in rows[-4:]}
+    with pytest.raises(SelfalignError, match="fewer than 2 usable preference pairs"):
+        train_reward_model(tmp_path / "rm", train_data=train, eval_data=held, n_pairs=0, progress=False)
+    cfg = train_reward_model(tmp_path / "rm", train_data=train, eval_data=held, n_pairs=0, n_eval=None,
+                             max_length=64, max_prompt_tokens=24, train_layers=1, epochs=1, batch_size=4,
+                             allow_eval_instructions=True, progress=False)
+    assert cfg["allow_eval_instructions"] is True
+    assert cfg["train_data"]["n_pairs"] == 6 and cfg["eval_data"]["n_pairs"] == 4
+    assert sorted(cfg["train_data"]["ids"]) == [f"train:{i}" for i in range(1, 7)]
+
+
 def test_judge_scores_equal_training_computation(trained):
     out, cfg = trained
     judge = make_judge("reward", model=str(out))
