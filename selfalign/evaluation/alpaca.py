@@ -113,5 +113,37 @@ def evaluate_alpaca(generator: Generator, judge: PairwiseJudge, out_dir: str | P
     return metrics
 
 
+def load_model_outputs(path: str | Path) -> list[dict]:
+    """alpaca_eval's model_outputs.json (or .jsonl): rows with `instruction` and `output` (+ `generator`, `dataset`)."""
+    from selfalign.data.io import iter_json_rows
+
+    rows = []
+    for line, row in iter_json_rows(path):
+        for key in ("instruction", "output"):
+            if not isinstance(row.get(key), str):
+                raise DataError("missing or not a string", path=str(path), line=line, field=key)
+        rows.append({"instruction": row["instruction"], "output": row["output"],
+                     "generator": str(row.get("generator") or Path(path).stem),
+                     "dataset": row.get("dataset", "user")})
+    if not rows:
+        raise DataError("no model outputs", path=str(path))
+    return rows
+
+
+def evaluate_outputs(outputs: Sequence[dict], judge: PairwiseJudge, out_dir: str | Path,
+                     references: dict[str, dict] | None = None, progress: bool = True) -> dict:
+    """Judge answers that already exist (alpaca_eval's `--model_outputs` workflow): no model is loaded. Same files
+    and metrics as `evaluate_alpaca`; use it to re-judge a run's saved outputs with another judge."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    references = references if references is not None else load_reference_outputs()
+    write_json(out_dir / "model_outputs.json", list(outputs))
+    rows = annotate(outputs, references, judge, out_dir, progress=progress)
+    metrics = metrics_of(out_dir / "annotations.json", rows)
+    metrics.update(model=outputs[0]["generator"] if outputs else None, n_instructions=len(outputs))
+    write_json(out_dir / "metrics.json", metrics)
+    return metrics
+
+
 def load_metrics(out_dir: str | Path) -> dict:
     return json.loads((Path(out_dir) / "metrics.json").read_text())

@@ -106,6 +106,9 @@ def _add_alpaca(eval_sub) -> None:
     p.add_argument("--limit", type=int, default=None, help="a seeded random subset of this many instructions")
     p.add_argument("--instructions", default=None, help="instruction file (default: AlpacaEval's eval_set.jsonl)")
     p.add_argument("--reference", default=None, help="reference outputs (default: GPT-4-Turbo's)")
+    p.add_argument("--outputs", default=None, metavar="MODEL_OUTPUTS",
+                   help="judge these existing answers (alpaca_eval model_outputs.json: instruction, output) instead "
+                   "of generating; no model is loaded. Re-judges a run's saved eval/<stage>/model_outputs.json")
     p.add_argument("--json", action="store_true", help="print the metrics as one JSON object")
     p.set_defaults(fn=cmd_alpaca)
 
@@ -116,13 +119,20 @@ def cmd_alpaca(args) -> int:
     from selfalign.evaluation.alpaca import evaluate_alpaca
     from selfalign.generation import SamplingParams
 
-    instructions = load_alpaca_eval_set(args.instructions, limit=args.limit, seed=args.seed)
     references = load_reference_outputs(args.reference)
     judge = _judge_from_args(args)
-    gen = generator_from_args(args)
-    m = evaluate_alpaca(gen, judge, args.out, instructions=instructions, references=references,
-                        params=SamplingParams(temperature=0.0, max_new_tokens=args.max_new_tokens, seed=args.seed),
-                        progress=not args.quiet)
+    if args.outputs:
+        from selfalign.evaluation.alpaca import evaluate_outputs, load_model_outputs
+
+        if args.limit is not None or args.instructions:
+            raise SelfalignError("--outputs judges the given answers: drop --limit / --instructions")
+        m = evaluate_outputs(load_model_outputs(args.outputs), judge, args.out, references, progress=not args.quiet)
+    else:
+        instructions = load_alpaca_eval_set(args.instructions, limit=args.limit, seed=args.seed)
+        gen = generator_from_args(args)
+        m = evaluate_alpaca(gen, judge, args.out, instructions=instructions, references=references,
+                            params=SamplingParams(temperature=0.0, max_new_tokens=args.max_new_tokens,
+                                                  seed=args.seed), progress=not args.quiet)
     if args.json:
         print(json.dumps(m, default=str))
         return 0

@@ -97,3 +97,31 @@ def test_summary_counts_unparsed_and_fastchat_temperatures():
     q = next(q for q in load_mt_bench() if q.category == "coding")
     t1, t2 = grade_items(q, ["a", "b"])
     assert t2.references == q.reference[:2] and t1.references == q.reference[:1]
+
+
+def test_existing_outputs_are_judged_without_a_model(tmp_path, data_dir):
+    """`selfalign eval alpaca --outputs`: real alpaca-7b answers (from its GPT-4 annotations) judged against the
+    GPT-4-Turbo references by the length rule; the win rate is the share of longer answers, computed directly."""
+    from selfalign.cli import main
+    from selfalign.data.loaders import load_reference_outputs
+    from selfalign.errors import DataError
+    from selfalign.evaluation.alpaca import load_model_outputs
+
+    rows = json.loads((data_dir / "alpaca_eval" / "annotations" / "alpaca-7b.json").read_text())[:6]
+    outputs = [{"instruction": r["instruction"], "output": r["output_2"], "generator": "alpaca-7b"} for r in rows]
+    path = tmp_path / "model_outputs.json"
+    path.write_text(json.dumps(outputs))
+    refs = load_reference_outputs()
+    longer = [len(o["output"]) > len(refs[o["instruction"]]["output"]) for o in outputs]
+    assert main(["eval", "alpaca", "--outputs", str(path), "--judge", "length", "--out", str(tmp_path / "ev"),
+                 "--quiet"]) == 0
+    metrics = json.loads((tmp_path / "ev" / "metrics.json").read_text())
+    assert metrics["n_total"] == 6 and metrics["model"] == "alpaca-7b"
+    assert metrics["win_rate"] == pytest.approx(100 * sum(longer) / 6)
+    annotations = json.loads((tmp_path / "ev" / "annotations.json").read_text())
+    assert [a["output_2"] for a in annotations] == [o["output"] for o in outputs]
+
+    bad = tmp_path / "bad.json"
+    bad.write_text(json.dumps([outputs[0], {"instruction": "x"}]))
+    with pytest.raises(DataError, match=r"bad.json:2: field 'output': missing or not a string"):
+        load_model_outputs(bad)
