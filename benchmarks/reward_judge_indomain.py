@@ -71,7 +71,8 @@ def main(argv: list[str] | None = None) -> int:
         n = cfg["eval_data"]["n_pairs"]
         acc = last["heldout_accuracy"]
         se = math.sqrt(acc * (1 - acc) / n)
-        longer = sum(1 for r in held if (r["preference"] < 1.5) == (len(r["output_1"]) > len(r["output_2"]))) / len(held)
+        longer = sum(1 for r in held
+                     if (r["preference"] < 1.5) == (len(r["output_1"]) > len(r["output_2"]))) / len(held)
         pooled += [acc] * n
         print(f"| {k} of {args.folds} | {cfg['train_data']['n_pairs']} | {n} | {100 * acc:.1f}% ± {100 * se:.1f} | "
               f"{100 * longer:.1f}% | {100 * last['train_accuracy']:.1f}% | {cfg['seconds']['total'] / 60:.1f} |")

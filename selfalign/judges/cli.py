@@ -15,7 +15,8 @@ def cmd_train_reward(args) -> int:
         raise SelfalignError("--n-pairs must be 0 (all) or at least 2")
     out = args.out or default_reward_dir()
     cfg = train_reward_model(out, base=args.base, train_data=args.pairs, eval_data=args.eval_pairs,
-                             n_pairs=args.n_pairs, n_eval=None if args.n_eval < 0 else args.n_eval, max_length=args.max_length,
+                             n_pairs=args.n_pairs, n_eval=None if args.n_eval < 0 else args.n_eval,
+                             max_length=args.max_length,
                              train_layers=args.train_layers, epochs=args.epochs, seed=args.seed,
                              allow_eval_instructions=args.allow_eval_instructions, progress=not args.quiet)
     last = cfg["history"][-1]

@@ -205,10 +205,12 @@ def train_reward_model(out: str | Path, base: str = "smollm2-135m", train_data: 
                        max_length: int = 384, max_prompt_tokens: int = 128, train_layers: int = 2, epochs: int = 4,
                        batch_size: int = 16, lr: float = 5e-5, head_lr: float = 1e-3, seed: int = 0,
                        allow_eval_instructions: bool = False, progress: bool = True) -> dict:
-    """Train and save a reward model in `out`; returns the metrics written to its config. `n_pairs` of 0 or
-    None takes every pair; `n_eval` None takes every held-out pair, 0 none. `allow_eval_instructions` lifts the guard against AlpacaEval / MT-Bench prompts,
-    for training on GPT-4's own AlpacaEval annotations (then hold out by instruction: see
-    benchmarks/reward_judge_indomain.py); held-out pairs never share a prompt with training pairs either way."""
+    """Train and save a reward model in `out`; returns the metrics written to its config.
+
+    `n_pairs` of 0 or None takes every pair; `n_eval` None takes every held-out pair, 0 none.
+    `allow_eval_instructions` lifts the guard against AlpacaEval / MT-Bench prompts, for training on GPT-4's own
+    AlpacaEval annotations (then hold out by instruction: benchmarks/reward_judge_indomain.py). Held-out pairs never
+    share a prompt with training pairs either way."""
     import torch
     from safetensors.torch import save_file
 
