@@ -38,7 +38,8 @@ def agreement(p_chosen: list[float]) -> tuple[float, float]:
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("run_dir")
-    ap.add_argument("--judge", action="append", default=[], help="judge name (repeatable; default reward)")
+    ap.add_argument("--judge", action="append", default=[],
+                    help="judge name, optionally with options: reward:model=DIR (repeatable; default reward)")
     args = ap.parse_args()
     rounds = sorted(Path(args.run_dir).glob("round*/labels.jsonl"))
     if not rounds:
@@ -47,7 +48,8 @@ def main() -> int:
     print("| round | judge | pairs | agreement ± SE | most confident half | least confident half | chosen is longer |")
     print("|---|---|---:|---:|---:|---:|---:|")
     for name in args.judge or ["reward"]:
-        judge = make_judge(name)
+        base, _, rest = name.partition(":")
+        judge = make_judge(base, **dict(kv.split("=", 1) for kv in rest.split(",") if kv))
         for path in rounds:
             pairs = read_records(path, PreferencePair)
             verdicts = judge.compare([PairwiseItem(p.messages, p.chosen, p.rejected) for p in pairs])
