@@ -12,24 +12,24 @@ no position effect: accuracy == agreement). Training on the balanced pairs matte
 the shorter one exactly as often as the longer one, so the judge cannot learn "longer wins".
 
 Each fold's model is saved under <out-dir>/fold<k>/ (a finished fold is not retrained) and is usable as a judge:
-`--judge reward --judge-option model=<out-dir>/fold<k>`. Prints one markdown row per fold and the pooled agreement.
+`--judge reward --judge-option model=<out-dir>/fold<k>`; all folds together, each instruction judged by the
+model that never trained on it: `--judge reward-crossfit --judge-option models=<out-dir>`. Prints one markdown row per fold and the pooled agreement.
 """
 
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import math
-import re
 import sys
 import time
 from pathlib import Path
 
 
 def fold_of(instruction: str, folds: int) -> int:
-    norm = re.sub(r"\W+", " ", instruction.lower()).strip()
-    return int(hashlib.sha256(norm.encode("utf-8")).hexdigest(), 16) % folds
+    from selfalign.judges.reward import instruction_fold
+
+    return instruction_fold(instruction, folds)
 
 
 def main(argv: list[str] | None = None) -> int:

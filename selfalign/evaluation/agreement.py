@@ -182,13 +182,14 @@ def _parse_options(pairs: list[str]) -> dict:
 def add_agreement_command(eval_sub) -> None:
     p = eval_sub.add_parser(
         "agreement", help="agreement of a judge with GPT-4 (or human) labels on annotated pairs",
-        description="Run a judge (length, local, reward, api) over annotated pairs (alpaca_eval annotations: "
+        description="Run a judge (length, local, reward, reward-crossfit, api) over annotated pairs (alpaca_eval "
+        "annotations: "
         "instruction, output_1, output_2, preference in [1, 2]; or LLMBar / MT-Bench human pairs with label 1|2) "
         "and report its agreement with the labels, its standard error, its position consistency, and the length "
         "rule's agreement on the same items. Ties (preference 1.5) are excluded; a judge's own tie or unparseable "
         "verdict counts half. Verdicts are cached (JSONL), so a rerun or a resumed run pays only for new items. "
         "The honest test is alpaca_eval/balanced_pairs_dev.json, where the length rule scores 50%.")
-    p.add_argument("--judge", required=True, help="length, local, reward or api")
+    p.add_argument("--judge", required=True, help="length, local, reward, reward-crossfit or api")
     p.add_argument("--pairs", required=True, help="annotated pairs (.json array or .jsonl)")
     p.add_argument("--limit", type=int, default=None, help="judge only N pairs")
     p.add_argument("--offset", type=int, default=0, help="skip the first N pairs (default %(default)s)")

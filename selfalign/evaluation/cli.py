@@ -74,7 +74,8 @@ def _add_model_and_judge_flags(p) -> None:
     from selfalign.cli import add_backend_flags
 
     add_backend_flags(p)
-    p.add_argument("--judge", default="local", help="judge name: length, local, reward, api (default %(default)s)")
+    p.add_argument("--judge", default="local",
+                   help="judge name: length, local, reward, reward-crossfit, api (default %(default)s)")
     p.add_argument("--judge-option", action="append", default=[], metavar="KEY=VALUE",
                    help="judge option, e.g. model=qwen2.5-coder-1.5b (repeatable)")
     p.add_argument("--out", required=True, help="output folder (resumed if it exists)")

@@ -4,6 +4,9 @@
     make_judge("local", model="qwen2.5-coder-1.5b")   a local LLM reading verdict-token probabilities, both orders
     make_judge("reward", model=DIR)                   a Bradley-Terry reward model trained by `selfalign judges
                                                       train-reward` (each answer scored once)
+    make_judge("reward-crossfit", models=DIR)         reward models trained on GPT-4's AlpacaEval preferences, one
+                                                      per instruction fold; each instruction judged by the model
+                                                      that never trained on it
     make_judge("api", base_url=..., model=...)        an OpenAI-compatible API judge (alpaca_eval's verdict-token
                                                       protocol with logprobs; parses text when there are none)
 
@@ -18,7 +21,7 @@ from selfalign.errors import SelfalignError
 from selfalign.judges.base import (Grade, GradeItem, GradingJudge, PairwiseItem, PairwiseJudge,
                                    PairwiseVerdict)
 
-JUDGES = ("length", "local", "reward", "api")
+JUDGES = ("length", "local", "reward", "reward-crossfit", "api")
 
 
 def _judge_class(name: str):
@@ -34,6 +37,10 @@ def _judge_class(name: str):
         from selfalign.judges.reward import RewardJudge
 
         return RewardJudge
+    if name == "reward-crossfit":
+        from selfalign.judges.reward import CrossFitRewardJudge
+
+        return CrossFitRewardJudge
     if name == "api":
         from selfalign.judges.api import APIJudge
 

@@ -421,3 +421,49 @@ class RewardJudge(PairwiseJudge):
             verdicts.append(PairwiseVerdict(p_a=p_a, consistent=True,
                                             details={"reward_a": rewards[a], "reward_b": rewards[b]}))
         return verdicts
+
+
+# ------------------------------------------------------------------------------------------------ cross-fitted judge
+def instruction_fold(instruction: str, folds: int) -> int:
+    """The fold of an instruction: sha256 of its normalised text, mod `folds` (every answer pair of one instruction
+    lands in the same fold)."""
+    return int(hashlib.sha256(_norm_text(instruction).encode("utf-8")).hexdigest(), 16) % folds
+
+
+class CrossFitRewardJudge(PairwiseJudge):
+    """Reward judges trained on GPT-4's AlpacaEval annotations, one per instruction fold: `models`/fold<k> was trained
+    on every fold but k, and judges only instructions in fold k (the fold of the conversation's first user turn).
+
+    Why: the annotations compare answers with the same GPT-4-Turbo reference outputs an AlpacaEval-style evaluation
+    uses, so a judge that trained on an instruction may have learned about its reference answer. Routing each
+    instruction to the model that never saw it keeps the evaluation clean (benchmarks/reward_judge_indomain.py
+    trains the folds and measures their agreement)."""
+
+    name = "reward-crossfit"
+
+    def __init__(self, models: str | Path, batch_size: int = 8, device: str = "cpu"):
+        root = Path(models)
+        dirs = sorted((d for d in root.glob("fold*") if (d / CONFIG_FILE).exists()),
+                      key=lambda d: int(d.name[4:]) if d.name[4:].isdigit() else -1)
+        if len(dirs) < 2 or [d.name for d in dirs] != [f"fold{k}" for k in range(len(dirs))]:
+            raise SelfalignError(f"{root}: expected trained reward models fold0/ .. fold<K-1>/ (K >= 2), found "
+                                 f"{[d.name for d in dirs] or 'none'}; train them with "
+                                 f"benchmarks/reward_judge_indomain.py --out-dir {root}")
+        self.judges = [RewardJudge(d, batch_size=batch_size, device=device) for d in dirs]
+        self.batch_size = batch_size
+
+    def config(self) -> dict:
+        return {"folds": [j.config() for j in self.judges]}
+
+    def compare(self, items: list[PairwiseItem], progress: bool = False) -> list[PairwiseVerdict]:
+        k = len(self.judges)
+        by_fold: dict[int, list[int]] = {}
+        for i, it in enumerate(items):
+            first_user = next(m["content"] for m in it.messages if m["role"] == "user")
+            by_fold.setdefault(instruction_fold(first_user, k), []).append(i)
+        verdicts: list = [None] * len(items)
+        for fold, idx in by_fold.items():
+            for i, v in zip(idx, self.judges[fold].compare([items[i] for i in idx])):
+                v.details["fold"] = fold
+                verdicts[i] = v
+        return verdicts

@@ -97,3 +97,38 @@ def test_long_inputs_are_cut_to_max_length(trained):
     ids = encode_for_reward(tok, [{"role": "user", "content": "word " * 500}], "answer " * 500, 96, 24)
     assert len(ids) <= 96
     assert tok.decode(ids).count("<|im_start|>assistant") == 1  # the turn markers survive the cut
+
+
+def test_crossfit_judge_routes_each_instruction_to_its_fold_model(trained, tmp_path, data_dir):
+    """fold1's model is fold0's with the head negated, so its verdicts are mirrored: each real AlpacaEval item must get
+    exactly the verdict of the model its instruction's fold names."""
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    from selfalign.errors import SelfalignError
+    from selfalign.judges.reward import CrossFitRewardJudge, instruction_fold
+
+    out, _ = trained
+    shutil.copytree(out, tmp_path / "fold0")
+    shutil.copytree(out, tmp_path / "fold1")
+    weights = load_file(str(tmp_path / "fold1" / WEIGHTS_FILE))
+    weights = {k: (-v if k.startswith("head.") else v) for k, v in weights.items()}
+    save_file(weights, str(tmp_path / "fold1" / WEIGHTS_FILE))
+
+    rows = json.loads((data_dir / "alpaca_eval" / "balanced_pairs_dev.json").read_text())[:8]
+    items = [PairwiseItem([{"role": "user", "content": r["instruction"]}], r["output_1"][:300], r["output_2"][:300])
+             for r in rows]
+    folds = [instruction_fold(r["instruction"], 2) for r in rows]
+    assert set(folds) == {0, 1}
+    judge = make_judge("reward-crossfit", models=str(tmp_path))
+    assert isinstance(judge, CrossFitRewardJudge)
+    plain = RewardJudge(out).compare(items)
+    for v, p, fold in zip(judge.compare(items), plain, folds):
+        assert v.details["fold"] == fold
+        assert v.p_a == pytest.approx(p.p_a if fold == 0 else 1 - p.p_a, abs=1e-6)
+    assert len(judge.config()["folds"]) == 2
+
+    shutil.rmtree(tmp_path / "fold1")
+    with pytest.raises(SelfalignError, match="expected trained reward models fold0/"):
+        make_judge("reward-crossfit", models=str(tmp_path))
