@@ -26,14 +26,8 @@ import time
 from pathlib import Path
 
 
-def fold_of(instruction: str, folds: int) -> int:
-    from selfalign.judges.reward import instruction_fold
-
-    return instruction_fold(instruction, folds)
-
-
 def main(argv: list[str] | None = None) -> int:
-    from selfalign.judges.reward import CONFIG_FILE, train_reward_model
+    from selfalign.judges.reward import CONFIG_FILE, instruction_fold, train_reward_model
 
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--pairs", required=True, help="alpaca_eval annotations (default use: balanced_pairs_dev.json)")
@@ -55,8 +49,8 @@ def main(argv: list[str] | None = None) -> int:
     print("|---|---:|---:|---:|---:|---:|---:|")
     pooled = []
     for k in folds:
-        held = [r for r in rows if fold_of(r["instruction"], args.folds) == k]
-        train = [r for r in rows if fold_of(r["instruction"], args.folds) != k]
+        held = [r for r in rows if instruction_fold(r["instruction"], args.folds) == k]
+        train = [r for r in rows if instruction_fold(r["instruction"], args.folds) != k]
         train_file, held_file = out_dir / f"fold{k}_train.json", out_dir / f"fold{k}_heldout.json"
         train_file.write_text(json.dumps(train, ensure_ascii=False))
         held_file.write_text(json.dumps(held, ensure_ascii=False))
