@@ -7,9 +7,11 @@ never trained on it.
 The judges come from benchmarks/reward_judge_indomain.py: <models>/fold<k> was trained on GPT-4's preferences for
 every instruction outside fold k. Those preferences compare other models' answers with the same GPT-4-Turbo
 reference outputs the evaluation uses, so a judge may have learned something about a reference answer itself; an
-instruction in fold k is therefore judged only by fold<k>'s model (cross-fitting). Each evaluation folder must hold
-alpaca_eval's model_outputs.json (every selfalign evaluation writes one). Per folder: the merged annotations.json and
-metrics.json in <out-dir>/<run>-<stage>/, and one markdown row; `--paired A=B` adds the paired difference of two
+instruction in fold k is therefore judged only by fold<k>'s model: the package judge `reward-crossfit` does that
+routing, so for one folder this equals `selfalign eval alpaca --outputs DIR/model_outputs.json --judge reward-crossfit
+--judge-option models=MODELS`. Each evaluation folder must hold alpaca_eval's model_outputs.json (every selfalign
+evaluation writes one). Per folder: annotations.json and metrics.json in <out-dir>/<run>-<stage>/, and one markdown
+row; `--paired A=B` adds the paired difference of two
 labels over their common instructions (win-rate points ± paired standard error).
 """
 
@@ -22,9 +24,6 @@ import sys
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from reward_judge_indomain import fold_of  # noqa: E402  (the same instruction folds the judges were trained on)
-
 
 def label_of(eval_dir: Path) -> str:
     run = eval_dir.parent.parent.name if eval_dir.parent.name == "eval" else eval_dir.parent.name
@@ -32,21 +31,17 @@ def label_of(eval_dir: Path) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from selfalign.data.io import write_json
     from selfalign.evaluation.alpaca import evaluate_outputs, load_model_outputs
-    from selfalign.evaluation.lc import evaluate_annotations
     from selfalign.judges import make_judge
 
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("eval_dirs", nargs="+", type=Path)
     ap.add_argument("--models", required=True, type=Path, help="folder with fold0/, fold1/, ... reward judges")
-    ap.add_argument("--folds", type=int, default=2)
     ap.add_argument("--out-dir", required=True, type=Path)
     ap.add_argument("--paired", action="append", default=[], metavar="A=B", help="labels to difference")
     args = ap.parse_args(argv)
 
-    judges = [make_judge("reward", model=str(args.models / f"fold{k}"),
-                         cache=str(args.out_dir / f"judge_cache.fold{k}.jsonl")) for k in range(args.folds)]
+    judge = make_judge("reward-crossfit", models=str(args.models), cache=str(args.out_dir / "judge_cache.jsonl"))
     print(f"# {time.strftime('%Y-%m-%d %H:%M:%S')}  {' '.join(sys.argv)}")
     print("| evaluation | win rate | s.e. | LC win rate | n | avg length |")
     print("|---|---:|---:|---:|---:|---:|")
@@ -54,18 +49,8 @@ def main(argv: list[str] | None = None) -> int:
     for eval_dir in args.eval_dirs:
         label = label_of(eval_dir)
         outputs = load_model_outputs(eval_dir / "model_outputs.json")
-        out = args.out_dir / label
-        merged: dict[str, dict] = {}
-        for k, judge in enumerate(judges):
-            part = [o for o in outputs if fold_of(o["instruction"], args.folds) == k]
-            if part:
-                evaluate_outputs(part, judge, out / f"fold{k}", progress=False)
-                for row in json.loads((out / f"fold{k}" / "annotations.json").read_text()):
-                    merged[row["instruction"]] = row
-        rows = [merged[o["instruction"]] for o in outputs]
-        write_json(out / "annotations.json", rows)
-        m = evaluate_annotations(out / "annotations.json")
-        write_json(out / "metrics.json", m)
+        m = evaluate_outputs(outputs, judge, args.out_dir / label, progress=False)
+        rows = json.loads((args.out_dir / label / "annotations.json").read_text())
         prefs[label] = {r["instruction"]: r["preference"] for r in rows}
         lc = m.get("length_controlled_winrate")
         print(f"| {label} | {m['win_rate']:.2f} | {m['standard_error']:.2f} | "
