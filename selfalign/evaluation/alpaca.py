@@ -105,10 +105,16 @@ def evaluate_alpaca(generator: Generator, judge: PairwiseJudge, out_dir: str | P
     instructions = list(instructions) if instructions is not None else load_alpaca_eval_set(limit=limit, seed=seed)
     references = references if references is not None else load_reference_outputs()
     outputs = answer_instructions(generator, instructions, out_dir, params, progress)
+    return _judge_and_score(outputs, references, judge, out_dir, progress, model=generator.model_name,
+                            n_instructions=len(instructions), sampling=params.to_dict())
+
+
+def _judge_and_score(outputs: Sequence[dict], references: dict[str, dict], judge: PairwiseJudge, out_dir: Path,
+                     progress: bool, **extra) -> dict:
+    """Annotate the outputs against the references, score them, and write metrics.json (with `extra` keys)."""
     rows = annotate(outputs, references, judge, out_dir, progress=progress)
     metrics = metrics_of(out_dir / "annotations.json", rows)
-    metrics.update(model=generator.model_name, n_instructions=len(instructions),
-                   sampling=params.to_dict())
+    metrics.update(extra)
     write_json(out_dir / "metrics.json", metrics)
     return metrics
 
@@ -138,11 +144,8 @@ def evaluate_outputs(outputs: Sequence[dict], judge: PairwiseJudge, out_dir: str
     out_dir.mkdir(parents=True, exist_ok=True)
     references = references if references is not None else load_reference_outputs()
     write_json(out_dir / "model_outputs.json", list(outputs))
-    rows = annotate(outputs, references, judge, out_dir, progress=progress)
-    metrics = metrics_of(out_dir / "annotations.json", rows)
-    metrics.update(model=outputs[0]["generator"] if outputs else None, n_instructions=len(outputs))
-    write_json(out_dir / "metrics.json", metrics)
-    return metrics
+    return _judge_and_score(outputs, references, judge, out_dir, progress,
+                            model=outputs[0]["generator"] if outputs else None, n_instructions=len(outputs))
 
 
 def load_metrics(out_dir: str | Path) -> dict:
