@@ -209,14 +209,9 @@ def train_reward_model(out: str | Path, base: str = "smollm2-135m", train_data: 
 
     `n_pairs` of 0 or None takes every pair; `n_eval` None takes every held-out pair, 0 none.
     `allow_eval_instructions` lifts the guard against AlpacaEval / MT-Bench prompts, for training on GPT-4's own
-    AlpacaEval annotations (then hold out by instruction: benchmarks/reward_judge_indomain.py). Held-out pairs never
+    AlpacaEval annotations (then hold out by instruction: `train_crossfit_reward_models`). Held-out pairs never
     share a prompt with training pairs either way."""
-    import torch
-    from safetensors.torch import save_file
-
     from selfalign.data.loaders import shared_data_dir
-    from selfalign.models import load_model, load_tokenizer, resolve_model
-    from selfalign.runs import model_fingerprint
 
     t_start = time.time()
     prefs = shared_data_dir() / "preferences"
@@ -230,97 +225,151 @@ def train_reward_model(out: str | Path, base: str = "smollm2-135m", train_data: 
     if len(train) < 2:
         raise SelfalignError(f"{train_data}: fewer than 2 usable preference pairs")
 
-    torch.manual_seed(seed)
-    tok = load_tokenizer(base, padding_side="left")
-    lm = load_model(base, dtype="float32", device="cpu")
-    backbone = lm.model
-    n_layers = len(backbone.layers)
-    k = max(0, min(int(train_layers), n_layers))
-    for p in backbone.parameters():
-        p.requires_grad_(False)
+    trainer = _RewardTrainer(base, train_layers, max_length, max_prompt_tokens, seed)
+    t0 = time.time()
+    feats = trainer.features(train, progress)
+    held_feats = trainer.features(held, progress) if held else []
+    feature_seconds = time.time() - t0
+    hyper = {"epochs": epochs, "batch_size": batch_size, "lr": lr, "head_lr": head_lr}
+    history, train_seconds = trainer.fit(feats, held_feats, **hyper, progress=progress)
+    config = trainer.save(out, train, train_data, held, eval_data, hyper, history,
+                          {"features": round(feature_seconds, 1), "training": round(train_seconds, 1),
+                           "total": round(time.time() - t_start, 1)},
+                          allow_eval_instructions=allow_eval_instructions)
+    return config
 
-    def encode(pairs):
-        return [encode_for_reward(tok, _messages(p), ans, max_length, max_prompt_tokens)
+
+class _RewardTrainer:
+    """The shared steps of training a reward model: the frozen backbone, features of the frozen layers, fitting
+    the top layers + head, saving. Fitting starts from the backbone's original top layers and from the same random
+    state every time, so several models (one per cross-fitting fold) can be fitted on one set of features."""
+
+    def __init__(self, base: str, train_layers: int, max_length: int, max_prompt_tokens: int, seed: int):
+        import torch
+
+        from selfalign.models import load_model, load_tokenizer
+
+        self.base, self.seed = base, seed
+        self.max_length, self.max_prompt_tokens = max_length, max_prompt_tokens
+        torch.manual_seed(seed)
+        self.tok = load_tokenizer(base, padding_side="left")
+        self.backbone = load_model(base, dtype="float32", device="cpu").model
+        self.n_layers = len(self.backbone.layers)
+        self.k = max(0, min(int(train_layers), self.n_layers))
+        for p in self.backbone.parameters():
+            p.requires_grad_(False)
+        self._initial_top = {n: t.detach().clone() for n, t in self._top_state().items()}
+        self._rng_state = torch.get_rng_state()
+
+    def _top_state(self) -> dict:
+        """The trained part of the backbone by its saved name: layers.<i>.* (top layers), norm.* (when k > 0)."""
+        state = {}
+        for i, layer in enumerate(self.backbone.layers[self.n_layers - self.k:]):
+            state.update({f"layers.{i}.{n}": p for n, p in layer.named_parameters()})
+        if self.k:
+            state.update({f"norm.{n}": p for n, p in self.backbone.norm.named_parameters()})
+        return state
+
+    def encode(self, pairs) -> list[list[int]]:
+        return [encode_for_reward(self.tok, _messages(p), ans, self.max_length, self.max_prompt_tokens)
                 for p in pairs for ans in (p.chosen, p.rejected)]
 
-    t0 = time.time()
-    feats = _bottom_states(backbone, encode(train), n_layers - k, tok.pad_token_id, progress=progress)
-    held_feats = _bottom_states(backbone, encode(held), n_layers - k, tok.pad_token_id, progress=progress) if held else []
-    feature_seconds = time.time() - t0
+    def features(self, pairs, progress: bool = False) -> list:
+        """Frozen-layer outputs, two per pair (chosen, rejected)."""
+        return _bottom_states(self.backbone, self.encode(pairs), self.n_layers - self.k, self.tok.pad_token_id,
+                              progress=progress)
 
-    head = torch.nn.Linear(backbone.config.hidden_size, 1)
-    torch.nn.init.normal_(head.weight, std=1.0 / math.sqrt(backbone.config.hidden_size))
-    torch.nn.init.zeros_(head.bias)
-    top = _Top(backbone, k, head)
-    layer_params = [p for p in top.parameters() if p not in set(head.parameters())]
-    for p in top.parameters():
-        p.requires_grad_(True)
-    groups = [{"params": list(head.parameters()), "lr": head_lr}]
-    if layer_params:
-        groups.append({"params": layer_params, "lr": lr})
-    opt = torch.optim.AdamW(groups, weight_decay=0.0)
+    def fit(self, feats, held_feats, epochs: int, batch_size: int, lr: float, head_lr: float,
+            progress: bool = False) -> tuple[list[dict], float]:
+        """Bradley-Terry training of the top layers + a fresh head on `feats`; held-out accuracy per epoch."""
+        import torch
 
-    def accuracy(states) -> tuple[float | None, float | None]:
-        if not states:
-            return None, None
         with torch.no_grad():
-            r = torch.cat([top(states[i:i + 32]) for i in range(0, len(states), 32)])
-        margin = r[0::2] - r[1::2]
-        return float((margin > 0).float().mean()), float(torch.nn.functional.logsigmoid(margin).mean().neg())
+            for n, p in self._top_state().items():
+                p.copy_(self._initial_top[n])
+        torch.set_rng_state(self._rng_state)
+        hidden = self.backbone.config.hidden_size
+        head = torch.nn.Linear(hidden, 1)
+        torch.nn.init.normal_(head.weight, std=1.0 / math.sqrt(hidden))
+        torch.nn.init.zeros_(head.bias)
+        top = _Top(self.backbone, self.k, head)
+        layer_params = [p for p in top.parameters() if p not in set(head.parameters())]
+        for p in top.parameters():
+            p.requires_grad_(True)
+        groups = [{"params": list(head.parameters()), "lr": head_lr}]
+        if layer_params:
+            groups.append({"params": layer_params, "lr": lr})
+        opt = torch.optim.AdamW(groups, weight_decay=0.0)
 
-    history = []
-    rng = random.Random(seed)
-    t0 = time.time()
-    for epoch in range(epochs):
-        order = list(range(len(train)))
-        rng.shuffle(order)
-        losses = []
-        for start in range(0, len(order), batch_size):
-            idx = order[start:start + batch_size]
-            states = [feats[2 * i + j] for i in idx for j in (0, 1)]
-            r = top(states)
-            loss = -torch.nn.functional.logsigmoid(r[0::2] - r[1::2]).mean()
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
-            losses.append(loss.item())
-        train_acc, _ = accuracy(feats)
-        held_acc, held_loss = accuracy(held_feats)
-        history.append({"epoch": epoch + 1, "train_loss": sum(losses) / len(losses), "train_accuracy": train_acc,
-                        "heldout_accuracy": held_acc, "heldout_loss": held_loss})
-        if progress:
-            print(json.dumps(history[-1]), flush=True)
-    train_seconds = time.time() - t0
+        def accuracy(states) -> tuple[float | None, float | None]:
+            if not states:
+                return None, None
+            with torch.no_grad():
+                r = torch.cat([top(states[i:i + 32]) for i in range(0, len(states), 32)])
+            margin = r[0::2] - r[1::2]
+            return float((margin > 0).float().mean()), float(torch.nn.functional.logsigmoid(margin).mean().neg())
 
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
-    tensors = {f"head.{n}": p.detach().contiguous() for n, p in head.named_parameters()}
-    for i, layer in enumerate(backbone.layers[n_layers - k:]):
-        tensors.update({f"layers.{i}.{n}": p.detach().contiguous() for n, p in layer.named_parameters()})
-    if k:
-        tensors.update({f"norm.{n}": p.detach().contiguous() for n, p in backbone.norm.named_parameters()})
-    save_file(tensors, str(out / WEIGHTS_FILE))
-    ids_hash = hashlib.sha256("\n".join(p.id for p in train).encode()).hexdigest()[:16]
-    config = {
-        "kind": "selfalign-bradley-terry-reward-model",
-        "base_model": base,
-        "base_model_folder": str(resolve_model(base)),
-        "base_model_sha256": model_fingerprint(resolve_model(base)),
-        "train_layers": k, "n_layers": n_layers, "max_length": max_length, "max_prompt_tokens": max_prompt_tokens,
-        "pooling": "last token (end of the assistant turn)", "loss": "bradley-terry",
-        "train_data": {"file": str(train_data), "n_pairs": len(train), "ids_sha256_16": ids_hash, "seed": seed,
-                       "ids": [p.id for p in train]},
-        "eval_data": {"file": str(eval_data), "n_pairs": len(held)},
-        "allow_eval_instructions": bool(allow_eval_instructions),
-        "hyperparameters": {"epochs": epochs, "batch_size": batch_size, "lr": lr, "head_lr": head_lr,
-                            "optimizer": "AdamW", "dtype": "float32"},
-        "history": history,
-        "seconds": {"features": round(feature_seconds, 1), "training": round(train_seconds, 1),
-                    "total": round(time.time() - t_start, 1)},
-        "created_at": time.strftime("%Y-%m-%dT%H:%M:%S"),
-    }
-    (out / CONFIG_FILE).write_text(json.dumps(config, indent=2))
-    return config
+        history = []
+        rng = random.Random(self.seed)
+        n_train = len(feats) // 2
+        t0 = time.time()
+        for epoch in range(epochs):
+            order = list(range(n_train))
+            rng.shuffle(order)
+            losses = []
+            for start in range(0, len(order), batch_size):
+                idx = order[start:start + batch_size]
+                states = [feats[2 * i + j] for i in idx for j in (0, 1)]
+                r = top(states)
+                loss = -torch.nn.functional.logsigmoid(r[0::2] - r[1::2]).mean()
+                opt.zero_grad()
+                loss.backward()
+                opt.step()
+                losses.append(loss.item())
+            train_acc, _ = accuracy(feats)
+            held_acc, held_loss = accuracy(held_feats)
+            history.append({"epoch": epoch + 1, "train_loss": sum(losses) / len(losses), "train_accuracy": train_acc,
+                            "heldout_accuracy": held_acc, "heldout_loss": held_loss})
+            if progress:
+                print(json.dumps(history[-1]), flush=True)
+        for p in top.parameters():
+            p.requires_grad_(False)
+        self.head = head
+        return history, time.time() - t0
+
+    def save(self, out, train, train_data, held, eval_data, hyper: dict, history: list, seconds: dict,
+             **extra) -> dict:
+        """Write the last fitted model (safetensors + config) to `out`; returns the config."""
+        from safetensors.torch import save_file
+
+        from selfalign.models import resolve_model
+        from selfalign.runs import model_fingerprint
+
+        out = Path(out)
+        out.mkdir(parents=True, exist_ok=True)
+        tensors = {f"head.{n}": p.detach().contiguous() for n, p in self.head.named_parameters()}
+        tensors.update({n: p.detach().contiguous() for n, p in self._top_state().items()})
+        save_file(tensors, str(out / WEIGHTS_FILE))
+        ids_hash = hashlib.sha256("\n".join(p.id for p in train).encode()).hexdigest()[:16]
+        config = {
+            "kind": "selfalign-bradley-terry-reward-model",
+            "base_model": self.base,
+            "base_model_folder": str(resolve_model(self.base)),
+            "base_model_sha256": model_fingerprint(resolve_model(self.base)),
+            "train_layers": self.k, "n_layers": self.n_layers, "max_length": self.max_length,
+            "max_prompt_tokens": self.max_prompt_tokens,
+            "pooling": "last token (end of the assistant turn)", "loss": "bradley-terry",
+            "train_data": {"file": str(train_data), "n_pairs": len(train), "ids_sha256_16": ids_hash,
+                           "seed": self.seed, "ids": [p.id for p in train]},
+            "eval_data": {"file": str(eval_data), "n_pairs": len(held)},
+            **{k: v for k, v in extra.items()},
+            "hyperparameters": {**hyper, "optimizer": "AdamW", "dtype": "float32"},
+            "history": history,
+            "seconds": seconds,
+            "created_at": time.strftime("%Y-%m-%dT%H:%M:%S"),
+        }
+        (out / CONFIG_FILE).write_text(json.dumps(config, indent=2))
+        return config
 
 
 # ------------------------------------------------------------------------------------------------ judge
@@ -430,6 +479,97 @@ def instruction_fold(instruction: str, folds: int) -> int:
     return int(hashlib.sha256(_norm_text(instruction).encode("utf-8")).hexdigest(), 16) % folds
 
 
+def default_crossfit_dir() -> Path:
+    from selfalign.models.registry import cache_dir
+
+    return cache_dir() / "reward" / "alpaca-gpt4-crossfit"
+
+
+def default_crossfit_pairs() -> Path:
+    from selfalign.data.loaders import shared_data_dir
+
+    return shared_data_dir() / "alpaca_eval" / "balanced_pairs_dev.json"
+
+
+SUMMARY_FILE = "crossfit.json"
+
+
+def train_crossfit_reward_models(out: str | Path | None = None, pairs: str | Path | None = None, folds: int = 2,
+                                 base: str = "smollm2-135m", max_length: int = 384, max_prompt_tokens: int = 128,
+                                 train_layers: int = 2, epochs: int = 4, batch_size: int = 16, lr: float = 5e-5,
+                                 head_lr: float = 1e-3, seed: int = 0, progress: bool = True) -> dict:
+    """Train the `reward-crossfit` judge: split GPT-4-annotated pairs (default: the balanced AlpacaEval pairs) into
+    `folds` groups by instruction, and for each fold k train a reward model on the other folds into `out`/fold<k>/,
+    its held-out accuracy on fold k being its agreement with GPT-4 there. Returns the summary also written to
+    `out`/crossfit.json (per-fold and pooled held-out agreement).
+
+    The frozen layers' features are computed once for all pairs and shared by the folds (the per-fold cost is only
+    the top-layer training). A finished fold is never retrained, so a killed run resumes at the next fold."""
+    from selfalign.data.loaders import load_preference_pairs
+
+    if folds < 2:
+        raise SelfalignError(f"--folds must be at least 2, got {folds}")
+    out = Path(out) if out else default_crossfit_dir()
+    pairs_file = Path(pairs) if pairs else default_crossfit_pairs()
+    if not pairs_file.exists():
+        raise SelfalignError(f"{pairs_file}: no such file (GPT-4-annotated pairs in alpaca_eval's format)")
+    t_start = time.time()
+    everything = load_preference_pairs(pairs_file)
+    fold_of = [instruction_fold(p.prompt, folds) for p in everything]
+    # the same order train_reward_model would give each fold's files: file order, then one seeded shuffle
+    splits = []
+    for k in range(folds):
+        held = [p for p, f in zip(everything, fold_of) if f == k]
+        train = [p for p, f in zip(everything, fold_of) if f != k]
+        random.Random(seed).shuffle(held)
+        random.Random(seed).shuffle(train)
+        if len(train) < 2 or not held:
+            raise SelfalignError(f"{pairs_file}: fold {k} of {folds} has {len(train)} training and {len(held)} "
+                                 "held-out pairs; use fewer folds or more pairs")
+        splits.append((train, held))
+
+    hyper = {"epochs": epochs, "batch_size": batch_size, "lr": lr, "head_lr": head_lr}
+    pending = [k for k in range(folds) if not (out / f"fold{k}" / CONFIG_FILE).exists()]
+    if pending:
+        trainer = _RewardTrainer(base, train_layers, max_length, max_prompt_tokens, seed)
+        t0 = time.time()
+        index = {p.id: i for i, p in enumerate(everything)}
+        if len(index) != len(everything):
+            raise SelfalignError(f"{pairs_file}: pair ids are not unique")
+        feats = trainer.features(everything, progress)
+        feature_seconds = time.time() - t0
+
+        def states(subset):
+            return [feats[2 * index[p.id] + j] for p in subset for j in (0, 1)]
+
+        for k in pending:
+            train, held = splits[k]
+            if progress:
+                print(f"fold {k}: training on {len(train)} pairs, held out {len(held)}", flush=True)
+            history, train_seconds = trainer.fit(states(train), states(held), **hyper, progress=progress)
+            trainer.save(out / f"fold{k}", train, pairs_file, held, pairs_file, hyper, history,
+                         {"features (all folds)": round(feature_seconds, 1), "training": round(train_seconds, 1),
+                          "total": round(time.time() - t_start, 1)},
+                         allow_eval_instructions=True,
+                         crossfit={"fold": k, "folds": folds, "pairs_file": str(pairs_file),
+                                   "split": "sha256 of the normalised instruction mod folds"})
+    rows, hits = [], 0.0
+    for k in range(folds):
+        cfg = json.loads((out / f"fold{k}" / CONFIG_FILE).read_text())
+        last, n = cfg["history"][-1], cfg["eval_data"]["n_pairs"]
+        rows.append({"fold": k, "train_pairs": cfg["train_data"]["n_pairs"], "heldout_pairs": n,
+                     "agreement": last["heldout_accuracy"], "train_accuracy": last["train_accuracy"],
+                     "seconds": cfg["seconds"]})
+        hits += last["heldout_accuracy"] * n
+    n_all = sum(r["heldout_pairs"] for r in rows)
+    pooled = hits / n_all
+    summary = {"pairs_file": str(pairs_file), "folds": rows, "pooled_agreement": pooled,
+               "pooled_standard_error": math.sqrt(pooled * (1 - pooled) / n_all), "n": n_all,
+               "seconds": round(time.time() - t_start, 1)}
+    (out / SUMMARY_FILE).write_text(json.dumps(summary, indent=2))
+    return summary
+
+
 class CrossFitRewardJudge(PairwiseJudge):
     """Reward judges trained on GPT-4's AlpacaEval annotations, one per instruction fold: `models`/fold<k> was trained
     on every fold but k, and judges only instructions in fold k (the fold of the conversation's first user turn).
@@ -441,14 +581,14 @@ class CrossFitRewardJudge(PairwiseJudge):
 
     name = "reward-crossfit"
 
-    def __init__(self, models: str | Path, batch_size: int = 8, device: str = "cpu"):
-        root = Path(models)
+    def __init__(self, models: str | Path | None = None, batch_size: int = 8, device: str = "cpu"):
+        root = Path(models) if models else default_crossfit_dir()
         dirs = sorted((d for d in root.glob("fold*") if (d / CONFIG_FILE).exists()),
                       key=lambda d: int(d.name[4:]) if d.name[4:].isdigit() else -1)
         if len(dirs) < 2 or [d.name for d in dirs] != [f"fold{k}" for k in range(len(dirs))]:
             raise SelfalignError(f"{root}: expected trained reward models fold0/ .. fold<K-1>/ (K >= 2), found "
-                                 f"{[d.name for d in dirs] or 'none'}; train them with "
-                                 f"benchmarks/reward_judge_indomain.py --out-dir {root}")
+                                 f"{[d.name for d in dirs] or 'none'}; train them once with "
+                                 f"`selfalign judges train-crossfit --out {root}` (~35 min on 2 CPU cores)")
         self.judges = [RewardJudge(d, batch_size=batch_size, device=device) for d in dirs]
         self.batch_size = batch_size
 

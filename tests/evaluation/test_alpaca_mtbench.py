@@ -125,3 +125,17 @@ def test_existing_outputs_are_judged_without_a_model(tmp_path, data_dir):
     bad.write_text(json.dumps([outputs[0], {"instruction": "x"}]))
     with pytest.raises(DataError, match=r"bad.json:2: field 'output': missing or not a string"):
         load_model_outputs(bad)
+
+
+def test_default_alpaca_judge_is_the_crossfit_reward_judge(tmp_path, monkeypatch, capsys):
+    """`selfalign eval alpaca` judges with `reward-crossfit` unless told otherwise; when its models were never
+    trained, the command stops before loading or generating anything, with one line saying how to train them."""
+    from selfalign.cli import main
+
+    monkeypatch.setenv("SELFALIGN_CACHE", str(tmp_path / "cache"))
+    code = main(["eval", "alpaca", "--model", "smollm2-135m", "--limit", "2", "--out", str(tmp_path / "ev"),
+                 "--quiet"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1
+    assert "alpaca-gpt4-crossfit" in err[0] and "selfalign judges train-crossfit" in err[0]
+    assert not (tmp_path / "ev" / "model_outputs.json").exists()

@@ -132,3 +132,39 @@ def test_crossfit_judge_routes_each_instruction_to_its_fold_model(trained, tmp_p
     shutil.rmtree(tmp_path / "fold1")
     with pytest.raises(SelfalignError, match="expected trained reward models fold0/"):
         make_judge("reward-crossfit", models=str(tmp_path))
+
+
+def test_crossfit_training_holds_out_each_instruction_and_resumes(tmp_path, data_dir, embedded_model_dir):
+    """`train_crossfit_reward_models` on a real slice of the balanced pairs: fold k's model never trains on a fold-k
+    instruction and is scored on exactly those; the pooled agreement is the held-out accuracies weighted by size;
+    the folder is a working `reward-crossfit` judge; a second call retrains nothing."""
+    from selfalign.judges.reward import SUMMARY_FILE, instruction_fold, train_crossfit_reward_models
+
+    rows = json.loads((data_dir / "alpaca_eval" / "balanced_pairs_dev.json").read_text())[:12]
+    pairs = tmp_path / "pairs.json"
+    pairs.write_text(json.dumps(rows))
+    out = tmp_path / "crossfit"
+    summary = train_crossfit_reward_models(out, pairs=pairs, max_length=64, max_prompt_tokens=24, train_layers=1,
+                                           epochs=1, batch_size=4, progress=False)
+    by_id = {f"pairs:{i + 1}": r["instruction"] for i, r in enumerate(rows)}
+    for k in (0, 1):
+        cfg = json.loads((out / f"fold{k}" / CONFIG_FILE).read_text())
+        assert cfg["crossfit"]["fold"] == k
+        assert all(instruction_fold(by_id[i], 2) != k for i in cfg["train_data"]["ids"])
+        held = sum(1 for r in rows if instruction_fold(r["instruction"], 2) == k)
+        assert cfg["eval_data"]["n_pairs"] == held == summary["folds"][k]["heldout_pairs"]
+        assert cfg["train_data"]["n_pairs"] == len(rows) - held
+    pooled = sum(r["agreement"] * r["heldout_pairs"] for r in summary["folds"]) / len(rows)
+    assert summary["n"] == len(rows) and summary["pooled_agreement"] == pytest.approx(pooled)
+    assert json.loads((out / SUMMARY_FILE).read_text())["n"] == len(rows)
+
+    judge = make_judge("reward-crossfit", models=str(out))
+    items = [PairwiseItem([{"role": "user", "content": r["instruction"]}], r["output_1"][:200], r["output_2"][:200])
+             for r in rows[:4]]
+    assert all(0.0 < v.p_a < 1.0 for v in judge.compare(items))
+
+    mtime = (out / "fold0" / WEIGHTS_FILE).stat().st_mtime_ns
+    again = train_crossfit_reward_models(out, pairs=pairs, max_length=64, max_prompt_tokens=24, train_layers=1,
+                                         epochs=1, batch_size=4, progress=False)
+    assert (out / "fold0" / WEIGHTS_FILE).stat().st_mtime_ns == mtime
+    assert again["pooled_agreement"] == summary["pooled_agreement"]
