@@ -76,7 +76,7 @@ def register(subparsers) -> argparse._SubParsersAction:
         "the shorter one as often as the longer one) are split into folds by instruction; each fold's model is trained "
         "on the other folds and judges only its own fold's instructions, so no instruction is judged by a model that "
         "saw GPT-4's verdicts on it. Prints each fold's held-out agreement with GPT-4 and the pooled agreement. "
-        "About 35 min on 2 CPU cores, once; a finished fold is not retrained.")
+        "About 40 min on 2 CPU cores, once; a finished fold is not retrained.")
     c.add_argument("--out", default=None, help="output folder (default ~/.cache/selfalign/reward/"
                    "alpaca-gpt4-crossfit, where `--judge reward-crossfit` looks)")
     c.add_argument("--pairs", default=None, help="alpaca_eval annotations to train on (default: the shared "

@@ -362,7 +362,7 @@ class _RewardTrainer:
             "train_data": {"file": str(train_data), "n_pairs": len(train), "ids_sha256_16": ids_hash,
                            "seed": self.seed, "ids": [p.id for p in train]},
             "eval_data": {"file": str(eval_data), "n_pairs": len(held)},
-            **{k: v for k, v in extra.items()},
+            **extra,
             "hyperparameters": {**hyper, "optimizer": "AdamW", "dtype": "float32"},
             "history": history,
             "seconds": seconds,
@@ -588,7 +588,7 @@ class CrossFitRewardJudge(PairwiseJudge):
         if len(dirs) < 2 or [d.name for d in dirs] != [f"fold{k}" for k in range(len(dirs))]:
             raise SelfalignError(f"{root}: expected trained reward models fold0/ .. fold<K-1>/ (K >= 2), found "
                                  f"{[d.name for d in dirs] or 'none'}; train them once with "
-                                 f"`selfalign judges train-crossfit --out {root}` (~35 min on 2 CPU cores)")
+                                 f"`selfalign judges train-crossfit --out {root}` (~40 min on 2 CPU cores)")
         self.judges = [RewardJudge(d, batch_size=batch_size, device=device) for d in dirs]
         self.batch_size = batch_size
 
