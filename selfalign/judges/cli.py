@@ -36,6 +36,15 @@ def cmd_train_crossfit(args) -> int:
     return 0
 
 
+def _add_model_flags(p) -> None:
+    """The reward model's shape and training flags, the same for both training commands."""
+    p.add_argument("--max-length", type=int, default=384, help="tokens per prompt + answer (default %(default)s)")
+    p.add_argument("--train-layers", type=int, default=2, help="top decoder layers trained (default %(default)s)")
+    p.add_argument("--epochs", type=int, default=4, help="passes over the pairs (default %(default)s)")
+    p.add_argument("--base", default="smollm2-135m", help="backbone model (default %(default)s)")
+    p.add_argument("--seed", type=int, default=0)
+
+
 def register(subparsers) -> argparse._SubParsersAction:
     p = subparsers.add_parser("judges", help="judge utilities: train the Bradley-Terry reward-model judges",
                               description="Judge utilities. Judges themselves are used through `selfalign eval "
@@ -57,11 +66,7 @@ def register(subparsers) -> argparse._SubParsersAction:
                    "(default %(default)s)")
     t.add_argument("--n-eval", type=int, default=100, help="held-out pairs; -1 = all, 0 = none "
                    "(default %(default)s)")
-    t.add_argument("--max-length", type=int, default=384, help="tokens per prompt + answer (default %(default)s)")
-    t.add_argument("--train-layers", type=int, default=2, help="top decoder layers trained (default %(default)s)")
-    t.add_argument("--epochs", type=int, default=4, help="passes over the pairs (default %(default)s)")
-    t.add_argument("--base", default="smollm2-135m", help="backbone model (default %(default)s)")
-    t.add_argument("--seed", type=int, default=0)
+    _add_model_flags(t)
     t.add_argument("--allow-eval-instructions", action="store_true",
                    help="train on AlpacaEval / MT-Bench prompts too (e.g. on GPT-4's AlpacaEval annotations); hold "
                    "out by instruction when you measure agreement")
@@ -82,11 +87,7 @@ def register(subparsers) -> argparse._SubParsersAction:
     c.add_argument("--pairs", default=None, help="alpaca_eval annotations to train on (default: the shared "
                    "balanced_pairs_dev.json)")
     c.add_argument("--folds", type=int, default=2, help="instruction folds (default %(default)s)")
-    c.add_argument("--max-length", type=int, default=384, help="tokens per prompt + answer (default %(default)s)")
-    c.add_argument("--train-layers", type=int, default=2, help="top decoder layers trained (default %(default)s)")
-    c.add_argument("--epochs", type=int, default=4, help="passes over the pairs (default %(default)s)")
-    c.add_argument("--base", default="smollm2-135m", help="backbone model (default %(default)s)")
-    c.add_argument("--seed", type=int, default=0)
+    _add_model_flags(c)
     c.add_argument("--quiet", action="store_true", help="no progress output")
     c.set_defaults(fn=cmd_train_crossfit)
     return sub
