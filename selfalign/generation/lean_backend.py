@@ -63,6 +63,24 @@ def _draw(probs: torch.Tensor, order: torch.Tensor | None, generators: list[torc
     return picked if order is None else order.gather(1, picked.unsqueeze(1)).squeeze(1)
 
 
+def _take_whole_prompts(waiting: list[tuple[int, int]], free: int, slots: int) -> list[tuple[int, int]]:
+    """Pop (prompt index, sample index) pairs off the end of `waiting` for up to `free` slots, keeping the samples
+    of one prompt together: they then share one prefill (`_admit`), where a sample admitted alone would prefill the
+    prompt again. A prompt whose samples do not all fit waits for more slots (an idle slot costs a decode step almost
+    nothing; a prefill costs about as much as a decode step); one with more samples than `slots` is split."""
+    taken: list[tuple[int, int]] = []
+    while waiting:
+        i = waiting[-1][0]
+        group = 1
+        while group < len(waiting) and waiting[-1 - group][0] == i:
+            group += 1
+        room = free - len(taken)
+        if group > room and (group <= slots or room == 0):
+            break
+        taken.extend(waiting.pop() for _ in range(min(group, room)))
+    return taken
+
+
 @dataclass
 class _Sequence:
     prompt_index: int
@@ -123,9 +141,9 @@ class LeanGenerator(TransformersGenerator):
         with torch.inference_mode():
             while waiting or live:
                 done: list[Response] = []
-                if waiting and len(live) < slots:
-                    new = [self._sequence(i, s, prompts, encoded, params)
-                           for i, s in (waiting.pop() for _ in range(min(slots - len(live), len(waiting))))]
+                admitted = _take_whole_prompts(waiting, slots - len(live), slots)
+                if admitted:
+                    new = [self._sequence(i, s, prompts, encoded, params) for i, s in admitted]
                     first = self._admit(new, encoded, params, len(live))
                     live.extend(new)
                     pending = torch.cat([pending, first])
@@ -185,9 +203,12 @@ class LeanGenerator(TransformersGenerator):
         unique = sorted(owner, key=lambda i: -len(encoded[i]))
         last_hidden: dict[int, torch.Tensor] = {}
         start = 0
-        while start < len(unique):  # chunks of at most PREFILL_TOKENS padded tokens
+        while start < len(unique):  # chunks of at most PREFILL_TOKENS padded tokens, at most 1/4 of them padding
             width = len(encoded[unique[start]])
-            end = start + max(1, PREFILL_TOKENS // width)
+            end = start + 1
+            while (end < len(unique) and (end - start + 1) * width <= PREFILL_TOKENS
+                   and 4 * len(encoded[unique[end]]) >= 3 * width):
+                end += 1
             chunk = unique[start:end]
             ids = torch.full((len(chunk), width), self.tokenizer.pad_token_id or 0, dtype=torch.long)
             for row, i in enumerate(chunk):

@@ -9,7 +9,8 @@ from scipy.stats import chisquare
 
 from selfalign.data.loaders import load_prompts
 from selfalign.generation import SamplingParams, generate_to_file, make_generator
-from selfalign.generation.lean_backend import LeanGenerator, sample_tokens
+from selfalign.generation.lean_backend import LeanGenerator, _take_whole_prompts, sample_tokens
+from selfalign.generation.lean_decoder import WEIGHT_MAJOR_MIN_ROWS
 from selfalign.generation.transformers_backend import TransformersGenerator
 
 
@@ -38,6 +39,43 @@ def test_greedy_is_token_identical_to_transformers(reference, lean, prompts):
     assert [r.num_tokens for r in got] == [r.num_tokens for r in expected]
     assert [r.finish_reason for r in got] == [r.finish_reason for r in expected]
     assert all(r.sampling["backend"] == "lean" for r in got)
+
+
+def test_greedy_parity_holds_with_a_full_batch(embedded_model_dir, reference, data_dir):
+    # 16 slots take the weight-major matmul path (LeanDecoder._linear) until the first answers finish, then the
+    # F.linear path for the last few rows: both must give transformers' tokens
+    many = load_prompts(data_dir / "prompts" / "unlabelled_pool.jsonl", limit=WEIGHT_MAJOR_MIN_ROWS)
+    params = SamplingParams(temperature=0, max_new_tokens=32)
+    wide = LeanGenerator(str(embedded_model_dir), batch_size=WEIGHT_MAJOR_MIN_ROWS)
+    got = wide.generate(many, params, progress=False)
+    expected = reference.generate(many, params, progress=False)
+    assert [r.response for r in got] == [r.response for r in expected]
+
+
+@pytest.mark.parametrize("rows", [1, 8, WEIGHT_MAJOR_MIN_ROWS, 64])
+@pytest.mark.parametrize("with_bias", [False, True])
+def test_decoder_linear_equals_f_linear(lean, rows, with_bias):
+    dec = lean.decoder
+    weight = dec.layers[0]["w13"]
+    bias = torch.linspace(-1, 1, weight.shape[0]) if with_bias else None
+    x = torch.randn(rows, weight.shape[1], generator=torch.Generator().manual_seed(rows))
+    got = dec._linear(x, weight, bias)
+    torch.testing.assert_close(got, torch.nn.functional.linear(x, weight, bias), rtol=1e-5, atol=1e-5)
+    assert got.is_contiguous() == (rows < WEIGHT_MAJOR_MIN_ROWS)  # which path ran: the test covers both
+    prefill_shaped = dec._linear(x.view(1, rows, -1), weight, bias)  # [batch, tokens, features] as in prefill
+    torch.testing.assert_close(prefill_shaped[0], got, rtol=0, atol=0)
+
+
+def test_admission_keeps_the_samples_of_a_prompt_together():
+    waiting = list(reversed([(0, 0), (0, 1), (1, 0), (1, 1), (2, 0)]))  # pop() from the end = prompt 0 first
+    assert _take_whole_prompts(waiting, free=3, slots=4) == [(0, 0), (0, 1)]  # prompt 1 waits for 2 free slots
+    assert _take_whole_prompts(waiting, free=1, slots=4) == []
+    assert _take_whole_prompts(waiting, free=4, slots=4) == [(1, 0), (1, 1), (2, 0)]
+    assert waiting == []
+    big = list(reversed([(5, s) for s in range(5)]))  # more samples than slots: split, never stuck
+    assert _take_whole_prompts(big, free=3, slots=3) == [(5, 0), (5, 1), (5, 2)]
+    assert _take_whole_prompts(big, free=1, slots=3) == []  # the rest fit in the slots: they wait to go together
+    assert _take_whole_prompts(big, free=2, slots=3) == [(5, 3), (5, 4)]
 
 
 def test_seeded_sampling_reproducible_and_independent_of_batch(lean, prompts):
