@@ -226,12 +226,13 @@ class LeanGenerator(TransformersGenerator):
         return sample_tokens(logits, params, [s.generator for s in new])
 
     def _compact(self, live: list[_Sequence], keep: list[_Sequence]) -> None:
-        """Move the surviving sequences' caches into slots 0..len(keep)-1, preserving their order."""
+        """Move the surviving sequences' caches into slots 0..len(keep)-1, preserving their order (one copy per
+        moved sequence, of its own length: one batched gather of the longest length copied more)."""
         slot_of = {id(s): k for k, s in enumerate(live)}
         for dst, seq in enumerate(keep):
             src = slot_of[id(seq)]
             if src != dst:
-                self.decoder.move_slot(src, dst, seq.length)
+                self.decoder.move_slots([src], [dst], seq.length)
 
     # -- scoring -----------------------------------------------------------------------------------------------
     def sequence_logprobs(self, prefixes: list[list[int]], continuations: list[list[int]],
