@@ -140,9 +140,10 @@ class LeanDecoder:
     def _linear(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
         """x @ weight.T (+ bias). On CPU, with WEIGHT_MAJOR_MIN_ROWS rows or more, this is computed as weight @ x.T
         and returned as a transposed view: MKL's sgemm runs the decode-step shapes (a few dozen rows against a wide
-        weight) ~30% faster that way, and the result is bit-identical to F.linear's on this CPU (checked from 16 to
-        256 rows at every shape of SmolLM2 and Qwen2.5-1.5B; with 2-15 rows MKL takes another path whose last bits
-        differ, hence the threshold), so greedy answers stay token-identical to transformers. benchmarks/RESULTS.md,
+        weight) ~30% faster that way, and the result is bit-identical to F.linear's on this CPU (checked at SmolLM2's
+        shapes from 16 to 256 rows, with and without bias, and end to end on Qwen2.5-1.5B's decode and prefill; with
+        2-15 rows MKL takes another path whose last bits differ, hence the threshold), so greedy answers stay
+        token-identical to transformers. benchmarks/RESULTS.md,
         "Fast generation"."""
         rows = x.numel() // x.shape[-1]
         if not self.weight_major or rows < WEIGHT_MAJOR_MIN_ROWS:
@@ -242,8 +243,8 @@ class LeanDecoder:
         return groups
 
     def move_slots(self, srcs: list[int], dsts: list[int], length: int) -> None:
-        """Copy the first `length` cache positions of slots srcs to slots dsts, one gather per layer (compaction
-        moves many sequences at once; beyond a sequence's own length the copied positions are stale and masked)."""
+        """Copy the first `length` cache positions of slots srcs to slots dsts, one gather per layer (copy_prefix
+        fills several slots from one prompt at once)."""
         src = torch.tensor(srcs, device=self.device)
         dst = torch.tensor(dsts, device=self.device)
         for keys, values in zip(self.keys, self.values):
