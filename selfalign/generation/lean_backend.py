@@ -233,7 +233,7 @@ class LeanGenerator(TransformersGenerator):
         for dst, seq in enumerate(keep):
             src = slot_of[id(seq)]
             if src != dst:
-                self.decoder.move_slots([src], [dst], seq.length)
+                self.decoder.move_slot(src, dst, seq.length)
 
     # -- scoring -----------------------------------------------------------------------------------------------
     def sequence_logprobs(self, prefixes: list[list[int]], continuations: list[list[int]],

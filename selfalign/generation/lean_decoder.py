@@ -242,15 +242,13 @@ class LeanDecoder:
             lo = hi
         return groups
 
-    def move_slots(self, srcs: list[int], dsts: list[int], length: int) -> None:
-        """Copy the first `length` cache positions of slots srcs to slots dsts, one gather per layer (copy_prefix
-        fills several slots from one prompt at once)."""
-        src = torch.tensor(srcs, device=self.device)
-        dst = torch.tensor(dsts, device=self.device)
+    def move_slot(self, src: int, dst: int, length: int) -> None:
+        """Copy a sequence's cache from slot src to slot dst (keeps live sequences in the first slots)."""
         for keys, values in zip(self.keys, self.values):
-            keys[dst, :, :length] = keys[src, :, :length]  # the right side is gathered first: overlap is safe
+            keys[dst, :, :length] = keys[src, :, :length]
             values[dst, :, :length] = values[src, :, :length]
 
     def copy_prefix(self, src: int, dsts: list[int], length: int) -> None:
         """Share one prompt's prefill with other slots (n samples of the same prompt)."""
-        self.move_slots([src] * len(dsts), dsts, length)
+        for dst in dsts:
+            self.move_slot(src, dst, length)
