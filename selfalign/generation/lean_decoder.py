@@ -143,8 +143,7 @@ class LeanDecoder:
         weight) ~30% faster that way, and the result is bit-identical to F.linear's on this CPU (checked at SmolLM2's
         shapes from 16 to 256 rows, with and without bias, and end to end on Qwen2.5-1.5B's decode and prefill; with
         2-15 rows MKL takes another path whose last bits differ, hence the threshold), so greedy answers stay
-        token-identical to transformers. benchmarks/RESULTS.md,
-        "Fast generation"."""
+        token-identical to transformers. Measured in benchmarks/RESULTS.md, "Fast generation"."""
         rows = x.numel() // x.shape[-1]
         if not self.weight_major or rows < WEIGHT_MAJOR_MIN_ROWS:
             return F.linear(x, weight, bias)
