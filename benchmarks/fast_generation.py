@@ -3,13 +3,20 @@ selfalign's lean backend, on the same real prompts, in one run.
 
     python benchmarks/fast_generation.py                                    # issue #8's CPU workload
     python benchmarks/fast_generation.py --random-init smollm2-1.7b --device cuda --batch-size 256 \
-        --prompts 256 --n 1 --max-new-tokens 256                            # a GPU shape (speed ignores weights)
+        --hf-batch-size 256 --prompts 256 --prompt-tokens 128 --n 1 --max-new-tokens 256 --check-graphs 16
+                                                                            # issue #8's GPU anchor (speed ignores weights)
+    benchmarks/gpu_run.sh                                                   # both GPU shapes, as one device call
 
 Workload (default): the first 64 prompts of prompts/unlabelled_pool.jsonl, 2 samples each, up to 200 new tokens,
 temperature 0.7 / top_p 0.9, the embedded model, fp32 on CPU. Tokens/s counts generated tokens up to and including
 the end-of-turn token. The transformers rows run the backend's own loop (length-sorted, left-padded batches of
 --hf-batch-size sequences); the lean row decodes --batch-size sequences at once with continuous batching. Greedy
-parity is checked on the first --parity prompts (token-identical answers, lean vs transformers).
+parity is checked on the first --parity prompts (token-identical answers, lean vs transformers). --prompt-tokens N
+makes every prompt N tokens long after the chat template (real pool text, consecutive prompts joined then cut), as
+in the issue's GPU anchor. On CUDA the lean backend replays CUDA graphs; --check-graphs N compares N greedy answers
+and N seeded samples from graph replay with the same bucketed steps run eagerly (they must be identical), and the
+lean row's last column is the time spent capturing graphs within the timed call. The static+compile row is timed
+on its second identical call; its first call (compile included) is the last column.
 """
 
 from __future__ import annotations
@@ -45,7 +52,37 @@ def random_model(shape: str, device: str, dtype: torch.dtype):
     cfg = LlamaConfig(vocab_size=49152, max_position_embeddings=8192, rope_theta=100000.0, tie_word_embeddings=True,
                       **SHAPES[shape])
     torch.manual_seed(0)
-    return LlamaForCausalLM(cfg).to(device=device, dtype=dtype).eval()
+    with torch.device(device):  # initialise on the device: 1.7B random weights take minutes on a CPU
+        return LlamaForCausalLM(cfg).to(dtype=dtype).eval()
+
+
+def fixed_length_prompts(prompts, tokenizer, n_tokens: int):
+    """Prompts of exactly n_tokens after the chat template: each joins the texts of the pool's prompts from its
+    own onwards (real text) and is cut to the length, as transformers' generate benchmarks use fixed-length
+    prompts."""
+    from selfalign.data.records import Prompt
+    from selfalign.models import encode_prompt
+
+    def templated(text: str) -> int:  # the prompt's length as the generators encode it
+        return len(encode_prompt(tokenizer, [{"role": "user", "content": text}]))
+
+    overhead = templated("")
+    out = []
+    for k, p in enumerate(prompts):
+        ids: list[int] = []
+        for q in prompts[k:] + prompts[:k]:
+            ids += tokenizer.encode(q.text + "\n", add_special_tokens=False)
+            if len(ids) >= n_tokens:
+                break
+        want = n_tokens - overhead
+        while True:  # decoding then re-encoding can merge tokens: trim until the templated length is exact or less
+            text = tokenizer.decode(ids[:want])
+            got = templated(text)
+            if got <= n_tokens or want <= 1:
+                break
+            want -= got - n_tokens
+        out.append(Prompt(id=p.id, messages=[{"role": "user", "content": text}]))
+    return out
 
 
 def timed(gen, prompts, params) -> tuple[int, float]:
@@ -65,6 +102,9 @@ def main() -> None:
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--dtype", default="auto", help="auto: fp32 on CPU, bf16 on GPU")
     ap.add_argument("--prompts", type=int, default=64)
+    ap.add_argument("--prompt-tokens", type=int, default=0, help="make every prompt this many tokens (0: as is)")
+    ap.add_argument("--check-graphs", type=int, default=0,
+                    help="CUDA: compare this many answers from graph replay with the eager bucketed steps")
     ap.add_argument("--n", type=int, default=2, help="samples per prompt")
     ap.add_argument("--max-new-tokens", type=int, default=200)
     ap.add_argument("--batch-size", type=int, default=64, help="lean backend: sequences decoded together")
@@ -77,14 +117,16 @@ def main() -> None:
     dtype = {"auto": torch.float32 if args.device == "cpu" else torch.bfloat16, "float32": torch.float32,
              "bfloat16": torch.bfloat16}[args.dtype]
     prompts = load_prompts(shared_data_dir() / "prompts" / "unlabelled_pool.jsonl", limit=args.prompts)
+    if args.prompt_tokens:
+        prompts = fixed_length_prompts(prompts, load_tokenizer(args.model, "left"), args.prompt_tokens)
     params = SamplingParams(temperature=0.7, top_p=0.9, max_new_tokens=args.max_new_tokens, n=args.n, seed=0)
 
-    def build(cls, batch_size):
+    def build(cls, batch_size, **options):
         tok = load_tokenizer(args.model, "left")
         if args.random_init:
             model = random_model(args.random_init, args.device, dtype)
-            return cls(args.model, batch_size=batch_size, model_obj=model, tokenizer=tok)
-        return cls(args.model, batch_size=batch_size, dtype=str(dtype).split(".")[1], device=args.device)
+            return cls(args.model, batch_size=batch_size, model_obj=model, tokenizer=tok, **options)
+        return cls(args.model, batch_size=batch_size, dtype=str(dtype).split(".")[1], device=args.device, **options)
 
     rows = []
     hf = build(TransformersGenerator, args.hf_batch_size)
@@ -100,9 +142,9 @@ def main() -> None:
         compile_config._compile_all_devices = True
         hf.model.generation_config.compile_config = compile_config
         hf.model.generation_config.cache_implementation = "static"
-        t0 = time.perf_counter()
-        hf.generate(prompts[:args.hf_batch_size], SamplingParams(temperature=0, max_new_tokens=8), progress=False)
-        compile_s = time.perf_counter() - t0
+        # the first call compiles for the run's own shapes (a static cache's length is prompt + max_new_tokens, and
+        # another length compiles again), the second is timed
+        compile_s = timed(hf, prompts, params)[1]
         toks, secs = timed(hf, prompts, params)
         rows.append((f"transformers generate, static cache + compile, batch {args.hf_batch_size}", toks, secs,
                      compile_s))
@@ -111,7 +153,18 @@ def main() -> None:
         lean = build(LeanGenerator, args.batch_size)
         lean.generate(prompts[:2], SamplingParams(temperature=0, max_new_tokens=4), progress=False)  # warm-up
         toks, secs = timed(lean, prompts, params)
-        rows.append((f"selfalign lean, continuous batching, {args.batch_size} slots", toks, secs, None))
+        graphs = lean.graphs is not None and lean.graphs.capture
+        rows.append((f"selfalign lean, continuous batching, {args.batch_size} slots"
+                     f"{', CUDA graphs' if graphs else ''}", toks, secs, lean.graphs.capture_seconds if graphs else None))
+        if args.check_graphs:  # on CUDA: graph replay vs eager; on CPU: the grouped steps vs the bucketed ones
+            eager = build(LeanGenerator, args.batch_size, decode="static")
+            for name, p in (("greedy answers", SamplingParams(temperature=0, max_new_tokens=args.max_new_tokens)),
+                            ("seeded samples", params)):
+                a = lean.generate(prompts[:args.check_graphs], p, progress=False)
+                b = eager.generate(prompts[:args.check_graphs], p, progress=False)
+                same = sum(x.response == y.response for x, y in zip(a, b))
+                print(f"{lean.decode} vs static-eager parity: {same}/{len(a)} {name} identical")
+            del eager
         if args.parity and not args.random_init:
             greedy = SamplingParams(temperature=0, max_new_tokens=args.max_new_tokens)
             hf.model.generation_config.cache_implementation = None
@@ -130,7 +183,7 @@ def main() -> None:
           f"{os.cpu_count()} CPUs, device {args.device}, torch {torch.__version__}, "
           f"model {args.random_init or args.model}{' (random init)' if args.random_init else ''}, {dtype}, "
           f"{len(prompts)} prompts x {args.n} samples, max_new_tokens {args.max_new_tokens}, T 0.7 top_p 0.9")
-    print("| method | new tokens | seconds | tokens/s | vs first row | first-call compile s |")
+    print("| method | new tokens | seconds | tokens/s | vs first row | first call or graph capture s |")
     print("|---|---:|---:|---:|---:|---:|")
     for name, toks, secs, comp in rows:
         print(f"| {name} | {toks} | {secs:.1f} | {toks / secs:.1f} | {toks / secs / base:.2f}x | "

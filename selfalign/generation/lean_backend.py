@@ -2,14 +2,19 @@
 
 The loop keeps up to `batch_size` sequences decoding together. When one finishes, its slot goes to the next waiting
 sequence at once (continuous batching), so no step is spent on rows that already stopped, which is where batched
-`model.generate` loses most of its time on answers of uneven length. Live sequences always occupy the first slots
-(a finished slot is refilled, or the last live sequence moves into it), so each step runs over exactly the live
-rows. The n samples of one prompt share a single prefill.
+`model.generate` loses most of its time on answers of uneven length. Live sequences always occupy the first slots, in
+admission order (when some finish, the later ones move down; new ones join at the end), so each step runs over
+exactly the live rows. The n samples of one prompt share a single prefill.
 
-Reproducibility: each sequence draws its random numbers from its own generator seeded by (seed, prompt id, sample
-index), so a sample does not depend on which other sequences share its batch: a resumed run, or the same prompt in
-a different file, gives the same sample. Sampling follows transformers: softmax(logits / temperature), top-p keeps
-the smallest set of most likely tokens whose mass reaches top_p, then one draw from what is left.
+Reproducibility: each sequence draws its random numbers from its own counter-based stream keyed by (seed, prompt
+id, sample index) (sampling.counter_uniforms), so a sample does not depend on which other sequences share its
+batch: a resumed run, or the same prompt in a different file, gives the same sample. Sampling follows transformers:
+softmax(logits / temperature), top-p keeps the smallest set of most likely tokens whose mass reaches top_p, then one
+draw from what is left.
+
+Decode steps run one of three ways (`decode=`): "grouped" (CPU default) splits attention by sequence length, which
+reads the lengths on the host; "graphs" (CUDA default) replays CUDA-graph-captured steps of bucketed shapes
+(cuda_graphs.DecodeGraphs); "static" is the graphs' bucketed path run eagerly, for testing it on a CPU.
 """
 
 from __future__ import annotations
@@ -22,45 +27,16 @@ from tqdm.auto import tqdm
 
 from selfalign.data.records import Prompt, Response
 from selfalign.generation.base import OnBatch, SamplingParams, cut_at_stop, sequence_seed
+from selfalign.generation.cuda_graphs import DecodeGraphs
 from selfalign.generation.lean_decoder import LeanDecoder
+from selfalign.generation.sampling import counter_uniforms, sample_tokens
 from selfalign.generation.transformers_backend import TransformersGenerator
 
 # tokens per prefill chunk: bounds the activation memory of prefilling many new prompts at once
 PREFILL_TOKENS = 4096
 # tokens decoded per step to look for a stop string (stop strings are a few words at most)
 STOP_WINDOW = 32
-# candidates for top-p sampling before falling back to a full sort of the vocabulary
-TOP_P_CANDIDATES = 256
-
-
-def sample_tokens(logits: torch.Tensor, params: SamplingParams, generators: list[torch.Generator]) -> torch.Tensor:
-    """Next token per row of `logits` [B, V]: argmax when greedy, else one draw per row from the temperature- and
-    top-p-adjusted distribution, using that row's own generator (inverse-CDF sampling of one uniform number)."""
-    if params.greedy:
-        return logits.argmax(dim=-1)
-    probs = torch.softmax(logits / params.temperature, dim=-1)
-    if params.top_p >= 1.0:
-        return _draw(probs, None, generators)
-    # The nucleus almost always lies within the few hundred most likely tokens, and a top-k is far cheaper than
-    # sorting the whole vocabulary (the full sort was half of a decode step here). Rows whose top-k mass falls short
-    # of top_p take the full sort, so the kept set, and the drawn token, are exactly those of a full sort.
-    top, order = probs.topk(min(TOP_P_CANDIDATES, probs.shape[-1]), dim=-1)
-    short = top.sum(dim=-1) < params.top_p
-    picked = torch.empty(probs.shape[0], dtype=torch.long, device=probs.device)
-    for rows, full_sort in ((torch.nonzero(~short).flatten(), False), (torch.nonzero(short).flatten(), True)):
-        if len(rows):
-            p, o = probs[rows].sort(dim=-1, descending=True) if full_sort else (top[rows], order[rows])
-            p = p.masked_fill(p.cumsum(dim=-1) - p >= params.top_p, 0.0)  # the top token always stays
-            picked[rows] = _draw(p, o, [generators[i] for i in rows.tolist()])
-    return picked
-
-
-def _draw(probs: torch.Tensor, order: torch.Tensor | None, generators: list[torch.Generator]) -> torch.Tensor:
-    """Inverse-CDF draw per row from unnormalised `probs`; `order` maps columns back to token ids."""
-    cdf = probs.cumsum(dim=-1)
-    u = torch.stack([torch.rand((), generator=g, dtype=cdf.dtype) for g in generators]) * cdf[:, -1]
-    picked = torch.searchsorted(cdf, u.unsqueeze(1)).clamp_(max=cdf.shape[1] - 1).squeeze(1)
-    return picked if order is None else order.gather(1, picked.unsqueeze(1)).squeeze(1)
+DECODE_MODES = ("auto", "grouped", "static", "graphs")
 
 
 def _take_whole_prompts(waiting: list[tuple[int, int]], free: int, slots: int) -> list[tuple[int, int]]:
@@ -85,7 +61,7 @@ def _take_whole_prompts(waiting: list[tuple[int, int]], free: int, slots: int) -
 class _Sequence:
     prompt_index: int
     sample_index: int
-    generator: torch.Generator | None
+    key: int  # the sequence's random stream (sampling.counter_uniforms); its draw counter is len(tokens)
     tokens: list[int] = field(default_factory=list)
     length: int = 0  # tokens in the cache (prompt + generated so far, excluding the pending token)
 
@@ -96,9 +72,15 @@ class LeanGenerator(TransformersGenerator):
 
     backend = "lean"
 
-    def __init__(self, *args, **kwargs):
+    def __init__(self, *args, decode: str = "auto", **kwargs):
         super().__init__(*args, **kwargs)
+        if decode not in DECODE_MODES:
+            raise ValueError(f"decode must be one of {', '.join(DECODE_MODES)}, not '{decode}'")
         self.decoder = LeanDecoder(self.model)
+        if decode == "auto":
+            decode = "graphs" if self.device.type == "cuda" else "grouped"
+        self.decode = decode
+        self.graphs = DecodeGraphs(self.decoder, capture=decode == "graphs") if decode != "grouped" else None
 
     # -- generation --------------------------------------------------------------------------------------------
     def generate(self, prompts: Sequence[Prompt], params: SamplingParams, on_batch: OnBatch | None = None,
@@ -171,11 +153,17 @@ class LeanGenerator(TransformersGenerator):
                     pending = pending[:0]
                     continue
                 positions = torch.tensor([s.length for s in live], device=self.device)
-                logits = dec.decode_step(torch.tensor(kept_tokens, device=self.device), positions)
+                tokens = torch.tensor(kept_tokens, device=self.device)
+                if self.graphs is None:
+                    logits = dec.decode_step(tokens, positions)
+                else:
+                    logits = self.graphs.step(tokens, positions, span=max(s.length for s in live) + 1)
                 for s in live:
                     s.length += 1
-                pending = sample_tokens(logits, params, [s.generator for s in live])
+                pending = sample_tokens(logits, params, self._uniforms(live, params))
         dec.release()
+        if self.graphs is not None:
+            self.graphs.reset()  # the graphs point into the cache just released
         bar.close()
         by_key = {r.key: r for r in results}
         return [by_key[(p.id, s)] for p in prompts for s in range(params.n) if (p.id, s) in by_key]
@@ -187,12 +175,15 @@ class LeanGenerator(TransformersGenerator):
 
     @staticmethod
     def _sequence(i: int, s: int, prompts, encoded, params: SamplingParams) -> _Sequence:
-        """Sample s of prompt i, with its own random generator when sampling."""
-        gen = None
-        if not params.greedy:
-            gen = torch.Generator(device="cpu")
-            gen.manual_seed(sequence_seed(params.seed, prompts[i].id, s))
-        return _Sequence(i, s, gen, length=len(encoded[i]))
+        """Sample s of prompt i, with its own random stream."""
+        return _Sequence(i, s, sequence_seed(params.seed, prompts[i].id, s), length=len(encoded[i]))
+
+    def _uniforms(self, seqs: list[_Sequence], params: SamplingParams) -> torch.Tensor | None:
+        """Each sequence's next random number: draw number len(tokens) of its own stream."""
+        if params.greedy:
+            return None
+        keys = torch.tensor([s.key for s in seqs], device=self.device)
+        return counter_uniforms(keys, torch.tensor([len(s.tokens) for s in seqs], device=self.device))
 
     def _admit(self, new: list[_Sequence], encoded, params, first_slot: int) -> torch.Tensor:
         """Prefill the prompts of `new` (each prompt once, however many of its samples arrive) into slots
@@ -223,7 +214,7 @@ class LeanGenerator(TransformersGenerator):
             if owner[seq.prompt_index] != slot:
                 self.decoder.copy_prefix(owner[seq.prompt_index], [slot], seq.length)
         logits = self.decoder.logits(torch.stack([last_hidden[s.prompt_index] for s in new]))
-        return sample_tokens(logits, params, [s.generator for s in new])
+        return sample_tokens(logits, params, self._uniforms(new, params))
 
     def _compact(self, live: list[_Sequence], keep: list[_Sequence]) -> None:
         """Move the surviving sequences' caches into slots 0..len(keep)-1, preserving their order. One copy per

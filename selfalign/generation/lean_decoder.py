@@ -53,8 +53,10 @@ def _fuse(linears) -> torch.Tensor:
 class LeanDecoder:
     """Prefill and decode steps over a static KV cache with one row per sequence slot.
 
-    Cache layout: keys/values [layers][slots, kv_heads, max_len, head_dim]. Slot s holds one sequence; its valid
-    positions are 0..length[s]-1 and attention masks out the rest, so a freed slot is reused without clearing.
+    Cache layout: one tensor [layers, 2, slots, kv_heads, max_len, head_dim]; keys[i] and values[i] are views of
+    layer i's halves. Slot s holds one sequence; its valid positions are 0..length[s]-1 and attention masks out the
+    rest, so a freed slot is reused without clearing. One tensor makes moving a sequence between slots a single
+    copy for all layers (on a GPU, one kernel launch instead of two per layer).
     """
 
     def __init__(self, model):
@@ -93,6 +95,7 @@ class LeanDecoder:
         inv_freq = 1.0 / (theta ** (torch.arange(0, self.head_dim, 2, dtype=torch.int64).float() / self.head_dim))
         self._inv_freq = inv_freq.to(self.device)
         self._rope_len = 0
+        self.cache: torch.Tensor | None = None
         self.keys: list[torch.Tensor] = []
         self.values: list[torch.Tensor] = []
 
@@ -110,20 +113,27 @@ class LeanDecoder:
         """(Re)allocate the KV cache for `slots` sequences of up to `max_len` tokens."""
         max_len = min(max_len, self.max_positions)
         self._rope_table(max_len)
-        if self.keys and self.keys[0].shape[0] >= slots and self.keys[0].shape[2] >= max_len:
+        if self.cache is not None and self.cache.shape[2] >= slots and self.cache.shape[4] >= max_len:
             return
-        shape = (slots, self.n_kv, max_len, self.head_dim)
+        self.release()
+        shape = (len(self.layers), 2, slots, self.n_kv, max_len, self.head_dim)
         # zeros, not empty: masked positions get weight 0, but 0 * NaN from uninitialised memory would still be NaN
-        self.keys = [torch.zeros(shape, dtype=self.dtype, device=self.device) for _ in self.layers]
-        self.values = [torch.zeros(shape, dtype=self.dtype, device=self.device) for _ in self.layers]
+        self.cache = torch.zeros(shape, dtype=self.dtype, device=self.device)
+        # one plain view per layer (not unbind()'s multi-output views, which refuse in-place writes under autograd)
+        self.keys = [self.cache[i, 0] for i in range(len(self.layers))]
+        self.values = [self.cache[i, 1] for i in range(len(self.layers))]
 
     def release(self) -> None:
         """Free the KV cache (gigabytes at 64 slots): recipes train right after generating, in the same process."""
-        self.keys, self.values = [], []
+        self.cache, self.keys, self.values = None, [], []
+
+    @property
+    def slots(self) -> int:
+        return self.cache.shape[2] if self.cache is not None else 0
 
     @property
     def max_len(self) -> int:
-        return self.keys[0].shape[2] if self.keys else 0
+        return self.cache.shape[4] if self.cache is not None else 0
 
     # -- the math ----------------------------------------------------------------------------------------------
     def _rms(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
@@ -184,13 +194,22 @@ class LeanDecoder:
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         return self._linear(hidden, self.lm_head).float().contiguous()  # rows are read one by one (sampling)
 
-    def decode_step(self, tokens: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+    def decode_step(self, tokens: torch.Tensor, positions: torch.Tensor, span: int | None = None) -> torch.Tensor:
         """One token for each of the first B slots: `tokens` [B] sit at `positions` [B]. Writes their keys/values
-        to the cache and returns next-token logits [B, vocab] (fp32)."""
+        to the cache and returns next-token logits [B, vocab] (fp32).
+
+        span=None splits the rows into attention groups by length (_attention_groups), which reads the positions on
+        the host: fastest on CPU. With a span (> every position), all rows attend over the first `span` cache
+        positions under one mask built on the device: no host read and fixed shapes, as a CUDA graph needs
+        (cuda_graphs.DecodeGraphs)."""
         b = tokens.shape[0]
         rows = torch.arange(b, device=self.device)
         cos, sin = self.cos[positions].unsqueeze(1), self.sin[positions].unsqueeze(1)  # [B, 1, d]
-        groups = self._attention_groups(positions)
+        if span is None:
+            groups = self._attention_groups(positions)
+        else:
+            mask = (torch.arange(span, device=self.device)[None, :] > positions[:, None]).view(b, 1, 1, span)
+            groups = [(0, b, span, mask)]
         x = F.embedding(tokens, self.embed)  # [B, D]
         for i, layer in enumerate(self.layers):
             q, k, v = self._qkv(layer, self._rms(x, layer["ln1"]))
@@ -242,10 +261,9 @@ class LeanDecoder:
         return groups
 
     def move_slot(self, src: int, dst: int, length: int) -> None:
-        """Copy a sequence's cache from slot src to slot dst (keeps live sequences in the first slots)."""
-        for keys, values in zip(self.keys, self.values):
-            keys[dst, :, :length] = keys[src, :, :length]
-            values[dst, :, :length] = values[src, :, :length]
+        """Copy a sequence's cache, all layers at once, from slot src to slot dst (keeps live sequences in the first
+        slots)."""
+        self.cache[:, :, dst, :, :length] = self.cache[:, :, src, :, :length]
 
     def copy_prefix(self, src: int, dsts: list[int], length: int) -> None:
         """Share one prompt's prefill with other slots (n samples of the same prompt)."""

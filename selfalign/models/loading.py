@@ -32,7 +32,10 @@ def pick_dtype(dtype: str = "auto", device: str = "cpu"):
 def load_tokenizer(spec: str | None = None, padding_side: str = "left", trust_remote_code: bool = False):
     from transformers import AutoTokenizer
 
-    folder = resolve_model(spec)
+    if spec and (Path(spec) / "tokenizer_config.json").is_file():  # a model or tokenizer-only folder: weights unneeded
+        folder = Path(spec)
+    else:
+        folder = resolve_model(spec)
     adapter = folder / "adapter_config.json"
     if adapter.exists() and not (folder / "tokenizer_config.json").exists():
         folder = resolve_model(json.loads(adapter.read_text())["base_model_name_or_path"])
@@ -49,7 +52,10 @@ def load_model(spec: str | None = None, dtype: str = "auto", device: str = "auto
 
     device = pick_device(device)
     torch_dtype = pick_dtype(dtype, device)
-    folder = resolve_model(spec)
+    if spec and (Path(spec) / "tokenizer_config.json").is_file():  # a model or tokenizer-only folder: weights unneeded
+        folder = Path(spec)
+    else:
+        folder = resolve_model(spec)
     adapter = folder / "adapter_config.json"
     if adapter.exists() and not any(folder.glob("model*.safetensors")):
         from peft import PeftModel

@@ -1,0 +1,33 @@
+#!/usr/bin/env bash
+# Issue #8's GPU measurements as one device call: graph-replay parity, then the three generation rows on random-init
+# SmolLM2-135M and SmolLM2-1.7B shapes (bf16, 256 prompts of 128 tokens, 256 new tokens, batch 256).
+#
+# The device machine has torch and transformers but neither the embedded model nor ../shared/data, so the tokenizer
+# files and the prompt pool travel in .gpu/ (ignored via .git/info/exclude; build it with `benchmarks/gpu_run.sh
+# --bundle` here, then carry `.gpu` in the device call). Usage there:
+#     benchmarks/gpu_run.sh [SHAPES...]      # default: smollm2-135m smollm2-1.7b
+# Output also goes to $OUT/gpu_run.log when $OUT is set.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+if [[ "${1:-}" == "--bundle" ]]; then
+    src=$(python -c "from selfalign.models import resolve_model; print(resolve_model('smollm2-135m'))")
+    mkdir -p .gpu/tok .gpu/data/prompts
+    cp "$src"/{chat_template.jinja,config.json,generation_config.json,tokenizer.json,tokenizer_config.json} .gpu/tok/
+    cp "$(python -c "from selfalign.data.loaders import shared_data_dir; print(shared_data_dir())")"/prompts/unlabelled_pool.jsonl .gpu/data/prompts/
+    touch .gpu/data/README.md
+    grep -qx "/.gpu/" .git/info/exclude 2>/dev/null || echo "/.gpu/" >> .git/info/exclude
+    du -sh .gpu
+    exit 0
+fi
+export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 SELFALIGN_DATA="$PWD/.gpu/data"
+log="${OUT:-/tmp}/gpu_run.log"
+shapes=("${@:-smollm2-135m smollm2-1.7b}")
+(
+    nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader || true
+    python -c "import torch, transformers; print('torch', torch.__version__, 'transformers', transformers.__version__)"
+    for shape in ${shapes[@]}; do
+        echo "== $shape"
+        python benchmarks/fast_generation.py --model .gpu/tok --random-init "$shape" --device cuda --batch-size 256 \
+            --hf-batch-size 256 --prompts 256 --prompt-tokens 128 --n 1 --max-new-tokens 256 --check-graphs 16
+    done
+) 2>&1 | tee "$log"
