@@ -53,8 +53,16 @@ def annotate(outputs: Sequence[dict], references: dict[str, dict], judge: Pairwi
     if missing:
         raise DataError(f"no reference output for {len(missing)} instruction(s), e.g. {missing[0][:80]!r}",
                         field="instruction")
-    with ResumableJsonl(out_dir / "annotations.jsonl", key=lambda r: r["instruction"]) as sink:
-        todo = [o for o in outputs if o["instruction"] not in sink.done]
+    # keyed by what was judged and who judged it: a reused out dir with other outputs or another judge re-judges
+    # instead of keeping verdicts about something else
+    def key(r):
+        return r["instruction"], r["output_2"], r["annotator"]
+
+    def key_of(o):
+        return o["instruction"], o["output"], judge.name
+
+    with ResumableJsonl(out_dir / "annotations.jsonl", key=key) as sink:
+        todo = [o for o in outputs if key_of(o) not in sink.done]
         bar = tqdm(total=len(outputs), initial=len(outputs) - len(todo), desc=f"judge ({judge.name})",
                    unit="pair", disable=not progress)
         for i in range(0, len(todo), chunk):
@@ -78,8 +86,8 @@ def annotate(outputs: Sequence[dict], references: dict[str, dict], judge: Pairwi
             } for o, v in zip(part, verdicts))
             bar.update(len(part))
         bar.close()
-        by_instruction = {r["instruction"]: r for r in sink.rows}
-    rows = [by_instruction[o["instruction"]] for o in outputs]
+        by_key = {key(r): r for r in sink.rows}
+    rows = [by_key[key_of(o)] for o in outputs]
     write_json(out_dir / "annotations.json", rows)
     return rows
 

@@ -76,17 +76,26 @@ def grade_items(q: MTBenchQuestion, answers: list[str]) -> list[GradeItem]:
 
 def grade_answers(questions: Sequence[MTBenchQuestion], answers: dict[int, list[str]], judge: GradingJudge,
                   out_dir: str | Path, model: str, progress: bool = True) -> list[dict]:
+    """Grade both turns of every question, resumably; returns this model's and judge's grades of `questions`.
+    Grades are keyed by (question, turn, model, judge), so a reused out dir with another model or judge grades
+    afresh, and a smaller --limit later does not count the earlier run's extra questions."""
     out_dir = Path(out_dir)
-    with ResumableJsonl(out_dir / "judgments.jsonl", key=lambda r: (r["question_id"], r["turn"])) as sink:
+
+    def key(r):
+        return r["question_id"], r["turn"], r["model"], r["judge"]
+
+    with ResumableJsonl(out_dir / "judgments.jsonl", key=key) as sink:
         for q in questions:
-            items = [it for it in grade_items(q, answers[q.question_id]) if (q.question_id, it.turn) not in sink.done]
+            items = [it for it in grade_items(q, answers[q.question_id])
+                     if (q.question_id, it.turn, model, judge.name) not in sink.done]
             if not items:
                 continue
             grades = judge.grade(items, progress=False)
             sink.append({"question_id": q.question_id, "category": q.category, "model": model, "judge": judge.name,
                          "turn": it.turn, "score": g.score, "judgment": g.raw, "attempts": g.attempts,
                          "tstamp": time.time()} for it, g in zip(items, grades))
-        return list(sink.rows)
+        by_key = {key(r): r for r in sink.rows}
+    return [by_key[(q.question_id, turn, model, judge.name)] for q in questions for turn in (1, 2)]
 
 
 def summarize(judgments: Sequence[dict]) -> dict:

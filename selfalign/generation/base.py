@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Callable, Iterable, Sequence
 
 from selfalign.data.records import Prompt, Response
+from selfalign.errors import DataError
 
 
 @dataclass
@@ -96,6 +97,7 @@ def generate_to_file(generator: Generator, prompts: Iterable[Prompt], params: Sa
 
     prompts = list(prompts)
     with ResumableJsonl(out, key=response_key) as sink:
+        _check_resumable(sink.rows, {p.id for p in prompts}, generator.model_name, params, out)
         missing = [p for p in prompts if any((p.id, i) not in sink.done for i in range(params.n))]
         if missing:
             # all prompts go in, with the done ones as `skip`: the backend then plans (and seeds) the same batches
@@ -103,3 +105,26 @@ def generate_to_file(generator: Generator, prompts: Iterable[Prompt], params: Sa
             generator.generate(prompts, params, on_batch=sink.append, skip=set(sink.done), progress=progress)
         rows = {response_key(r): r for r in sink.rows}
     return [Response.from_dict(rows[(p.id, i)]) for p in prompts for i in range(params.n) if (p.id, i) in rows]
+
+
+# the settings that decide what an answer is; a file is resumed only under the same ones (n only adds samples, and the
+# backend changes how, not what, is sampled)
+RESUME_FIELDS = ("temperature", "top_p", "max_new_tokens", "seed", "stop")
+
+
+def _check_resumable(rows: list[dict], prompt_ids: set, model: str, params: SamplingParams, out) -> None:
+    """Refuse to resume a file whose answers to these prompts came from another model or other sampling settings:
+    they would be kept as if they were this run's (a reused --out of an evaluation, say)."""
+    want = params.to_dict()
+    want["stop"] = list(params.stop) or None
+    for line, row in enumerate(rows, 1):
+        if str(row.get("prompt_id")) not in prompt_ids:
+            continue  # one file may hold several groups (MT-Bench answers each temperature group into one file)
+        if row.get("model") != model:
+            raise DataError(f"holds answers by model '{row.get('model')}', not '{model}'; resume with the same model "
+                            f"or write to a new file", path=str(out), line=line, field="model")
+        got = row.get("sampling") or {}
+        for k in RESUME_FIELDS:
+            if got.get(k) != want[k]:
+                raise DataError(f"was sampled with {k}={got.get(k)!r}, not {want[k]!r}; resume with the same settings "
+                                f"or write to a new file", path=str(out), line=line, field=f"sampling.{k}")

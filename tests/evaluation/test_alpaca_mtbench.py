@@ -89,6 +89,40 @@ def test_mtbench_two_turns_references_and_unparsed(gen, tmp_path):
     assert judge2.items == [], "resumed grading must not grade again"
 
 
+def test_a_reused_out_dir_never_keeps_verdicts_about_other_answers(gen, tmp_path):
+    from selfalign.errors import DataError
+
+    instructions = load_alpaca_eval_set(limit=4, seed=1)
+    params = SamplingParams(temperature=0, max_new_tokens=8)
+    evaluate_alpaca(gen, LongerWins(), tmp_path, instructions=instructions, params=params, progress=False)
+
+    class OtherJudge(LongerWins):
+        name = "test-longer-2"
+
+    judge = OtherJudge()
+    m = evaluate_alpaca(gen, judge, tmp_path, instructions=instructions, params=params, progress=False)
+    assert judge.items_seen == 4, "another judge must judge afresh, not reuse the first judge's verdicts"
+    assert m["annotator"] == "test-longer-2" and m["n_total"] == 4
+    # other answers (another model or other settings) into the same out dir: refused with the file and line
+    with pytest.raises(DataError, match=r"responses\.jsonl:1: field 'sampling\.max_new_tokens'"):
+        evaluate_alpaca(gen, LongerWins(), tmp_path, instructions=instructions,
+                        params=SamplingParams(temperature=0, max_new_tokens=9), progress=False)
+
+    questions = [next(q for q in load_mt_bench() if q.category == c) for c in ("math", "writing", "stem")]
+    mt = tmp_path / "mt"
+    first = evaluate_mtbench(gen, WordCountGrader(), mt, questions=questions, max_new_tokens=6, progress=False)
+    assert first["n_grades"] == 6
+    fewer = evaluate_mtbench(gen, WordCountGrader(), mt, questions=questions[:1], max_new_tokens=6, progress=False)
+    assert fewer["n_grades"] == 2, "a smaller question set must not count the earlier run's other grades"
+
+    class OtherGrader(WordCountGrader):
+        name = "test-grader-2"
+
+    grader = OtherGrader()
+    evaluate_mtbench(gen, grader, mt, questions=questions[:1], max_new_tokens=6, progress=False)
+    assert len(grader.items) == 2, "another judge grades afresh"
+
+
 def test_summary_counts_unparsed_and_fastchat_temperatures():
     s = summarize([{"category": "math", "turn": 1, "score": 8.0}, {"category": "math", "turn": 2, "score": None},
                    {"category": "writing", "turn": 1, "score": 4.0}])

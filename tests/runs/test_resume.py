@@ -73,3 +73,43 @@ def test_run_stages_skip_when_done_and_refuse_changed_config(tmp_path):
     assert manifest["stages"]["one"]["status"] == "done" and manifest["versions"]["torch"]
     with pytest.raises(SelfalignError, match="config differs"):
         Run(tmp_path / "run", {"a": 2}, recipe="test")
+
+
+def test_a_file_is_resumed_only_with_its_own_model_and_sampling(tmp_path, real_prompts):
+    from selfalign.data.records import Prompt
+    from selfalign.errors import DataError
+    from selfalign.generation import SamplingParams, generate_to_file
+    from selfalign.generation.base import Generator
+
+    class Echo(Generator):
+        """Answers with the prompt's first words: the check under test runs before any answer is generated."""
+
+        def __init__(self, name):
+            self.model_name, self.calls = name, 0
+
+        def generate(self, prompts, params, on_batch=None, skip=None, progress=True):
+            self.calls += 1
+            out = [self._response(p, " ".join(p.text.split()[:3]), params, s, "stop", 3, "echo")
+                   for p in prompts for s in range(params.n) if (p.id, s) not in (skip or set())]
+            on_batch(out)
+            return out
+
+    prompts = [Prompt.from_dict(r) for r in real_prompts[:3]]
+    out = tmp_path / "answers.jsonl"
+    params = SamplingParams(temperature=0.7, max_new_tokens=8, seed=1)
+    generate_to_file(Echo("model-a"), prompts[:2], params, out, progress=False)
+    again = Echo("model-a")
+    assert len(generate_to_file(again, prompts, params, out, progress=False)) == 3  # resumed: only prompt 3 is new
+    with pytest.raises(DataError, match=r"answers\.jsonl:1: field 'model': holds answers by model 'model-a', not "
+                                        r"'model-b'"):
+        generate_to_file(Echo("model-b"), prompts, params, out, progress=False)
+    with pytest.raises(DataError, match=r"answers\.jsonl:1: field 'sampling\.max_new_tokens': was sampled with "
+                                        r"max_new_tokens=8, not 16"):
+        generate_to_file(Echo("model-a"), prompts, SamplingParams(temperature=0.7, max_new_tokens=16, seed=1), out,
+                         progress=False)
+    # more samples per prompt, and prompts the file has not seen under other settings, are fine
+    more = generate_to_file(Echo("model-a"), prompts, SamplingParams(temperature=0.7, max_new_tokens=8, seed=1, n=2),
+                            out, progress=False)
+    assert len(more) == 6
+    other = [Prompt(id="new", messages=[{"role": "user", "content": "Hello there"}])]
+    assert len(generate_to_file(Echo("model-b"), other, SamplingParams(temperature=0), out, progress=False)) == 1
