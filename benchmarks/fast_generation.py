@@ -27,6 +27,7 @@ import os
 import platform
 import subprocess
 import time
+import traceback
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
@@ -95,6 +96,25 @@ def timed(gen, prompts, params) -> tuple[int, float]:
     return sum(r.num_tokens or 0 for r in out), time.perf_counter() - t0
 
 
+def run_lean(build, args, prompts, params, record, decode: str = "auto"):
+    """The lean row (and, with --check-graphs, its parity with the eager bucketed steps); returns the generator."""
+    lean = build(LeanGenerator, args.batch_size, decode=decode)
+    lean.generate(prompts[:2], SamplingParams(temperature=0, max_new_tokens=4), progress=False)  # warm-up
+    toks, secs = timed(lean, prompts, params)
+    graphs = lean.graphs is not None and lean.graphs.capture
+    record(f"selfalign lean, continuous batching, {args.batch_size} slots, {lean.decode} steps", toks, secs,
+           lean.graphs.capture_seconds if graphs else None)
+    if args.check_graphs and lean.decode != "static":  # CUDA: graph replay vs eager; CPU: grouped vs bucketed steps
+        eager = build(LeanGenerator, args.batch_size, decode="static")
+        for name, p in (("greedy answers", SamplingParams(temperature=0, max_new_tokens=args.max_new_tokens)),
+                        ("seeded samples", params)):
+            a = lean.generate(prompts[:args.check_graphs], p, progress=False)
+            b = eager.generate(prompts[:args.check_graphs], p, progress=False)
+            same = sum(x.response == y.response for x, y in zip(a, b))
+            print(f"{lean.decode} vs static-eager parity: {same}/{len(a)} {name} identical", flush=True)
+    return lean
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default="smollm2-135m")
@@ -129,55 +149,56 @@ def main() -> None:
         return cls(args.model, batch_size=batch_size, dtype=str(dtype).split(".")[1], device=args.device, **options)
 
     rows = []
+
+    def record(name, toks, secs, extra=None):  # printed at once too: a later row that fails or times out loses nothing
+        rows.append((name, toks, secs, extra))
+        print(f"row: {name}: {toks} tokens in {secs:.1f} s = {toks / secs:.1f} tokens/s"
+              f"{'' if extra is None else f' (first call or capture {extra:.1f} s)'}", flush=True)
+
     hf = build(TransformersGenerator, args.hf_batch_size)
     hf.generate(prompts[:2], SamplingParams(temperature=0, max_new_tokens=4), progress=False)  # warm-up
     if "dynamic" not in skip:
         toks, secs = timed(hf, prompts, params)
-        rows.append((f"transformers generate, dynamic cache, batch {args.hf_batch_size}", toks, secs, None))
-    if "static" not in skip:
-        # transformers compiles the decode forward itself when the cache is static; on CPU only when asked to
-        from transformers import CompileConfig
-
-        compile_config = CompileConfig()
-        compile_config._compile_all_devices = True
-        hf.model.generation_config.compile_config = compile_config
-        hf.model.generation_config.cache_implementation = "static"
-        # the first call compiles for the run's own shapes (a static cache's length is prompt + max_new_tokens, and
-        # another length compiles again), the second is timed
-        compile_s = timed(hf, prompts, params)[1]
-        toks, secs = timed(hf, prompts, params)
-        rows.append((f"transformers generate, static cache + compile, batch {args.hf_batch_size}", toks, secs,
-                     compile_s))
-        hf.model.generation_config.cache_implementation = None
+        record(f"transformers generate, dynamic cache, batch {args.hf_batch_size}", toks, secs)
     if "lean" not in skip:
-        lean = build(LeanGenerator, args.batch_size)
-        lean.generate(prompts[:2], SamplingParams(temperature=0, max_new_tokens=4), progress=False)  # warm-up
-        toks, secs = timed(lean, prompts, params)
-        graphs = lean.graphs is not None and lean.graphs.capture
-        rows.append((f"selfalign lean, continuous batching, {args.batch_size} slots"
-                     f"{', CUDA graphs' if graphs else ''}", toks, secs, lean.graphs.capture_seconds if graphs else None))
-        if args.check_graphs:  # on CUDA: graph replay vs eager; on CPU: the grouped steps vs the bucketed ones
-            eager = build(LeanGenerator, args.batch_size, decode="static")
-            for name, p in (("greedy answers", SamplingParams(temperature=0, max_new_tokens=args.max_new_tokens)),
-                            ("seeded samples", params)):
-                a = lean.generate(prompts[:args.check_graphs], p, progress=False)
-                b = eager.generate(prompts[:args.check_graphs], p, progress=False)
-                same = sum(x.response == y.response for x, y in zip(a, b))
-                print(f"{lean.decode} vs static-eager parity: {same}/{len(a)} {name} identical")
-            del eager
+        try:
+            lean = run_lean(build, args, prompts, params, record)
+        except Exception:  # a failed capture: report it, then measure the same bucketed steps without graphs
+            traceback.print_exc()
+            lean = run_lean(build, args, prompts, params, record, decode="static")
         if args.parity and not args.random_init:
             greedy = SamplingParams(temperature=0, max_new_tokens=args.max_new_tokens)
-            hf.model.generation_config.cache_implementation = None
             a = hf.generate(prompts[:args.parity], greedy, progress=False)
             b = lean.generate(prompts[:args.parity], greedy, progress=False)
             same = sum(x.response == y.response for x, y in zip(a, b))
             print(f"greedy parity: {same}/{len(a)} answers token-identical (lean vs transformers)")
+        del lean
+    if "static" not in skip:
+        try:
+            # transformers compiles the decode forward itself when the cache is static; on CPU only when asked to
+            from transformers import CompileConfig
+
+            compile_config = CompileConfig()
+            compile_config._compile_all_devices = True
+            hf.model.generation_config.compile_config = compile_config
+            hf.model.generation_config.cache_implementation = "static"
+            # the first call compiles for the run's own shapes (a static cache's length is prompt + max_new_tokens,
+            # and another length compiles again), the second is timed
+            compile_s = timed(hf, prompts, params)[1]
+            toks, secs = timed(hf, prompts, params)
+            record(f"transformers generate, static cache + compile, batch {args.hf_batch_size}", toks, secs,
+                   compile_s)
+        except Exception:
+            traceback.print_exc()
+        hf.model.generation_config.cache_implementation = None
 
     try:
         cpu = subprocess.run(["lscpu"], capture_output=True, text=True).stdout
         cpu = next((ln.split(":", 1)[1].strip() for ln in cpu.splitlines() if ln.startswith("Model name")), "")
     except OSError:
         cpu = platform.processor()
+    if not rows:
+        return
     base = rows[0][1] / rows[0][2]
     print(f"# {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC, {platform.node()}, {cpu}, "
           f"{os.cpu_count()} CPUs, device {args.device}, torch {torch.__version__}, "

@@ -28,6 +28,7 @@ shapes=("${@:-smollm2-135m smollm2-1.7b}")
     for shape in ${shapes[@]}; do
         echo "== $shape"
         python benchmarks/fast_generation.py --model .gpu/tok --random-init "$shape" --device cuda --batch-size 256 \
-            --hf-batch-size 256 --prompts 256 --prompt-tokens 128 --n 1 --max-new-tokens 256 --check-graphs 16
+            --hf-batch-size 256 --prompts 256 --prompt-tokens 128 --n 1 --max-new-tokens 256 --check-graphs 16 \
+            || echo "== $shape FAILED (exit $?)"  # the next shape still runs
     done
 ) 2>&1 | tee "$log"

@@ -41,7 +41,8 @@ def span_bucket(span: int, max_len: int) -> int:
 
 class DecodeGraphs:
     """`step(tokens, positions, span)` as LeanDecoder.decode_step, through captured graphs. Graphs hold the cache's
-    address: call `reset()` whenever the decoder's cache is reallocated or released."""
+    addresses: they are dropped when the decoder's cache or RoPE table is replaced, and `reset()` drops them at once
+    (LeanGenerator calls it when it releases the cache)."""
 
     def __init__(self, decoder: LeanDecoder, capture: bool = True):
         if capture and decoder.device.type != "cuda":
@@ -51,19 +52,20 @@ class DecodeGraphs:
         self.graphs: dict[tuple[int, int], tuple] = {}
         self.capture_seconds = 0.0
         self._pool = None
-        self._cache = None
+        self._cache = self._rope = None
 
     def reset(self) -> None:
         self.graphs.clear()
         self._pool = None
-        self._cache = None
+        self._cache = self._rope = None
 
     def step(self, tokens: torch.Tensor, positions: torch.Tensor, span: int) -> torch.Tensor:
         """Next-token logits [B, vocab] for tokens [B] at positions [B] in slots 0..B-1; span > every position."""
         dec = self.decoder
-        if self._cache is not dec.cache:  # a new cache: graphs captured against the old one must not replay
+        if self._cache is not dec.cache or self._rope is not dec.cos:
+            # a new cache or RoPE table: graphs captured against the old tensors would read freed memory
             self.reset()
-            self._cache = dec.cache
+            self._cache, self._rope = dec.cache, dec.cos
         b = tokens.shape[0]
         key = (row_bucket(b, dec.slots), span_bucket(span, dec.max_len))
         entry = self.graphs.get(key)
