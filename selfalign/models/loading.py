@@ -6,7 +6,7 @@ import json
 import os
 from pathlib import Path
 
-from selfalign.models.registry import resolve_model
+from selfalign.models.registry import PACKAGED_MODELS, resolve_model
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # nothing is ever downloaded at run time
 
@@ -32,8 +32,8 @@ def pick_dtype(dtype: str = "auto", device: str = "cpu"):
 def load_tokenizer(spec: str | None = None, padding_side: str = "left", trust_remote_code: bool = False):
     from transformers import AutoTokenizer
 
-    if spec and (Path(spec) / "tokenizer_config.json").is_file():  # a model or tokenizer-only folder: weights unneeded
-        folder = Path(spec)
+    if spec and spec not in PACKAGED_MODELS and (Path(spec) / "tokenizer_config.json").is_file():
+        folder = Path(spec)  # a tokenizer-only folder (no weights) serves too: a tokenizer needs none
     else:
         folder = resolve_model(spec)
     adapter = folder / "adapter_config.json"
@@ -52,10 +52,7 @@ def load_model(spec: str | None = None, dtype: str = "auto", device: str = "auto
 
     device = pick_device(device)
     torch_dtype = pick_dtype(dtype, device)
-    if spec and (Path(spec) / "tokenizer_config.json").is_file():  # a model or tokenizer-only folder: weights unneeded
-        folder = Path(spec)
-    else:
-        folder = resolve_model(spec)
+    folder = resolve_model(spec)
     adapter = folder / "adapter_config.json"
     if adapter.exists() and not any(folder.glob("model*.safetensors")):
         from peft import PeftModel
