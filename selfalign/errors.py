@@ -22,8 +22,8 @@ class DataError(SelfalignError):
         super().__init__(f"{where}{field_part}{message}")
 
 
-class ConfigError(SelfalignError):
-    """A config file or override that does not match the recipe's config schema."""
+class ConfigError(SelfalignError, ValueError):
+    """A config file, override or setting that is not valid (a ValueError too, for callers that catch those)."""
 
 
 class ModelNotFoundError(SelfalignError):

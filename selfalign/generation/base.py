@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Callable, Iterable, Sequence
 
 from selfalign.data.records import Prompt, Response
-from selfalign.errors import DataError
+from selfalign.errors import ConfigError, DataError
 
 
 @dataclass
@@ -28,7 +28,9 @@ class SamplingParams:
             self.stop = (self.stop,)
         self.stop = tuple(self.stop)
         if not all(isinstance(x, str) and x for x in self.stop):
-            raise ValueError("stop strings must be non-empty strings")
+            raise ConfigError("stop strings must be non-empty strings")
+        if not 0 < self.top_p <= 1:  # top_p <= 0 would keep no token at all
+            raise ConfigError(f"top_p must be in (0, 1], not {self.top_p}")
 
     @property
     def greedy(self) -> bool:
@@ -97,7 +99,7 @@ def generate_to_file(generator: Generator, prompts: Iterable[Prompt], params: Sa
 
     prompts = list(prompts)
     with ResumableJsonl(out, key=response_key) as sink:
-        _check_resumable(sink.rows, {p.id for p in prompts}, generator.model_name, params, out)
+        _check_resumable(sink.rows, {p.id for p in prompts}, generator, params, out)
         missing = [p for p in prompts if any((p.id, i) not in sink.done for i in range(params.n))]
         if missing:
             # all prompts go in, with the done ones as `skip`: the backend then plans (and seeds) the same batches
@@ -112,19 +114,27 @@ def generate_to_file(generator: Generator, prompts: Iterable[Prompt], params: Sa
 RESUME_FIELDS = ("temperature", "top_p", "max_new_tokens", "seed", "stop")
 
 
-def _check_resumable(rows: list[dict], prompt_ids: set, model: str, params: SamplingParams, out) -> None:
+def _check_resumable(rows: list[dict], prompt_ids: set, generator: Generator, params: SamplingParams, out) -> None:
     """Refuse to resume a file whose answers to these prompts came from another model or other sampling settings:
-    they would be kept as if they were this run's (a reused --out of an evaluation, say)."""
+    they would be kept as if they were this run's (a reused --out of an evaluation, say). Models are compared by
+    their record name (a folder's last component), so two folders of the same name are not told apart; rows that
+    record no model or no sampling settings (written by another tool) are taken as they are."""
     want = params.to_dict()
     want["stop"] = list(params.stop) or None
+    fields = [k for k in RESUME_FIELDS if not (k == "seed" and params.greedy)]  # greedy answers ignore the seed
+    model = None
     for line, row in enumerate(rows, 1):
         if str(row.get("prompt_id")) not in prompt_ids:
             continue  # one file may hold several groups (MT-Bench answers each temperature group into one file)
-        if row.get("model") != model:
+        if model is None:  # read only when needed: an endpoint's model name may cost a request
+            model = generator.model_name
+        if row.get("model") is not None and row.get("model") != model:
             raise DataError(f"holds answers by model '{row.get('model')}', not '{model}'; resume with the same model "
                             f"or write to a new file", path=str(out), line=line, field="model")
-        got = row.get("sampling") or {}
-        for k in RESUME_FIELDS:
+        got = row.get("sampling")
+        if not got:  # written by hand or another tool, without its settings: nothing to compare
+            continue
+        for k in fields:
             if got.get(k) != want[k]:
                 raise DataError(f"was sampled with {k}={got.get(k)!r}, not {want[k]!r}; resume with the same settings "
                                 f"or write to a new file", path=str(out), line=line, field=f"sampling.{k}")

@@ -3,6 +3,7 @@ top-p; the CPU top-k shortcut draws exactly what a full sort would."""
 
 from __future__ import annotations
 
+import pytest
 import torch
 from scipy.stats import chisquare, kstest
 
@@ -74,3 +75,11 @@ def test_draw_never_picks_a_zero_probability_token():
     probs = torch.tensor([[0.0, 0.5, 0.0, 0.5, 0.0]]).expand(3, -1)
     picked = _draw(probs, None, torch.tensor([0.0, 0.5, 1.0 - 2**-24]))
     assert picked.tolist() == [1, 3, 3]
+
+
+def test_top_p_outside_its_range_is_refused():
+    from selfalign.errors import ConfigError
+
+    for bad in (0.0, -0.5, 1.5):
+        with pytest.raises(ConfigError, match="top_p must be in"):
+            SamplingParams(top_p=bad)

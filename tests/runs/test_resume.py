@@ -113,3 +113,6 @@ def test_a_file_is_resumed_only_with_its_own_model_and_sampling(tmp_path, real_p
     assert len(more) == 6
     other = [Prompt(id="new", messages=[{"role": "user", "content": "Hello there"}])]
     assert len(generate_to_file(Echo("model-b"), other, SamplingParams(temperature=0), out, progress=False)) == 1
+    # greedy answers do not depend on the seed, so a greedy resume under another seed is the same run
+    assert len(generate_to_file(Echo("model-b"), other, SamplingParams(temperature=0, seed=5), out,
+                                progress=False)) == 1
