@@ -27,7 +27,9 @@ shapes=("${@:-smollm2-135m smollm2-1.7b}")
     python -c "import torch, transformers; print('torch', torch.__version__, 'transformers', transformers.__version__)"
     for shape in ${shapes[@]}; do
         echo "== $shape"
-        python benchmarks/fast_generation.py --model .gpu/tok --random-init "$shape" --device cuda --batch-size 256 \
+        # each shape gets at most SHAPE_TIMEOUT seconds (default 280: two shapes fit one 600 s device call); rows
+        # print as they finish, and the static+compile row, the slowest, comes last
+        timeout "${SHAPE_TIMEOUT:-280}" python benchmarks/fast_generation.py --model .gpu/tok --random-init "$shape" --device cuda --batch-size 256 \
             --hf-batch-size 256 --prompts 256 --prompt-tokens 128 --n 1 --max-new-tokens 256 --check-graphs 16 \
             || echo "== $shape FAILED (exit $?)"  # the next shape still runs
     done

@@ -19,6 +19,7 @@ reads the lengths on the host; "graphs" (CUDA default) replays CUDA-graph-captur
 
 from __future__ import annotations
 
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Sequence
 
@@ -120,7 +121,7 @@ class LeanGenerator(TransformersGenerator):
             return [self._response(p, text, params, s, "stop" if stopped else "length", n_tok, self.backend)
                     for s in idx if (p.id, s) not in skip]
 
-        with torch.inference_mode():
+        with torch.inference_mode(), self._holding_cache():
             while waiting or live:
                 done: list[Response] = []
                 admitted = _take_whole_prompts(waiting, slots - len(live), slots)
@@ -161,12 +162,20 @@ class LeanGenerator(TransformersGenerator):
                 for s in live:
                     s.length += 1
                 pending = sample_tokens(logits, params, self._uniforms(live, params))
-        dec.release()
-        if self.graphs is not None:
-            self.graphs.reset()  # the graphs point into the cache just released
         bar.close()
         by_key = {r.key: r for r in results}
         return [by_key[(p.id, s)] for p in prompts for s in range(params.n) if (p.id, s) in by_key]
+
+    @contextmanager
+    def _holding_cache(self):
+        """Release the KV cache (gigabytes) and the graphs that point into it when generation ends, also when it
+        fails or is interrupted: recipes train right after generating, in the same process."""
+        try:
+            yield
+        finally:
+            self.decoder.release()
+            if self.graphs is not None:
+                self.graphs.reset()
 
     def _at_stop(self, tokens: list[int], stop: tuple[str, ...]) -> bool:
         """Whether the text so far holds a stop string; only the last few tokens are decoded (a stop string is

@@ -81,8 +81,9 @@ def _draw(probs: torch.Tensor, order: torch.Tensor | None, uniforms: torch.Tenso
     """Inverse-CDF draw per row from unnormalised `probs`; `order` maps columns back to token ids."""
     cdf = probs.cumsum(dim=-1)
     u = uniforms.to(cdf.dtype) * cdf[:, -1]
-    # right=True: the first column whose cumulative mass exceeds u, so a zero-probability token is never drawn; the
-    # minimum with the column where the mass is complete guards u * total rounding up to the total
+    # right=True: the first column whose cumulative mass exceeds u, so a zero-probability token is never drawn (u is
+    # below 1 - 2**-24, so u * total stays below the total); the minimum with the first column that holds the whole
+    # mass is a guard, e.g. against a parallel cumsum that is not exactly monotonic
     picked = torch.minimum(torch.searchsorted(cdf, u.unsqueeze(1), right=True), cdf.argmax(dim=-1, keepdim=True))
     picked = picked.squeeze(1)
     return picked if order is None else order.gather(1, picked.unsqueeze(1)).squeeze(1)

@@ -44,7 +44,7 @@ def test_padded_step_matches_the_unpadded_step(embedded_model_dir):
     with torch.inference_mode():
         for step in ("grouped", "padded"):
             dec.allocate(8, 64)
-            hidden = dec.forward_full(ids.expand(3, -1).contiguous(), torch.tensor([0, 1, 2]))
+            dec.forward_full(ids.expand(3, -1).contiguous(), torch.tensor([0, 1, 2]))
             tokens = torch.tensor([11, 12, 13])
             positions = torch.full((3,), ids.shape[1])
             if step == "grouped":
@@ -54,7 +54,6 @@ def test_padded_step_matches_the_unpadded_step(embedded_model_dir):
                 assert list(runner.graphs) == [(4, 64)]
             dec.release()
     torch.testing.assert_close(results[1], results[0], rtol=1e-4, atol=1e-4)
-    assert hidden.shape[0] == 3
 
 
 def test_the_captured_step_makes_no_host_reads(embedded_model_dir):
