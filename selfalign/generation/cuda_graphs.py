@@ -5,8 +5,8 @@ one by one from Python costs more than running them, so the GPU idles (transform
 tokens/s at batch 256 on an H100 for that reason, issue #8). A CUDA graph records a step's kernels once and replays
 them with one launch. A graph fixes its shapes and the addresses of its inputs, so:
 - the rows are padded up to a bucket (powers of two up to the slots) and the attention span is rounded up to a
-  multiple of SPAN_BUCKET; each (rows, span) pair is captured on first use, a fraction of a second, never a
-  torch.compile-style minute;
+  multiple of SPAN_BUCKET; each (rows, span) pair is captured on first use (two eager steps and a capture, not
+  yet timed on a GPU), with no torch.compile-style minute;
 - inputs are copied into static buffers before each replay, and the step attends under a mask built on the device
   from the positions (LeanDecoder.decode_step with `span`), so nothing in it reads the GPU from the host;
 - padding rows decode token 0 at position 0 of the free slots after the live ones; a free slot's contents do not
