@@ -109,8 +109,8 @@ def generate_to_file(generator: Generator, prompts: Iterable[Prompt], params: Sa
     return [Response.from_dict(rows[(p.id, i)]) for p in prompts for i in range(params.n) if (p.id, i) in rows]
 
 
-# the settings that decide what an answer is; a file is resumed only under the same ones (n only adds samples, and the
-# backend changes how, not what, is sampled)
+# the settings that decide what an answer is; a file is resumed only under the same ones. Not compared: n (more
+# samples only add rows) and the backend (another backend draws other samples, but from the same distribution)
 RESUME_FIELDS = ("temperature", "top_p", "max_new_tokens", "seed", "stop")
 
 
