@@ -34,7 +34,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 import torch  # noqa: E402
 
 from selfalign.data.loaders import load_prompts, shared_data_dir  # noqa: E402
-from selfalign.generation import SamplingParams  # noqa: E402
+from selfalign.generation import DEFAULT_BATCH_SIZE, SamplingParams  # noqa: E402
 from selfalign.generation.lean_backend import LeanGenerator  # noqa: E402
 from selfalign.generation.transformers_backend import TransformersGenerator  # noqa: E402
 from selfalign.models import load_tokenizer  # noqa: E402
@@ -128,7 +128,8 @@ def main() -> None:
                     help="CUDA: compare this many answers from graph replay with the eager bucketed steps")
     ap.add_argument("--n", type=int, default=2, help="samples per prompt")
     ap.add_argument("--max-new-tokens", type=int, default=200)
-    ap.add_argument("--batch-size", type=int, default=64, help="lean backend: sequences decoded together")
+    ap.add_argument("--batch-size", type=int, default=DEFAULT_BATCH_SIZE["lean"],
+                    help="lean backend: sequences decoded together (default: the backend's)")
     ap.add_argument("--hf-batch-size", type=int, default=16, help="transformers: sequences per generate() call")
     ap.add_argument("--skip", default="", help="comma list of rows to skip: dynamic,static,lean")
     ap.add_argument("--parity", type=int, default=8, help="prompts for the greedy parity check (0: none)")

@@ -33,7 +33,7 @@ def add_backend_flags(p: argparse.ArgumentParser) -> None:
                    "batching decode loop (llama/qwen2 models); transformers: model.generate, the reference; openai: "
                    "any OpenAI-compatible chat-completions endpoint; vllm: vLLM, if installed (CUDA)")
     p.add_argument("--batch-size", type=int, default=None,
-                   help="sequences decoded together, local backends (default: 64 lean, 16 transformers)")
+                   help="sequences decoded together, local backends (default: 128 lean, 16 transformers)")
     p.add_argument("--dtype", default="auto", help="auto (bf16 on GPU, fp32 on CPU), float32, bfloat16")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, ...")
     p.add_argument("--trust-remote-code", action="store_true", help="allow model code from the model folder (off)")

@@ -212,7 +212,7 @@ def adaptive_examples(pairs: Sequence[PreferencePair], labels: Sequence[dict], t
 
 
 # ------------------------------------------------------------------------------------------------ generation
-def prefixed_generator(model: str, batch_size: int = 16, backend: str = "auto"):
+def prefixed_generator(model: str, batch_size: int | None = None, backend: str = "auto"):
     """A local generator that continues an assistant turn: a prompt with meta['assistant_prefix'] is encoded as
     the chat prompt followed by the prefix's tokens, so generation picks up right after the decision tag."""
     from selfalign.generation import make_generator

@@ -21,7 +21,7 @@ class EvalConfig:
     judge: str = "length"  # a name make_judge knows (length, local, reward, api, ...)
     judge_options: dict = field(default_factory=dict)  # e.g. {model: qwen2.5-coder-1.5b}
     max_new_tokens: int = 256
-    batch_size: int = 16
+    batch_size: int | None = None  # sequences decoded together; None: the backend's default
     backend: str = "auto"  # local generation backend: auto (lean on CPU), lean, transformers
 
 

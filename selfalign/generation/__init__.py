@@ -7,7 +7,7 @@ from selfalign.generation.base import Generator, SamplingParams, generate_to_fil
 
 BACKENDS = ("auto", "lean", "transformers", "openai", "vllm")
 # sequences decoded together by default: the lean loop keeps every slot busy, so it profits from more of them
-DEFAULT_BATCH_SIZE = {"lean": 64, "transformers": 16}
+DEFAULT_BATCH_SIZE = {"lean": 128, "transformers": 16}
 
 
 def make_generator(backend: str = "auto", model: str | None = None, **options) -> Generator:
@@ -38,6 +38,7 @@ def make_generator(backend: str = "auto", model: str | None = None, **options) -
     if backend == "openai":
         from selfalign.generation.openai_backend import OpenAIGenerator
 
+        options.pop("batch_size", None)  # the endpoint batches; concurrency= bounds the requests in flight
         return OpenAIGenerator(model=model, **options)
     if backend == "vllm":  # optional: only when the user has vllm (a CUDA machine); never chosen by "auto"
         from selfalign.generation.vllm_backend import VLLMGenerator

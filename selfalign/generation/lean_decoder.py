@@ -24,6 +24,8 @@ ATTENTION_GROUP = 16
 ATTENTION_SLACK = 1.25
 # fewest rows for which LeanDecoder._linear computes weight @ x.T on CPU
 WEIGHT_MAJOR_MIN_ROWS = 16
+# vocabulary rows per product in LeanDecoder.logits on CPU
+LOGIT_CHUNK = 4096
 
 
 def supports(model) -> bool:
@@ -50,13 +52,28 @@ def _fuse(linears) -> torch.Tensor:
     return fused
 
 
+class CacheBlock:
+    """A run of consecutive cache slots that share one capacity: a tensor [layers, 2, slots, kv_heads, length,
+    head_dim]; keys[i] and values[i] are views of layer i's halves. One tensor per block makes moving a sequence
+    between slots a single copy for all layers (on a GPU, one kernel launch instead of two per layer)."""
+
+    def __init__(self, start: int, tensor: torch.Tensor):
+        self.tensor = tensor
+        self.start, self.stop, self.length = start, start + tensor.shape[2], tensor.shape[4]
+        # one plain view per layer (not unbind()'s multi-output views, which refuse in-place writes under autograd)
+        self.keys = [tensor[i, 0] for i in range(tensor.shape[0])]
+        self.values = [tensor[i, 1] for i in range(tensor.shape[0])]
+
+
 class LeanDecoder:
     """Prefill and decode steps over a static KV cache with one row per sequence slot.
 
-    Cache layout: one tensor [layers, 2, slots, kv_heads, max_len, head_dim]; keys[i] and values[i] are views of
-    layer i's halves. Slot s holds one sequence; its valid positions are 0..length[s]-1 and attention masks out the
-    rest, so a freed slot is reused without clearing. One tensor makes moving a sequence between slots a single
-    copy for all layers (on a GPU, one kernel launch instead of two per layer).
+    Slot s holds one sequence; its valid positions are 0..length[s]-1 and attention masks out the rest, so a freed
+    slot is reused without clearing. The slots are split into a few blocks (CacheBlock) of decreasing capacity:
+    the generator admits the longest prompts first and keeps live sequences in admission order, so the sequence in
+    slot k never needs more room than the k-th longest of the run, and one 1,350-token prompt no longer makes every
+    slot 1,550 positions long (lean_backend.cache_layout). Steps with a fixed attention span (CUDA graphs) use one
+    block.
     """
 
     def __init__(self, model):
@@ -95,9 +112,9 @@ class LeanDecoder:
         inv_freq = 1.0 / (theta ** (torch.arange(0, self.head_dim, 2, dtype=torch.int64).float() / self.head_dim))
         self._inv_freq = inv_freq.to(self.device)
         self._rope_len = 0
-        self.cache: torch.Tensor | None = None
-        self.keys: list[torch.Tensor] = []
-        self.values: list[torch.Tensor] = []
+        self.blocks: list[CacheBlock] = []
+        # bytes of keys and values per cached token, all layers
+        self.bytes_per_token = len(self.layers) * 2 * self.n_kv * self.head_dim * self.embed.element_size()
 
     # -- setup -------------------------------------------------------------------------------------------------
     def _rope_table(self, length: int) -> None:
@@ -110,30 +127,47 @@ class LeanDecoder:
         self._rope_len = length
 
     def allocate(self, slots: int, max_len: int) -> None:
-        """(Re)allocate the KV cache for `slots` sequences of up to `max_len` tokens."""
-        max_len = min(max_len, self.max_positions)
-        self._rope_table(max_len)
-        if self.cache is not None and self.cache.shape[2] >= slots and self.cache.shape[4] >= max_len:
+        """(Re)allocate the KV cache for `slots` sequences of up to `max_len` tokens (one block)."""
+        self.allocate_blocks([(slots, max_len)])
+
+    def allocate_blocks(self, layout: list[tuple[int, int]]) -> None:
+        """(Re)allocate the KV cache as blocks of (slots, capacity) in slot order."""
+        layout = [(n, min(length, self.max_positions)) for n, length in layout if n > 0]
+        self._rope_table(max(length for _, length in layout))
+        if self.layout == layout or (len(layout) == 1 and len(self.blocks) == 1 and self.slots >= layout[0][0]
+                                     and self.max_len >= layout[0][1]):
             return
         self.release()
-        shape = (len(self.layers), 2, slots, self.n_kv, max_len, self.head_dim)
-        # zeros, not empty: masked positions get weight 0, but 0 * NaN from uninitialised memory would still be NaN
-        self.cache = torch.zeros(shape, dtype=self.dtype, device=self.device)
-        # one plain view per layer (not unbind()'s multi-output views, which refuse in-place writes under autograd)
-        self.keys = [self.cache[i, 0] for i in range(len(self.layers))]
-        self.values = [self.cache[i, 1] for i in range(len(self.layers))]
+        start = 0
+        for n, length in layout:
+            shape = (len(self.layers), 2, n, self.n_kv, length, self.head_dim)
+            # zeros, not empty: masked positions get weight 0, but 0 * NaN from uninitialised memory would be NaN
+            self.blocks.append(CacheBlock(start, torch.zeros(shape, dtype=self.dtype, device=self.device)))
+            start += n
 
     def release(self) -> None:
-        """Free the KV cache (gigabytes at 64 slots): recipes train right after generating, in the same process."""
-        self.cache, self.keys, self.values = None, [], []
+        """Free the KV cache (gigabytes at 128 slots): recipes train right after generating, in the same process."""
+        self.blocks = []
+
+    @property
+    def layout(self) -> list[tuple[int, int]]:
+        return [(b.stop - b.start, b.length) for b in self.blocks]
+
+    @property
+    def cache(self) -> torch.Tensor | None:
+        """The single block's tensor (fixed-span steps and CUDA graphs run on a one-block cache)."""
+        return self.blocks[0].tensor if len(self.blocks) == 1 else None
 
     @property
     def slots(self) -> int:
-        return self.cache.shape[2] if self.cache is not None else 0
+        return self.blocks[-1].stop if self.blocks else 0
 
     @property
     def max_len(self) -> int:
-        return self.cache.shape[4] if self.cache is not None else 0
+        return max((b.length for b in self.blocks), default=0)
+
+    def block_of(self, slot: int) -> CacheBlock:
+        return next(b for b in self.blocks if b.start <= slot < b.stop)
 
     # -- the math ----------------------------------------------------------------------------------------------
     def _rms(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
@@ -171,28 +205,53 @@ class LeanDecoder:
         gate, up = self._linear(self._rms(x, layer["ln2"]), layer["w13"]).chunk(2, dim=-1)
         return x + self._linear(F.silu(gate) * up, layer["w2"])
 
-    def forward_full(self, ids: torch.Tensor, slots: torch.Tensor | None = None) -> torch.Tensor:
+    def forward_full(self, ids: torch.Tensor, slots: list[int] | None = None) -> torch.Tensor:
         """Causal forward over right-padded rows `ids` [B, T] from position 0; returns hidden states [B, T, D] after
         the final norm. With `slots`, each row's keys/values are written to those cache slots (prefill)."""
         b, t = ids.shape
         self._rope_table(t)
         cos, sin = self.cos[:t], self.sin[:t]
+        writes = self._prefill_writes(slots, t) if slots is not None else []
         x = F.embedding(ids, self.embed)
         for i, layer in enumerate(self.layers):
             q, k, v = self._qkv(layer, self._rms(x, layer["ln1"]))
             q = self._rotate(q.view(b, t, self.n_heads, self.head_dim).transpose(1, 2), cos, sin)
             k = self._rotate(k.view(b, t, self.n_kv, self.head_dim).transpose(1, 2), cos, sin)
             v = v.view(b, t, self.n_kv, self.head_dim).transpose(1, 2)
-            if slots is not None:
-                self.keys[i][slots, :, :t] = k
-                self.values[i][slots, :, :t] = v
+            for block, rows, local, width in writes:
+                block.keys[i][local, :, :width] = k[rows, :, :width]
+                block.values[i][local, :, :width] = v[rows, :, :width]
             # right padding only ever follows the real tokens, so the causal mask alone is right for them
             a = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=self.n_kv != self.n_heads)
             x = self._mlp_out(layer, x, a.transpose(1, 2).reshape(b, t, -1))
         return self._rms(x, self.norm)
 
+    def _prefill_writes(self, slots: list[int], t: int) -> list[tuple]:
+        """Per block: (block, rows of the batch, their slots within the block, positions to write). A block's
+        capacity bounds the width: a row's own prompt always fits its slot (cache_layout), and what lies beyond it
+        in a padded batch is padding."""
+        writes = []
+        for block in self.blocks:
+            rows = [r for r, s in enumerate(slots) if block.start <= s < block.stop]
+            if rows:
+                local = torch.tensor([slots[r] - block.start for r in rows], device=self.device)
+                writes.append((block, torch.tensor(rows, device=self.device), local, min(t, block.length)))
+        return writes
+
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        return self._linear(hidden, self.lm_head).float().contiguous()  # rows are read one by one (sampling)
+        """Next-token logits (fp32, row-major: sampling reads them row by row). On CPU the weight-major product
+        (see _linear) leaves them vocab-major, and transposing 64 x 49,152 floats in one piece takes ~11 ms, most
+        of a decode step's non-matmul time; done in slices of LOGIT_CHUNK vocabulary rows, each slice's transpose
+        stays in cache. Same bits as one product (each logit is the same dot product)."""
+        rows = hidden.numel() // hidden.shape[-1]
+        if not self.weight_major or rows < WEIGHT_MAJOR_MIN_ROWS:
+            return self._linear(hidden, self.lm_head).float().contiguous()
+        flat = hidden.reshape(rows, hidden.shape[-1]).t()
+        vocab = self.lm_head.shape[0]
+        out = torch.empty(rows, vocab, dtype=torch.float32, device=self.device)
+        for lo in range(0, vocab, LOGIT_CHUNK):
+            out[:, lo:lo + LOGIT_CHUNK] = torch.mm(self.lm_head[lo:lo + LOGIT_CHUNK], flat).t()
+        return out.view(*hidden.shape[:-1], vocab)
 
     def decode_step(self, tokens: torch.Tensor, positions: torch.Tensor, span: int | None = None) -> torch.Tensor:
         """One token for each of the first B slots: `tokens` [B] sit at `positions` [B]. Writes their keys/values
@@ -208,25 +267,32 @@ class LeanDecoder:
         if span is None:
             groups = self._attention_groups(positions)
         else:
+            assert len(self.blocks) == 1, "steps with a fixed span run on a one-block cache"
             mask = (torch.arange(span, device=self.device)[None, :] > positions[:, None]).view(b, 1, 1, span)
-            groups = [(0, b, span, mask)]
+            groups = [(0, b, span, mask, self.blocks[0])]
+        # each block's rows: (block, their slots within it, first row, end row)
+        writes = [(blk, rows[:min(blk.stop, b) - blk.start], blk.start, min(blk.stop, b))
+                  for blk in self.blocks if blk.start < b]
         x = F.embedding(tokens, self.embed)  # [B, D]
         for i, layer in enumerate(self.layers):
             q, k, v = self._qkv(layer, self._rms(x, layer["ln1"]))
             q = self._rotate(q.view(b, self.n_heads, self.head_dim), cos, sin)
             k = self._rotate(k.view(b, self.n_kv, self.head_dim), cos, sin)
-            keys, values = self.keys[i], self.values[i]
-            keys[rows, :, positions] = k
-            values[rows, :, positions] = v.view(b, self.n_kv, self.head_dim)
+            v = v.view(b, self.n_kv, self.head_dim)
+            for blk, local, lo, hi in writes:
+                blk.keys[i][local, :, positions[lo:hi]] = k[lo:hi]
+                blk.values[i][local, :, positions[lo:hi]] = v[lo:hi]
             # attention for one query per row as two batched matmuls: the query heads that share a KV head form the
             # rows of one product. (CPU SDPA's flash kernel with a mask is ~10x slower at a single query.)
             qg = q.view(b, self.n_kv, self.n_heads // self.n_kv, self.head_dim)
             parts = []
-            for lo, hi, span, mask in groups:
-                scores = torch.matmul(qg[lo:hi], keys[lo:hi, :, :span].transpose(2, 3)) * self.scale
+            for lo, hi, span, mask, blk in groups:
+                keys = blk.keys[i][lo - blk.start:hi - blk.start, :, :span]
+                values = blk.values[i][lo - blk.start:hi - blk.start, :, :span]
+                scores = torch.matmul(qg[lo:hi], keys.transpose(2, 3)) * self.scale
                 if mask is not None:
                     scores = scores.masked_fill_(mask, float("-inf"))
-                parts.append(torch.matmul(torch.softmax(scores.float(), dim=-1).to(q.dtype), values[lo:hi, :, :span]))
+                parts.append(torch.matmul(torch.softmax(scores.float(), dim=-1).to(q.dtype), values))
             a = parts[0] if len(parts) == 1 else torch.cat(parts)
             x = self._mlp_out(layer, x, a.reshape(b, -1))
         return self.logits(self._rms(x, self.norm))
@@ -239,15 +305,17 @@ class LeanDecoder:
         (longest prompt first, the oldest has generated most), so consecutive slots have similar lengths. A group
         takes up to ATTENTION_GROUP rows and closes early when its padded reads (rows x longest span) would exceed
         the rows' own spans by more than ATTENTION_SLACK: one 1,350-token prompt among 200-token ones then gets a
-        group of its own instead of making 15 neighbours read 1,350 positions each. Per group: (lo, hi, span, mask
-        or None when no row needs one)."""
+        group of its own instead of making 15 neighbours read 1,350 positions each. A group never spans two cache
+        blocks. Per group: (lo, hi, span, mask or None when no row needs one, cache block)."""
         b = positions.shape[0]
         pos = positions.tolist()
         groups = []
         lo = 0
         while lo < b:
+            block = self.block_of(lo)
+            end = min(b, block.stop)
             hi, longest, total = lo + 1, pos[lo] + 1, pos[lo] + 1
-            while hi < b and hi - lo < ATTENTION_GROUP:
+            while hi < end and hi - lo < ATTENTION_GROUP:
                 wider = max(longest, pos[hi] + 1)
                 if (hi - lo + 1) * wider > ATTENTION_SLACK * (total + pos[hi] + 1):
                     break
@@ -256,14 +324,15 @@ class LeanDecoder:
             if min(pos[lo:hi]) + 1 < longest:  # a slot sees only its own positions 0..position; the rest is stale
                 mask = (torch.arange(longest, device=self.device)[None, :] > positions[lo:hi, None]).view(
                     hi - lo, 1, 1, longest)
-            groups.append((lo, hi, longest, mask))
+            groups.append((lo, hi, longest, mask, block))
             lo = hi
         return groups
 
     def move_slot(self, src: int, dst: int, length: int) -> None:
         """Copy a sequence's cache, all layers at once, from slot src to slot dst (keeps live sequences in the first
-        slots)."""
-        self.cache[:, :, dst, :, :length] = self.cache[:, :, src, :, :length]
+        slots). Both slots must have room for `length` positions."""
+        a, b = self.block_of(src), self.block_of(dst)
+        b.tensor[:, :, dst - b.start, :, :length] = a.tensor[:, :, src - a.start, :, :length]
 
     def copy_prefix(self, src: int, dsts: list[int], length: int) -> None:
         """Share one prompt's prefill with other slots (n samples of the same prompt)."""

@@ -50,7 +50,7 @@ class SamplingConfig:
     top_p: float = 1.0
     max_new_tokens: int = 256
     seed: int = 42
-    batch_size: int = 16
+    batch_size: int | None = None  # sequences decoded together; None: the backend's default (128 lean, 16 transformers)
     backend: str = "auto"  # local generation backend: auto (lean on CPU), lean, transformers
 
 
@@ -72,7 +72,7 @@ class ReviserConfig:
     no_revision_target: Literal["copy", "tag_only"] = "copy"  # [R] NONE target: tag + the response copied
     tag_fallback: Literal["none", "minor", "major", "drop"] = "none"  # [R] decision for a missing/garbled tag
     max_new_tokens: int | None = None  # [R] None: the policy's sampling.max_new_tokens
-    batch_size: int = 16  # generation batch
+    batch_size: int | None = None  # generation batch; None: the backend's default
     backend: str = "auto"  # local generation backend: auto (lean on CPU), lean, transformers
     warmup_train: SFTTrainConfig = field(default_factory=lambda: SFTTrainConfig(epochs=2))  # [R] 2 epochs
     adaptive_train: SFTTrainConfig = field(default_factory=lambda: SFTTrainConfig(epochs=2))  # [R] 2 epochs

@@ -59,7 +59,7 @@ class SamplingConfig:
     top_p: float = 1.0
     max_new_tokens: int = 1024  # [R] not stated in the paper
     seed: int = 42
-    batch_size: int = 16
+    batch_size: int | None = None  # sequences decoded together; None: the backend's default (128 lean, 16 transformers)
     backend: str = "auto"  # local generation backend: auto (lean on CPU), lean, transformers
 
 
@@ -490,7 +490,7 @@ def evaluate_self_refined(model_dir: str, label: str, config: EvalConfig, eval_r
     inner.model_name = label
     budget = critique_tokens or 2 * config.max_new_tokens + 128
     gen = SelfRefineGenerator(inner, SamplingParams(temperature=0.0, max_new_tokens=budget),
-                              fmt=fmt, chunk_size=config.batch_size)
+                              fmt=fmt, chunk_size=config.batch_size or getattr(inner, "batch_size", 16))
     gen.model_name = label
     params = SamplingParams(temperature=0.0, max_new_tokens=config.max_new_tokens)
     metrics = evaluate_alpaca(gen, eval_judge(config, eval_root), eval_root / label, limit=config.instructions,

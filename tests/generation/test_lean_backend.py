@@ -8,7 +8,7 @@ import torch
 
 from selfalign.data.loaders import load_prompts
 from selfalign.generation import SamplingParams, generate_to_file, make_generator
-from selfalign.generation.lean_backend import LeanGenerator, _take_whole_prompts
+from selfalign.generation.lean_backend import LeanGenerator, _take_whole_prompts, cache_layout
 from selfalign.generation.lean_decoder import WEIGHT_MAJOR_MIN_ROWS
 from selfalign.generation.transformers_backend import TransformersGenerator
 
@@ -65,6 +65,55 @@ def test_decoder_linear_equals_f_linear(lean, rows, with_bias):
     torch.testing.assert_close(prefill_shaped[0], got, rtol=0, atol=0)
 
 
+@pytest.mark.parametrize("rows", [WEIGHT_MAJOR_MIN_ROWS, 64, 200])
+def test_chunked_logits_equal_one_product(lean, rows):
+    hidden = torch.randn(rows, lean.decoder.lm_head.shape[1], generator=torch.Generator().manual_seed(rows))
+    got = lean.decoder.logits(hidden)
+    assert got.is_contiguous() and got.dtype == torch.float32
+    assert torch.equal(got, torch.nn.functional.linear(hidden, lean.decoder.lm_head))
+
+
+def test_cache_layout_gives_every_slot_room_for_what_it_can_hold():
+    rng = torch.Generator().manual_seed(0)
+    for trial in range(200):
+        n = int(torch.randint(1, 40, (1,), generator=rng))
+        needs = sorted(torch.randint(10, 2000, (n,), generator=rng).tolist(), reverse=True)
+        slots = int(torch.randint(1, n + 1, (1,), generator=rng))
+        blocks = 1 + trial % 4
+        layout = cache_layout(needs, slots, blocks)
+        assert sum(k for k, _ in layout) == slots and 1 <= len(layout) <= blocks
+        capacity = [length for k, length in layout for _ in range(k)]
+        assert all(capacity[k] >= needs[k] for k in range(slots))  # slot k holds a sequence needing <= needs[k]
+        assert sum(capacity) <= slots * needs[0]
+    # the benchmark's shape: one long prompt (2 samples) among short ones
+    needs = [1550, 1550] + [449] * 2 + [403] * 2 + [300] * 40 + [250] * 82
+    layout = cache_layout(needs, 128)
+    assert layout[0] == (2, 1550) and sum(k * length for k, length in layout) < 128 * 1550 / 3
+    assert cache_layout([100] * 10, 8) == [(8, 100)]  # equal needs: one block, no needless cut
+
+
+def test_greedy_parity_through_cache_blocks_and_a_memory_cap(embedded_model_dir, reference, data_dir, capsys):
+    # prompts of 203..48 tokens through 4 slots: the cache is cut into blocks of different capacity, and finished
+    # sequences' slots are refilled while survivors move from later (smaller) blocks into earlier ones
+    pool = load_prompts(data_dir / "prompts" / "unlabelled_pool.jsonl", limit=40)
+    prompts = [pool[i] for i in (18, 39, 4, 14, 0, 1, 2, 3)]
+    params = SamplingParams(temperature=0, max_new_tokens=24)
+    expected = reference.generate(prompts, params, progress=False)
+    gen = LeanGenerator(str(embedded_model_dir), batch_size=4)
+    layouts = []
+    allocate = gen.decoder.allocate_blocks
+    gen.decoder.allocate_blocks = lambda layout: (layouts.append(layout), allocate(layout))
+    got = gen.generate(prompts, params, progress=False)
+    assert len(layouts[-1]) > 1 and layouts[-1][0][1] > layouts[-1][-1][1]
+    assert [r.response for r in got] == [r.response for r in expected]
+    # a cap smaller than 4 slots' cache: fewer slots, same answers, and the user is told
+    gen.max_cache_gb = 2 * 280 * gen.decoder.bytes_per_token / 2 ** 30
+    capped = gen.generate(prompts, params, progress=False)
+    assert sum(k for k, _ in layouts[-1]) < 4
+    assert "slots would need" in capsys.readouterr().err
+    assert [r.response for r in capped] == [r.response for r in expected]
+
+
 def test_admission_keeps_the_samples_of_a_prompt_together():
     waiting = list(reversed([(0, 0), (0, 1), (1, 0), (1, 1), (2, 0)]))  # pop() from the end = prompt 0 first
     assert _take_whole_prompts(waiting, free=3, slots=4) == [(0, 0), (0, 1)]  # prompt 1 waits for 2 free slots
@@ -117,7 +166,7 @@ def test_logprobs_match_a_plain_forward_pass(reference, lean, prompts):
 
 def test_auto_backend_picks_lean_on_cpu(embedded_model_dir):
     gen = make_generator("auto", str(embedded_model_dir))
-    assert isinstance(gen, LeanGenerator) and gen.batch_size == 64
+    assert isinstance(gen, LeanGenerator) and gen.batch_size == 128
     assert type(make_generator("transformers", str(embedded_model_dir))) is TransformersGenerator
 
 
