@@ -25,6 +25,7 @@ import argparse
 import datetime
 import os
 import platform
+import statistics
 import subprocess
 import time
 import traceback
@@ -96,15 +97,19 @@ def timed(gen, prompts, params) -> tuple[int, float]:
     return sum(r.num_tokens or 0 for r in out), time.perf_counter() - t0
 
 
-def run_lean(build, args, prompts, params, record, decode: str = "auto"):
-    """The lean row (and, with --check-graphs, its parity with the eager bucketed steps); returns the generator."""
-    lean = build(LeanGenerator, args.batch_size, decode=decode)
-    lean.generate(prompts[:2], SamplingParams(temperature=0, max_new_tokens=4), progress=False)  # warm-up
+def lean_row(lean, args, prompts, params, record, tag: str = "") -> None:
     graphs = lean.graphs is not None and lean.graphs.capture
     captured_before = lean.graphs.capture_seconds if graphs else 0.0
     toks, secs = timed(lean, prompts, params)
-    record(f"selfalign lean, continuous batching, {args.batch_size} slots, {lean.decode} steps", toks, secs,
+    record(f"selfalign lean, continuous batching, {args.batch_size} slots, {lean.decode} steps{tag}", toks, secs,
            lean.graphs.capture_seconds - captured_before if graphs else None)
+
+
+def run_lean(build, args, prompts, params, record, decode: str = "auto", tag: str = ""):
+    """The lean row (and, with --check-graphs, its parity with the eager bucketed steps); returns the generator."""
+    lean = build(LeanGenerator, args.batch_size, decode=decode)
+    lean.generate(prompts[:2], SamplingParams(temperature=0, max_new_tokens=4), progress=False)  # warm-up
+    lean_row(lean, args, prompts, params, record, tag)
     if args.check_graphs and lean.decode != "static":  # CUDA: graph replay vs eager; CPU: grouped vs bucketed steps
         eager = build(LeanGenerator, args.batch_size, decode="static")
         for name, p in (("greedy answers", SamplingParams(temperature=0, max_new_tokens=args.max_new_tokens)),
@@ -133,6 +138,9 @@ def main() -> None:
     ap.add_argument("--hf-batch-size", type=int, default=16, help="transformers: sequences per generate() call")
     ap.add_argument("--skip", default="", help="comma list of rows to skip: dynamic,static,lean")
     ap.add_argument("--parity", type=int, default=8, help="prompts for the greedy parity check (0: none)")
+    ap.add_argument("--repeats", type=int, default=1,
+                    help="run the dynamic and lean rows this many times, alternating, and report each repeat's "
+                    "ratio and their median (this VM's speed drifts by up to 1.5x within an hour)")
     args = ap.parse_args()
     skip = set(filter(None, args.skip.split(",")))
 
@@ -159,15 +167,29 @@ def main() -> None:
 
     hf = build(TransformersGenerator, args.hf_batch_size)
     hf.generate(prompts[:2], SamplingParams(temperature=0, max_new_tokens=4), progress=False)  # warm-up
-    if "dynamic" not in skip:
-        toks, secs = timed(hf, prompts, params)
-        record(f"transformers generate, dynamic cache, batch {args.hf_batch_size}", toks, secs)
-    if "lean" not in skip:
-        try:
-            lean = run_lean(build, args, prompts, params, record)
-        except Exception:  # a failed capture: report it, then measure the same bucketed steps without graphs
-            traceback.print_exc()
-            lean = run_lean(build, args, prompts, params, record, decode="static")
+    lean, ratios = None, []
+    for repeat in range(args.repeats):
+        tag = f" (repeat {repeat + 1})" if args.repeats > 1 else ""
+        if "dynamic" not in skip:
+            toks, secs = timed(hf, prompts, params)
+            record(f"transformers generate, dynamic cache, batch {args.hf_batch_size}{tag}", toks, secs)
+        if "lean" in skip:
+            continue
+        if lean is not None:
+            lean_row(lean, args, prompts, params, record, tag)
+        else:
+            try:
+                lean = run_lean(build, args, prompts, params, record, tag=tag)
+            except Exception:  # a failed capture: report it, then measure the same bucketed steps without graphs
+                traceback.print_exc()
+                lean = run_lean(build, args, prompts, params, record, decode="static", tag=tag)
+        if "dynamic" not in skip:
+            (_, t_dyn, s_dyn, _), (_, t_lean, s_lean, _) = rows[-2:]
+            ratios.append(t_lean / s_lean / (t_dyn / s_dyn))
+    if len(ratios) > 1:
+        print(f"lean vs dynamic, each repeat: {', '.join(f'{r:.2f}x' for r in ratios)}; median "
+              f"{statistics.median(ratios):.2f}x", flush=True)
+    if lean is not None:
         if args.parity and not args.random_init:
             greedy = SamplingParams(temperature=0, max_new_tokens=args.max_new_tokens)
             a = hf.generate(prompts[:args.parity], greedy, progress=False)

@@ -34,6 +34,9 @@ def add_backend_flags(p: argparse.ArgumentParser) -> None:
                    "any OpenAI-compatible chat-completions endpoint; vllm: vLLM, if installed (CUDA)")
     p.add_argument("--batch-size", type=int, default=None,
                    help="sequences decoded together, local backends (default: 128 lean, 16 transformers)")
+    p.add_argument("--max-cache-gb", type=float, default=None,
+                   help="lean backend: most memory the KV cache may take (default: half the free memory); fewer "
+                   "sequences are decoded together when --batch-size would need more")
     p.add_argument("--dtype", default="auto", help="auto (bf16 on GPU, fp32 on CPU), float32, bfloat16")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, ...")
     p.add_argument("--trust-remote-code", action="store_true", help="allow model code from the model folder (off)")
@@ -55,7 +58,8 @@ def generator_from_args(args):
         return make_generator("openai", model=args.model, base_url=args.base_url, api_key_env=args.api_key_env,
                               concurrency=args.concurrency, timeout=args.timeout, max_retries=args.max_retries)
     return make_generator(args.backend, model=args.model, batch_size=args.batch_size, dtype=args.dtype,
-                          device=args.device, trust_remote_code=args.trust_remote_code)
+                          device=args.device, trust_remote_code=args.trust_remote_code,
+                          max_cache_gb=args.max_cache_gb)
 
 
 def cmd_generate(args) -> int:

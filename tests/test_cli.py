@@ -25,9 +25,11 @@ def test_every_command_has_help(capsys):
 def test_generate_writes_records(tmp_path, prompts_file, capsys):
     out = tmp_path / "out.jsonl"
     assert main(["generate", "--prompts", str(prompts_file), "--out", str(out), "--max-new-tokens", "8",
-                 "--temperature", "0", "--quiet", "--limit", "2"]) == 0
+                 "--temperature", "0", "--quiet", "--limit", "2", "--max-cache-gb", "0.004"]) == 0
     rows = [json.loads(l) for l in out.read_text().splitlines()]
     assert len(rows) == 2 and all(r["model"] == "smollm2-135m" and r["response"] for r in rows)
+    # two ~80-position sequences of SmolLM2 cache (46 KB a position) exceed 0.004 GiB: one at a time, and said so
+    assert "2 slots would need" in capsys.readouterr().err
 
 
 def test_bad_input_prints_one_line(tmp_path, capsys):

@@ -23,6 +23,7 @@ def make_generator(backend: str = "auto", model: str | None = None, **options) -
         from selfalign.generation.transformers_backend import TransformersGenerator
 
         batch_size = options.pop("batch_size", None)
+        max_cache_gb = options.pop("max_cache_gb", None)  # lean only: the KV cache's memory cap
         reference = TransformersGenerator(model=model, batch_size=batch_size or DEFAULT_BATCH_SIZE["transformers"],
                                           **options)
         on_cpu = reference.device.type == "cpu"
@@ -34,7 +35,7 @@ def make_generator(backend: str = "auto", model: str | None = None, **options) -
             raise SelfalignError(f"--backend lean supports llama and qwen2 models; '{model}' is "
                                  f"{reference.model.config.model_type} (use --backend transformers)")
         return LeanGenerator(model=model, batch_size=batch_size or DEFAULT_BATCH_SIZE["lean"],
-                             model_obj=reference.model, tokenizer=reference.tokenizer)
+                             model_obj=reference.model, tokenizer=reference.tokenizer, max_cache_gb=max_cache_gb)
     if backend == "openai":
         from selfalign.generation.openai_backend import OpenAIGenerator
 

@@ -226,7 +226,7 @@ class LeanGenerator(TransformersGenerator):
         if slots < min(self.batch_size, len(needs)):
             print(f"selfalign: lean backend: {min(self.batch_size, len(needs))} slots would need "
                   f"{wanted_bytes / 2 ** 30:.1f} GiB of KV cache, more than the {budget / 2 ** 30:.1f} GiB allowed "
-                  f"(max_cache_gb); decoding {slots} sequences at a time", file=sys.stderr)
+                  f"(max_cache_gb); decoding at most {slots} at a time", file=sys.stderr)
         return layout
 
     @contextmanager
