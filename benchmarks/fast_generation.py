@@ -183,9 +183,10 @@ def main() -> None:
             except Exception:  # a failed capture: report it, then measure the same bucketed steps without graphs
                 traceback.print_exc()
                 lean = run_lean(build, args, prompts, params, record, decode="static", tag=tag)
-        if "dynamic" not in skip:
-            (_, t_dyn, s_dyn, _), (_, t_lean, s_lean, _) = rows[-2:]
-            ratios.append(t_lean / s_lean / (t_dyn / s_dyn))
+        if "dynamic" not in skip:  # this repeat's last dynamic and last lean rows
+            dyn = next(r for r in reversed(rows) if r[0].startswith("transformers generate, dynamic"))
+            fast = next(r for r in reversed(rows) if r[0].startswith("selfalign lean"))
+            ratios.append(fast[1] / fast[2] / (dyn[1] / dyn[2]))
     if len(ratios) > 1:
         print(f"lean vs dynamic, each repeat: {', '.join(f'{r:.2f}x' for r in ratios)}; median "
               f"{statistics.median(ratios):.2f}x", flush=True)

@@ -44,7 +44,8 @@ def make_generator(backend: str = "auto", model: str | None = None, **options) -
     if backend == "vllm":  # optional: only when the user has vllm (a CUDA machine); never chosen by "auto"
         from selfalign.generation.vllm_backend import VLLMGenerator
 
-        options.pop("batch_size", None)  # vLLM schedules its own batches
+        options.pop("batch_size", None)  # vLLM schedules its own batches (and sizes its own KV cache)
+        options.pop("max_cache_gb", None)
         options.pop("device", None)
         return VLLMGenerator(model=model, **options)
     from selfalign.errors import SelfalignError

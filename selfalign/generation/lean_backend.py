@@ -146,6 +146,9 @@ class LeanGenerator(TransformersGenerator):
         dec = self.decoder
         dec.allocate_blocks(self._cache_plan([len(encoded[i]) + params.max_new_tokens for i, _ in wanted]))
         slots = dec.slots
+        # encode() refuses prompts that leave max_new_tokens no room in the model's context, but a subclass may add
+        # tokens after that check (reviser.prefixed_generator): such a sequence ends at the context's last position
+        limit = dec.max_positions
 
         waiting = list(reversed(wanted))  # pop() takes the longest prompt first
         live: list[_Sequence] = []
@@ -178,9 +181,8 @@ class LeanGenerator(TransformersGenerator):
                     stopped = tok in self.eos_ids
                     if not stopped:
                         seq.tokens.append(tok)
-                    # (a slot always has room for max_new_tokens: cache_layout, and encode() refused prompts that
-                    # leave the model's context no room)
-                    if stopped or len(seq.tokens) >= params.max_new_tokens or (
+                    # (within the context, a slot always has room for max_new_tokens: cache_layout)
+                    if stopped or len(seq.tokens) >= params.max_new_tokens or seq.length + 1 >= limit or (
                             params.stop and self._at_stop(seq.tokens, params.stop)):
                         done.extend(finish(seq, stopped))
                         bar.update(1 if per_prompt > 1 else params.n)

@@ -44,7 +44,7 @@ def test_padded_step_matches_the_unpadded_step(embedded_model_dir):
     with torch.inference_mode():
         for step in ("grouped", "padded"):
             dec.allocate(8, 64)
-            dec.forward_full(ids.expand(3, -1).contiguous(), torch.tensor([0, 1, 2]))
+            dec.forward_full(ids.expand(3, -1).contiguous(), [0, 1, 2])
             tokens = torch.tensor([11, 12, 13])
             positions = torch.full((3,), ids.shape[1])
             if step == "grouped":
