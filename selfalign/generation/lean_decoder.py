@@ -243,7 +243,8 @@ class LeanDecoder:
         """Next-token logits (fp32, row-major: sampling reads them row by row). On CPU the weight-major product
         (see _linear) leaves them vocab-major, and transposing 64 x 49,152 floats in one piece takes ~11 ms, most
         of a decode step's non-matmul time; done in slices of LOGIT_CHUNK vocabulary rows, each slice's transpose
-        stays in cache. Same bits as one product: checked at 16-200 rows on SmolLM2 (vocabulary 49,152, tests/generation/test_lean_backend.py) and on Qwen2.5-Coder-1.5B (151,936: a last slice of 384 rows)."""
+        stays in cache. Same bits as one product: checked at 16-200 rows on SmolLM2 (vocabulary 49,152,
+        tests/generation/test_lean_backend.py) and on Qwen2.5-Coder-1.5B (151,936: a last slice of 384 rows)."""
         rows = hidden.numel() // hidden.shape[-1]
         if not self.weight_major or rows < WEIGHT_MAJOR_MIN_ROWS:
             return self._linear(hidden, self.lm_head).float().contiguous()
