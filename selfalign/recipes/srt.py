@@ -73,7 +73,9 @@ class CritiqueConfig:
     retries: int = 2  # [R] re-samples of a malformed critique before it is dropped
     retry_temperature: float = 0.3  # [R] a retry at T = 0 would repeat the same text on a local model
     drop_truncated: bool = True  # a critique cut off at max_new_tokens has an incomplete refinement
-    batch_size: int = 8  # local backend
+    # local backend: sequences decoded together; None: the backend's default (128 lean, capped by free memory).
+    # A 1.5B critic on the lean backend decodes 6.5 tokens/s at 8 rows and 26.7 at 64 (benchmarks/RESULTS.md)
+    batch_size: int | None = None
     # [R] not in the paper (GPT-4 writes the score): a critique complete but for its "Overall Score: [[n]]" line is
     # asked for the score in one follow-up turn (greedy), and the line is put back before the improved response.
     # Small local critics skip the rating step (Qwen2.5-Coder-1.5B: 32 of 32 at T = 0, benchmarks/RESULTS.md).
