@@ -216,7 +216,8 @@ class LeanGenerator(TransformersGenerator):
         """The KV cache blocks for sequences needing `needs` positions (longest first): up to batch_size slots,
         fewer when the cache would exceed max_cache_gb (default: half the free memory). Graph steps attend over one
         span for all rows, so they get a single block."""
-        slots = max(1, min(self.batch_size, len(needs)))
+        wanted = max(1, min(self.batch_size, len(needs)))
+        slots = wanted
         budget = self.max_cache_gb * 2 ** 30 if self.max_cache_gb is not None else kv_cache_budget(self.device)
         blocks = 1 if self.graphs is not None else CACHE_BLOCKS
         layout = cache_layout(needs, slots, blocks)
@@ -225,8 +226,8 @@ class LeanGenerator(TransformersGenerator):
         while slots > 1 and size(layout) > budget:
             slots = max(1, slots * 3 // 4)
             layout = cache_layout(needs, slots, blocks)
-        if slots < min(self.batch_size, len(needs)):
-            print(f"selfalign: lean backend: {min(self.batch_size, len(needs))} slots would need "
+        if slots < wanted:
+            print(f"selfalign: lean backend: {wanted} slots would need "
                   f"{wanted_bytes / 2 ** 30:.1f} GiB of KV cache, more than the {budget / 2 ** 30:.1f} GiB allowed "
                   f"(max_cache_gb); decoding at most {slots} at a time", file=sys.stderr)
         return layout
