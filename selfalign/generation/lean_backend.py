@@ -15,6 +15,11 @@ draw from what is left.
 Decode steps run one of three ways (`decode=`): "grouped" (CPU default) splits attention by sequence length, which
 reads the lengths on the host; "graphs" (CUDA default) replays CUDA-graph-captured steps of bucketed shapes
 (cuda_graphs.DecodeGraphs); "static" is the graphs' bucketed path run eagerly, for testing it on a CPU.
+
+The KV cache is freed when a call ends (recipes train right after generating, in the same process), except with
+"graphs" and "static" steps: there the one-block cache and the graphs captured against it stay until `close()` (or
+until the generator is dropped), and the next call reuses both when its sequences fit, so only the first call pays
+for capturing.
 """
 
 from __future__ import annotations
@@ -126,6 +131,14 @@ class LeanGenerator(TransformersGenerator):
             decode = "graphs" if self.device.type == "cuda" else "grouped"
         self.decode = decode
         self.graphs = DecodeGraphs(self.decoder, capture=decode == "graphs") if decode != "grouped" else None
+        # captured graphs point into the cache: keeping both lets the next call replay them instead of capturing again
+        self.keep_cache = self.graphs is not None
+
+    def close(self) -> None:
+        """Free the KV cache and the graphs captured against it."""
+        self.decoder.release()
+        if self.graphs is not None:
+            self.graphs.reset()
 
     # -- generation --------------------------------------------------------------------------------------------
     def generate(self, prompts: Sequence[Prompt], params: SamplingParams, on_batch: OnBatch | None = None,
@@ -218,7 +231,10 @@ class LeanGenerator(TransformersGenerator):
         span for all rows, so they get a single block."""
         wanted = max(1, min(self.batch_size, len(needs)))
         slots = wanted
-        budget = self.max_cache_gb * 2 ** 30 if self.max_cache_gb is not None else kv_cache_budget(self.device)
+        if self.max_cache_gb is not None:
+            budget = self.max_cache_gb * 2 ** 30
+        else:  # a cache kept from the last call is ours to reuse or replace: count it as free
+            budget = kv_cache_budget(self.device) + self.decoder.cache_bytes // 2
         blocks = 1 if self.graphs is not None else CACHE_BLOCKS
         layout = cache_layout(needs, slots, blocks)
         size = lambda lay: sum(n * length for n, length in lay) * self.decoder.bytes_per_token  # noqa: E731
@@ -234,14 +250,16 @@ class LeanGenerator(TransformersGenerator):
 
     @contextmanager
     def _holding_cache(self):
-        """Release the KV cache (gigabytes) and the graphs that point into it when generation ends, also when it
-        fails or is interrupted: recipes train right after generating, in the same process."""
+        """Release the KV cache (gigabytes) and the graphs that point into it when generation ends (unless
+        keep_cache), and always when it fails or is interrupted: recipes train right after generating, in the same
+        process."""
         try:
             yield
-        finally:
-            self.decoder.release()
-            if self.graphs is not None:
-                self.graphs.reset()
+        except BaseException:
+            self.close()
+            raise
+        if not self.keep_cache:
+            self.close()
 
     def _at_stop(self, tokens: list[int], stop: tuple[str, ...]) -> bool:
         """Whether the text so far holds a stop string; only the last few tokens are decoded (a stop string is

@@ -151,6 +151,10 @@ class LeanDecoder:
         self.blocks = []
 
     @property
+    def cache_bytes(self) -> int:
+        return sum(b.tensor.numel() * b.tensor.element_size() for b in self.blocks)
+
+    @property
     def layout(self) -> list[tuple[int, int]]:
         return [(b.stop - b.start, b.length) for b in self.blocks]
 

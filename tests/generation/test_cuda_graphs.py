@@ -67,3 +67,29 @@ def test_the_captured_step_makes_no_host_reads(embedded_model_dir):
         assert logits.shape == (4, model.config.vocab_size) and logits.device.type == "meta"
         with pytest.raises(RuntimeError, match="meta"):  # the grouped CPU path reads positions on the host
             dec.decode_step(tokens, positions)
+
+
+def test_fixed_span_steps_keep_the_cache_between_calls(embedded_model_dir, data_dir):
+    """Graphs point into the cache, so with fixed-span steps the cache (and the graphs) outlive a call: a second
+    call that fits reuses both and answers as a fresh generator does; close() frees them."""
+    prompts = load_prompts(data_dir / "prompts" / "unlabelled_pool.jsonl", limit=4)
+    params = SamplingParams(temperature=0.7, top_p=0.9, max_new_tokens=24, n=2, seed=3)
+    gen = LeanGenerator(str(embedded_model_dir), batch_size=8, decode="static")
+    first = gen.generate(prompts, params, progress=False)
+    cache, steps = gen.decoder.cache, dict(gen.graphs.graphs)
+    assert cache is not None and steps
+    again = gen.generate(prompts[:3], params, progress=False)  # shorter: fits the kept cache
+    assert gen.decoder.cache is cache
+    assert all(gen.graphs.graphs.get(k) is v for k, v in steps.items())  # the buckets built before are reused
+    fresh = LeanGenerator(str(embedded_model_dir), batch_size=8, decode="static").generate(prompts[:3], params,
+                                                                                          progress=False)
+    assert [r.response for r in again] == [r.response for r in fresh] == [r.response for r in first[:6]]
+    gen.close()
+    assert gen.decoder.cache is None and not gen.graphs.graphs
+
+
+def test_the_grouped_path_frees_the_cache_after_each_call(embedded_model_dir, data_dir):
+    prompts = load_prompts(data_dir / "prompts" / "unlabelled_pool.jsonl", limit=2)
+    gen = LeanGenerator(str(embedded_model_dir), batch_size=4, decode="grouped")
+    gen.generate(prompts, SamplingParams(temperature=0, max_new_tokens=8), progress=False)
+    assert gen.decoder.cache_bytes == 0
