@@ -40,6 +40,7 @@ from selfalign.generation.lean_backend import LeanGenerator  # noqa: E402
 from selfalign.generation.transformers_backend import TransformersGenerator  # noqa: E402
 from selfalign.models import load_tokenizer  # noqa: E402
 
+ABLATION = " [overlap ablation]"  # marks the --overlap-ablation row, which the repeat ratios leave out
 SHAPES = {  # real SmolLM2 configurations, for random-init speed runs
     "smollm2-135m": dict(hidden_size=576, intermediate_size=1536, num_hidden_layers=30, num_attention_heads=9,
                          num_key_value_heads=3),
@@ -99,8 +100,9 @@ def timed(gen, prompts, params) -> tuple[int, float]:
 
 def lean_row(lean, args, prompts, params, record, tag: str = "", first_call: float | None = None) -> None:
     toks, secs = timed(lean, prompts, params)
-    record(f"selfalign lean, continuous batching, {args.batch_size} slots, {lean.decode} steps{tag}", toks, secs,
-           first_call)
+    overlap = ", overlapped" if lean.overlap else ""
+    record(f"selfalign lean, continuous batching, {args.batch_size} slots, {lean.decode} steps{overlap}{tag}", toks,
+           secs, first_call)
 
 
 def run_lean(build, args, prompts, params, record, decode: str = "auto", tag: str = ""):
@@ -115,6 +117,10 @@ def run_lean(build, args, prompts, params, record, decode: str = "auto", tag: st
         print(f"lean first call {first_call:.1f} s, of which graph capture {lean.graphs.capture_seconds:.1f} s "
               f"({len(lean.graphs.graphs)} graphs)", flush=True)
     lean_row(lean, args, prompts, params, record, tag, first_call)
+    if args.overlap_ablation:  # the same generator (and graphs) with the other host/device scheduling
+        lean.overlap = not lean.overlap
+        lean_row(lean, args, prompts, params, record, tag + ABLATION)
+        lean.overlap = not lean.overlap
     if args.check_graphs and lean.decode != "static":  # CUDA: graph replay vs eager; CPU: grouped vs bucketed steps
         eager = build(LeanGenerator, args.batch_size, decode="static")
         for name, p in (("greedy answers", SamplingParams(temperature=0, max_new_tokens=args.max_new_tokens)),
@@ -136,6 +142,8 @@ def main() -> None:
     ap.add_argument("--prompt-tokens", type=int, default=0, help="make every prompt this many tokens (0: as is)")
     ap.add_argument("--check-graphs", type=int, default=0,
                     help="CUDA: compare this many answers from graph replay with the eager bucketed steps")
+    ap.add_argument("--overlap-ablation", action="store_true",
+                    help="also time the lean row with overlap switched (LeanGenerator.overlap; on by default on CUDA)")
     ap.add_argument("--n", type=int, default=2, help="samples per prompt")
     ap.add_argument("--max-new-tokens", type=int, default=200)
     ap.add_argument("--batch-size", type=int, default=DEFAULT_BATCH_SIZE["lean"],
@@ -190,7 +198,7 @@ def main() -> None:
                 lean = run_lean(build, args, prompts, params, record, decode="static", tag=tag)
         if "dynamic" not in skip:  # this repeat's last dynamic and last lean rows
             dyn = next(r for r in reversed(rows) if r[0].startswith("transformers generate, dynamic"))
-            fast = next(r for r in reversed(rows) if r[0].startswith("selfalign lean"))
+            fast = next(r for r in reversed(rows) if r[0].startswith("selfalign lean") and ABLATION not in r[0])
             ratios.append(fast[1] / fast[2] / (dyn[1] / dyn[2]))
     if len(ratios) > 1:
         print(f"lean vs dynamic, each repeat: {', '.join(f'{r:.2f}x' for r in ratios)}; median "

@@ -16,6 +16,13 @@ Decode steps run one of three ways (`decode=`): "grouped" (CPU default) splits a
 reads the lengths on the host; "graphs" (CUDA default) replays CUDA-graph-captured steps of bucketed shapes
 (cuda_graphs.DecodeGraphs); "static" is the graphs' bucketed path run eagerly, for testing it on a CPU.
 
+Overlap (`overlap=`, default on CUDA): the host must read each step's sampled tokens to see which sequences end, and
+on a GPU that read waits for the step. With overlap, step t+1 is launched with step t's tokens before the host reads
+them, so the GPU decodes while the host records tokens, writes finished answers and refills slots; a sequence that
+turns out to have ended spends one wasted row in that step, whose result is dropped. Per-step inputs go to the
+device from pinned memory without a wait. The answers are the same either way (each sequence's tokens and random
+draws do not depend on its neighbours); on a CPU, where nothing runs in parallel, overlap only adds the wasted rows.
+
 The KV cache is freed when a call ends (recipes train right after generating, in the same process), except with
 "graphs" and "static" steps: there the one-block cache and the graphs captured against it stay until `close()` (or
 until the generator is dropped), and the next call reuses both when its sequences fit, so only the first call pays
@@ -119,9 +126,10 @@ class LeanGenerator(TransformersGenerator):
 
     backend = "lean"
 
-    def __init__(self, *args, decode: str = "auto", max_cache_gb: float | None = None, **kwargs):
-        """decode: see the module docstring. max_cache_gb: the most memory the KV cache may take (default: half
-        of what is free when generation starts); fewer slots are used when the batch would need more."""
+    def __init__(self, *args, decode: str = "auto", max_cache_gb: float | None = None, overlap: bool | None = None,
+                 **kwargs):
+        """decode, overlap: see the module docstring. max_cache_gb: the most memory the KV cache may take (default:
+        half of what is free when generation starts); fewer slots are used when the batch would need more."""
         super().__init__(*args, **kwargs)
         self.max_cache_gb = max_cache_gb
         if decode not in DECODE_MODES:
@@ -133,6 +141,7 @@ class LeanGenerator(TransformersGenerator):
         self.graphs = DecodeGraphs(self.decoder, capture=decode == "graphs") if decode != "grouped" else None
         # captured graphs point into the cache: keeping both lets the next call replay them instead of capturing again
         self.keep_cache = self.graphs is not None
+        self.overlap = self.device.type == "cuda" if overlap is None else overlap
 
     def close(self) -> None:
         """Free the KV cache and the graphs captured against it."""
@@ -179,51 +188,82 @@ class LeanGenerator(TransformersGenerator):
             return [self._response(p, text, params, s, "stop" if stopped else "length", n_tok, self.backend)
                     for s in idx if (p.id, s) not in skip]
 
+        def retire(tokens: list[int], fed: int) -> list[int]:
+            """Record each live sequence's newest token (fed: whether it is already in the cache), finish those that
+            end, and return the indices of those that go on."""
+            done, keep = [], []
+            for k, (seq, tok) in enumerate(zip(live, tokens)):
+                stopped = tok in self.eos_ids
+                if not stopped:
+                    seq.tokens.append(tok)
+                # (within the context, a slot always has room for max_new_tokens: cache_layout)
+                if stopped or len(seq.tokens) >= params.max_new_tokens or seq.length - fed + 1 >= limit or (
+                        params.stop and self._at_stop(seq.tokens, params.stop)):
+                    done.extend(finish(seq, stopped))
+                    bar.update(1 if per_prompt > 1 else params.n)
+                else:
+                    keep.append(k)
+            if len(keep) < len(live):
+                self._compact(live, [live[k] for k in keep])
+            if done:
+                results.extend(done)
+                if on_batch is not None:
+                    on_batch(done)
+            return keep
+
         with torch.inference_mode(), self._holding_cache():
             while waiting or live:
-                done: list[Response] = []
                 admitted = _take_whole_prompts(waiting, slots - len(live), slots)
                 if admitted:
                     new = [self._sequence(i, s, prompts, encoded, params) for i, s in admitted]
                     first = self._admit(new, encoded, params, len(live))
                     live.extend(new)
                     pending = torch.cat([pending, first])
-                # record the pending tokens; sequences that stop leave, the rest decode one more step
-                keep, kept_tokens = [], []
-                for seq, tok in zip(live, pending.tolist()):
-                    stopped = tok in self.eos_ids
-                    if not stopped:
-                        seq.tokens.append(tok)
-                    # (within the context, a slot always has room for max_new_tokens: cache_layout)
-                    if stopped or len(seq.tokens) >= params.max_new_tokens or seq.length + 1 >= limit or (
-                            params.stop and self._at_stop(seq.tokens, params.stop)):
-                        done.extend(finish(seq, stopped))
-                        bar.update(1 if per_prompt > 1 else params.n)
-                    else:
-                        keep.append(seq)
-                        kept_tokens.append(tok)
-                if len(keep) < len(live):
-                    self._compact(live, keep)
-                    live = keep
-                if done:
-                    results.extend(done)
-                    if on_batch is not None:
-                        on_batch(done)
-                if not live:
+                if self.overlap:  # the next step decodes while the host reads this one's tokens
+                    seen, ready = self._to_host(pending)
+                    ahead = self._step(live, pending, params, unseen=1)
+                    if ready is not None:
+                        ready.synchronize()
+                    keep = retire(seen.tolist(), fed=1)
+                    live = [live[k] for k in keep]
+                    pending = ahead if len(keep) == len(ahead) else ahead[self._to_device(keep)]
+                else:  # read the tokens, then decode one more step for the sequences that go on
+                    tokens = pending.tolist()
+                    keep = retire(tokens, fed=0)
+                    live = [live[k] for k in keep]
                     pending = pending[:0]
-                    continue
-                positions = torch.tensor([s.length for s in live], device=self.device)
-                tokens = torch.tensor(kept_tokens, device=self.device)
-                if self.graphs is None:
-                    logits = dec.decode_step(tokens, positions)
-                else:
-                    logits = self.graphs.step(tokens, positions, span=max(s.length for s in live) + 1)
-                for s in live:
-                    s.length += 1
-                pending = sample_tokens(logits, params, self._uniforms(live, params))
+                    if live:
+                        pending = self._step(live, self._to_device([tokens[k] for k in keep]), params, unseen=0)
         bar.close()
         by_key = {r.key: r for r in results}
         return [by_key[(p.id, s)] for p in prompts for s in range(params.n) if (p.id, s) in by_key]
+
+    def _step(self, live: list[_Sequence], tokens: torch.Tensor, params: SamplingParams, unseen: int) -> torch.Tensor:
+        """Decode `tokens` (one per live sequence, in slot order) and sample each sequence's next token. unseen: 1
+        when the host has not yet recorded `tokens` (overlap), so each sequence's draw index is one past its tokens."""
+        positions = self._to_device([s.length for s in live])
+        if self.graphs is None:
+            logits = self.decoder.decode_step(tokens, positions)
+        else:
+            logits = self.graphs.step(tokens, positions, span=max(s.length for s in live) + 1)
+        for s in live:
+            s.length += 1
+        return sample_tokens(logits, params, self._uniforms(live, params, unseen))
+
+    def _to_device(self, values: list[int]) -> torch.Tensor:
+        """Host integers as a device tensor, without waiting for the GPU: a plain copy from pageable memory
+        synchronises with the device, a copy from pinned memory is queued behind the running step."""
+        t = torch.tensor(values, dtype=torch.long)
+        return t if self.device.type != "cuda" else t.pin_memory().to(self.device, non_blocking=True)
+
+    def _to_host(self, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.cuda.Event | None]:
+        """A copy of `tokens` on the host, queued on the device, and the event after which it may be read."""
+        if tokens.device.type != "cuda":
+            return tokens, None
+        seen = tokens.to("cpu", non_blocking=True)  # into pinned memory
+        ready = torch.cuda.Event()
+        ready.record()
+        return seen, ready
 
     def _cache_plan(self, needs: list[int]) -> list[tuple[int, int]]:
         """The KV cache blocks for sequences needing `needs` positions (longest first): up to batch_size slots,
@@ -271,12 +311,12 @@ class LeanGenerator(TransformersGenerator):
         """Sample s of prompt i, with its own random stream."""
         return _Sequence(i, s, sequence_seed(params.seed, prompts[i].id, s), length=len(encoded[i]))
 
-    def _uniforms(self, seqs: list[_Sequence], params: SamplingParams) -> torch.Tensor | None:
-        """Each sequence's next random number: draw number len(tokens) of its own stream."""
+    def _uniforms(self, seqs: list[_Sequence], params: SamplingParams, unseen: int = 0) -> torch.Tensor | None:
+        """Each sequence's next random number: draw number len(tokens) + unseen of its own stream."""
         if params.greedy:
             return None
-        keys = torch.tensor([s.key for s in seqs], device=self.device)
-        return counter_uniforms(keys, torch.tensor([len(s.tokens) for s in seqs], device=self.device))
+        keys = self._to_device([s.key for s in seqs])
+        return counter_uniforms(keys, self._to_device([len(s.tokens) + unseen for s in seqs]))
 
     def _admit(self, new: list[_Sequence], encoded, params, first_slot: int) -> torch.Tensor:
         """Prefill the prompts of `new` (each prompt once, however many of its samples arrive) into slots

@@ -185,3 +185,31 @@ def test_stop_strings_end_generation_the_same_way_in_both_backends(reference, le
             stopped += 1
             assert short.finish_reason == "stop" and short.num_tokens < long.num_tokens
     assert stopped >= 2  # real answers of 40 tokens hold a sentence end or a newline
+
+
+@pytest.mark.parametrize("decode", ["grouped", "static"])
+def test_overlapped_steps_give_the_same_answers(embedded_model_dir, reference, prompts, decode):
+    """With overlap (the CUDA default) each step is launched before the host has read the previous step's tokens:
+    greedy answers, finish reasons, token counts and seeded samples must be those of the plain loop, also when
+    slots refill mid-run, stop strings cut answers and sequences run into the end of the context."""
+    four = prompts[:4]
+    plain = LeanGenerator(str(embedded_model_dir), batch_size=3, decode=decode, overlap=False)
+    ahead = LeanGenerator(str(embedded_model_dir), batch_size=3, decode=decode, overlap=True)
+    greedy = SamplingParams(temperature=0, max_new_tokens=24)
+    for params in (greedy, SamplingParams(temperature=0.8, top_p=0.9, max_new_tokens=12, n=2, seed=5),
+                   SamplingParams(temperature=0, max_new_tokens=24, stop=(". ", "\n"))):
+        a = plain.generate(four, params, progress=False)
+        b = ahead.generate(four, params, progress=False)
+        assert [(r.response, r.num_tokens, r.finish_reason) for r in b] == \
+               [(r.response, r.num_tokens, r.finish_reason) for r in a]
+        if params.stop:  # the stop strings did cut answers
+            assert any(r.finish_reason == "stop" and r.num_tokens < 24 for r in a)
+    # a context that ends 8 positions after the longest prompt: answers stop there, in both loops alike (and the
+    # overlapped loop's one step ahead must still fit in the cache)
+    longest = max(len(ids) for ids in plain.encode(four, 1))
+    for gen in (plain, ahead):
+        gen.decoder.max_positions = longest + 8
+    a, b = (gen.generate(four, greedy, progress=False) for gen in (plain, ahead))
+    assert [(r.response, r.num_tokens, r.finish_reason) for r in b] == \
+           [(r.response, r.num_tokens, r.finish_reason) for r in a]
+    assert min(r.num_tokens for r in a) < 24  # the context's end did cut answers
