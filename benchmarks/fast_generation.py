@@ -101,7 +101,7 @@ def timed(gen, prompts, params) -> tuple[int, float]:
 def lean_row(lean, args, prompts, params, record, tag: str = "", first_call: float | None = None) -> None:
     toks, secs = timed(lean, prompts, params)
     overlap = ", overlapped" if lean.overlap else ""
-    record(f"selfalign lean, continuous batching, {args.batch_size} slots, {lean.decode} steps{overlap}{tag}", toks,
+    record(f"selfalign lean, continuous batching, {lean.last_slots} slots, {lean.decode} steps{overlap}{tag}", toks,
            secs, first_call)
 
 

@@ -28,6 +28,11 @@ def make_generator(backend: str = "auto", model: str | None = None, **options) -
                                           **options)
         on_cpu = reference.device.type == "cpu"
         if backend == "transformers" or (backend == "auto" and not (on_cpu and supports(reference.model))):
+            if max_cache_gb is not None:
+                import sys
+
+                print("selfalign: max_cache_gb applies to the lean backend only; the transformers backend sizes its "
+                      "cache per batch (lower batch_size to use less memory)", file=sys.stderr)
             return reference
         if not supports(reference.model):
             from selfalign.errors import SelfalignError

@@ -142,6 +142,7 @@ class LeanGenerator(TransformersGenerator):
         # captured graphs point into the cache: keeping both lets the next call replay them instead of capturing again
         self.keep_cache = self.graphs is not None
         self.overlap = self.device.type == "cuda" if overlap is None else overlap
+        self.last_slots = 0  # sequences the last call decoded at once
 
     def close(self) -> None:
         """Free the KV cache and the graphs captured against it."""
@@ -167,7 +168,7 @@ class LeanGenerator(TransformersGenerator):
             return []
         dec = self.decoder
         dec.allocate_blocks(self._cache_plan([len(encoded[i]) + params.max_new_tokens for i, _ in wanted]))
-        slots = dec.slots
+        slots = self.last_slots = dec.slots  # (fewer than batch_size when max_cache_gb caps the cache)
         # encode() refuses prompts that leave max_new_tokens no room in the model's context, but a subclass may add
         # tokens after that check (reviser.prefixed_generator): such a sequence ends at the context's last position
         limit = dec.max_positions

@@ -109,7 +109,7 @@ def test_greedy_parity_through_cache_blocks_and_a_memory_cap(embedded_model_dir,
     # a cap smaller than 4 slots' cache: fewer slots, same answers, and the user is told
     gen.max_cache_gb = 2 * 280 * gen.decoder.bytes_per_token / 2 ** 30
     capped = gen.generate(prompts, params, progress=False)
-    assert sum(k for k, _ in layouts[-1]) < 4
+    assert sum(k for k, _ in layouts[-1]) < 4 and gen.last_slots == sum(k for k, _ in layouts[-1])
     assert "slots would need" in capsys.readouterr().err
     assert [r.response for r in capped] == [r.response for r in expected]
 

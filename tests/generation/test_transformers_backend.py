@@ -58,3 +58,10 @@ def test_on_batch_streams_results(gen):
     seen = []
     gen.generate(prompts, SamplingParams(temperature=0, max_new_tokens=4), on_batch=seen.append, progress=False)
     assert len(seen) == 2 and sum(len(b) for b in seen) == 5  # batch size 4: two batches, written as they finish
+
+
+def test_a_kv_cache_cap_for_the_transformers_backend_is_reported_not_ignored(embedded_model_dir, capsys):
+    from selfalign.generation import make_generator
+
+    make_generator("transformers", str(embedded_model_dir), max_cache_gb=1.0)
+    assert "max_cache_gb applies to the lean backend only" in capsys.readouterr().err
