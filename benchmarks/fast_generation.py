@@ -22,6 +22,7 @@ on its second identical call; its first call (compile included) is the last colu
 from __future__ import annotations
 
 import argparse
+import collections
 import datetime
 import os
 import platform
@@ -29,6 +30,7 @@ import statistics
 import subprocess
 import time
 import traceback
+import warnings
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
@@ -121,15 +123,35 @@ def run_lean(build, args, prompts, params, record, decode: str = "auto", tag: st
         lean.overlap = not lean.overlap
         lean_row(lean, args, prompts, params, record, tag + ABLATION)
         lean.overlap = not lean.overlap
-    if args.check_graphs and lean.decode != "static":  # CUDA: graph replay vs eager; CPU: grouped vs bucketed steps
-        eager = build(LeanGenerator, args.batch_size, decode="static")
+    if lean.device.type == "cuda":
+        count_syncs(lean, prompts, params)
+    if args.check_graphs and lean.decode != "static":
+        # CUDA: graph replay (overlapped) vs eager steps in the plain loop; CPU: grouped vs bucketed steps
+        eager = build(LeanGenerator, args.batch_size, decode="static", overlap=False)
         for name, p in (("greedy answers", SamplingParams(temperature=0, max_new_tokens=args.max_new_tokens)),
                         ("seeded samples", params)):
             a = lean.generate(prompts[:args.check_graphs], p, progress=False)
             b = eager.generate(prompts[:args.check_graphs], p, progress=False)
             same = sum(x.response == y.response for x, y in zip(a, b))
-            print(f"{lean.decode} vs static-eager parity: {same}/{len(a)} {name} identical", flush=True)
+            print(f"{lean.decode}{' overlapped' if lean.overlap else ''} vs static-eager plain-loop parity: "
+                  f"{same}/{len(a)} {name} identical", flush=True)
     return lean
+
+
+def count_syncs(lean, prompts, params) -> None:
+    """Where one lean call makes the host wait for the GPU (torch's sync debug mode warns at each such call, from
+    the Python line that made it). In the overlapped loop only the read of each step's tokens should wait, and
+    admissions: anything else per step is a stall to fix."""
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        torch.cuda.set_sync_debug_mode("warn")
+        try:
+            lean.generate(prompts, params, progress=False)
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+    where = collections.Counter(f"{os.path.basename(w.filename)}:{w.lineno}" for w in caught)
+    print(f"host-device syncs in one lean call ({params.max_new_tokens} new tokens): {sum(where.values())}; "
+          f"{', '.join(f'{k} x{n}' for k, n in where.most_common(8)) or 'none'}", flush=True)
 
 
 def main() -> None:

@@ -45,7 +45,7 @@ def evaluate_checkpoint(model_dir: str | Path, label: str, config: EvalConfig, e
     metrics = evaluate_alpaca(gen, eval_judge(config, eval_root), eval_root / label, limit=config.instructions,
                               seed=config.seed, params=SamplingParams(temperature=0.0,
                                                                       max_new_tokens=config.max_new_tokens))
-    del gen
+    gen.close()
     return {k: metrics.get(k) for k in ("win_rate", "standard_error", "length_controlled_winrate", "n_total",
                                         "n_unparsed", "position_consistency", "avg_length", "annotator")}
 

@@ -42,7 +42,7 @@ from tqdm.auto import tqdm
 from selfalign.data.records import Prompt, Response
 from selfalign.generation.base import OnBatch, SamplingParams, cut_at_stop, sequence_seed
 from selfalign.generation.cuda_graphs import DecodeGraphs
-from selfalign.generation.lean_decoder import LeanDecoder
+from selfalign.generation.lean_decoder import LeanDecoder, to_device
 from selfalign.generation.sampling import counter_uniforms, sample_tokens
 from selfalign.generation.transformers_backend import TransformersGenerator
 
@@ -167,7 +167,11 @@ class LeanGenerator(TransformersGenerator):
             bar.close()
             return []
         dec = self.decoder
-        dec.allocate_blocks(self._cache_plan([len(encoded[i]) + params.max_new_tokens for i, _ in wanted]))
+        plan = self._cache_plan([len(encoded[i]) + params.max_new_tokens for i, _ in wanted])
+        if not dec.holds(plan) or (self.max_cache_gb is not None and dec.cache_bytes > self.max_cache_gb * 2 ** 30):
+            # free a kept cache, and the graphs that still reference it, before allocating: never two at once
+            self.close()
+        dec.allocate_blocks(plan)
         slots = self.last_slots = dec.slots  # (fewer than batch_size when max_cache_gb caps the cache)
         # encode() refuses prompts that leave max_new_tokens no room in the model's context, but a subclass may add
         # tokens after that check (reviser.prefixed_generator): such a sequence ends at the context's last position
@@ -222,7 +226,7 @@ class LeanGenerator(TransformersGenerator):
                     pending = torch.cat([pending, first])
                 if self.overlap:  # the next step decodes while the host reads this one's tokens
                     seen, ready = self._to_host(pending)
-                    ahead = self._step(live, pending, params, unseen=1)
+                    ahead = self._step(live, pending, params, unseen=1, limit=limit)
                     if ready is not None:
                         ready.synchronize()
                     keep = retire(seen.tolist(), fed=1)
@@ -234,28 +238,31 @@ class LeanGenerator(TransformersGenerator):
                     live = [live[k] for k in keep]
                     pending = pending[:0]
                     if live:
-                        pending = self._step(live, self._to_device([tokens[k] for k in keep]), params, unseen=0)
+                        pending = self._step(live, self._to_device([tokens[k] for k in keep]), params, unseen=0,
+                                             limit=limit)
         bar.close()
         by_key = {r.key: r for r in results}
         return [by_key[(p.id, s)] for p in prompts for s in range(params.n) if (p.id, s) in by_key]
 
-    def _step(self, live: list[_Sequence], tokens: torch.Tensor, params: SamplingParams, unseen: int) -> torch.Tensor:
+    def _step(self, live: list[_Sequence], tokens: torch.Tensor, params: SamplingParams, unseen: int,
+              limit: int) -> torch.Tensor:
         """Decode `tokens` (one per live sequence, in slot order) and sample each sequence's next token. unseen: 1
-        when the host has not yet recorded `tokens` (overlap), so each sequence's draw index is one past its tokens."""
-        positions = self._to_device([s.length for s in live])
+        when the host has not yet recorded `tokens` (overlap), so each sequence's draw index is one past its tokens.
+        Positions stop at the context's last one: the plain loop never goes past it, but the overlapped step runs
+        ahead for sequences that have already ended there (e.g. a prompt that fills the context); their results
+        are dropped."""
+        at = [min(s.length, limit - 1) for s in live]
+        positions = self._to_device(at)
         if self.graphs is None:
             logits = self.decoder.decode_step(tokens, positions)
         else:
-            logits = self.graphs.step(tokens, positions, span=max(s.length for s in live) + 1)
+            logits = self.graphs.step(tokens, positions, span=max(at) + 1)
         for s in live:
             s.length += 1
         return sample_tokens(logits, params, self._uniforms(live, params, unseen))
 
-    def _to_device(self, values: list[int]) -> torch.Tensor:
-        """Host integers as a device tensor, without waiting for the GPU: a plain copy from pageable memory
-        synchronises with the device, a copy from pinned memory is queued behind the running step."""
-        t = torch.tensor(values, dtype=torch.long)
-        return t if self.device.type != "cuda" else t.pin_memory().to(self.device, non_blocking=True)
+    def _to_device(self, values) -> torch.Tensor:
+        return to_device(values, self.device)
 
     def _to_host(self, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.cuda.Event | None]:
         """A copy of `tokens` on the host, queued on the device, and the event after which it may be read."""
@@ -338,7 +345,7 @@ class LeanGenerator(TransformersGenerator):
             ids = torch.full((len(chunk), width), self.tokenizer.pad_token_id or 0, dtype=torch.long)
             for row, i in enumerate(chunk):
                 ids[row, :len(encoded[i])] = torch.tensor(encoded[i])
-            hidden = self.decoder.forward_full(ids.to(self.device), [owner[i] for i in chunk])
+            hidden = self.decoder.forward_full(self._to_device(ids), [owner[i] for i in chunk])
             for row, i in enumerate(chunk):
                 last_hidden[i] = hidden[row, len(encoded[i]) - 1]
             start = end

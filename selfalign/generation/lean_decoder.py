@@ -39,6 +39,14 @@ def supports(model) -> bool:
     return not getattr(cfg, "use_sliding_window", False) and getattr(cfg, "hidden_act", "silu") == "silu"
 
 
+def to_device(values, device: torch.device) -> torch.Tensor:
+    """Host integers (a list or a CPU tensor) on `device` without waiting for it: on CUDA a copy from ordinary
+    memory synchronises the host with the device (the host would idle until every queued step has run), a copy
+    from pinned memory is queued behind them."""
+    t = values if isinstance(values, torch.Tensor) else torch.tensor(values, dtype=torch.long)
+    return t.to(device) if device.type != "cuda" else t.pin_memory().to(device, non_blocking=True)
+
+
 def _fuse(linears) -> torch.Tensor:
     """Concatenate the weights (or biases) of several Linear layers row-wise and make each layer's parameter a view
     into the fused tensor, so the fused matrix costs no extra memory."""
@@ -132,10 +140,9 @@ class LeanDecoder:
 
     def allocate_blocks(self, layout: list[tuple[int, int]]) -> None:
         """(Re)allocate the KV cache as blocks of (slots, capacity) in slot order."""
-        layout = [(n, min(length, self.max_positions)) for n, length in layout if n > 0]
+        layout = self._capped(layout)
         self._rope_table(max(length for _, length in layout))
-        if self.layout == layout or (len(layout) == 1 and len(self.blocks) == 1 and self.slots >= layout[0][0]
-                                     and self.max_len >= layout[0][1]):
+        if self.holds(layout):
             return
         self.release()
         blocks, start = [], 0
@@ -145,6 +152,16 @@ class LeanDecoder:
             blocks.append(CacheBlock(start, torch.zeros(shape, dtype=self.dtype, device=self.device)))
             start += n
         self.blocks = blocks
+
+    def _capped(self, layout: list[tuple[int, int]]) -> list[tuple[int, int]]:
+        return [(n, min(length, self.max_positions)) for n, length in layout if n > 0]
+
+    def holds(self, layout: list[tuple[int, int]]) -> bool:
+        """Whether the cache allocated now serves `layout` as is (allocate_blocks then keeps it)."""
+        layout = self._capped(layout)
+        return bool(self.blocks) and (self.layout == layout or (
+            len(layout) == 1 and len(self.blocks) == 1 and self.slots >= layout[0][0]
+            and self.max_len >= layout[0][1]))
 
     def release(self) -> None:
         """Free the KV cache (gigabytes at 128 slots): recipes train right after generating, in the same process."""
@@ -239,8 +256,8 @@ class LeanDecoder:
         for block in self.blocks:
             rows = [r for r, s in enumerate(slots) if block.start <= s < block.stop]
             if rows:
-                local = torch.tensor([slots[r] - block.start for r in rows], device=self.device)
-                writes.append((block, torch.tensor(rows, device=self.device), local, min(t, block.length)))
+                local = to_device([slots[r] - block.start for r in rows], self.device)
+                writes.append((block, to_device(rows, self.device), local, min(t, block.length)))
         return writes
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:

@@ -305,6 +305,7 @@ def generate(config: Config, run: Run, i: int, policy: str) -> dict:
     params = SamplingParams(temperature=s.temperature, top_p=s.top_p, max_new_tokens=s.max_new_tokens, n=1,
                             seed=s.seed + i)
     out = generate_to_file(gen, prompts, params, run.path(f"round{i}", "generations.jsonl"))
+    gen.close()  # frees a KV cache kept between calls before the reviser and training stages
     return {"responses": len(out), "truncated": sum(r.finish_reason == "length" for r in out),
             "empty": sum(not r.response.strip() for r in out)}
 
@@ -340,6 +341,7 @@ def run_reviser(config: Config, reviser: str, responses: list[Response], folder,
                                 rc.max_new_tokens or config.sampling.max_new_tokens,
                                 folder / "reviser_tags.jsonl", folder / "reviser_continuations.jsonl",
                                 rc.tag_fallback, seed=seed)
+    gen.close()
     return revisions, budget
 
 

@@ -110,6 +110,7 @@ def generate(config: Config, run: Run, i: int, policy: str) -> dict:
     params = SamplingParams(temperature=s.temperature, top_p=s.top_p, max_new_tokens=s.max_new_tokens,
                             n=config.samples_per_prompt, seed=s.seed + i)
     out = generate_to_file(gen, prompts, params, run.path(f"round{i}", "generations.jsonl"))
+    gen.close()  # frees a KV cache kept between calls before the labelling and training stages
     return {"responses": len(out), "truncated": sum(r.finish_reason == "length" for r in out)}
 
 

@@ -372,6 +372,7 @@ def answer(config: Config, run: Run, stage: str, model: str, label: str) -> dict
                             seed=s.seed + int(stage[-1]))
     out = generate_to_file(gen, read_records(run.path("data", f"{stage}_prompts.jsonl"), Prompt), params,
                            run.path(stage, "responses.jsonl"))
+    gen.close()
     return {"responses": len(out), "truncated": sum(r.finish_reason == "length" for r in out)}
 
 
@@ -462,6 +463,7 @@ def critique_stage2(config: Config, run: Run, model: str) -> dict:
     responses = read_records(run.path("stage2", "responses.jsonl"), Response)
     critiques, dropped, stats = critique_responses(gen, responses, config.sequence_format, c, run.path("stage2"),
                                                    "self:stage1", rescore=True)
+    gen.close()
     pairs, more = preference_pairs(critiques)
     write_jsonl(run.path("stage2", "critiques.jsonl"), critiques)
     write_jsonl(run.path("stage2", "pairs.jsonl"), pairs)
@@ -497,6 +499,7 @@ def evaluate_self_refined(model_dir: str, label: str, config: EvalConfig, eval_r
     params = SamplingParams(temperature=0.0, max_new_tokens=config.max_new_tokens)
     metrics = evaluate_alpaca(gen, eval_judge(config, eval_root), eval_root / label, limit=config.instructions,
                               seed=config.seed, params=params)
+    gen.close()
     rows = read_records(eval_root / label / "responses.jsonl", Response)
     out = {k: metrics.get(k) for k in ("win_rate", "standard_error", "length_controlled_winrate", "n_total",
                                        "n_unparsed", "position_consistency", "avg_length", "annotator")}

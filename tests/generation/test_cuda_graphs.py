@@ -5,6 +5,8 @@ the meta device, where any such read fails). The capture itself needs a GPU: ben
 
 from __future__ import annotations
 
+import weakref
+
 import pytest
 import torch
 
@@ -71,19 +73,33 @@ def test_the_captured_step_makes_no_host_reads(embedded_model_dir):
 
 def test_fixed_span_steps_keep_the_cache_between_calls(embedded_model_dir, data_dir):
     """Graphs point into the cache, so with fixed-span steps the cache (and the graphs) outlive a call: a second
-    call that fits reuses both and answers as a fresh generator does; close() frees them."""
+    call that fits reuses both and answers as a fresh generator does; one that does not fit frees them before
+    allocating (never two caches at once); a failed call and close() free them."""
     prompts = load_prompts(data_dir / "prompts" / "unlabelled_pool.jsonl", limit=4)
     params = SamplingParams(temperature=0.7, top_p=0.9, max_new_tokens=24, n=2, seed=3)
     gen = LeanGenerator(str(embedded_model_dir), batch_size=8, decode="static")
     first = gen.generate(prompts, params, progress=False)
-    cache, steps = gen.decoder.cache, dict(gen.graphs.graphs)
-    assert cache is not None and steps
+    cache, steps = weakref.ref(gen.decoder.cache), dict(gen.graphs.graphs)
+    assert cache() is not None and steps
     again = gen.generate(prompts[:3], params, progress=False)  # shorter: fits the kept cache
-    assert gen.decoder.cache is cache
+    assert gen.decoder.cache is cache()
     assert all(gen.graphs.graphs.get(k) is v for k, v in steps.items())  # the buckets built before are reused
     fresh = LeanGenerator(str(embedded_model_dir), batch_size=8, decode="static").generate(prompts[:3], params,
                                                                                           progress=False)
     assert [r.response for r in again] == [r.response for r in fresh] == [r.response for r in first[:6]]
+
+    allocate, alive = gen.decoder.allocate_blocks, []
+    gen.decoder.allocate_blocks = lambda layout: (alive.append(cache() is not None), allocate(layout))
+    gen.generate(prompts[:1], SamplingParams(temperature=0, max_new_tokens=40), progress=False)  # longer: no fit
+    assert alive == [False] and gen.decoder.cache is not None
+
+    def fail(batch):
+        raise RuntimeError("disk full")
+
+    with pytest.raises(RuntimeError, match="disk full"):
+        gen.generate(prompts[:2], params, on_batch=fail, progress=False)
+    assert gen.decoder.cache_bytes == 0 and not gen.graphs.graphs
+    gen.generate(prompts[:1], params, progress=False)
     gen.close()
     assert gen.decoder.cache is None and not gen.graphs.graphs
 

@@ -213,3 +213,10 @@ def test_overlapped_steps_give_the_same_answers(embedded_model_dir, reference, p
     assert [(r.response, r.num_tokens, r.finish_reason) for r in b] == \
            [(r.response, r.num_tokens, r.finish_reason) for r in a]
     assert min(r.num_tokens for r in a) < 24  # the context's end did cut answers
+    # the longest prompt fills the context: its first token is its last; the overlapped step still runs for it
+    for gen in (plain, ahead):
+        gen.decoder.max_positions = longest
+    a, b = (gen.generate(four, greedy, progress=False) for gen in (plain, ahead))
+    assert [(r.response, r.num_tokens, r.finish_reason) for r in b] == \
+           [(r.response, r.num_tokens, r.finish_reason) for r in a]
+    assert min(r.num_tokens for r in a) == 1
