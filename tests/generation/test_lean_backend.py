@@ -187,11 +187,12 @@ def test_stop_strings_end_generation_the_same_way_in_both_backends(reference, le
     assert stopped >= 2  # real answers of 40 tokens hold a sentence end or a newline
 
 
-@pytest.mark.parametrize("decode", ["grouped", "static"])
-def test_overlapped_steps_give_the_same_answers(embedded_model_dir, reference, prompts, decode):
+def test_overlapped_steps_give_the_same_answers(embedded_model_dir, prompts):
     """With overlap (the CUDA default) each step is launched before the host has read the previous step's tokens:
     greedy answers, finish reasons, token counts and seeded samples must be those of the plain loop, also when
-    slots refill mid-run, stop strings cut answers and sequences run into the end of the context."""
+    slots refill mid-run, stop strings cut answers and sequences run into the end of the context. Run with the
+    graphs' bucketed steps, eagerly ("static"), as they run on CUDA; the grouped steps passed it too (stop 18)."""
+    decode = "static"
     four = prompts[:4]
     plain = LeanGenerator(str(embedded_model_dir), batch_size=3, decode=decode, overlap=False)
     ahead = LeanGenerator(str(embedded_model_dir), batch_size=3, decode=decode, overlap=True)
