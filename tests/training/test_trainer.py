@@ -115,9 +115,15 @@ def test_grad_accumulation_matches_one_big_batch(tmp_path, tiny_model_dir, real_
     assert big["final"]["examples"] == acc["final"]["examples"] == 4
     for k in ("loss", "grad_norm", "rewards/accuracy"):
         assert acc["final"][k] == pytest.approx(big["final"][k], abs=1e-5)
+    # Adam's first step moves each weight by lr * g / (|g| + 1e-8). Where |g| is within a few 1e-8 of zero, float
+    # rounding in the summed gradient (one sum or two) decides that size: compare the weights whose gradient is
+    # clearly non-zero (the big batch moved them by >= 0.9 lr), and require they are nearly all of them.
+    start = load_file(str(tiny_model_dir / "model.safetensors"))
     a = load_file(str(tmp_path / "a/final/model.safetensors"))
     b = load_file(str(tmp_path / "b/final/model.safetensors"))
-    assert all(torch.allclose(a[k], b[k], atol=1e-5) for k in a)
+    firm = {k: (a[k] - start[k]).abs() >= 0.9e-3 for k in a}
+    assert sum(int(m.sum()) for m in firm.values()) > 0.9 * sum(t.numel() for t in a.values())
+    assert all(torch.allclose(a[k][m], b[k][m], rtol=0, atol=1e-6) for k, m in firm.items())
 
 
 def test_noise_hook_gets_extrapolated_logps_and_sets_eps(tiny_model_dir, tokenizer, real_pairs):
