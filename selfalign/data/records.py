@@ -170,6 +170,7 @@ class Response(Record):
     finish_reason: str | None = None  # "stop" | "length"
     num_tokens: int | None = None
     meta: dict = field(default_factory=dict)
+    model_sha256: str | None = None  # digest of the local weights that answered (None: an endpoint, or unknown)
     kind: ClassVar[str] = "response"
 
     @property
@@ -189,6 +190,7 @@ class Response(Record):
             finish_reason=_text(d, "finish_reason", required=False),
             num_tokens=_number(d, "num_tokens", kind=int),
             meta=_mapping(d, "meta"),
+            model_sha256=_text(d, "model_sha256", required=False),
         )
 
 

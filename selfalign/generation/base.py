@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import abc
+import functools
 import hashlib
+import json
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Callable, Iterable, Sequence
@@ -48,6 +50,17 @@ class Generator(abc.ABC):
     them incrementally) and returns all of them. `skip` holds (prompt_id, sample_index) keys already done."""
 
     model_name: str = "unknown"
+    model_path: Path | None = None  # the local weights folder or file, when there is one (set by local backends)
+
+    @functools.cached_property
+    def model_sha256(self) -> str | None:
+        """A short digest of the local weights, recorded with each answer: a file is resumed only by the weights
+        that began it, even when two checkpoints share a display name (every run's `final/`, say)."""
+        if self.model_path is None:
+            return None
+        from selfalign.runs import model_fingerprint  # hashed once per weights file, then cached by size and mtime
+
+        return hashlib.sha256(json.dumps(model_fingerprint(self.model_path), sort_keys=True).encode()).hexdigest()[:16]
 
     @abc.abstractmethod
     def generate(self, prompts: Sequence[Prompt], params: SamplingParams, on_batch: OnBatch | None = None,
@@ -67,7 +80,7 @@ class Generator(abc.ABC):
         sampling["backend"] = backend
         return Response(prompt_id=prompt.id, messages=prompt.messages, response=text, model=self.model_name,
                         sample_index=sample_index, sampling=sampling, finish_reason=finish_reason,
-                        num_tokens=num_tokens)
+                        num_tokens=num_tokens, model_sha256=self.model_sha256)
 
 
 def cut_at_stop(text: str, stop: Sequence[str]) -> tuple[str, bool]:
@@ -117,8 +130,9 @@ RESUME_FIELDS = ("temperature", "top_p", "max_new_tokens", "seed", "stop")
 def _check_resumable(rows: list[dict], prompt_ids: set, generator: Generator, params: SamplingParams, out) -> None:
     """Refuse to resume a file whose answers to these prompts came from another model or other sampling settings:
     they would be kept as if they were this run's (a reused --out of an evaluation, say). Models are compared by
-    their record name (a folder's last component), so two folders of the same name are not told apart; rows that
-    record no model or no sampling settings (written by another tool) are taken as they are."""
+    their record name (a folder's last component) and, where both the row and this generator have one, by the digest
+    of the local weights, which tells apart two checkpoints of the same name; rows that record no model or no
+    sampling settings (written by another tool) are taken as they are."""
     want = params.to_dict()
     want["stop"] = list(params.stop) or None
     fields = [k for k in RESUME_FIELDS if not (k == "seed" and params.greedy)]  # greedy answers ignore the seed
@@ -131,6 +145,10 @@ def _check_resumable(rows: list[dict], prompt_ids: set, generator: Generator, pa
         if row.get("model") is not None and row.get("model") != model:
             raise DataError(f"holds answers by model '{row.get('model')}', not '{model}'; resume with the same model "
                             f"or write to a new file", path=str(out), line=line, field="model")
+        if row.get("model_sha256") and generator.model_sha256 and row["model_sha256"] != generator.model_sha256:
+            raise DataError(f"holds answers by other weights named '{model}' (sha256 {row['model_sha256']}, this "
+                            f"model's is {generator.model_sha256}); write to a new file", path=str(out), line=line,
+                            field="model_sha256")
         got = row.get("sampling")
         if not got:  # written by hand or another tool, without its settings: nothing to compare
             continue

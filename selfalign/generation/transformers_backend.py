@@ -10,7 +10,7 @@ from selfalign.data.io import source_of
 from selfalign.data.records import Prompt, Response
 from selfalign.errors import DataError
 from selfalign.generation.base import Generator, OnBatch, SamplingParams, cut_at_stop
-from selfalign.models import encode_prompt, load_model, load_tokenizer, model_name
+from selfalign.models import encode_prompt, load_model, load_tokenizer, model_name, resolve_model
 
 
 def context_length(model) -> int:
@@ -33,6 +33,7 @@ class TransformersGenerator(Generator):
         self.tokenizer = tokenizer if tokenizer is not None else load_tokenizer(model, "left", trust_remote_code)
         self.tokenizer.padding_side = "left"
         self.model_name = model_name(model)
+        self.model_path = resolve_model(model) if model_obj is None else None
         self.batch_size = batch_size
         self.device = next(self.model.parameters()).device
         gen_eos = getattr(self.model.generation_config, "eos_token_id", None)

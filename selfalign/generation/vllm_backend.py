@@ -57,6 +57,7 @@ class VLLMGenerator(Generator):
         folder = resolve_model(model)
         self.tokenizer = load_tokenizer(model)
         self.model_name = model_name(model)
+        self.model_path = folder
         self.chunk_size = max(1, int(chunk_size))
         self.eos_ids = sorted(set(filter(lambda x: x is not None, self._eos_ids(folder) + [self.tokenizer.eos_token_id])))
         if max_model_len:  # only a user's value is forced: vLLM refuses one above the length it derives itself

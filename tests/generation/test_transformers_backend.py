@@ -65,3 +65,34 @@ def test_a_kv_cache_cap_for_the_transformers_backend_is_reported_not_ignored(emb
 
     make_generator("transformers", str(embedded_model_dir), max_cache_gb=1.0)
     assert "max_cache_gb applies to the lean backend only" in capsys.readouterr().err
+
+
+def test_a_file_is_not_resumed_by_other_weights_of_the_same_name(tmp_path, embedded_model_dir, data_dir):
+    """Every run's checkpoint is called `final`: answers record a digest of the weights, so a second checkpoint
+    writing to the first one's file is refused instead of silently keeping the first one's answers."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from selfalign.generation import generate_to_file
+    from selfalign.models import load_tokenizer
+
+    tok = load_tokenizer(str(embedded_model_dir))
+    cfg = LlamaConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                      num_attention_heads=2, num_key_value_heads=1, tie_word_embeddings=True,
+                      bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
+    for run, seed in (("a", 0), ("b", 1)):
+        torch.manual_seed(seed)
+        LlamaForCausalLM(cfg).save_pretrained(tmp_path / run / "final")
+        tok.save_pretrained(tmp_path / run / "final")
+    prompts = load_prompts(data_dir / "prompts" / "unlabelled_pool.jsonl", limit=3)
+    params = SamplingParams(temperature=0, max_new_tokens=4)
+    out = tmp_path / "answers.jsonl"
+    first = generate_to_file(TransformersGenerator(str(tmp_path / "a" / "final")), prompts[:2], params, out,
+                             progress=False)
+    assert len({r.model_sha256 for r in first}) == 1 and len(first[0].model_sha256) == 16
+    with pytest.raises(DataError, match=r"answers\.jsonl:1: field 'model_sha256': holds answers by other weights "
+                                        r"named 'final'"):
+        generate_to_file(TransformersGenerator(str(tmp_path / "b" / "final")), prompts, params, out, progress=False)
+    resumed = generate_to_file(TransformersGenerator(str(tmp_path / "a" / "final")), prompts, params, out,
+                               progress=False)
+    assert [r.response for r in resumed[:2]] == [r.response for r in first] and len(resumed) == 3
