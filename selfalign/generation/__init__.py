@@ -39,8 +39,10 @@ def make_generator(backend: str = "auto", model: str | None = None, **options) -
 
             raise SelfalignError(f"--backend lean supports llama and qwen2 models; '{model}' is "
                                  f"{reference.model.config.model_type} (use --backend transformers)")
-        return LeanGenerator(model=model, batch_size=batch_size or DEFAULT_BATCH_SIZE["lean"],
+        lean = LeanGenerator(model=model, batch_size=batch_size or DEFAULT_BATCH_SIZE["lean"],
                              model_obj=reference.model, tokenizer=reference.tokenizer, max_cache_gb=max_cache_gb)
+        lean.model_path = reference.model_path  # the weights it was handed came from there
+        return lean
     if backend == "openai":
         from selfalign.generation.openai_backend import OpenAIGenerator
 

@@ -73,7 +73,7 @@ def test_a_file_is_not_resumed_by_other_weights_of_the_same_name(tmp_path, embed
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from selfalign.generation import generate_to_file
+    from selfalign.generation import generate_to_file, make_generator
     from selfalign.models import load_tokenizer
 
     tok = load_tokenizer(str(embedded_model_dir))
@@ -90,9 +90,12 @@ def test_a_file_is_not_resumed_by_other_weights_of_the_same_name(tmp_path, embed
     first = generate_to_file(TransformersGenerator(str(tmp_path / "a" / "final")), prompts[:2], params, out,
                              progress=False)
     assert len({r.model_sha256 for r in first}) == 1 and len(first[0].model_sha256) == 16
-    with pytest.raises(DataError, match=r"answers\.jsonl:1: field 'model_sha256': holds answers by other weights "
-                                        r"named 'final'"):
-        generate_to_file(TransformersGenerator(str(tmp_path / "b" / "final")), prompts, params, out, progress=False)
+    assert make_generator("lean", str(tmp_path / "a" / "final")).model_sha256 == first[0].model_sha256
+    for backend in ("transformers", "lean"):
+        with pytest.raises(DataError, match=r"answers\.jsonl:1: field 'model_sha256': holds answers by other "
+                                            r"weights named 'final'"):
+            generate_to_file(make_generator(backend, str(tmp_path / "b" / "final")), prompts, params, out,
+                             progress=False)
     resumed = generate_to_file(TransformersGenerator(str(tmp_path / "a" / "final")), prompts, params, out,
                                progress=False)
     assert [r.response for r in resumed[:2]] == [r.response for r in first] and len(resumed) == 3
