@@ -70,6 +70,11 @@ def _check_type(value: Any, tp: Any, where: str) -> Any:
             raise ConfigError(f"{where}: expected a mapping, got {type(value).__name__}")
         return dict(value)
     if tp is float:
+        if isinstance(value, str):  # YAML 1.1 reads 2e-5 (no dot) as a string; it is a number to anyone typing it
+            try:
+                return float(value)
+            except ValueError:
+                pass
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise ConfigError(f"{where}: expected a number, got {value!r}")
         return float(value)
@@ -92,6 +97,14 @@ def _check_type(value: Any, tp: Any, where: str) -> Any:
     return value
 
 
+def _overlay(base: dict, over: dict) -> dict:
+    """`base` with `over`'s keys replacing its own, nested mappings merged key by key."""
+    out = dict(base)
+    for key, value in over.items():
+        out[key] = _overlay(out[key], value) if isinstance(value, dict) and isinstance(out.get(key), dict) else value
+    return out
+
+
 def _build(cls: type[T], data: dict, where: str) -> T:
     hints = typing.get_type_hints(cls)
     fields = {f.name: f for f in dataclasses.fields(cls) if f.init}
@@ -101,6 +114,13 @@ def _build(cls: type[T], data: dict, where: str) -> T:
         raise ConfigError(f"unknown key '{key}' (known keys here: {', '.join(fields)})")
     kwargs = {}
     for name, value in data.items():
+        factory = fields[name].default_factory
+        if isinstance(value, dict) and factory is not dataclasses.MISSING:
+            default = factory()
+            if dataclasses.is_dataclass(default):
+                # a section names only what it changes: the rest keeps the recipe's default for that section
+                # (e.g. SPA's seed_train has epochs=3), not the section class's generic one
+                value = _overlay(dataclasses.asdict(default), value)
         kwargs[name] = _check_type(value, hints[name], f"{where}.{name}" if where else name)
     try:
         return cls(**kwargs)

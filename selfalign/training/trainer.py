@@ -227,6 +227,10 @@ def fit(model, tokenizer, objective, config: TrainConfig, out_dir: str | Path, f
     max_steps = config.max_steps or math.ceil(config.epochs * len(epoch0) / ga)
     plan = [b for e in range(math.ceil(max_steps * ga / len(epoch0)))
             for b in batch_order(objective.lengths, config.batch_size, config.seed, e, config.group_by_length)]
+    if not config.max_steps:
+        # `epochs` passes exactly: when the batch count is not a multiple of grad_accum, the last step takes fewer
+        # micro-batches (its loss is still normalised over what it saw) rather than borrowing the next epoch's
+        plan = plan[:config.epochs * len(epoch0)]
     params = [p for p in model.parameters() if p.requires_grad]
     # The fused kernel (CPU and CUDA) is one pass over the parameters; the default foreach path was 6-15x slower
     # on the 2-core CPU for SmolLM2-135M (seconds per step).

@@ -126,6 +126,15 @@ def test_grad_accumulation_matches_one_big_batch(tmp_path, tiny_model_dir, real_
     assert all(torch.allclose(a[k][m], b[k][m], rtol=0, atol=1e-6) for k, m in firm.items())
 
 
+def test_one_epoch_sees_each_pair_once_when_grad_accum_does_not_divide_it(tmp_path, tiny_model_dir, real_pairs):
+    # 5 batches of 1 pair, 2 per step: 3 steps, the last one holding the 5th batch alone (not one of epoch 2's)
+    cfg = DPOTrainConfig(batch_size=1, grad_accum=2, epochs=1, max_length=64, max_prompt_length=32, save_steps=0)
+    summary = train_dpo(str(tiny_model_dir), real_pairs[:5], cfg, tmp_path / "train", tmp_path / "final", verbose=False)
+    rows = [json.loads(line) for line in (tmp_path / "train" / "log.jsonl").read_text().splitlines()]
+    assert summary["steps"] == 3
+    assert [r["examples"] for r in rows] == [2, 2, 1]
+
+
 def test_noise_hook_gets_extrapolated_logps_and_sets_eps(tiny_model_dir, tokenizer, real_pairs):
     policy = load_model(str(tiny_model_dir), dtype="float32", device="cpu")
     reference = load_model(str(tiny_model_dir), dtype="float32", device="cpu")

@@ -1,0 +1,35 @@
+"""Typed YAML configs: sections overlay the recipe's defaults, overrides reach nested keys, bad keys and values are
+one-line errors naming the file and the key."""
+
+from __future__ import annotations
+
+import pytest
+
+from selfalign.config import load_config
+from selfalign.errors import ConfigError
+from selfalign.recipes import spa, srt
+
+
+def test_a_partial_section_keeps_the_recipes_defaults_for_that_section(tmp_path):
+    path = tmp_path / "spa.yaml"
+    path.write_text("seed_train: {learning_rate: 1.0e-6}\n")
+    cfg = load_config(spa.Config, path, ["round_train.beta=0.2"])
+    assert cfg.seed_train.learning_rate == 1e-6
+    assert cfg.seed_train.epochs == 3  # SPA's seed DPO default, not DPOTrainConfig's generic 1
+    assert cfg.round_train.beta == 0.2
+    # SRT's stage defaults (paper: 5 epochs, global batch 32) survive an override of one key
+    cfg = load_config(srt.Config, None, ["stage1_train.learning_rate=2e-5"])
+    assert (cfg.stage1_train.epochs, cfg.stage1_train.grad_accum, cfg.stage1_train.train_on) == (5, 8, "all")
+    assert cfg.stage1_train.learning_rate == 2e-5
+
+
+def test_unknown_keys_and_bad_values_name_the_file_and_the_key(tmp_path):
+    path = tmp_path / "spa.yaml"
+    path.write_text("seed_train: {learnig_rate: 1.0e-6}\n")
+    with pytest.raises(ConfigError, match=r"spa.yaml: unknown key 'seed_train.learnig_rate'"):
+        load_config(spa.Config, path)
+    path.write_text("rejected: worst\n")
+    with pytest.raises(ConfigError, match=r"spa.yaml: rejected: must be one of \['min_max', 'max_chosen'\]"):
+        load_config(spa.Config, path)
+    with pytest.raises(ConfigError, match=r"seed_train.epochs: expected an integer"):
+        load_config(spa.Config, None, ["seed_train.epochs=two"])
