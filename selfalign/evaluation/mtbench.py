@@ -4,8 +4,9 @@ Protocol (FastChat `llm_judge`, METHODS.md §6.2): the second turn is asked in t
 model's own first answer; answers are sampled with FastChat's per-category temperatures; each turn is graded by a
 single-answer judge (reference-guided for math, reasoning and coding; the multi-turn template for turn 2 — the
 judge picks the template from `GradeItem.turn`, `.category` and `.references`); the score is the mean over all turn
-grades, also reported per category and per turn. Grades the judge could not produce after its bounded retries are
-counted in `n_unparsed` and left out of the means (FastChat drops them silently; we report them).
+grades, also reported per category and per turn. A grade with no readable rating (FastChat's -1; the API judge asks
+once, as FastChat does, unless re-asking is opted into) is left out of the means, as FastChat's show_result drops
+it, and counted in `n_unparsed` (FastChat does not report the count).
 
 Files in `out_dir`: turn1.jsonl / turn2.jsonl (resumable responses), model_answer.jsonl (FastChat format),
 judgments.jsonl (resumable, one per question and turn), metrics.json.

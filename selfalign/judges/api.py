@@ -1,15 +1,29 @@
 """An OpenAI-compatible API judge (GPT-4-class), so a user with a key gets the papers' protocols.
 
-Pairwise: alpaca_eval's weighted GPT-4-Turbo annotator. The `alpaca_eval_clf` prompt asks for one identifier
-token (m or M); the request asks for 1 token with `logprobs` / `top_logprobs`, and
-P(first better) = P(m) / (P(m) + P(M)) is read from the first position that offers a verdict token. When the
-endpoint returns no log-probabilities (or none of the labels is among them), the answer text is parsed instead
-("m", "M", or FastChat's "[[A]]"); when that fails too, it asks again (bounded: `max_retries`, at temperature 1)
-and finally records the order as unparseable (p = 0.5, `parsed` = False when both orders failed). Both orders
-are judged and combined by default (alpaca_eval itself randomises one order per item: `both_orders=False`).
+Pairwise, default prompt `alpaca_eval_clf`: alpaca_eval's weighted GPT-4-Turbo annotator
+(`weighted_alpaca_eval_gpt4_turbo`). One request per order asks for 1 token with `logprobs` and `top_logprobs`
+(5, as alpaca_eval), and P(first better) = P(m) / (P(m) + P(M)) is read from the first (only) position.
+Prompts whose answer is a bracketed verdict (a template with `assistant_prefix`, e.g. `pair_v2`: "[[A]]") get
+`verdict_max_tokens` tokens (default 32) and the label's probabilities are read at the position right after the
+prefix ("[[" -> the "A" token), not at the first token. When the endpoint returns no log-probabilities (or no label
+is among them), the answer text is parsed instead ("m", "M", or "[[A]]" / "[[B]]" / "[[C]]" = tie); when that fails
+the order is recorded as unparseable (p = 0.5, `parsed` = False when both orders failed). As in alpaca_eval and
+FastChat, an unreadable answer is not asked again by default; `max_retries=N` (opt-in, a selfalign extra) re-asks
+up to N times at temperature 1.
 
-Grading: FastChat's MT-Bench single-answer protocol. The judge writes a short explanation and "Rating: [[n]]";
-the rating is parsed, retried at most `max_retries` times, and a grade that never parses is Grade(score=None).
+Deviations from alpaca_eval's annotator, all documented here:
+- both orders are judged and combined by default (alpaca_eval randomises one order per item): `both_orders=False`
+  judges the given order only (output_1 = answer_a shown first);
+- requests use temperature 0 (alpaca_eval sends 1 with max_tokens 1; the verdict is read from the log-probabilities,
+  which its config notes the temperature should not change);
+- a label token counts after stripping whitespace (" m" counts as "m"; alpaca_eval matches tokens exactly);
+- the text and `[[A]]` fallbacks when no log-probabilities come back (alpaca_eval records such an item as missing).
+
+Grading: FastChat's MT-Bench single-answer protocol (`run_judge_single`): one request at temperature 0 with
+max_tokens 2048 (`grade_max_tokens`), the judge writes an explanation and "Rating: [[n]]", the rating is read with
+FastChat's patterns (first `[[n]]`, else first `[n]`, no range check; `parse_rating`), and a grade with no rating is
+Grade(score=None) (FastChat's -1), left out of the means. Not re-asked by default, as in FastChat; `max_retries=N`
+(opt-in) re-asks up to N times at temperature 0.7.
 
 The HTTP side (retries on 429 / 5xx with backoff, the API key read from `api_key_env`) is OpenAIGenerator's.
 """
@@ -23,8 +37,13 @@ from tqdm.auto import tqdm
 from selfalign.errors import SelfalignError
 from selfalign.judges.base import Grade, GradeItem, GradingJudge, PairwiseItem, PairwiseJudge, PairwiseVerdict
 from selfalign.judges.local import grading_fields
-from selfalign.judges.prompts import (combine_orders, conversation_text, label_probabilities, load_prompt, p_first,
-                                      parse_label_text, parse_rating, pick, truncate_tokens)
+from selfalign.judges.prompts import (combine_orders, conversation_text, load_prompt, p_first, parse_label_text,
+                                      parse_rating, pick, truncate_tokens, verdict_probabilities)
+
+# FastChat run_judge_single / run_judge_pair: temperature 0, max_tokens 2048 for the OpenAI judges
+GRADE_MAX_TOKENS = 2048
+# a bracketed verdict ("[[A]]") is 3-5 tokens; the rest of the budget tolerates a short preamble
+BRACKET_VERDICT_TOKENS = 32
 
 
 def _choice(data: dict) -> dict:
@@ -47,8 +66,9 @@ class APIJudge(PairwiseJudge, GradingJudge):
 
     def __init__(self, base_url: str | None = None, model: str | None = None, api_key_env: str = "OPENAI_API_KEY",
                  prompt: str = "alpaca_eval_clf", both_orders: bool = True, top_logprobs: int = 5,
-                 max_answer_tokens: int | None = None, grade_max_tokens: int = 1024, max_retries: int = 2,
-                 concurrency: int = 8, timeout: float = 600.0, generator=None):
+                 max_answer_tokens: int | None = None, grade_max_tokens: int = GRADE_MAX_TOKENS, max_retries: int = 0,
+                 verdict_max_tokens: int | None = None, concurrency: int = 8, timeout: float = 600.0,
+                 generator=None):
         self.prompt = load_prompt(prompt)
         if self.prompt.labels is None:
             raise SelfalignError(f"judge prompt '{self.prompt.name}' has no 'labels' line; not a pairwise prompt")
@@ -67,7 +87,10 @@ class APIJudge(PairwiseJudge, GradingJudge):
         self.top_logprobs = int(top_logprobs)
         self.max_answer_tokens = max_answer_tokens
         self.grade_max_tokens = int(grade_max_tokens)
-        self.max_retries = max(0, int(max_retries))
+        self.max_retries = max(0, int(max_retries))  # re-asks of an unreadable answer: 0 = the references' protocol
+        # the answer's token budget for a verdict: 1 for a bare label (alpaca_eval), more for "[[A]]"
+        self.verdict_max_tokens = int(verdict_max_tokens) if verdict_max_tokens else (
+            BRACKET_VERDICT_TOKENS if self.prompt.assistant_prefix else 1)
         self.concurrency = max(1, int(getattr(generator, "concurrency", concurrency) or concurrency))
         # items per cache chunk: one round of requests in flight (x2 orders), so a failure loses at most that much
         self.batch_size = self.concurrency
@@ -78,7 +101,10 @@ class APIJudge(PairwiseJudge, GradingJudge):
         model = self.model or getattr(self.gen, "_model", None) or getattr(self.gen, "model_name", None)
         return {"base_url": self.base_url, "model": model, "prompt": self.prompt.name,
                 "prompt_sha": self.prompt.sha256[:16], "both_orders": self.both_orders,
-                "max_answer_tokens": self.max_answer_tokens, "method": "verdict-token-logprobs+parse-fallback"}
+                "max_answer_tokens": self.max_answer_tokens, "verdict_max_tokens": self.verdict_max_tokens,
+                "max_retries": self.max_retries, "grade_max_tokens": self.grade_max_tokens,
+                "rating_parser": "fastchat-first-match",
+                "method": "verdict-position-logprobs+parse-fallback"}
 
     # ------------------------------------------------------------------------------------------ requests
     def _chat(self, messages: list[dict], temperature: float, max_tokens: int, logprobs: bool) -> dict:
@@ -95,26 +121,20 @@ class APIJudge(PairwiseJudge, GradingJudge):
 
     def _verdict_once(self, messages: list[dict]) -> tuple[float | None, dict]:
         """P(first shown answer better) for one order, and how it was read."""
-        labels = self.prompt.labels
+        labels, prefix = self.prompt.labels, self.prompt.assistant_prefix.strip()
         attempts = []
         for attempt in range(self.max_retries + 1):
-            data = self._chat(messages, temperature=0.0 if attempt == 0 else 1.0, max_tokens=1 if attempt == 0 else 8,
+            data = self._chat(messages, temperature=0.0 if attempt == 0 else 1.0, max_tokens=self.verdict_max_tokens,
                               logprobs=True)
             choice = _choice(data)
             text = _content(choice)
             attempts.append(text)
             content = (choice.get("logprobs") or {}).get("content") if isinstance(choice.get("logprobs"), dict) else None
-            for position in content or []:
-                if not isinstance(position, dict):
-                    continue
-                probs = label_probabilities(position.get("top_logprobs") or [], labels)
-                if probs is None and isinstance(position.get("token"), str) and isinstance(
-                        position.get("logprob"), (int, float)):
-                    probs = label_probabilities([position], labels)
-                p = p_first(probs)
-                if p is not None:
-                    return p, {"method": "logprobs", "label_probs": list(probs), "text": text,
-                               "attempts": attempt + 1}
+            read = verdict_probabilities(content, labels, prefix)
+            if read is not None:
+                probs, position = read
+                return p_first(probs), {"method": "logprobs", "label_probs": list(probs), "position": position,
+                                        "text": text, "attempts": attempt + 1}
             p = parse_label_text(text, labels)
             if p is not None:
                 return p, {"method": "parsed", "text": text, "attempts": attempt + 1}

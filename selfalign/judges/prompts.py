@@ -31,6 +31,8 @@ from selfalign.errors import SelfalignError
 _MARKER = re.compile(r"^=== (system|user) ===$")
 _PLACEHOLDER = re.compile(r"\{(\w+)\}")
 TRUNCATION_MARK = "\n[... truncated ...]"
+# FastChat llm_judge/common.py one_score_pattern, then one_score_pattern_backup
+_RATING_PATTERNS = (re.compile(r"\[\[(\d+\.?\d*)\]\]"), re.compile(r"\[(\d+\.?\d*)\]"))
 
 
 @dataclass(frozen=True)
@@ -145,6 +147,37 @@ def label_probabilities(top_logprobs: list[dict] | dict, labels: tuple[str, str]
     return (mass[0], mass[1]) if found else None
 
 
+def verdict_probabilities(content: list | None, labels: tuple[str, str],
+                          prefix: str = "") -> tuple[tuple[float, float], int] | None:
+    """(P(first label), P(second label)) and the answer position they were read at, from an OpenAI chat answer's
+    `choices[0].logprobs.content` (one {"token", "logprob", "top_logprobs"} per generated token).
+
+    Without `prefix` (alpaca_eval's one-token answers, "m" / "M"): position 0 only, as alpaca_eval's logprob_parser
+    reads `content[0]`. With `prefix` (a bracketed verdict such as FastChat's "[[A]]": prefix "[["): the position
+    whose preceding answer text ends with the prefix (trailing whitespace ignored), i.e. the label token after "[[";
+    when that position offers no label, the next such position is tried. A position's `top_logprobs` are read; when
+    they hold no label but the sampled token itself is one, its own logprob is used. None when no position qualifies.
+    """
+    if not isinstance(content, list):
+        return None
+    before = ""
+    for i, position in enumerate(content):
+        if not isinstance(position, dict):
+            return None
+        token = position.get("token")
+        at_label = i == 0 if not prefix else before.rstrip().endswith(prefix)
+        if at_label:
+            probs = label_probabilities(position.get("top_logprobs") or [], labels)
+            if probs is None and isinstance(token, str) and isinstance(position.get("logprob"), (int, float)):
+                probs = label_probabilities([position], labels)
+            if p_first(probs) is not None:
+                return probs, i
+        if not prefix or not isinstance(token, str):
+            return None
+        before += token
+    return None
+
+
 def p_first(probs: tuple[float, float] | None) -> float | None:
     """P(first shown answer is better) = P(first) / (P(first) + P(second)), alpaca_eval's logprob parser."""
     if probs is None or probs[0] + probs[1] <= 0:
@@ -172,16 +205,17 @@ def parse_label_text(text: str | None, labels: tuple[str, str]) -> float | None:
     return None
 
 
-def parse_rating(text: str | None, low: float = 1.0, high: float = 10.0) -> float | None:
-    """A `[[n]]` rating in [low, high] from a judge's text (FastChat's single-answer format; the last one wins,
-    and a plain `[n]` is accepted as FastChat's fallback does). None when there is none."""
+def parse_rating(text: str | None) -> float | None:
+    """The rating in a judge's text, read exactly as FastChat's `run_judge_single` reads it (`_RATING_PATTERNS`):
+    the FIRST `[[n]]` (n: digits, optionally a point and more digits; no spaces inside the brackets), else the first
+    `[n]`; no range check (FastChat keeps a 0 or an 11). None where FastChat records -1 (no match): callers leave
+    such grades out of the means, as FastChat's show_result drops -1."""
     if not isinstance(text, str):
         return None
-    for pattern in (r"\[\[\s*(\d+(?:\.\d+)?)\s*\]\]", r"\[\s*(\d+(?:\.\d+)?)\s*\]"):
-        found = re.findall(pattern, text)
-        if found:
-            value = float(found[-1])
-            return value if low <= value <= high else None
+    for pattern in _RATING_PATTERNS:
+        m = pattern.search(text)
+        if m:
+            return float(m.group(1))
     return None
 
 

@@ -57,7 +57,10 @@ def test_api_judge_reads_verdict_logprobs_from_live_server(server, short_pairs):
 
 
 class FakeChat:
-    """Stands in for OpenAIGenerator.chat: answers from a script (text, logprobs-or-None) and records requests."""
+    """Stands in for OpenAIGenerator.chat: answers from a script and records requests. A script entry is (text,
+    logprobs): logprobs None (no logprobs), a {token: p} dict (the top_logprobs of a one-token answer `text`), or a
+    list of (token, {token: p}) pairs, one per generated token, answered token by token: the endpoint stops after
+    `max_tokens` tokens, as a real one does, so the text is the tokens it got to."""
 
     def __init__(self, script, refuse_logprobs: bool = False):
         self.script = list(script)
@@ -71,12 +74,19 @@ class FakeChat:
         if logprobs and self.refuse_logprobs:
             raise SelfalignError("http://fake/v1/chat/completions: HTTP 400: logprobs are not supported")
         text, top = self.script.pop(0) if self.script else ("", None)
-        choice = {"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": "stop",
+        positions = top if isinstance(top, list) else None if top is None else [(text, top)]
+        finish = "stop"
+        if positions is not None:
+            if len(positions) > max_tokens:
+                positions, finish = positions[:max_tokens], "length"
+            text = "".join(token for token, _ in positions)
+        choice = {"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": finish,
                   "logprobs": None}
-        if logprobs and top is not None:
-            choice["logprobs"] = {"content": [{"token": text, "logprob": -0.1,
-                                               "top_logprobs": [{"token": t, "logprob": math.log(p)}
-                                                                for t, p in top.items()]}]}
+        if logprobs and positions is not None:
+            choice["logprobs"] = {"content": [
+                {"token": token, "logprob": math.log(dist.get(token, 0.5)),
+                 "top_logprobs": [{"token": t, "logprob": math.log(q)} for t, q in dist.items()]}
+                for token, dist in positions]}
         return {"choices": [choice]}
 
 
@@ -103,16 +113,26 @@ def test_endpoint_refusing_logprobs_is_asked_without_them():
     assert v.p_a == 1.0 and [r["logprobs"] for r in fake.requests] == [True, False, False]
 
 
-def test_garbage_is_retried_then_counted_as_unparsed():
+def test_garbage_is_counted_as_unparsed_without_reasking_by_default():
+    """alpaca_eval records an unreadable annotation as missing and FastChat an unreadable verdict as an error; neither
+    asks again, so by default neither does this judge."""
     fake = FakeChat([("I think the first one", {"I": 0.9})] * 6)
-    judge = APIJudge(generator=fake, max_retries=2)
-    v, = judge.compare([ITEM])
-    assert len(fake.requests) == 6  # 3 attempts per order, bounded
-    assert fake.requests[1]["temperature"] == 1.0
+    v, = APIJudge(generator=fake).compare([ITEM])
+    assert len(fake.requests) == 2 and {r["temperature"] for r in fake.requests} == {0.0}  # one request per order
     assert v.parsed is False and v.p_a == 0.5 and v.consistent is None
     assert [o["method"] for o in v.details["orders"]] == ["unparsed", "unparsed"]
     metrics = agreement_metrics([LabeledPair(ITEM, 1.0, 1)], [v])
     assert metrics["n"] == 1 and metrics["n_unparsed"] == 1 and metrics["agreement"] == 0.5  # counted, not dropped
+
+
+def test_reasking_is_an_opt_in_bounded_by_max_retries():
+    fake = FakeChat([("I think the first one", {"I": 0.9})] * 6)
+    judge = APIJudge(generator=fake, max_retries=2)
+    v, = judge.compare([ITEM])
+    assert len(fake.requests) == 6  # 3 attempts per order, bounded
+    assert [r["temperature"] for r in fake.requests[:3]] == [0.0, 1.0, 1.0]
+    assert v.parsed is False and v.p_a == 0.5
+    assert judge.config()["max_retries"] == 2 and APIJudge(generator=fake).config()["max_retries"] == 0
 
 
 def test_one_order_unparseable_uses_the_other():
@@ -122,10 +142,61 @@ def test_one_order_unparseable_uses_the_other():
     assert v.parsed is True and v.consistent is None and v.p_a == 1.0
 
 
-def test_api_grading_parses_rating_with_bounded_retries():
-    fake = FakeChat([("The answer is fine. Rating: [[7]]", None)])
+def test_alpaca_eval_clf_asks_for_one_token_and_reads_position_zero():
+    """weighted_alpaca_eval_gpt4_turbo: max_tokens 1, top_logprobs 5, the verdict read at the answer's first token."""
+    fake = FakeChat([("m", {"m": 0.6, "M": 0.2}), ("M", {"M": 0.9, "m": 0.1})])
+    v, = APIJudge(generator=fake).compare([ITEM])
+    assert [r["max_tokens"] for r in fake.requests] == [1, 1] and all(r["logprobs"] for r in fake.requests)
+    assert [o["position"] for o in v.details["orders"]] == [0, 0]
+    assert v.details["p_first"] == [pytest.approx(0.75), pytest.approx(0.1)]
+
+
+def test_bracketed_verdict_is_read_at_the_label_after_the_brackets():
+    """pair_v2: a GPT-style judge answers "[[A]]" token by token ("[[", "A", "]]"). The first request must get far
+    enough to see the label, at temperature 0, and read P(A) / (P(A) + P(B)) at the label's position, not at the
+    first token (whose top_logprobs may hold a little "A" too)."""
+    def answer(first: str, dist: dict):
+        return (f"[[{first}]]", [("[[", {"[[": 0.97, "[": 0.02, "A": 0.01}), (first, dist), ("]]", {"]]": 0.99})])
+
+    fake = FakeChat([answer("A", {"A": 0.7, "B": 0.3}), answer("B", {"B": 0.8, "A": 0.2})])
+    judge = APIJudge(generator=fake, prompt="pair_v2")
+    v, = judge.compare([ITEM])
+    assert len(fake.requests) == 2  # one request per order: nothing re-asked
+    assert all(r["temperature"] == 0.0 and r["max_tokens"] >= 3 and r["logprobs"] for r in fake.requests)
+    assert [o["method"] for o in v.details["orders"]] == ["logprobs", "logprobs"]
+    assert [o["position"] for o in v.details["orders"]] == [1, 1]
+    assert v.details["p_first"] == [pytest.approx(0.7), pytest.approx(0.2)]
+    assert v.p_a == pytest.approx((0.7 + 0.8) / 2) and v.consistent is True
+
+
+def test_bracketed_verdict_without_logprobs_is_parsed_from_the_first_answer():
+    fake = FakeChat([("[[B]]", None), ("[[A]]", None)], refuse_logprobs=True)
+    v, = APIJudge(generator=fake, prompt="pair_v2").compare([ITEM])
+    assert [r["temperature"] for r in fake.requests] == [0.0, 0.0, 0.0]  # the refused request, then one per order
+    assert v.p_a == 0.0 and v.consistent is True
+
+
+def test_bracketed_verdict_after_a_preamble_and_a_spaced_label():
+    fake = FakeChat([("", [("Verdict", {"Verdict": 0.9}), (":", {":": 0.9}), (" [[", {" [[": 0.9}),
+                           (" B", {" B": 0.6, " A": 0.4}), (" ]]", {" ]]": 0.9})])])
+    judge = APIJudge(generator=fake, prompt="pair_v2", both_orders=False)
+    v, = judge.compare([ITEM])
+    assert v.details["orders"][0]["position"] == 3 and v.p_a == pytest.approx(0.4)
+
+
+def test_api_grading_is_fastchats_single_request():
+    """FastChat run_judge_single: one request at temperature 0, max_tokens 2048, first [[n]] wins, no re-ask."""
+    fake = FakeChat([("The answer is fine, better than a [[3]]-level answer. Rating: [[7]]", None)])
     g, = APIJudge(generator=fake).grade([GradeItem([{"role": "user", "content": "q"}], "a")])
-    assert g.score == 7.0 and g.attempts == 1 and g.details["prompt"] == "single_v1"
+    assert g.score == 3.0 and g.attempts == 1 and g.details["prompt"] == "single_v1"
+    assert fake.requests == [{"logprobs": False, "temperature": 0.0, "max_tokens": 2048}]
+    fake = FakeChat([("no rating", None), ("Rating: [[8]]", None)])
+    g, = APIJudge(generator=fake).grade([GradeItem([{"role": "user", "content": "q"}], "a")])
+    assert g.score is None and g.attempts == 1 and len(fake.requests) == 1 and g.raw == "no rating"
+
+
+def test_api_grading_reasks_only_when_opted_in():
     fake = FakeChat([("no rating", None)] * 5)
     g, = APIJudge(generator=fake, max_retries=2).grade([GradeItem([{"role": "user", "content": "q"}], "a")])
     assert g.score is None and g.attempts == 3 and len(fake.requests) == 3 and g.raw == "no rating"
+    assert [r["temperature"] for r in fake.requests] == [0.0, 0.7, 0.7]

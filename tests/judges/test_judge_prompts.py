@@ -43,11 +43,28 @@ def test_parse_label_text_fastchat_labels():
     assert parse_label_text("no verdict here", ("A", "B")) is None
 
 
-@pytest.mark.parametrize("text,expected", [("Rating: [[7]]", 7.0), ("[[8.5]]", 8.5), ("first [[3]] then [[9]]", 9.0),
-                                           ("Rating: [5]", 5.0), ("Rating: [[11]]", None), ("seven", None),
-                                           ("", None), (None, None)])
-def test_parse_rating(text, expected):
+@pytest.mark.parametrize("text,expected", [
+    ("Rating: [[7]]", 7.0), ("[[8.5]]", 8.5), ("Rating: [5]", 5.0), ("seven", None), ("", None), (None, None),
+    # FastChat run_judge_single: the FIRST [[n]] wins, the [n] backup only when there is no [[n]] at all
+    ("first [[3]] then [[9]]", 3.0), ("see [2], so Rating: [[6]]", 6.0), ("[4] and [8]", 4.0),
+    # no range check: FastChat keeps out-of-range ratings (only "no match" becomes -1)
+    ("Rating: [[11]]", 11.0), ("[[0]]", 0.0), ("[[7.]]", 7.0),
+    # FastChat's patterns allow no spaces or signs inside the brackets
+    ("Rating: [[ 7 ]]", None), ("[ 5 ]", None), ("[[-3]]", None), ("[[7/10]]", None)])
+def test_parse_rating_is_fastchats(text, expected):
     assert parse_rating(text) == expected
+
+
+def test_parse_rating_agrees_with_fastchats_regexes():
+    """The two patterns FastChat's llm_judge/common.py compiles, applied as run_judge_single applies them."""
+    import re
+
+    primary, backup = re.compile(r"\[\[(\d+\.?\d*)\]\]"), re.compile(r"\[(\d+\.?\d*)\]")
+    texts = ["[[1]] x [[10]]", "Rating: [[5.5]] [6]", "[3] [[4]]", "[[ 2]] [7]", "[[12.25]]", "[x] [9.]", "none",
+             "[[3]][[4]]", "[[[8]]]", "[10]]"]
+    for text in texts:
+        m = primary.search(text) or backup.search(text)
+        assert parse_rating(text) == (float(m.group(1)) if m else None), text
 
 
 def test_always_first_judge_is_neutralised_by_order_swap():
@@ -92,6 +109,26 @@ def test_grading_prompts_match_fastchat_verbatim(data_dir):
         p = load_prompt(ours)
         assert p.system == fastchat[theirs]["system_prompt"]
         assert p.user == fastchat[theirs]["prompt_template"]
+
+
+def test_pair_v2_is_fastchats_pair_v2_less_exactly_what_its_header_says(data_dir):
+    """pair_v2.txt is FastChat's pair-v2 with the explanation step and the tie option removed (no other edit), and
+    its header says both."""
+    theirs = {json.loads(line)["name"]: json.loads(line)
+              for line in (data_dir / "mt_bench" / "judge_prompts.jsonl").read_text().splitlines()
+              if line.strip()}["pair-v2"]
+    edits = [(" Begin your evaluation by comparing the two responses and provide a short explanation.", ""),
+             ("After providing your explanation, output", "Output"), (', and "[[C]]" for a tie', "")]
+    system = theirs["system_prompt"]
+    for old, new in edits:
+        assert system.count(old) == 1
+        system = system.replace(old, new)
+    pair = load_prompt("pair_v2")
+    assert pair.system == system
+    assert pair.user == fill(theirs["prompt_template"], {"question": "{instruction}", "answer_a": "{output_1}",
+                                                         "answer_b": "{output_2}"})
+    header = (prompts_dir() / "pair_v2.txt").read_text().split("=== system ===")[0]
+    assert "explanation" in header and '"[[C]]" for a tie' in header and "tie option" in header
 
 
 def test_unknown_prompt_and_bad_file(tmp_path):
