@@ -2,9 +2,11 @@
 win rate, its standard error and the length-controlled win rate (selfalign.evaluation.lc).
 
 Protocol (METHODS.md §6.1): baseline = the GPT-4-Turbo outputs; preference in [1, 2] with 2 = the model's answer
-(`output_2`) wins; win rate = mean(preference - 1) x 100 over all instructions. A verdict the judge could not
-read counts as a tie (1.5) and is reported in `n_unparsed`, never dropped: alpaca_eval silently drops such rows,
-which changes n_total (ANCHORS.md §2.8).
+(`output_2`) wins; win rate = mean(preference - 1) x 100 over the instructions with a verdict. A verdict the judge
+could not read gets no preference (null in annotations.json) and is dropped from the win rate and n_total, as
+alpaca_eval drops it; unlike alpaca_eval, the count is reported (`n_unparsed`, and `n_dropped` from the LC module),
+since dropped rows change n_total (ANCHORS.md §2.8). `unparsed_as_tie=True` (CLI `--unparsed-as-tie`, a selfalign
+option) counts them as ties (1.5) instead, keeping n_total at the number of instructions.
 
 Files written to `out_dir` (alpaca_eval's own formats, so its tools read them too):
     model_outputs.json   [{instruction, output, generator, dataset}]
@@ -46,8 +48,10 @@ def answer_instructions(generator: Generator, instructions: Sequence[Prompt], ou
 
 
 def annotate(outputs: Sequence[dict], references: dict[str, dict], judge: PairwiseJudge, out_dir: str | Path,
-             chunk: int = 8, progress: bool = True) -> list[dict]:
-    """Judge every model output against its reference (output_1 = reference, output_2 = model), resumably."""
+             chunk: int = 8, progress: bool = True, unparsed_as_tie: bool = False) -> list[dict]:
+    """Judge every model output against its reference (output_1 = reference, output_2 = model), resumably. An
+    unreadable verdict (`parsed` False) gets preference None (dropped, as alpaca_eval does), or 1.5 with
+    `unparsed_as_tie`; applied when annotations.json is written, so resumed rows follow the current setting."""
     out_dir = Path(out_dir)
     missing = [o["instruction"] for o in outputs if o["instruction"] not in references]
     if missing:
@@ -79,15 +83,17 @@ def annotate(outputs: Sequence[dict], references: dict[str, dict], judge: Pairwi
                 "generator_2": o["generator"],
                 "dataset": o.get("dataset"),
                 "annotator": judge.name,
-                # an unreadable verdict counts as a tie and is reported, not dropped
-                "preference": v.preference if v.parsed else 1.5,
+                # an unreadable verdict has no preference (set below: dropped, or a tie when asked for)
+                "preference": v.preference if v.parsed else None,
                 "parsed": v.parsed,
                 "position_consistent": v.consistent,
             } for o, v in zip(part, verdicts))
             bar.update(len(part))
         bar.close()
         by_key = {key(r): r for r in sink.rows}
-    rows = [by_key[key_of(o)] for o in outputs]
+    unparsed = 1.5 if unparsed_as_tie else None
+    rows = [dict(r, preference=unparsed) if r.get("parsed") is False else r
+            for r in (by_key[key_of(o)] for o in outputs)]
     write_json(out_dir / "annotations.json", rows)
     return rows
 
@@ -106,22 +112,23 @@ def metrics_of(annotations_path: str | Path, rows: Sequence[dict]) -> dict:
 def evaluate_alpaca(generator: Generator, judge: PairwiseJudge, out_dir: str | Path,
                     instructions: Sequence[Prompt] | None = None, references: dict[str, dict] | None = None,
                     limit: int | None = None, seed: int = 0, params: SamplingParams = DEFAULT_SAMPLING,
-                    progress: bool = True) -> dict:
+                    progress: bool = True, unparsed_as_tie: bool = False) -> dict:
     """The whole protocol; returns the metrics (also written to out_dir/metrics.json)."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     instructions = list(instructions) if instructions is not None else load_alpaca_eval_set(limit=limit, seed=seed)
     references = references if references is not None else load_reference_outputs()
     outputs = answer_instructions(generator, instructions, out_dir, params, progress)
-    return _judge_and_score(outputs, references, judge, out_dir, progress, model=generator.model_name,
-                            n_instructions=len(instructions), sampling=params.to_dict())
+    return _judge_and_score(outputs, references, judge, out_dir, progress, unparsed_as_tie,
+                            model=generator.model_name, n_instructions=len(instructions), sampling=params.to_dict())
 
 
 def _judge_and_score(outputs: Sequence[dict], references: dict[str, dict], judge: PairwiseJudge, out_dir: Path,
-                     progress: bool, **extra) -> dict:
+                     progress: bool, unparsed_as_tie: bool = False, **extra) -> dict:
     """Annotate the outputs against the references, score them, and write metrics.json (with `extra` keys)."""
-    rows = annotate(outputs, references, judge, out_dir, progress=progress)
+    rows = annotate(outputs, references, judge, out_dir, progress=progress, unparsed_as_tie=unparsed_as_tie)
     metrics = metrics_of(out_dir / "annotations.json", rows)
+    metrics["unparsed_as"] = "tie" if unparsed_as_tie else "dropped"
     metrics.update(extra)
     write_json(out_dir / "metrics.json", metrics)
     return metrics
@@ -145,14 +152,15 @@ def load_model_outputs(path: str | Path) -> list[dict]:
 
 
 def evaluate_outputs(outputs: Sequence[dict], judge: PairwiseJudge, out_dir: str | Path,
-                     references: dict[str, dict] | None = None, progress: bool = True) -> dict:
+                     references: dict[str, dict] | None = None, progress: bool = True,
+                     unparsed_as_tie: bool = False) -> dict:
     """Judge answers that already exist (alpaca_eval's `--model_outputs` workflow): no model is loaded. Same files
     and metrics as `evaluate_alpaca`; use it to re-judge a run's saved outputs with another judge."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     references = references if references is not None else load_reference_outputs()
     write_json(out_dir / "model_outputs.json", list(outputs))
-    return _judge_and_score(outputs, references, judge, out_dir, progress,
+    return _judge_and_score(outputs, references, judge, out_dir, progress, unparsed_as_tie,
                             model=outputs[0]["generator"] if outputs else None, n_instructions=len(outputs))
 
 

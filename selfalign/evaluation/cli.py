@@ -39,8 +39,9 @@ def _add_lc(eval_sub) -> None:
     p.add_argument("--json", action="store_true", help="print one JSON object instead of text")
     p.add_argument("--glm", choices=["v1_surrogate", "noreg", "v1"], default=None,
                    help="v1_surrogate (default): alpaca_eval's length_controlled_v1 with the missing gamed-baseline "
-                   "rows replaced by a fitted slope prior; noreg: alpaca_eval's length_controlled_noreg; v1: exact "
-                   "length_controlled_v1, needs --gamed (the default when --gamed is given)")
+                   "rows replaced by a fitted slope prior; noreg: alpaca_eval's length_controlled_noreg; v1: "
+                   "length_controlled_v1's fit on the given gamed-baseline files, needs --gamed (the default when "
+                   "--gamed is given); all three use selfalign's rebuilt instruction difficulty")
     p.add_argument("--gamed", action="append", default=[], metavar="FILE",
                    help="annotations of a gamed baseline (gpt4_1106_preview_verbose / _concise vs gpt4_1106_preview);"
                    " give both, for --glm v1. Not gpt4_gamed.json: that is an adversarial entry, not a gamed baseline")
@@ -60,7 +61,8 @@ def cmd_lc(args) -> int:
         return 0
     se = "n/a" if m["standard_error"] is None else f"{m['standard_error']:.2f}"
     print(f"model        {m['generator'] or '?'} vs baseline {m['baseline'] or '?'}: {m['n_total']} annotations, "
-          f"{m['n_wins']} wins, {m['n_wins_base']} losses, {m['n_draws']} draws, avg length {m['avg_length']}")
+          f"{m['n_wins']} wins, {m['n_wins_base']} losses, {m['n_draws']} draws, avg length {m['avg_length']}"
+          + (f"; {m['n_dropped']} without a preference dropped" if m.get("n_dropped") else ""))
     print(f"win rate     {m['win_rate']:.2f} ± {se}")
     if m["length_controlled_winrate"] is None:
         print(f"LC win rate  n/a ({m['lc_note']})")
@@ -113,6 +115,9 @@ def _add_alpaca(eval_sub) -> None:
     p.add_argument("--outputs", default=None, metavar="MODEL_OUTPUTS",
                    help="judge these existing answers (alpaca_eval model_outputs.json: instruction, output) instead "
                    "of generating; no model is loaded. Re-judges a run's saved eval/<stage>/model_outputs.json")
+    p.add_argument("--unparsed-as-tie", action="store_true",
+                   help="count a verdict the judge could not read as a tie (1.5) instead of dropping it from the win "
+                   "rate and n_total as alpaca_eval does (the default; the count is reported either way)")
     p.add_argument("--json", action="store_true", help="print the metrics as one JSON object")
     p.set_defaults(fn=cmd_alpaca)
 
@@ -130,19 +135,22 @@ def cmd_alpaca(args) -> int:
 
         if args.limit is not None or args.instructions:
             raise SelfalignError("--outputs judges the given answers: drop --limit / --instructions")
-        m = evaluate_outputs(load_model_outputs(args.outputs), judge, args.out, references, progress=not args.quiet)
+        m = evaluate_outputs(load_model_outputs(args.outputs), judge, args.out, references, progress=not args.quiet,
+                             unparsed_as_tie=args.unparsed_as_tie)
     else:
         instructions = load_alpaca_eval_set(args.instructions, limit=args.limit, seed=args.seed)
         gen = generator_from_args(args)
         m = evaluate_alpaca(gen, judge, args.out, instructions=instructions, references=references,
                             params=SamplingParams(temperature=0.0, max_new_tokens=args.max_new_tokens,
-                                                  seed=args.seed), progress=not args.quiet)
+                                                  seed=args.seed), progress=not args.quiet,
+                            unparsed_as_tie=args.unparsed_as_tie)
     if args.json:
         print(json.dumps(m, default=str))
         return 0
     lc = m.get("length_controlled_winrate")
-    print(f"{m['model']} vs reference, judge {m['annotator']}: {m['n_total']} instructions, {m['n_unparsed']} "
-          f"unparsed verdicts (counted as ties)")
+    how = "counted as ties" if args.unparsed_as_tie else "dropped, as alpaca_eval drops them"
+    print(f"{m['model']} vs reference, judge {m['annotator']}: {m['n_total']} instructions with a verdict, "
+          f"{m['n_unparsed']} unparsed verdicts ({how})")
     print(f"win rate     {m['win_rate']:.2f} ± {m['standard_error'] or 0:.2f}")
     print(f"LC win rate  {'n/a' if lc is None else f'{lc:.2f}'}")
     return 0

@@ -49,11 +49,21 @@ What is rebuilt, and how (see `build_lc_model`; the result ships in `selfalign/r
    points from the published LC on average over the 6 models with full annotations, where the no-regularisation GLM
    is 1.52 off (benchmarks/RESULTS.md); taking gpt4_gamed.json as the gamed data instead would put it 2 to 18 points
    off. `glm="noreg"` runs alpaca_eval's "length_controlled_noreg" procedure (L1 + CV); passing the two
-   gamed-baseline annotation sets (`gamed=`, CLI `--gamed FILE --gamed FILE`) runs its "length_controlled_v1"
-   procedure. Both use this rebuilt difficulty.
+   gamed-baseline annotation sets (`gamed=`, CLI `--gamed FILE --gamed FILE`) runs "length_controlled_v1"'s fitting
+   procedure on them: the same formula, lambda, L1 fit, C grid and grouped folds, with the gamed rows first and the
+   model's rows after them, as alpaca_eval concatenates them (the row order decides the folds and so can change C).
+   That is close to, not the same as, alpaca_eval's number: both GLMs use this rebuilt difficulty, not the hub's
+   `instruction_difficulty.csv`; each gamed file's std_delta_len is recomputed from its own lengths (the hub's
+   `df_gamed.csv` ships precomputed values); and the gamed files are stacked in the order given (df_gamed.csv's own
+   row order is not known here).
 3. Instructions are matched to their AlpacaEval index by text (the table stores a SHA-256 prefix of the stripped
    instruction, not the text), so an annotations file in any order, or a subset, works; alpaca_eval itself uses the
    row position.
+
+Annotations without a preference (null / NaN: an annotator that could not read its judge) are dropped as alpaca_eval
+drops them: left out of the win rate and its counts (n_total), and of the GLM fit; like alpaca_eval, they still
+count in std_delta_len's standard deviation, in avg_length and in the LC prediction (a mean over every annotated
+instruction). `n_dropped` reports how many there were (alpaca_eval only logs it).
 """
 
 from __future__ import annotations
@@ -144,7 +154,8 @@ def eval_set_keys(eval_set_path: str | Path) -> pd.DataFrame:
 def read_annotations(path: str | Path) -> pd.DataFrame:
     """An alpaca_eval annotations file (.json array or .jsonl) as one row per annotation: `line` (record number),
     `instruction`, `len_1` (baseline, output_1, in characters), `len_2` (model, output_2), `preference` (in [1, 2]; a
-    legacy 0 becomes 1.5), `generator_1`, `generator_2`. A bad record raises DataError naming file, record and field."""
+    legacy 0 becomes 1.5; null / NaN stays NaN: no preference, dropped from the win rate as alpaca_eval drops it),
+    `generator_1`, `generator_2`. A bad record raises DataError naming file, record and field."""
     from selfalign.data.io import iter_json_rows
 
     path = str(path)
@@ -173,11 +184,14 @@ def _parse_annotation(rec: Any, path: str, line: int) -> dict:
     if "preference" not in rec:
         raise DataError("missing", path=path, line=line, field="preference")
     raw = rec["preference"]
-    ok = isinstance(raw, (int, float)) and not isinstance(raw, bool) and not math.isnan(raw)
-    pref = 1.5 if ok and raw == 0 else (float(raw) if ok else None)  # 0 is alpaca_eval's legacy tie
-    if pref is None or not 1.0 <= pref <= 2.0:
-        raise DataError(f"expected a number in [1, 2] (or 0 for a tie), got {raw!r}", path=path, line=line,
-                        field="preference")
+    number = isinstance(raw, (int, float)) and not isinstance(raw, bool)
+    if raw is None or (number and math.isnan(raw)):
+        pref = math.nan  # no preference (alpaca_eval: an unparseable annotation): dropped, counted in n_dropped
+    else:
+        pref = (1.5 if raw == 0 else float(raw)) if number else None  # 0 is alpaca_eval's legacy tie
+        if pref is None or not 1.0 <= pref <= 2.0:
+            raise DataError(f"expected a number in [1, 2] (or 0 for a tie, null for none), got {raw!r}", path=path,
+                            line=line, field="preference")
     return {"line": line, "instruction": rec["instruction"], "len_1": len(rec["output_1"]),
             "len_2": len(rec["output_2"]), "preference": pref, "generator_1": rec.get("generator_1"),
             "generator_2": rec.get("generator_2")}
@@ -200,7 +214,8 @@ def attach_index(frame: pd.DataFrame, keys: pd.DataFrame, source: str = "<annota
 def winrate_metrics(preferences: Iterable[float]) -> dict:
     """alpaca_eval's head-to-head summary of preferences in [1, 2] (0 = tie = 1.5): win_rate = 100 x mean(p - 1)
     (a tie counts half), standard_error = 100 x SEM over instructions, n_wins / n_wins_base (p above / below 1.5),
-    n_draws (exactly 1.5), n_total, discrete_win_rate (each preference rounded to win / tie / loss)."""
+    n_draws (exactly 1.5), n_total, discrete_win_rate (each preference rounded to win / tie / loss). NaN (no
+    preference) is dropped first, from every count, as alpaca_eval drops it."""
     p = np.array([1.5 if float(x) == 0.0 else float(x) for x in preferences], dtype=float)
     p = p[~np.isnan(p)]
     n = len(p)
@@ -312,12 +327,20 @@ def _glm_rows(frame: pd.DataFrame, difficulty: pd.Series, not_gamed: float) -> t
     return np.column_stack([x_len, d, np.full(len(frame), not_gamed)]), frame["preference"].to_numpy(float) - 1.0
 
 
+def _rated(X: np.ndarray, p: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """The rows that have a preference (alpaca_eval fits on `preference.notna()` rows only)."""
+    keep = ~np.isnan(p)
+    return X[keep], p[keep]
+
+
 def length_controlled_winrate(frame: pd.DataFrame, model: LCModel, glm: str = "v1_surrogate",
                               gamed: Sequence[pd.DataFrame] = (), reg_lambda: float = REG_LAMBDA) -> dict:
     """LC win rate of one model's annotations (`read_annotations` + `attach_index`).
 
     glm: "v1_surrogate" (default; needs `model.slope_prior`), "noreg" (alpaca_eval's length_controlled_noreg) or
-    "v1" (alpaca_eval's length_controlled_v1; needs `gamed`, the two gamed-baseline annotation frames)."""
+    "v1" (length_controlled_v1's fit; needs `gamed`, the two gamed-baseline annotation frames, stacked before the
+    model's rows in the order given). Rows without a preference are left out of the fit and kept in the prediction.
+    """
     if glm not in GLMS:
         raise ValueError(f"glm must be one of {GLMS}")
     if glm == "v1" and not gamed:
@@ -331,19 +354,22 @@ def length_controlled_winrate(frame: pd.DataFrame, model: LCModel, glm: str = "v
     if len(g2) == 1 and g2 == g1:  # the baseline against itself: 50 by construction
         out.update(length_controlled_winrate=50.0, lc_standard_error=0.0, glm_weights=dict.fromkeys(FEATURES, 0.0))
         return out
-    if len(frame) < MIN_LC_ROWS:
-        raise DataError(f"the LC win rate needs at least {MIN_LC_ROWS} annotations, got {len(frame)}")
-    X, p = _glm_rows(frame, model.difficulty, 1.0)
+    n_rated = int(frame["preference"].notna().sum())
+    if n_rated < MIN_LC_ROWS:
+        raise DataError(f"the LC win rate needs at least {MIN_LC_ROWS} annotations with a preference, got {n_rated}")
+    # std_delta_len over every row, then the rows without a preference left out of the fit (alpaca_eval's order)
+    X, p = _rated(*_glm_rows(frame, model.difficulty, 1.0))
     if glm == "v1_surrogate":
         h, c = model.slope_prior
         coef = fit_map_logistic(X, p, ridge=np.array([h, 0.0, 0.0]), linear=np.array([c, 0.0, 0.0]))
     else:
         w = np.ones(len(p))
         if glm == "v1":
-            parts = [_glm_rows(g, model.difficulty, 0.0) for g in gamed]
-            X = np.vstack([X] + [x for x, _ in parts])
-            p = np.concatenate([p] + [q for _, q in parts])
-            w = np.concatenate([w] + [np.full(len(q), reg_lambda / len(gamed)) for _, q in parts])
+            # alpaca_eval: pd.concat([df_gamed, df]): the gamed rows first (the order decides the CV folds)
+            parts = [_rated(*_glm_rows(g, model.difficulty, 0.0)) for g in gamed]
+            X = np.vstack([x for x, _ in parts] + [X])
+            p = np.concatenate([q for _, q in parts] + [p])
+            w = np.concatenate([np.full(len(q), reg_lambda / len(gamed)) for _, q in parts] + [w])
         coef, C = fit_soft_logistic(X, p, w)
         out["glm_C"] = C
     d = model.difficulty.reindex(frame["index"].to_numpy()).to_numpy(dtype=float)
@@ -364,13 +390,18 @@ def evaluate_annotations(path: str | Path, model: LCModel | str | Path | None = 
     if len(gens) > 1:
         raise DataError(f"one model per file expected, found generator_2 values {gens[:4]}", path=path,
                         field="generator_2")
+    if frame["preference"].isna().all():
+        raise DataError("no annotation has a preference (all null)", path=path, field="preference")
     metrics = winrate_metrics(frame["preference"])
+    metrics["n_dropped"] = int(frame["preference"].isna().sum())  # no preference: dropped, as alpaca_eval does
     metrics["avg_length"] = int(frame["len_2"].mean())  # truncated, as on alpaca_eval's leaderboard
     if glm == "v1_surrogate" and gamed_paths:
         glm = "v1"
-    if len(frame) < MIN_LC_ROWS:
+    n_rated = len(frame) - metrics["n_dropped"]
+    if n_rated < MIN_LC_ROWS:
         metrics.update(length_controlled_winrate=None, lc_standard_error=None, glm=None,
-                       lc_note=f"the LC win rate needs at least {MIN_LC_ROWS} annotations, got {len(frame)}")
+                       lc_note=f"the LC win rate needs at least {MIN_LC_ROWS} annotations with a preference, got "
+                               f"{n_rated}")
     else:
         frame = attach_index(frame, model.keys, source=path)
         gamed = [attach_index(read_annotations(g), model.keys, source=str(g)) for g in gamed_paths]

@@ -26,8 +26,9 @@ class PairwiseItem:
 class PairwiseVerdict:
     """`p_a`: the judge's probability that answer A is better (0.5 = tie / no preference), already combined over
     both presentation orders where the judge judges both. `consistent`: whether the two orders agreed (None when
-    only one order was judged). `parsed`: False when the judge's output could not be read after retries; such
-    verdicts are counted and reported, never silently dropped."""
+    only one order was judged). `parsed`: False when the judge's output could not be read (in any order judged);
+    such verdicts are counted and reported, never silently dropped (AlpacaEval drops them from the win rate, as
+    alpaca_eval does, unless asked to count them as ties; agreement metrics count them as 0.5)."""
 
     p_a: float
     consistent: bool | None = None
@@ -55,7 +56,7 @@ class GradeItem:
 
 @dataclass
 class Grade:
-    score: float | None  # None when unparseable after retries (counted and reported)
+    score: float | None  # None when no rating could be read (FastChat's -1): left out of means, counted
     raw: str = ""
     attempts: int = 1
     details: dict = field(default_factory=dict)

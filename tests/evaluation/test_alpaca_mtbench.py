@@ -44,6 +44,39 @@ class WordCountGrader(GradingJudge):
                 for it in items]
 
 
+class SometimesUnreadable(PairwiseJudge):
+    """The model's answer (B) wins, except on the instructions in `unreadable`, where the verdict is unparsed."""
+
+    name = "test-unreadable"
+
+    def __init__(self, unreadable: set[str]):
+        self.unreadable = unreadable
+
+    def compare(self, items, progress=False):
+        return [PairwiseVerdict(p_a=0.5, consistent=None, parsed=False) if it.messages[0]["content"] in self.unreadable
+                else PairwiseVerdict(p_a=0.0, consistent=True) for it in items]
+
+
+def test_unparsed_verdicts_are_dropped_as_alpaca_eval_drops_them_or_ties_on_request(tmp_path):
+    from selfalign.evaluation.alpaca import evaluate_outputs
+
+    instructions = load_alpaca_eval_set(limit=14, seed=3)
+    outputs = [{"instruction": p.text, "output": f"answer {i}", "generator": "mine", "dataset": "x"}
+               for i, p in enumerate(instructions)]
+    unreadable = {instructions[2].text, instructions[9].text}
+    m = evaluate_outputs(outputs, SometimesUnreadable(unreadable), tmp_path / "drop", progress=False)
+    assert m["n_unparsed"] == 2 and m["n_dropped"] == 2 and m["unparsed_as"] == "dropped"
+    assert m["n_total"] == 12 and m["win_rate"] == 100.0  # alpaca_eval: NaN preferences leave the win rate
+    annotations = json.loads((tmp_path / "drop" / "annotations.json").read_text())
+    assert [a["preference"] for a in annotations if not a["parsed"]] == [None, None]
+    assert m["length_controlled_winrate"] is not None
+    # the same verdicts, resumed with the opt-in: ties, n_total = every instruction
+    t = evaluate_outputs(outputs, SometimesUnreadable(unreadable), tmp_path / "drop", progress=False,
+                         unparsed_as_tie=True)
+    assert t["n_unparsed"] == 2 and t["n_dropped"] == 0 and t["unparsed_as"] == "tie"
+    assert t["n_total"] == 14 and t["win_rate"] == pytest.approx(100 * 13 / 14)
+
+
 @pytest.fixture(scope="module")
 def gen(embedded_model_dir):
     return TransformersGenerator(str(embedded_model_dir), batch_size=8)

@@ -7,8 +7,10 @@ these 6 included); the leave-one-model-out reproduction is benchmarks/lc_reprodu
 from __future__ import annotations
 
 import json
+import math
 import random
 
+import numpy as np
 import pandas as pd
 import pytest
 
@@ -115,7 +117,8 @@ def test_winrate_on_hand_made_annotations(instructions, tmp_path, capsys):
     ('[{"instruction": "x", "output_1": "a", "output_2": "b", "preference": 1.2},'
      ' {"instruction": "x", "output_1": "a", "output_2": "b"}]', 2, "preference"),
     ('[{"instruction": "x", "output_1": "a", "output_2": "b", "preference": 3}]', 1, "preference"),
-    ('[{"instruction": "x", "output_1": "a", "output_2": "b", "preference": null}]', 1, "preference"),
+    ('[{"instruction": "x", "output_1": "a", "output_2": "b", "preference": "2"}]', 1, "preference"),
+    ('[{"instruction": "x", "output_1": "a", "output_2": "b", "preference": true}]', 1, "preference"),
     ('[{"instruction": "x", "output_2": "b", "preference": 1.0}]', 1, "output_1"),
     ('[{"instruction": "x", "output_1": "a", "output_2": "b", "preference": 1.0},', 1, None),  # malformed JSON
 ])
@@ -163,3 +166,82 @@ def test_baseline_against_itself_is_50(alpaca, lc_model, tmp_path):
     path.write_text(json.dumps(recs))
     m = lc.evaluate_annotations(path, lc_model)
     assert m["win_rate"] == 50.0 and m["length_controlled_winrate"] == 50.0
+
+
+def test_null_preferences_are_dropped_and_counted_as_alpaca_eval_drops_them(alpaca, lc_model, tmp_path, capsys):
+    """alpaca_eval leaves annotations without a preference out of the win rate and n_total (and out of the GLM fit);
+    selfalign does the same and reports how many in n_dropped."""
+    records = json.loads((alpaca / "annotations" / "gemma-7b-it.json").read_text())
+    full = tmp_path / "full.json"
+    full.write_text(json.dumps(records))
+    dropped = [5, 17, 300]
+    holes = [dict(r, preference=None if i in dropped[:2] else float("nan") if i == dropped[2] else r["preference"])
+             for i, r in enumerate(records)]
+    path = tmp_path / "holes.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in holes))  # NaN written as JSON's NaN, null as null
+    rated = tmp_path / "rated.json"
+    rated.write_text(json.dumps([r for i, r in enumerate(records) if i not in dropped]))
+    m, ref = lc.evaluate_annotations(path, lc_model), lc.evaluate_annotations(rated, lc_model)
+    assert m["n_dropped"] == 3 and lc.evaluate_annotations(full, lc_model)["n_dropped"] == 0
+    for key in ("win_rate", "standard_error", "n_wins", "n_wins_base", "n_draws", "n_total", "discrete_win_rate"):
+        assert m[key] == pytest.approx(ref[key]), key
+    assert m["n_total"] == len(records) - 3
+    # the LC fit leaves them out, the prediction (a mean over annotated instructions) keeps them, as alpaca_eval
+    assert 0 < m["length_controlled_winrate"] < 100
+    assert m["length_controlled_winrate"] == pytest.approx(ref["length_controlled_winrate"], abs=0.3)
+    assert main(["eval", "lc", "--annotations", str(path)]) == 0
+    assert "3 without a preference dropped" in capsys.readouterr().out
+
+
+def test_lc_with_dropped_rows_fits_on_rated_rows_and_predicts_on_all(alpaca, lc_model, monkeypatch):
+    frame = lc.attach_index(lc.read_annotations(alpaca / "annotations" / "alpaca-7b.json"), lc_model.keys)
+    frame.loc[[3, 4], "preference"] = float("nan")
+    seen = {}
+    real = lc.fit_soft_logistic
+
+    def spy(X, p, w=None, **kw):
+        seen.update(X=X, p=p)
+        return real(X, p, w, **kw)
+
+    monkeypatch.setattr(lc, "fit_soft_logistic", spy)
+    out = lc.length_controlled_winrate(frame, lc_model, glm="noreg")
+    assert len(seen["p"]) == len(frame) - 2 and not any(map(math.isnan, seen["p"]))
+    # std_delta_len is standardised over every row (dropped ones included), as alpaca_eval featurises first
+    delta = (frame["len_1"] - frame["len_2"]).to_numpy(float)
+    kept = [i for i in range(len(frame)) if i not in (3, 4)]
+    assert seen["X"][:, 0] == pytest.approx(np.tanh(delta / np.std(delta, ddof=1))[kept])
+    d = lc_model.difficulty.reindex(frame["index"]).to_numpy()
+    coef = [out["glm_weights"][k] for k in lc.FEATURES]
+    assert out["length_controlled_winrate"] == pytest.approx(100 * np.mean(1 / (1 + np.exp(-(coef[1] * d + coef[2])))))
+
+
+def test_all_null_preferences_is_a_data_error(tmp_path, instructions):
+    path = tmp_path / "none.json"
+    record = {"instruction": instructions[0], "output_1": "a", "output_2": "b", "preference": None}
+    path.write_text(json.dumps([record]))
+    with pytest.raises(DataError) as err:
+        lc.evaluate_annotations(path)
+    assert err.value.path == str(path) and err.value.field == "preference"
+
+
+def test_v1_stacks_the_gamed_rows_before_the_models_as_alpaca_eval_does(alpaca, lc_model, monkeypatch):
+    """alpaca_eval's length_controlled_v1 fits pd.concat([df_gamed, df]): gamed rows first. The row order decides
+    the grouped CV folds, so it can change the chosen C."""
+    def read(name):
+        return lc.attach_index(lc.read_annotations(alpaca / "annotations" / f"{name}.json"), lc_model.keys)
+
+    model, verbose, concise = read("alpaca-7b"), read("falcon-7b-instruct")[:300], read("gemma-7b-it")[:200]
+    seen = {}
+    real = lc.fit_soft_logistic
+
+    def spy(X, p, w=None, **kw):
+        seen.update(X=X, p=p, w=w)
+        return real(X, p, w, **kw)
+
+    monkeypatch.setattr(lc, "fit_soft_logistic", spy)
+    lc.length_controlled_winrate(model, lc_model, glm="v1", gamed=[verbose, concise])
+    not_gamed, w = seen["X"][:, 2], seen["w"]
+    assert list(not_gamed) == [0.0] * 500 + [1.0] * len(model)
+    assert list(w) == [pytest.approx(0.1)] * 500 + [1.0] * len(model)
+    assert list(seen["p"][:300]) == list(verbose["preference"] - 1)  # the gamed files in the order given
+    assert list(seen["p"][500:]) == list(model["preference"] - 1)
