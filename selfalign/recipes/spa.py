@@ -16,7 +16,9 @@ Paper vs official code (the paper is the default; the code's behaviour is one co
 Ablations, one line each: `self_refinement.enabled: false` (no smoothing), `decoupled_noise_detection: false`,
 `judge_reference: previous` (judge against the previous round's reference instead of π_init), `labeler: local`
 (or any judge name: an external judge instead of the implicit reward).
-Not in either: identical sample pairs (both answers the same text) carry no preference and are dropped and counted.
+Not in either: identical sample pairs (both answers the same text) carry no preference and are dropped and counted;
+`drop_truncated: true` also leaves answers cut at max_new_tokens out of the pairs (both sources keep them).
+K > 2 samples per prompt: the best is chosen, the worst (`rejected: min_max`) or a random other (`max_chosen`) rejected.
 """
 
 from __future__ import annotations
@@ -34,7 +36,7 @@ from selfalign.models import DEFAULT_MODEL
 from selfalign.recipes.common import data_file
 from selfalign.runs import Run
 from selfalign.training import DPOTrainConfig, train_dpo
-from selfalign.training.implicit_reward import label_by_implicit_reward
+from selfalign.training.implicit_reward import label_samples_by_implicit_reward
 from selfalign.training.noise import SelfRefinementHook
 
 
@@ -61,11 +63,13 @@ class SelfRefinementConfig:
 class Config:
     model: str = DEFAULT_MODEL  # π_init, an SFT (instruct) model
     seed_data: str = "preferences/ultrafeedback_binarized_train_1k.jsonl"  # the small labelled seed
-    seed_limit: int | None = 2000  # paper: 2K pairs (3.3% of UltraFeedback)
+    seed_limit: int | None = 2000  # paper: 2K pairs (3.3% of UltraFeedback); the shipped seed file holds 1,000
     prompts: str = "prompts/unlabelled_pool.jsonl"  # unlabelled prompts; the seed's prompts are excluded
     prompt_sources: list[str] = field(default_factory=list)  # keep only these `source` values (empty: all)
     round_sizes: list[int] = field(default_factory=lambda: [8000, 20000, 30000])  # disjoint prompt slices
-    samples_per_prompt: int = 2
+    samples_per_prompt: int = 2  # K; with K > 2 the best answer is chosen and `rejected` picks the other one
+    rejected: Literal["min_max", "max_chosen"] = "min_max"  # the worst answer (code default) or a random non-best
+    drop_truncated: bool = False  # true: answers cut at max_new_tokens take no part in pairs (paper/code keep them)
     sampling: SamplingConfig = field(default_factory=SamplingConfig)
     labeler: str = "implicit"  # or a judge name (length, local, reward, api): external-judge ablation
     labeler_options: dict = field(default_factory=dict)
@@ -73,8 +77,11 @@ class Config:
     self_refinement: SelfRefinementConfig = field(default_factory=SelfRefinementConfig)
     decoupled_noise_detection: bool = True
     lambdas: list[float] = field(default_factory=lambda: [0.5, 0.25, 0.125])  # λ per round (last one repeats)
-    seed_train: DPOTrainConfig = field(default_factory=lambda: DPOTrainConfig(epochs=3))
-    round_train: DPOTrainConfig = field(default_factory=DPOTrainConfig)
+    # the SPA code's DPO: lr 5e-7 cosine, 10% warm-up, global batch 32, lengths 2048 / 1024; seed 3 epochs, rounds 1
+    seed_train: DPOTrainConfig = field(default_factory=lambda: DPOTrainConfig(
+        epochs=3, batch_size=4, grad_accum=8, max_length=2048, max_prompt_length=1024))
+    round_train: DPOTrainConfig = field(default_factory=lambda: DPOTrainConfig(
+        epochs=1, batch_size=4, grad_accum=8, max_length=2048, max_prompt_length=1024))
     eval: EvalConfig = field(default_factory=EvalConfig)
     shuffle_seed: int = 42  # SPA's make_data_split shuffles with seed 42
 
@@ -114,36 +121,47 @@ def generate(config: Config, run: Run, i: int, policy: str) -> dict:
     return {"responses": len(out), "truncated": sum(r.finish_reason == "length" for r in out)}
 
 
-def candidate_pairs(run: Run, i: int) -> tuple[list[PreferencePair], int]:
+def candidate_groups(config: Config, run: Run, i: int) -> tuple[list[tuple[str, list[dict], list[str]]], dict]:
+    """Per prompt, its distinct sampled answers in sample order (id, messages, answers), and what was left out:
+    prompts whose answers were all the same text carry no preference; with `drop_truncated`, answers that hit
+    max_new_tokens are removed first."""
     from selfalign.data import Response
 
     by_prompt: dict[str, list[Response]] = {}
     for r in read_records(run.path(f"round{i}", "generations.jsonl"), Response):
         by_prompt.setdefault(r.prompt_id, []).append(r)
-    pairs, identical = [], 0
+    groups, dropped = [], {"identical_dropped": 0, "truncated_dropped": 0, "too_few_left": 0}
     for pid, rs in by_prompt.items():
         rs = sorted(rs, key=lambda r: r.sample_index)
-        if len(rs) < 2:
-            continue
-        if rs[0].response.strip() == rs[1].response.strip():
-            identical += 1
-            continue
-        # K = 2 samples: one pair per prompt (the code's min_max rule reduces to this)
-        pairs.append(PreferencePair(id=pid, messages=rs[0].messages, chosen=rs[0].response, rejected=rs[1].response))
-    return pairs, identical
+        if config.drop_truncated:
+            kept = [r for r in rs if r.finish_reason != "length"]
+            dropped["truncated_dropped"] += len(rs) - len(kept)
+            if len(kept) < 2 <= len(rs):
+                dropped["too_few_left"] += 1
+            rs = kept
+        answers: list[str] = []
+        for r in rs:
+            if r.response.strip() not in {a.strip() for a in answers}:
+                answers.append(r.response)
+        if len(answers) >= 2:
+            groups.append((pid, rs[0].messages, answers))
+        elif len(rs) >= 2:
+            dropped["identical_dropped"] += 1
+    return groups, dropped
 
 
 def label(config: Config, run: Run, i: int, policy: str, judge_ref: str) -> dict:
-    pairs, identical = candidate_pairs(run, i)
+    groups, dropped = candidate_groups(config, run, i)
     t = config.round_train
     if config.labeler == "implicit":
-        labelled = label_by_implicit_reward(pairs, policy, judge_ref, t.beta, t.max_length, t.max_prompt_length,
-                                            t.reference_batch_size, cache_dir=run.path(f"round{i}", "label_cache"))
+        labelled = label_samples_by_implicit_reward(groups, policy, judge_ref, t.beta, config.rejected, config.shuffle_seed,
+                                                    t.max_length, t.max_prompt_length, t.reference_batch_size,
+                                                    cache_dir=run.path(f"round{i}", "label_cache"))
     else:
-        labelled = label_by_judge(config, run, pairs)
+        labelled = label_by_judge(config, run, [PreferencePair(pid, m, a[0], a[1]) for pid, m, a in groups])
     write_jsonl(run.path(f"round{i}", "labels.jsonl"), labelled)
     conf = [p.meta["confidence"] for p in labelled]
-    return {"pairs": len(labelled), "identical_dropped": identical, "labeler": config.labeler,
+    return {"pairs": len(labelled), **dropped, "labeler": config.labeler,
             "judge_reference": judge_ref if config.labeler == "implicit" else None,
             "mean_confidence": sum(conf) / max(1, len(conf)),
             "swapped": sum(bool(p.meta.get("swapped")) for p in labelled)}
@@ -181,6 +199,13 @@ def train_round(config: Config, run: Run, i: int, policy: str) -> dict:
 
 # ------------------------------------------------------------------------------------------------ pipeline
 def run(config: Config, run_dir: str) -> dict:
+    from selfalign.errors import ConfigError
+
+    if config.samples_per_prompt < 2:
+        raise ConfigError(f"samples_per_prompt: {config.samples_per_prompt}; a preference pair needs at least 2")
+    if config.samples_per_prompt > 2 and config.labeler != "implicit":
+        raise ConfigError(f"samples_per_prompt: {config.samples_per_prompt} needs labeler: implicit (a pairwise "
+                          f"judge '{config.labeler}' labels 2 answers per prompt)")
     run = Run(run_dir, config_to_dict(config), "spa", seed=config.round_train.seed)
     results: dict[str, dict] = {}
 

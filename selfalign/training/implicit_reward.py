@@ -38,19 +38,66 @@ def sequence_logps(model_spec: str, pairs: list[PreferencePair], max_length: int
     return out
 
 
+def implicit_rewards(candidates: list[PreferencePair], policy: str, reference: str, max_length: int = 1024,
+                     max_prompt_length: int = 512, batch_size: int = 8,
+                     cache_dir: str | Path | None = None) -> list[tuple[float, float]]:
+    """(r(chosen), r(rejected)) of each pair, r = log π_policy − log π_reference; the pair's order is not read."""
+    lp_policy = sequence_logps(policy, candidates, max_length, max_prompt_length, batch_size, cache_dir)
+    lp_ref = sequence_logps(reference, candidates, max_length, max_prompt_length, batch_size, cache_dir)
+    return [(float(a), float(b)) for a, b in (lp_policy - lp_ref).tolist()]
+
+
+def label_samples_by_implicit_reward(groups: list[tuple[str, list[dict], list[str]]], policy: str, reference: str,
+                                     beta: float = 0.1, rejected: str = "min_max", seed: int = 0,
+                                     max_length: int = 1024, max_prompt_length: int = 512, batch_size: int = 8,
+                                     cache_dir: str | Path | None = None) -> list[PreferencePair]:
+    """One preference pair per (id, messages, K ≥ 2 sampled answers): the answer with the highest implicit reward
+    is chosen; the rejected one is the lowest (`min_max`, SPA's default) or a seeded random other answer
+    (`max_chosen`). On ties the later sample wins, so for K = 2 y1 is chosen only when p(y1 ≻ y2) > 0.5 (METHODS.md
+    §2.3). meta: both rewards, the confidence σ(β·(r_w − r_l)), the samples' indices, `swapped` (chosen came later)."""
+    import random
+
+    if rejected not in ("min_max", "max_chosen"):
+        raise ValueError(f"rejected must be 'min_max' or 'max_chosen', got {rejected!r}")
+    # answers are scored two at a time, the unit the encoder and the log-prob cache work in; an odd K pairs its
+    # last answer with the first again (one extra sequence per prompt)
+    scoring, where = [], []
+    for gid, messages, answers in groups:
+        if len(answers) < 2:
+            raise ValueError(f"{gid}: {len(answers)} answer(s); a preference needs at least 2")
+        idx = list(range(len(answers))) + ([0] if len(answers) % 2 else [])
+        for a, b in zip(idx[::2], idx[1::2]):
+            scoring.append(PreferencePair(id=gid, messages=messages, chosen=answers[a], rejected=answers[b]))
+            where.append((a, b))
+    rewards = iter(zip(where, implicit_rewards(scoring, policy, reference, max_length, max_prompt_length,
+                                               batch_size, cache_dir)))
+    labelled = []
+    for gid, messages, answers in groups:
+        r: dict[int, float] = {}
+        for _ in range((len(answers) + 1) // 2):
+            (a, b), (ra, rb) = next(rewards)
+            r[a], r[b] = ra, rb
+        order = sorted(r, key=lambda j: (r[j], j))  # ascending reward, later sample first among equals at the top
+        best = order[-1]
+        if rejected == "min_max":
+            worst = order[0]
+        else:
+            worst = random.Random(f"{seed}:{gid}").choice(order[:-1])
+        meta = {"reward_chosen": r[best], "reward_rejected": r[worst], "chosen_sample": best, "rejected_sample": worst,
+                "confidence": 1 / (1 + math.exp(-max(-60.0, min(60.0, beta * (r[best] - r[worst]))))),
+                "swapped": best > worst}
+        labelled.append(PreferencePair(id=gid, messages=messages, chosen=answers[best], rejected=answers[worst],
+                                       meta=meta))
+    return labelled
+
+
 def label_by_implicit_reward(candidates: list[PreferencePair], policy: str, reference: str, beta: float = 0.1,
                              max_length: int = 1024, max_prompt_length: int = 512, batch_size: int = 8,
                              cache_dir: str | Path | None = None) -> list[PreferencePair]:
-    """Order each candidate pair (two answers in `chosen`/`rejected`, unordered) by implicit reward."""
-    lp_policy = sequence_logps(policy, candidates, max_length, max_prompt_length, batch_size, cache_dir)
-    lp_ref = sequence_logps(reference, candidates, max_length, max_prompt_length, batch_size, cache_dir)
-    rewards = (lp_policy - lp_ref).tolist()
-    labelled = []
-    for pair, (r1, r2) in zip(candidates, rewards):
-        first_wins = r1 >= r2
-        w, l = (pair.chosen, pair.rejected) if first_wins else (pair.rejected, pair.chosen)
-        rw, rl = (r1, r2) if first_wins else (r2, r1)
-        meta = dict(pair.meta, reward_chosen=rw, reward_rejected=rl,
-                    confidence=1 / (1 + math.exp(-beta * (rw - rl))), swapped=not first_wins)
-        labelled.append(PreferencePair(id=pair.id, messages=pair.messages, chosen=w, rejected=l, meta=meta))
-    return labelled
+    """Order each candidate pair (two answers in `chosen`/`rejected`, unordered) by implicit reward: K = 2 of
+    `label_samples_by_implicit_reward`, keeping each pair's meta."""
+    groups = [(p.id, p.messages, [p.chosen, p.rejected]) for p in candidates]
+    labelled = label_samples_by_implicit_reward(groups, policy, reference, beta, "min_max", 0, max_length,
+                                                max_prompt_length, batch_size, cache_dir)
+    return [PreferencePair(l.id, l.messages, l.chosen, l.rejected, dict(p.meta, **l.meta))
+            for p, l in zip(candidates, labelled)]

@@ -11,7 +11,7 @@ import torch
 from selfalign.cli import main
 from selfalign.data import PreferencePair
 from selfalign.data.loaders import load_preference_pairs
-from selfalign.training.implicit_reward import label_by_implicit_reward
+from selfalign.training.implicit_reward import label_by_implicit_reward, label_samples_by_implicit_reward
 from selfalign.training.noise import SelfRefinementHook
 
 
@@ -102,6 +102,55 @@ def test_implicit_reward_picks_the_higher_reward(embedded_model_dir, perturbed_m
     again = label_by_implicit_reward(candidates, str(perturbed_model), str(embedded_model_dir), beta=0.1,
                                      max_length=512, max_prompt_length=400, cache_dir=tmp_path)
     assert [l.chosen for l in again] == [l.chosen for l in labelled]
+
+
+def test_more_than_two_samples_pick_the_best_and_the_worst_or_a_random_other(embedded_model_dir, perturbed_model,
+                                                                            data_dir, tmp_path):
+    from selfalign.models import load_model, load_tokenizer
+
+    pairs = load_preference_pairs(data_dir / "preferences" / "ultrafeedback_binarized_eval_200.jsonl", limit=3)
+    # K = 3 distinct answers per prompt: its two rated answers and the next prompt's chosen one (off topic)
+    groups = [(p.id, p.messages, [p.chosen[:200], p.rejected[:200], q.chosen[:200]]) for p, q in zip(pairs, pairs[1:])]
+    assert all(len(set(answers)) == 3 for _, _, answers in groups)
+    common = dict(beta=0.1, max_length=512, max_prompt_length=400, cache_dir=tmp_path)
+    worst = label_samples_by_implicit_reward(groups, str(perturbed_model), str(embedded_model_dir), **common)
+    other = label_samples_by_implicit_reward(groups, str(perturbed_model), str(embedded_model_dir),
+                                             rejected="max_chosen", seed=3, **common)
+    tok = load_tokenizer(str(embedded_model_dir))
+    policy, reference = load_model(str(perturbed_model)), load_model(str(embedded_model_dir))
+    for (gid, messages, answers), w, o in zip(groups, worst, other):
+        r = [direct_logp(policy, tok, messages, y) - direct_logp(reference, tok, messages, y) for y in answers]
+        best = max(range(3), key=r.__getitem__)
+        assert (w.chosen, w.rejected) == (answers[best], answers[min(range(3), key=r.__getitem__)])
+        assert w.meta["reward_chosen"] == pytest.approx(r[best], abs=1e-3)
+        assert w.meta["reward_rejected"] == pytest.approx(min(r), abs=1e-3)
+        assert o.chosen == answers[best] and o.rejected != o.chosen and o.meta["rejected_sample"] != best
+    again = label_samples_by_implicit_reward(groups, str(perturbed_model), str(embedded_model_dir),
+                                             rejected="max_chosen", seed=3, **common)
+    assert [p.rejected for p in again] == [p.rejected for p in other]  # seeded
+
+
+def test_candidate_groups_drop_identical_and_optionally_truncated_answers(tmp_path, data_dir):
+    from selfalign.data import Response, write_jsonl
+    from selfalign.recipes import spa
+    from selfalign.runs import Run
+
+    p = load_preference_pairs(data_dir / "preferences" / "ultrafeedback_binarized_eval_200.jsonl", limit=3)
+    rows = [  # prompt 0: two distinct answers, one cut off; prompt 1: the same text twice; prompt 2: three answers
+        (p[0], [(p[0].chosen, "stop"), (p[0].rejected, "length")]),
+        (p[1], [(p[1].chosen, "stop"), (p[1].chosen + " ", "stop")]),
+        (p[2], [(p[2].chosen, "length"), (p[2].rejected, "stop"), (p[2].chosen[:50], "stop")]),
+    ]
+    run = Run(tmp_path, {}, "spa")
+    write_jsonl(run.path("round1", "generations.jsonl"),
+                [Response(prompt_id=q.id, messages=q.messages, response=text, model="m", sample_index=k,
+                          finish_reason=why) for q, answers in rows for k, (text, why) in enumerate(answers)])
+    groups, dropped = spa.candidate_groups(spa.Config(samples_per_prompt=3), run, 1)
+    assert [(g[0], len(g[2])) for g in groups] == [(p[0].id, 2), (p[2].id, 3)]
+    assert dropped == {"identical_dropped": 1, "truncated_dropped": 0, "too_few_left": 0}
+    groups, dropped = spa.candidate_groups(spa.Config(samples_per_prompt=3, drop_truncated=True), run, 1)
+    assert [(g[0], g[2]) for g in groups] == [(p[2].id, [p[2].rejected, p[2].chosen[:50]])]
+    assert dropped == {"identical_dropped": 1, "truncated_dropped": 2, "too_few_left": 1}
 
 
 def test_two_round_spa_run_end_to_end_and_resume(tmp_path, capsys):
