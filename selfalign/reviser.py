@@ -75,7 +75,9 @@ def reviser_messages(messages: Sequence[Message], response: str, template: str) 
     instruction and the response to revise."""
     if not messages or messages[-1]["role"] != "user":
         raise DataError("a prompt to revise must end with a user turn", field="messages")
-    user = template.replace("{instruction}", messages[-1]["content"]).replace("{response}", response)
+    # one pass: an instruction that itself contains "{response}" must stay as written
+    slots = {"instruction": messages[-1]["content"], "response": response}
+    user = re.sub(r"\{(instruction|response)\}", lambda m: slots[m.group(1)], template)
     return [dict(m) for m in messages[:-1]] + [{"role": "user", "content": user}]
 
 

@@ -64,6 +64,14 @@ def test_reviser_prompt_holds_instruction_and_response_and_keeps_history():
         load_template("no_such_template.txt")
 
 
+def test_placeholders_inside_the_instruction_are_left_as_written():
+    # a coding question about templates: the filled-in instruction must not be filled in again
+    msgs = [{"role": "user", "content": "Why does '{response}' print literally in my f-string?"}]
+    out = reviser_messages(msgs, "Add the f prefix.", load_template("adaptive_prompt.txt"))[-1]["content"]
+    assert "### Instruction\nWhy does '{response}' print literally in my f-string?\n### Response\nAdd the f prefix." \
+        in out
+
+
 # ------------------------------------------------------------------------------------------------ distances
 def _naive(a, b):
     d = list(range(len(b) + 1))

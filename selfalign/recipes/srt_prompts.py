@@ -12,6 +12,7 @@ Templates are data files under selfalign/resources/srt/. Two sequence formats (M
 
 from __future__ import annotations
 
+import re
 from functools import lru_cache
 from importlib import resources
 
@@ -28,7 +29,9 @@ def template(name: str) -> str:
 
 def critic_prompt(instruction: str, response: str) -> str:
     """Table-1 prompt for an external critic (and for scoring a refinement: put it in the response slot)."""
-    return template("critic_prompt.txt").replace("{instruction}", instruction).replace("{response}", response)
+    # one pass: an instruction that itself contains "{response}" must stay as written
+    slots = {"instruction": instruction, "response": response}
+    return re.sub(r"\{(instruction|response)\}", lambda m: slots[m.group(1)], template("critic_prompt.txt"))
 
 
 def self_critique_request() -> str:

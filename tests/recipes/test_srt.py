@@ -80,6 +80,12 @@ def test_two_turn_masks_instruction_and_critique_request(tokenizer):
     assert Y in masked and Y not in trained and R in trained
 
 
+def test_critic_prompt_fills_each_placeholder_once():
+    text = critic_prompt("What does str.format do with '{response}'?", "It fills it in.")
+    assert "What does str.format do with '{response}'?" in text and "It fills it in." in text
+    assert "{instruction}" not in text
+
+
 def test_critic_template_format_masks_instruction_and_response(tokenizer):
     from selfalign.training import encode_conversation
 
