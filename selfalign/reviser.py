@@ -245,7 +245,7 @@ def revise_adaptive(generator, responses: Sequence[Response], template: str, tag
     an unparsable tag then drops the response). Both passes append to their JSONL files and resume after a kill.
 
     Revision.meta: tag_status ('ok' | 'fallback'), tag_raw (the decide pass's text), finish_reason of the
-    continuation, and origin / sample_index from the response's meta."""
+    continuation, original_finish_reason of the response, and origin / sample_index from the response's meta."""
     from selfalign.generation import SamplingParams, generate_to_file
 
     if fallback not in FALLBACKS:
@@ -271,6 +271,7 @@ def revise_adaptive(generator, responses: Sequence[Response], template: str, tag
         if decision is None:  # fallback 'drop'
             continue
         meta = {"sample_index": r.sample_index, "tag_status": status, "tag_raw": tags[iid], "model": r.model,
+                "original_finish_reason": r.finish_reason,
                 **{k: v for k, v in r.meta.items() if k in ("origin", "source")}}
         revised = r.response
         if decision != "none":
@@ -283,6 +284,13 @@ def revise_adaptive(generator, responses: Sequence[Response], template: str, tag
         out.append(Revision(prompt_id=r.prompt_id, messages=r.messages, original=r.response, revised=revised,
                             decision=decision, meta=meta))
     return out
+
+
+def revision_unfinished(r: Revision) -> bool:
+    """Whether the text a revision hands on (`revised`) was cut off at a token budget: the continuation's when the
+    reviser rewrote the answer, else the original answer's."""
+    rewritten = r.decision != "none" and not r.meta.get("empty_revision")
+    return r.meta.get("finish_reason" if rewritten else "original_finish_reason") == "length"
 
 
 def revision_stats(revisions: Sequence[Revision], total: int | None = None) -> dict:

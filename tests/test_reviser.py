@@ -241,6 +241,26 @@ def test_mixed_decisions_continue_only_the_revisions(tmp_path):
     assert [r.to_dict() for r in revs2] == [r.to_dict() for r in revs] and again.calls == []
 
 
+def test_a_target_is_unfinished_when_the_text_it_hands_on_was_cut_off(tmp_path):
+    from selfalign.data import Revision
+    from selfalign.reviser import revision_unfinished
+
+    texts = ["kept but cut", "revised from a cut one", "kept whole"]
+    responses = _responses(texts)
+    responses[0].finish_reason = responses[1].finish_reason = "length"
+    stub = StubReviser({"kept but cut": "[NO REVISION]", "revised from a cut one": "[MAJOR REVISION]",
+                        "kept whole": "[NO REVISION]"})
+    revs = revise_adaptive(stub, responses, load_template("adaptive_prompt.txt"), 8, 64, tmp_path / "t.jsonl",
+                           tmp_path / "c.jsonl")
+    assert [r.meta["original_finish_reason"] for r in revs] == ["length", "length", None]
+    # the rewrite finished (stub: "stop"), so only the kept cut-off answer is unfinished
+    assert [revision_unfinished(r) for r in revs] == [True, False, False]
+    cut_rewrite = Revision("p", revs[1].messages, "a", "b", "minor", {"finish_reason": "length"})
+    empty_rewrite = Revision("p", revs[1].messages, "a", "a", "major", {"finish_reason": "stop", "empty_revision": True,
+                                                                         "original_finish_reason": "length"})
+    assert revision_unfinished(cut_rewrite) and revision_unfinished(empty_rewrite)
+
+
 @pytest.mark.parametrize("fallback,expected", [("major", ["major"]), ("minor", ["minor"]), ("drop", [])])
 def test_tag_fallbacks(tmp_path, fallback, expected):
     stub = StubReviser({"x y": "Here you go"})

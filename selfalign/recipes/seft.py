@@ -360,15 +360,25 @@ def revise(config: Config, run: Run, i: int, reviser: str) -> dict:
 
 
 def train_round(config: Config, run: Run, i: int, init: str) -> dict:
+    from selfalign.reviser import revision_unfinished
+
     revisions = read_records(run.path(f"round{i}", "revisions.jsonl"), Revision)
+    # a target cut off at the token budget is still trained on, but not its end-of-turn tokens
     conversations = [Conversation(f"{r.prompt_id}#{r.meta.get('sample_index', 0)}",
                                   r.messages + [{"role": "assistant", "content": r.revised}],
-                                  {"decision": r.decision}) for r in revisions]
+                                  {"decision": r.decision, **_unfinished(r.messages, revision_unfinished(r))})
+                     for r in revisions]
     if not conversations:
         raise ConfigError(f"round {i}: no revised answers to train on")
     summary = train_sft(init, conversations, config.round_train, run.path(f"round{i}", "train"),
                         run.path(f"round{i}", "final"))
-    return {**summary, "init": init, "examples": len(conversations)}
+    return {**summary, "init": init, "examples": len(conversations),
+            "unfinished_targets": sum(bool(c.meta.get("unfinished_turns")) for c in conversations)}
+
+
+def _unfinished(messages: list, cut_off: bool) -> dict:
+    """Conversation meta marking the answer after `messages` as cut off (see training.data.encode_conversation)."""
+    return {"unfinished_turns": [len(messages)]} if cut_off else {}
 
 
 def train_baseline(config: Config, run: Run) -> dict:
@@ -377,13 +387,14 @@ def train_baseline(config: Config, run: Run) -> dict:
     responses = [r for r in read_records(run.path("round1", "generations.jsonl"), Response) if r.response.strip()]
     conversations = [Conversation(f"{r.prompt_id}#{r.sample_index}",
                                   r.messages + [{"role": "assistant", "content": r.response}],
-                                  {"origin": "unrevised"})
+                                  {"origin": "unrevised", **_unfinished(r.messages, r.finish_reason == "length")})
                      for r in responses]  # empty answers are skipped, as in round 1's revision inputs
     if not conversations:
         raise ConfigError("baseline: round 1 has no non-empty answers to train on")
     summary = train_sft(config.model, conversations, config.round_train, run.path("baseline", "train"),
                         run.path("baseline", "final"))
-    return {**summary, "init": config.model, "examples": len(conversations)}
+    return {**summary, "init": config.model, "examples": len(conversations),
+            "unfinished_targets": sum(bool(c.meta.get("unfinished_turns")) for c in conversations)}
 
 
 def write_revision_summary(run: Run, rows: dict[str, dict]) -> None:

@@ -253,7 +253,8 @@ def critique_responses(gen: Generator, responses: Sequence[Response], fmt: str, 
         if rescore and i not in rescored:
             continue
         r = by_id[i]
-        meta = {"attempt": k, "finish_reason": raw.finish_reason, "answer_model": r.model}
+        meta = {"attempt": k, "finish_reason": raw.finish_reason, "answer_model": r.model,
+                "response_finish_reason": r.finish_reason}
         if raw.meta.get("score_followup") is not None:
             meta["score_followup"] = raw.meta["score_followup"]
         if rescore:
@@ -284,8 +285,11 @@ def filter_critiques(critiques: Sequence[Critique], strict: bool) -> tuple[list[
 def preference_pairs(critiques: Sequence[Critique]) -> tuple[list[PreferencePair], list[dict]]:
     """Stage 2: (x, chosen = refinement, rejected = original) for refinements that scored strictly higher."""
     kept, dropped = filter_critiques(critiques, strict=True)
+    # a y' cut off at its token budget stays the rejected answer, without loss on its end-of-turn tokens
     pairs = [PreferencePair(id=c.prompt_id, messages=c.messages, chosen=c.refinement, rejected=c.response,
-                            meta={"score": c.score, "refinement_score": c.meta["refinement_score"]}) for c in kept]
+                            meta={"score": c.score, "refinement_score": c.meta["refinement_score"],
+                                  "rejected_unfinished": c.meta.get("response_finish_reason") == "length"})
+             for c in kept]
     return pairs, dropped
 
 
@@ -429,12 +433,15 @@ def train_stage1(config: Config, run: Run) -> dict:
         raise SelfalignError(f"stage 1: no valid critiques to train on (see {run.path('stage1', 'dropped.jsonl')} "
                              "and the stage1/critique summary in manifest.json)")
     convs = [training_conversation(c.prompt_id, c.messages, c.response, c.feedback, c.refinement,
-                                   config.sequence_format, score=c.score) for c in critiques]
+                                   config.sequence_format, score=c.score,
+                                   response_unfinished=c.meta.get("response_finish_reason") == "length")
+             for c in critiques]
     write_jsonl(run.path("stage1", "sft.jsonl"), convs)
     summary = train_sft(config.model, convs, config.stage1_train, run.path("stage1", "train"),
                         run.path("stage1", "final"))
     return {**summary, "examples": len(convs), "sequence_format": config.sequence_format,
-            "train_on": config.stage1_train.train_on}
+            "train_on": config.stage1_train.train_on,
+            "unfinished_responses": sum(bool(c.meta.get("unfinished_turns")) for c in convs)}
 
 
 def train_baseline(config: Config, run: Run) -> dict:
@@ -458,7 +465,7 @@ def train_baseline(config: Config, run: Run) -> dict:
 def critique_stage2(config: Config, run: Run, model: str) -> dict:
 
     c = config.self_critique
-    gen = make_generator("auto", model, batch_size=c.batch_size)
+    gen = make_generator(config.sampling.backend, model, batch_size=c.batch_size)  # M_self is a local model
     gen.model_name = "stage1"
     responses = read_records(run.path("stage2", "responses.jsonl"), Response)
     critiques, dropped, stats = critique_responses(gen, responses, config.sequence_format, c, run.path("stage2"),
@@ -482,7 +489,8 @@ def train_stage2(config: Config, run: Run, model: str) -> dict:
                              f"{run.path('stage2', 'dropped.jsonl')})")
     # init = reference = M_self: train_dpo's default reference is the starting model
     return {**train_dpo(model, pairs, config.stage2_train, run.path("stage2", "train"), run.path("stage2", "final")),
-            "pairs": len(pairs), "beta": config.stage2_train.beta}
+            "pairs": len(pairs), "beta": config.stage2_train.beta,
+            "unfinished_rejected": sum(bool(p.meta.get("rejected_unfinished")) for p in pairs)}
 
 
 def evaluate_self_refined(model_dir: str, label: str, config: EvalConfig, eval_root: Path, fmt: str,

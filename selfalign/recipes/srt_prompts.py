@@ -56,9 +56,13 @@ def critique_prompt(id: str, messages: list[dict], response: str, fmt: str = "tw
 
 
 def training_conversation(id: str, messages: list[dict], response: str, feedback: str, refinement: str,
-                          fmt: str = "two_turn", **meta) -> Conversation:
-    """A stage-1 SFT example: the critique chat followed by the target feedback + refinement turn."""
+                          fmt: str = "two_turn", response_unfinished: bool = False, **meta) -> Conversation:
+    """A stage-1 SFT example: the critique chat followed by the target feedback + refinement turn.
+    `response_unfinished`: y was cut off at its token budget; in `two_turn`, where y is a target, its end-of-turn
+    tokens then carry no loss (the model should not learn to stop there)."""
     target = format_feedback_and_refinement(feedback, refinement)
+    if response_unfinished and fmt == "two_turn":
+        meta = dict(meta, unfinished_turns=[len(messages)])  # y's index: right after the prompt's messages
     return Conversation(id=str(id), messages=critique_messages(messages, response, fmt) +
                         [{"role": "assistant", "content": target}], meta=dict(meta, format=fmt))
 

@@ -11,6 +11,7 @@ import hashlib
 import json
 import random
 from dataclasses import dataclass
+from typing import Sequence
 
 import torch
 
@@ -63,14 +64,28 @@ def _truncate(ids: list[int], labels: list[int], max_length: int, max_prompt_len
     return ids, labels, len(ids) < n
 
 
+def unlabel_turn_end(tokenizer, labels: list[int], start: int, end: int) -> None:
+    """Take the loss off the end-of-turn tokens closing labels[start:end] (special tokens such as <|im_end|>, and
+    the whitespace the template puts after them), in place.
+
+    For answers that were cut off at a token budget: their text is still a target, but training the end-of-turn
+    token after it would teach the model to stop mid-sentence."""
+    special = set(tokenizer.all_special_ids)
+    j = end
+    while j > start and (labels[j - 1] in special or not tokenizer.decode([labels[j - 1]]).strip()):
+        j -= 1
+    labels[j:end] = [IGNORE] * (end - j)
+
+
 def encode_conversation(tokenizer, messages: list[dict], train_on: str = "last", max_length: int = 1024,
-                        max_prompt_length: int = 512, id: str = "") -> SFTExample:
+                        max_prompt_length: int = 512, id: str = "", unfinished: Sequence[int] = ()) -> SFTExample:
     """Token ids of a chat ending with an assistant turn, with labels only on the trained assistant turn(s).
 
     train_on="last": only the final assistant turn carries loss; system, user and earlier turns are context (this
     is also how SRT/SEFT mask the instruction and the input response). train_on="all": every assistant turn.
     Each turn's span comes from `encode_prompt_response` on the conversation up to that turn, which checks that
     the rendering of the prefix is a prefix of the rendering of the whole chat (so the masks line up exactly).
+    `unfinished`: indices of assistant messages that were cut off; their end-of-turn tokens carry no loss.
     """
     if not messages or messages[-1]["role"] != "assistant":
         raise DataError("an SFT conversation must end with an assistant turn", field="messages")
@@ -87,18 +102,24 @@ def encode_conversation(tokenizer, messages: list[dict], train_on: str = "last",
             raise DataError(f"chat template renders turn {i} differently inside the full conversation; "
                             "cannot mask it reliably", field="messages")
         labels[start:len(turn_ids)] = turn_ids[start:]
+        if i in unfinished:
+            unlabel_turn_end(tokenizer, labels, start, len(turn_ids))
     ids, labels, truncated = _truncate(ids, labels, max_length, max_prompt_length)
     return SFTExample(id=str(id), input_ids=ids, labels=labels, truncated=truncated)
 
 
 def encode_pair(tokenizer, messages: list[dict], chosen: str, rejected: str, max_length: int = 1024,
-                max_prompt_length: int = 512, id: str = "", weight: float = 1.0) -> PairExample:
-    """A preference pair as two prompt+response sequences with the prompt masked (same prompt tokens in both)."""
+                max_prompt_length: int = 512, id: str = "", weight: float = 1.0,
+                unfinished: tuple[bool, bool] = (False, False)) -> PairExample:
+    """A preference pair as two prompt+response sequences with the prompt masked (same prompt tokens in both).
+    `unfinished` (chosen, rejected): an answer that was cut off gets no loss on its end-of-turn tokens."""
     out = []
     truncated = False
-    for response in (chosen, rejected):
+    for response, cut_off in zip((chosen, rejected), unfinished):
         ids, n_prompt = encode_prompt_response(tokenizer, messages, response)
         labels = [IGNORE] * n_prompt + ids[n_prompt:]
+        if cut_off:
+            unlabel_turn_end(tokenizer, labels, n_prompt, len(labels))
         ids, labels, cut = _truncate(ids, labels, max_length, max_prompt_length)
         truncated = truncated or cut
         out += [ids, labels]
@@ -106,15 +127,18 @@ def encode_pair(tokenizer, messages: list[dict], chosen: str, rejected: str, max
 
 
 def encode_conversations(tokenizer, conversations, train_on="last", max_length=1024, max_prompt_length=512):
-    """`Conversation` records -> SFTExamples."""
-    return [encode_conversation(tokenizer, c.messages, train_on, max_length, max_prompt_length, id=c.id)
-            for c in conversations]
+    """`Conversation` records -> SFTExamples; `meta.unfinished_turns` lists assistant messages that were cut off."""
+    return [encode_conversation(tokenizer, c.messages, train_on, max_length, max_prompt_length, id=c.id,
+                                unfinished=c.meta.get("unfinished_turns", ())) for c in conversations]
 
 
 def encode_pairs(tokenizer, pairs, max_length=1024, max_prompt_length=512):
-    """`PreferencePair` records -> PairExamples; a pair's `meta.weight` (if any) becomes its loss weight."""
+    """`PreferencePair` records -> PairExamples; a pair's `meta.weight` (if any) becomes its loss weight, and
+    `meta.chosen_unfinished` / `meta.rejected_unfinished` mark answers that were cut off."""
     return [encode_pair(tokenizer, p.messages, p.chosen, p.rejected, max_length, max_prompt_length, id=p.id,
-                        weight=p.meta.get("weight", 1.0)) for p in pairs]
+                        weight=p.meta.get("weight", 1.0),
+                        unfinished=(bool(p.meta.get("chosen_unfinished")), bool(p.meta.get("rejected_unfinished"))))
+            for p in pairs]
 
 
 # ------------------------------------------------------------------------------------------------ batches

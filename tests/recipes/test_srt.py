@@ -86,6 +86,19 @@ def test_critic_prompt_fills_each_placeholder_once():
     assert "{instruction}" not in text
 
 
+def test_a_cut_off_response_is_trained_without_its_end_of_turn(tokenizer):
+    from selfalign.training import encode_conversations
+
+    conv = training_conversation("a", X, Y, F, R, "two_turn", response_unfinished=True)
+    assert conv.meta["unfinished_turns"] == [1] and conv.messages[1]["content"] == Y
+    ex = encode_conversations(tokenizer, [conv], train_on="all", max_length=2048, max_prompt_length=1024)[0]
+    trained, _ = spans(tokenizer, ex.input_ids, ex.labels)
+    assert Y + "<|im_end|>" not in trained and Y in trained
+    assert trained.endswith(R + "<|im_end|>\n")  # the critique turn still ends as usual
+    assert "unfinished_turns" not in training_conversation("a", X, Y, F, R, "critic_template",
+                                                           response_unfinished=True).meta  # y is input there
+
+
 def test_critic_template_format_masks_instruction_and_response(tokenizer):
     from selfalign.training import encode_conversation
 

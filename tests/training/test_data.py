@@ -51,6 +51,22 @@ def test_multi_turn_masks(tokenizer):
         encode_conversation(tokenizer, MULTI[:-1])  # must end with an assistant turn
 
 
+def test_a_cut_off_answer_is_trained_without_its_end_of_turn_tokens(tokenizer, real_pairs):
+    # an answer that hit the token budget: its text stays a target, the <|im_end|> after it (stop here) does not
+    cut = encode_conversation(tokenizer, MULTI, train_on="all", unfinished=[2])
+    assert trained_text(tokenizer, cut.input_ids, cut.labels) == "Blue.Green.<|im_end|>\n"
+    assert cut.input_ids == encode_conversation(tokenizer, MULTI, train_on="all").input_ids
+    p = real_pairs[0]
+    whole = encode_pair(tokenizer, p.messages, p.chosen, p.rejected, max_length=4096, max_prompt_length=2048)
+    pair = encode_pair(tokenizer, p.messages, p.chosen, p.rejected, max_length=4096, max_prompt_length=2048,
+                       unfinished=(False, True))
+    assert pair.chosen_labels == whole.chosen_labels
+    assert trained_text(tokenizer, pair.rejected_ids, pair.rejected_labels).strip() == p.rejected.strip()
+    assert pair.rejected_labels[:-2] == whole.rejected_labels[:-2] and pair.rejected_labels[-2:] == [IGNORE] * 2
+    flagged = p.__class__(p.id, p.messages, p.chosen, p.rejected, {"rejected_unfinished": True})
+    assert encode_pairs(tokenizer, [flagged], 4096, 2048)[0].rejected_labels == pair.rejected_labels
+
+
 def test_truncation_keeps_prompt_end_and_response_start(tokenizer, real_pairs):
     p = max(real_pairs, key=lambda p: len(p.prompt))
     full = encode_pair(tokenizer, p.messages, p.chosen, p.rejected, max_length=8192, max_prompt_length=4096)
