@@ -26,7 +26,8 @@ def main(argv: list[str]) -> int:
     for spec in argv[1:]:
         a, _, b = spec.partition("=")
         pa, pb = preferences(root / a), preferences(root / b)
-        diffs = [100 * (pa[i] - pb[i]) for i in pa if i in pb]
+        # an unreadable verdict has no preference (null): the instruction leaves the comparison for both
+        diffs = [100 * (pa[i] - pb[i]) for i in pa if pb.get(i) is not None and pa[i] is not None]
         mean = sum(diffs) / len(diffs)
         se = math.sqrt(sum((d - mean) ** 2 for d in diffs) / (len(diffs) - 1) / len(diffs))
         print(f"{a} - {b}: {mean:+.2f} ± {se:.2f} (n = {len(diffs)})")
