@@ -214,26 +214,6 @@ def adaptive_examples(pairs: Sequence[PreferencePair], labels: Sequence[dict], t
 
 
 # ------------------------------------------------------------------------------------------------ generation
-def prefixed_generator(model: str, batch_size: int | None = None, backend: str = "auto"):
-    """A local generator that continues an assistant turn: a prompt with meta['assistant_prefix'] is encoded as
-    the chat prompt followed by the prefix's tokens, so generation picks up right after the decision tag."""
-    from selfalign.generation import make_generator
-
-    gen = make_generator(backend, model, batch_size=batch_size)
-    encode_chat = gen.encode
-
-    def encode(prompts, max_new_tokens, source=None):  # both local backends encode through this method
-        ids = encode_chat(prompts, max_new_tokens, source)
-        for i, p in enumerate(prompts):
-            prefix = p.meta.get("assistant_prefix")
-            if prefix:
-                ids[i] = ids[i] + gen.tokenizer(prefix, add_special_tokens=False)["input_ids"]
-        return ids
-
-    gen.encode = encode
-    return gen
-
-
 def _item_id(r: Response) -> str:
     return f"{r.prompt_id}#{r.sample_index}"
 

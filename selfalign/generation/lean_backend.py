@@ -173,8 +173,8 @@ class LeanGenerator(TransformersGenerator):
             self.close()
         dec.allocate_blocks(plan)
         slots = self.last_slots = dec.slots  # (fewer than batch_size when max_cache_gb caps the cache)
-        # encode() refuses prompts that leave max_new_tokens no room in the model's context, but a subclass may add
-        # tokens after that check (reviser.prefixed_generator): such a sequence ends at the context's last position
+        # encode() refuses prompts that leave max_new_tokens no room in the model's context; should a sequence still
+        # reach the context's last position, it ends there
         limit = dec.max_positions
 
         waiting = list(reversed(wanted))  # pop() takes the longest prompt first

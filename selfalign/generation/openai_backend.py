@@ -185,6 +185,10 @@ class OpenAIGenerator(Generator):
     def generate(self, prompts: Sequence[Prompt], params: SamplingParams, on_batch: OnBatch | None = None,
                  skip: set | None = None, progress: bool = True, flush_every: int | None = None) -> list[Response]:
         skip = skip or set()
+        prefixed = next((p.id for p in prompts if p.meta.get("assistant_prefix")), None)
+        if prefixed is not None:  # chat-completions endpoints have no portable way to continue an assistant turn
+            raise SelfalignError(f"prompt '{prefixed}': meta.assistant_prefix (continue an answer) needs a local "
+                                 "backend (lean, transformers, vllm); the openai backend cannot honour it")
         # greedy samples are identical: ask once per prompt and copy to every missing sample index
         jobs: list[tuple[Prompt, list[int]]] = []
         for p in prompts:

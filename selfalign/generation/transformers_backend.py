@@ -42,11 +42,12 @@ class TransformersGenerator(Generator):
         self.eos_ids = sorted(e for e in eos if e is not None)
 
     def encode(self, prompts: Sequence[Prompt], max_new_tokens: int, source: str | None = None) -> list[list[int]]:
-        """Token ids of each rendered prompt; a prompt that leaves no room to answer is a DataError."""
+        """Token ids of each rendered prompt (plus `meta['assistant_prefix']`, the start of the answer to continue,
+        when a prompt has one); a prompt that leaves no room to answer is a DataError."""
         limit = context_length(self.model)
         out = []
         for i, p in enumerate(prompts):
-            ids = encode_prompt(self.tokenizer, p.messages)
+            ids = encode_prompt(self.tokenizer, p.messages, p.meta.get("assistant_prefix", ""))
             if len(ids) + max_new_tokens > limit:
                 path, line = source_of(p)
                 raise DataError(f"prompt '{p.id}' is {len(ids)} tokens; with max_new_tokens={max_new_tokens} it "

@@ -91,7 +91,7 @@ class VLLMGenerator(Generator):
 
         out = []
         for i, p in enumerate(prompts):
-            ids = encode_prompt(self.tokenizer, p.messages)
+            ids = encode_prompt(self.tokenizer, p.messages, p.meta.get("assistant_prefix", ""))
             if len(ids) + max_new_tokens > self.context:
                 path, line = source_of(p)
                 raise DataError(f"prompt '{p.id}' is {len(ids)} tokens; with max_new_tokens={max_new_tokens} it "

@@ -12,9 +12,14 @@ def render_prompt(tokenizer, messages: list[dict]) -> str:
     return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
 
 
-def encode_prompt(tokenizer, messages: list[dict]) -> list[int]:
+def encode_prompt(tokenizer, messages: list[dict], assistant_prefix: str = "") -> list[int]:
+    """Token ids of the generation prompt for `messages`, followed by `assistant_prefix`'s tokens when given: the
+    answer then continues an assistant turn that already starts with that text (e.g. a reviser's decision tag)."""
     # The template already holds any BOS the model wants; letting the tokenizer add another gives a double BOS.
-    return tokenizer(render_prompt(tokenizer, messages), add_special_tokens=False)["input_ids"]
+    ids = tokenizer(render_prompt(tokenizer, messages), add_special_tokens=False)["input_ids"]
+    if assistant_prefix:
+        ids = ids + tokenizer(assistant_prefix, add_special_tokens=False)["input_ids"]
+    return ids
 
 
 def encode_prompt_response(tokenizer, messages: list[dict], response: str) -> tuple[list[int], int]:

@@ -330,11 +330,12 @@ def revision_inputs(config: Config, run: Run, i: int) -> tuple[list[Response], i
 def run_reviser(config: Config, reviser: str, responses: list[Response], folder, seed: int) -> tuple[list, int]:
     """Adaptive revision of `responses` with the trained reviser, both passes resumable under `folder`.
     Returns (revisions, the decide pass's token budget)."""
-    from selfalign.reviser import load_template, prefixed_generator, revise_adaptive, tag_token_budget
+    from selfalign.reviser import load_template, revise_adaptive, tag_token_budget
 
     rc = config.reviser
     folder.mkdir(parents=True, exist_ok=True)
-    gen = prefixed_generator(reviser, batch_size=rc.batch_size, backend=rc.backend)
+    # local backends continue a prompt's meta["assistant_prefix"] (the decision tag) natively
+    gen = make_generator(rc.backend, reviser, batch_size=rc.batch_size)
     gen.model_name = "reviser"
     budget = tag_token_budget(gen.tokenizer)
     revisions = revise_adaptive(gen, responses, load_template(rc.adaptive_template), budget,

@@ -40,6 +40,21 @@ def test_greedy_is_token_identical_to_transformers(reference, lean, prompts):
     assert all(r.sampling["backend"] == "lean" for r in got)
 
 
+def test_an_assistant_prefix_is_continued_by_both_backends(reference, lean, prompts):
+    from selfalign.data import Prompt
+    from selfalign.models import encode_prompt
+
+    prefix = "Here are three points:\n1."  # the answer must go on from here, as a reviser's tag is continued
+    primed = [Prompt(p.id, p.messages, {"assistant_prefix": prefix}) for p in prompts[:3]]
+    plain = encode_prompt(lean.tokenizer, prompts[0].messages)
+    assert lean.encode(primed[:1], 16)[0] == plain + lean.tokenizer(prefix, add_special_tokens=False)["input_ids"]
+    params = SamplingParams(temperature=0, max_new_tokens=16)
+    got = lean.generate(primed, params, progress=False)
+    assert [r.response for r in got] == [r.response for r in reference.generate(primed, params, progress=False)]
+    unprimed = lean.generate(prompts[:3], params, progress=False)
+    assert [r.response for r in got] != [r.response for r in unprimed]
+
+
 def test_greedy_parity_holds_with_a_full_batch(embedded_model_dir, reference, data_dir):
     # 16 slots take the weight-major matmul path (LeanDecoder._linear) until the first answers finish, then the
     # F.linear path for the last few rows: both must give transformers' tokens

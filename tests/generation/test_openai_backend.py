@@ -142,6 +142,14 @@ def test_greedy_matches_local_transformers(server, prompts):
         assert r.finish_reason == l.finish_reason and r.num_tokens == l.num_tokens
 
 
+def test_an_assistant_prefix_is_refused_not_ignored(server, prompts):
+    gen = OpenAIGenerator(base_url=server.url)
+    primed = [prompts[0], Prompt(prompts[1].id, prompts[1].messages, {"assistant_prefix": "[MINOR REVISION]\n"})]
+    with pytest.raises(SelfalignError, match=f"prompt '{prompts[1].id}': meta.assistant_prefix .* local backend"):
+        gen.generate(primed, GREEDY, progress=False)
+    gen.close()
+
+
 def test_sampling_n2_distinct_indices_and_reproducible(server, prompts):
     params = SamplingParams(temperature=1.0, max_new_tokens=8, n=2, seed=7)
     gen = client(server.url, concurrency=4)
