@@ -123,7 +123,10 @@ def test_pairs_keep_only_strictly_improving_refinements():
     pairs, dropped = preference_pairs(cs)
     assert [p.id for p in pairs] == ["up"]
     assert pairs[0].chosen == "refined up" and pairs[0].rejected == "answer up" and pairs[0].messages == X
-    assert pairs[0].meta == {"score": 4, "refinement_score": 7}
+    assert pairs[0].meta == {"score": 4, "refinement_score": 7, "rejected_unfinished": False}
+    cut = crit("cut", 4, 7)
+    cut.meta["response_finish_reason"] = "length"  # y' hit its token budget: no loss on its end-of-turn tokens
+    assert preference_pairs([cut])[0][0].meta["rejected_unfinished"] is True
     assert {d["prompt_id"]: d["reason"] for d in dropped} == {"same": "not_improved", "down": "not_improved",
                                                              "unscored": "refinement_unscored"}
     # stage 1's Rule 2 keeps ties (s_r >= s_y)
