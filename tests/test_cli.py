@@ -42,6 +42,32 @@ def test_bad_input_prints_one_line(tmp_path, capsys):
     assert not (tmp_path / "o.jsonl").exists()
 
 
+@pytest.mark.parametrize("args,message", [
+    (["--limit", "0"], "limit must be at least 1, not 0"),
+    (["--n", "0"], "n and max_new_tokens must be >= 1"),
+    (["--temperature", "-1"], "temperature must be >= 0 (0 is greedy), not -1.0"),
+])
+def test_out_of_range_generate_settings_are_refused(args, message, tmp_path, prompts_file, capsys):
+    out = tmp_path / "o.jsonl"
+    assert main(["generate", "--prompts", str(prompts_file), "--out", str(out), "--quiet", *args]) == 2
+    err = capsys.readouterr().err.strip()
+    assert message in err and "\n" not in err
+    assert not out.exists()
+
+
+def test_mtbench_refuses_a_judge_that_cannot_grade_before_answering(tmp_path, capsys):
+    assert main(["eval", "mtbench", "--judge", "length", "--limit", "8", "--out", str(tmp_path / "ev")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "judge 'length' does not grade single answers" in err and "\n" not in err
+    assert not (tmp_path / "ev" / "model_answer.jsonl").exists()
+
+
+def test_a_negative_learning_rate_is_a_config_error(tmp_path, capsys):
+    assert main(["run", "sft", "configs/sft-smoke.yaml", "--run-dir", str(tmp_path / "r"),
+                 "--set", "train.learning_rate=-1"]) == 2
+    assert "learning_rate and max_grad_norm must be > 0" in capsys.readouterr().err
+
+
 def test_models_list_and_missing_model(capsys):
     assert main(["models", "list", "--json"]) == 0
     rows = json.loads(capsys.readouterr().out)

@@ -76,6 +76,8 @@ def read_records(source: Any, cls: type[T], limit: int | None = None) -> list[T]
         rows = ((i, {k: _unnumpy(v) for k, v in r.items()}) for i, r in enumerate(frame.to_dict("records"), start=1))
     else:
         rows = iter_json_rows(source)
+    if limit is not None and limit < 1:
+        raise DataError(f"limit must be at least 1, not {limit}", path=name)
     out = []
     for line, row in rows:
         out.append(_parse(cls, row, name, line))

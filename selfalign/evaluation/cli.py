@@ -72,12 +72,13 @@ def cmd_lc(args) -> int:
 
 
 # ------------------------------------------------------------------------------------------------ eval alpaca / mtbench
-def _add_model_and_judge_flags(p, default_judge: str, why: str) -> None:
+def _add_model_and_judge_flags(p, default_judge: str, why: str,
+                               judges: str = "length, local, reward, reward-crossfit, api") -> None:
     from selfalign.cli import add_backend_flags
 
     add_backend_flags(p)
     p.add_argument("--judge", default=default_judge,
-                   help=f"judge name: length, local, reward, reward-crossfit, api (default %(default)s: {why})")
+                   help=f"judge name: {judges} (default %(default)s: {why})")
     p.add_argument("--judge-option", action="append", default=[], metavar="KEY=VALUE",
                    help="judge option, e.g. model=qwen2.5-coder-1.5b (repeatable)")
     p.add_argument("--out", required=True, help="output folder (resumed if it exists)")
@@ -164,7 +165,7 @@ def _add_mtbench(eval_sub) -> None:
         "coding; the multi-turn template for turn 2), report per-category and overall scores and how many grades "
         "could not be parsed. Resumable.")
     # grading 1-10 needs a judge that reads and writes: an LLM (a reward model only compares)
-    _add_model_and_judge_flags(p, "local", "Qwen2.5-Coder-1.5B, single-answer grades")
+    _add_model_and_judge_flags(p, "local", "Qwen2.5-Coder-1.5B, single-answer grades", judges="local, api")
     p.add_argument("--limit", type=int, default=None, help="keep limit/8 questions per category")
     p.add_argument("--json", action="store_true", help="print the metrics as one JSON object")
     p.set_defaults(fn=cmd_mtbench, max_new_tokens=1024)
@@ -172,9 +173,14 @@ def _add_mtbench(eval_sub) -> None:
 
 def cmd_mtbench(args) -> int:
     from selfalign.cli import generator_from_args
+    from selfalign.errors import ConfigError
     from selfalign.evaluation.mtbench import evaluate_mtbench
+    from selfalign.judges.base import grades_single_answers
 
     judge = _judge_from_args(args)
+    if not grades_single_answers(judge):  # said before the model loads, not after the answers
+        raise ConfigError(f"judge '{judge.name}' does not grade single answers; MT-Bench needs one that does "
+                          "(local, api)")
     m = evaluate_mtbench(generator_from_args(args), judge, args.out, limit=args.limit,
                          max_new_tokens=args.max_new_tokens, seed=args.seed, progress=not args.quiet)
     if args.json:

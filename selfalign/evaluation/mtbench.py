@@ -115,6 +115,12 @@ def summarize(judgments: Sequence[dict]) -> dict:
 def evaluate_mtbench(generator: Generator, judge: GradingJudge, out_dir: str | Path,
                      questions: Sequence[MTBenchQuestion] | None = None, limit: int | None = None,
                      max_new_tokens: int = 1024, seed: int = 0, progress: bool = True) -> dict:
+    from selfalign.errors import ConfigError
+    from selfalign.judges.base import grades_single_answers
+
+    if not grades_single_answers(judge):  # before any answer is generated, not after
+        raise ConfigError(f"judge '{judge.name}' does not grade single answers; MT-Bench needs one that does "
+                          "(local, api)")
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     questions = list(questions) if questions is not None else load_mt_bench()

@@ -33,10 +33,14 @@ class SamplingParams:
             raise ConfigError("stop strings must be non-empty strings")
         if not 0 < self.top_p <= 1:  # top_p <= 0 would keep no token at all
             raise ConfigError(f"top_p must be in (0, 1], not {self.top_p}")
+        if self.temperature < 0:
+            raise ConfigError(f"temperature must be >= 0 (0 is greedy), not {self.temperature}")
+        if self.n < 1 or self.max_new_tokens < 1:
+            raise ConfigError(f"n and max_new_tokens must be >= 1, not {self.n} and {self.max_new_tokens}")
 
     @property
     def greedy(self) -> bool:
-        return self.temperature <= 0
+        return self.temperature == 0
 
     def to_dict(self) -> dict:
         return asdict(self)

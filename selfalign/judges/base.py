@@ -85,3 +85,9 @@ class GradingJudge(abc.ABC):
     @abc.abstractmethod
     def grade(self, items: list[GradeItem], progress: bool = False) -> list[Grade]:
         ...
+
+
+def grades_single_answers(judge) -> bool:
+    """Whether `judge` can grade one answer on its own (MT-Bench) rather than only compare two (a cached judge
+    answers for the judge it wraps)."""
+    return getattr(judge, "grades_single_answers", isinstance(judge, GradingJudge))

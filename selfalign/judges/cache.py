@@ -16,6 +16,7 @@ from pathlib import Path
 
 from tqdm.auto import tqdm
 
+from selfalign.errors import ConfigError
 from selfalign.judges.base import Grade, GradeItem, GradingJudge, PairwiseItem, PairwiseJudge, PairwiseVerdict
 from selfalign.runs import ResumableJsonl
 
@@ -96,9 +97,13 @@ class CachedJudge(PairwiseJudge, GradingJudge):
                          lambda v: {"verdict": dataclasses.asdict(v)},
                          lambda row: PairwiseVerdict(**row["verdict"]), progress)
 
+    @property
+    def grades_single_answers(self) -> bool:
+        return isinstance(self.judge, GradingJudge)
+
     def grade(self, items: list[GradeItem], progress: bool = False) -> list[Grade]:
-        if not isinstance(self.judge, GradingJudge):
-            raise TypeError(f"judge '{self.name}' does not grade single answers")
+        if not self.grades_single_answers:
+            raise ConfigError(f"judge '{self.name}' does not grade single answers (it only compares two)")
         return self._run(items, grade_key, lambda chunk: self.judge.grade(chunk, progress=False),
                          lambda g: {"grade": dataclasses.asdict(g)},
                          lambda row: Grade(**row["grade"]), progress)

@@ -56,6 +56,9 @@ class TrainConfig:
             raise ValueError("max_steps and save_steps must be >= 0")
         if not 0.0 <= self.warmup_ratio < 1.0:
             raise ValueError("warmup_ratio must be in [0, 1)")
+        if not self.learning_rate > 0 or self.weight_decay < 0 or not self.max_grad_norm > 0:
+            raise ValueError(f"learning_rate and max_grad_norm must be > 0 and weight_decay >= 0, not "
+                             f"{self.learning_rate}, {self.max_grad_norm} and {self.weight_decay}")
 
 
 @dataclass
