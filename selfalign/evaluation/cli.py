@@ -153,7 +153,7 @@ def cmd_alpaca(args) -> int:
     print(f"{m['model']} vs reference, judge {m['annotator']}: {m['n_total']} instructions with a verdict, "
           f"{m['n_unparsed']} unparsed verdicts ({how})")
     print(f"win rate     {m['win_rate']:.2f} ± {m['standard_error'] or 0:.2f}")
-    print(f"LC win rate  {'n/a' if lc is None else f'{lc:.2f}'}")
+    print(f"LC win rate  {lc:.2f}" if lc is not None else f"LC win rate  n/a ({m.get('lc_note', 'not computed')})")
     return 0
 
 

@@ -166,7 +166,7 @@ def test_summary_counts_unparsed_and_fastchat_temperatures():
     assert t2.references == q.reference[:2] and t1.references == q.reference[:1]
 
 
-def test_existing_outputs_are_judged_without_a_model(tmp_path, data_dir):
+def test_existing_outputs_are_judged_without_a_model(tmp_path, data_dir, capsys):
     """`selfalign eval alpaca --outputs`: real alpaca-7b answers (from its GPT-4 annotations) judged against the
     GPT-4-Turbo references by the length rule; the win rate is the share of longer answers, computed directly."""
     from selfalign.cli import main
@@ -182,6 +182,7 @@ def test_existing_outputs_are_judged_without_a_model(tmp_path, data_dir):
     longer = [len(o["output"]) > len(refs[o["instruction"]]["output"]) for o in outputs]
     assert main(["eval", "alpaca", "--outputs", str(path), "--judge", "length", "--out", str(tmp_path / "ev"),
                  "--quiet"]) == 0
+    assert "LC win rate  n/a (the LC win rate needs at least 10" in capsys.readouterr().out  # 6 rows: says why
     metrics = json.loads((tmp_path / "ev" / "metrics.json").read_text())
     assert metrics["n_total"] == 6 and metrics["model"] == "alpaca-7b"
     assert metrics["win_rate"] == pytest.approx(100 * sum(longer) / 6)
