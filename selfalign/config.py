@@ -111,7 +111,7 @@ def _build(cls: type[T], data: dict, where: str) -> T:
     unknown = sorted(set(data) - set(fields))
     if unknown:
         key = f"{where}.{unknown[0]}" if where else unknown[0]
-        raise ConfigError(f"unknown key '{key}' (known keys here: {', '.join(fields)})")
+        raise _keyed(ConfigError(f"unknown key '{key}' (known keys here: {', '.join(fields)})"), key)
     kwargs = {}
     for name, value in data.items():
         factory = fields[name].default_factory
@@ -121,35 +121,78 @@ def _build(cls: type[T], data: dict, where: str) -> T:
                 # a section names only what it changes: the rest keeps the recipe's default for that section
                 # (e.g. SPA's seed_train has epochs=3), not the section class's generic one
                 value = _overlay(dataclasses.asdict(default), value)
-        kwargs[name] = _check_type(value, hints[name], f"{where}.{name}" if where else name)
+        key = f"{where}.{name}" if where else name
+        try:
+            kwargs[name] = _check_type(value, hints[name], key)
+        except ConfigError as e:
+            raise _keyed(e, key) from None
     try:
         return cls(**kwargs)
     except (TypeError, ValueError) as e:
-        raise ConfigError(f"{where + ': ' if where else ''}{e}") from None
+        raise _keyed(ConfigError(f"{where + ': ' if where else ''}{e}"), where) from None
+
+
+def _keyed(error: ConfigError, key: str) -> ConfigError:
+    """`error` tagged with the dotted key it is about (the innermost one wins), for load_config to place it."""
+    if getattr(error, "key", None) is None:
+        error.key = key
+    return error
+
+
+def _key_lines(text: str) -> dict[str, int]:
+    """Dotted key -> 1-based line of that key in a YAML mapping document (nested sections included)."""
+    lines: dict[str, int] = {}
+
+    def walk(node, prefix: str) -> None:
+        if isinstance(node, yaml.MappingNode):
+            for key_node, value_node in node.value:
+                key = f"{prefix}{key_node.value}"
+                lines[key] = key_node.start_mark.line + 1
+                walk(value_node, key + ".")
+
+    try:
+        walk(yaml.compose(text), "")
+    except yaml.YAMLError:
+        pass
+    return lines
 
 
 def load_config(cls: type[T], path: str | Path | None = None, overrides: list[str] | None = None) -> T:
     data: dict = {}
     name = str(path) if path else cls.__name__
+    lines: dict[str, int] = {}
     if path is not None:
         p = Path(path)
         if not p.exists():
             raise ConfigError(f"{p}: config file not found")
         try:
-            data = yaml.safe_load(p.read_text()) or {}
+            text = p.read_text()
+            data = yaml.safe_load(text) or {}
+            lines = _key_lines(text)
         except yaml.YAMLError as e:
             mark = getattr(e, "problem_mark", None)
             line = f":{mark.line + 1}" if mark else ""
             raise ConfigError(f"{p}{line}: malformed YAML ({getattr(e, 'problem', e)})") from None
         if not isinstance(data, dict):
             raise ConfigError(f"{p}: expected a mapping of config keys")
+    overridden: dict[str, str] = {}
     for text in overrides or []:
         keys, value = parse_override(text)
         _set(data, keys, value)
+        overridden[".".join(keys)] = text
     try:
         return _build(cls, data, "")
     except ConfigError as e:
-        raise ConfigError(f"{name}: {e}") from None
+        # blame what set the value: an override, else the file's line for that key (or its nearest section)
+        key = getattr(e, "key", None) or ""
+        parts = key.split(".")
+        prefixes = [".".join(parts[:k]) for k in range(len(parts), 0, -1)]
+        override = next((overridden[k] for k in prefixes if k in overridden), None) or next(
+            (text for k, text in overridden.items() if key and k.startswith(key + ".")), None)  # a section's check
+        if override is not None:
+            raise ConfigError(f"--set {override}: {e}") from None
+        line = next((lines[k] for k in prefixes if k in lines), None)
+        raise ConfigError(f"{name}{f':{line}' if line else ''}: {e}") from None
 
 
 def config_to_dict(cfg: Any) -> dict:

@@ -23,13 +23,16 @@ def test_a_partial_section_keeps_the_recipes_defaults_for_that_section(tmp_path)
     assert cfg.stage1_train.learning_rate == 2e-5
 
 
-def test_unknown_keys_and_bad_values_name_the_file_and_the_key(tmp_path):
+def test_unknown_keys_and_bad_values_name_the_file_line_and_key_or_the_override(tmp_path):
     path = tmp_path / "spa.yaml"
-    path.write_text("seed_train: {learnig_rate: 1.0e-6}\n")
-    with pytest.raises(ConfigError, match=r"spa.yaml: unknown key 'seed_train.learnig_rate'"):
+    path.write_text("model: smollm2-135m\nseed_train:\n  beta: 0.1\n  learnig_rate: 1.0e-6\n")
+    with pytest.raises(ConfigError, match=r"spa.yaml:4: unknown key 'seed_train.learnig_rate'"):
         load_config(spa.Config, path)
-    path.write_text("rejected: worst\n")
-    with pytest.raises(ConfigError, match=r"spa.yaml: rejected: must be one of \['min_max', 'max_chosen'\]"):
+    path.write_text("model: smollm2-135m\nrejected: worst\n")
+    with pytest.raises(ConfigError, match=r"spa.yaml:2: rejected: must be one of \['min_max', 'max_chosen'\]"):
         load_config(spa.Config, path)
-    with pytest.raises(ConfigError, match=r"seed_train.epochs: expected an integer"):
+    with pytest.raises(ConfigError, match=r"^--set seed_train.epochs=two: seed_train.epochs: expected an integer"):
         load_config(spa.Config, None, ["seed_train.epochs=two"])
+    path.write_text("model: smollm2-135m\nseed_train: {epochs: 3}\n")  # the file is fine, the override is not
+    with pytest.raises(ConfigError, match=r"^--set seed_train.learning_rate=-1: seed_train: learning_rate"):
+        load_config(spa.Config, path, ["seed_train.learning_rate=-1"])
