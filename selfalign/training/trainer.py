@@ -270,7 +270,10 @@ def fit(model, tokenizer, objective, config: TrainConfig, out_dir: str | Path, f
         seconds = time.perf_counter() - t0
         total_tokens += tokens
         row = {"step": step + 1, "epoch": round((step + 1) * ga / len(epoch0), 4), "lr": lr,
-               "grad_norm": float(grad_norm), **{k: v / n for k, v in sums.items()}, "examples": n,
+               "grad_norm": float(grad_norm), **{k: v / n for k, v in sums.items()},
+               # examples (pairs for DPO) in the step, and what its loss was averaged over (pairs, or SFT's tokens)
+               "examples": sum(len(b["ids"]) if "ids" in b else int(b["input_ids"].size(0)) for b in batches),
+               "loss_normaliser": n,
                "tokens": tokens, "seconds": round(seconds, 4)}
         log.write(json.dumps(row) + "\n")
         log.flush()

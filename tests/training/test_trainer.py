@@ -135,6 +135,18 @@ def test_one_epoch_sees_each_pair_once_when_grad_accum_does_not_divide_it(tmp_pa
     assert [r["examples"] for r in rows] == [2, 2, 1]
 
 
+def test_the_sft_log_counts_examples_and_the_tokens_the_loss_averages_over(tmp_path, tiny_model_dir, real_pairs):
+    from selfalign.data import Conversation
+    from selfalign.training import SFTTrainConfig, train_sft
+
+    convs = [Conversation(p.id, p.messages + [{"role": "assistant", "content": p.chosen}]) for p in real_pairs[:5]]
+    cfg = SFTTrainConfig(batch_size=2, epochs=1, max_length=64, max_prompt_length=32, save_steps=0)
+    train_sft(str(tiny_model_dir), convs, cfg, tmp_path / "train", tmp_path / "final", verbose=False)
+    rows = [json.loads(line) for line in (tmp_path / "train" / "log.jsonl").read_text().splitlines()]
+    assert sorted(r["examples"] for r in rows) == [1, 2, 2]
+    assert all(r["loss_normaliser"] > r["examples"] for r in rows)  # trained tokens, not conversations
+
+
 def test_noise_hook_gets_extrapolated_logps_and_sets_eps(tiny_model_dir, tokenizer, real_pairs):
     policy = load_model(str(tiny_model_dir), dtype="float32", device="cpu")
     reference = load_model(str(tiny_model_dir), dtype="float32", device="cpu")
