@@ -172,6 +172,10 @@ def _extra_commands():
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if getattr(args, "quiet", False):  # transformers' own bars too ("Loading weights"), not only selfalign's
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()
     try:
         return args.fn(args) or 0
     except SelfalignError as e:
