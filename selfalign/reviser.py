@@ -23,6 +23,7 @@ from typing import Iterable, Sequence
 
 from selfalign.data.records import Conversation, Message, PreferencePair, Prompt, Response, Revision
 from selfalign.errors import ConfigError, DataError
+from selfalign.judges.prompts import fill
 
 TAGS = {"none": "[NO REVISION]", "minor": "[MINOR REVISION]", "major": "[MAJOR REVISION]"}
 DECISIONS = tuple(TAGS)
@@ -76,8 +77,7 @@ def reviser_messages(messages: Sequence[Message], response: str, template: str) 
     if not messages or messages[-1]["role"] != "user":
         raise DataError("a prompt to revise must end with a user turn", field="messages")
     # one pass: an instruction that itself contains "{response}" must stay as written
-    slots = {"instruction": messages[-1]["content"], "response": response}
-    user = re.sub(r"\{(instruction|response)\}", lambda m: slots[m.group(1)], template)
+    user = fill(template, {"instruction": messages[-1]["content"], "response": response})
     return [dict(m) for m in messages[:-1]] + [{"role": "user", "content": user}]
 
 

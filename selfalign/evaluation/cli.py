@@ -173,14 +173,10 @@ def _add_mtbench(eval_sub) -> None:
 
 def cmd_mtbench(args) -> int:
     from selfalign.cli import generator_from_args
-    from selfalign.errors import ConfigError
-    from selfalign.evaluation.mtbench import evaluate_mtbench
-    from selfalign.judges.base import grades_single_answers
+    from selfalign.evaluation.mtbench import evaluate_mtbench, require_grading_judge
 
     judge = _judge_from_args(args)
-    if not grades_single_answers(judge):  # said before the model loads, not after the answers
-        raise ConfigError(f"judge '{judge.name}' does not grade single answers; MT-Bench needs one that does "
-                          "(local, api)")
+    require_grading_judge(judge)  # said before the model loads, not after the answers
     m = evaluate_mtbench(generator_from_args(args), judge, args.out, limit=args.limit,
                          max_new_tokens=args.max_new_tokens, seed=args.seed, progress=not args.quiet)
     if args.json:

@@ -112,15 +112,20 @@ def summarize(judgments: Sequence[dict]) -> dict:
             "n_unparsed": len(judgments) - len(scored)}
 
 
-def evaluate_mtbench(generator: Generator, judge: GradingJudge, out_dir: str | Path,
-                     questions: Sequence[MTBenchQuestion] | None = None, limit: int | None = None,
-                     max_new_tokens: int = 1024, seed: int = 0, progress: bool = True) -> dict:
+def require_grading_judge(judge) -> None:
+    """A one-line error unless `judge` grades single answers (a pairwise-only judge cannot score MT-Bench)."""
     from selfalign.errors import ConfigError
     from selfalign.judges.base import grades_single_answers
 
-    if not grades_single_answers(judge):  # before any answer is generated, not after
+    if not grades_single_answers(judge):
         raise ConfigError(f"judge '{judge.name}' does not grade single answers; MT-Bench needs one that does "
                           "(local, api)")
+
+
+def evaluate_mtbench(generator: Generator, judge: GradingJudge, out_dir: str | Path,
+                     questions: Sequence[MTBenchQuestion] | None = None, limit: int | None = None,
+                     max_new_tokens: int = 1024, seed: int = 0, progress: bool = True) -> dict:
+    require_grading_judge(judge)  # before any answer is generated, not after
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     questions = list(questions) if questions is not None else load_mt_bench()

@@ -12,12 +12,12 @@ Templates are data files under selfalign/resources/srt/. Two sequence formats (M
 
 from __future__ import annotations
 
-import re
 from functools import lru_cache
 from importlib import resources
 
 from selfalign.critique import format_feedback_and_refinement
 from selfalign.data import Conversation, Prompt
+from selfalign.judges.prompts import fill
 
 FORMATS = ("two_turn", "critic_template")
 
@@ -30,8 +30,7 @@ def template(name: str) -> str:
 def critic_prompt(instruction: str, response: str) -> str:
     """Table-1 prompt for an external critic (and for scoring a refinement: put it in the response slot)."""
     # one pass: an instruction that itself contains "{response}" must stay as written
-    slots = {"instruction": instruction, "response": response}
-    return re.sub(r"\{(instruction|response)\}", lambda m: slots[m.group(1)], template("critic_prompt.txt"))
+    return fill(template("critic_prompt.txt"), {"instruction": instruction, "response": response})
 
 
 def self_critique_request() -> str:

@@ -114,6 +114,9 @@ class SFTObjective:
     def count(self, batch: dict) -> int:
         return int((batch["labels"][:, 1:] != IGNORE).sum())
 
+    def n_examples(self, batch: dict) -> int:
+        return int(batch["input_ids"].size(0))
+
     def loss(self, model, batch: dict, step: int, max_steps: int):
         logits, targets, _ = response_logits(model, batch)
         loss = -token_logps(logits, targets).sum()
@@ -169,6 +172,9 @@ class DPOObjective:
         return batch
 
     def count(self, batch: dict) -> int:
+        return len(batch["ids"])
+
+    def n_examples(self, batch: dict) -> int:
         return len(batch["ids"])
 
     def loss(self, model, batch: dict, step: int, max_steps: int):
@@ -272,7 +278,7 @@ def fit(model, tokenizer, objective, config: TrainConfig, out_dir: str | Path, f
         row = {"step": step + 1, "epoch": round((step + 1) * ga / len(epoch0), 4), "lr": lr,
                "grad_norm": float(grad_norm), **{k: v / n for k, v in sums.items()},
                # examples (pairs for DPO) in the step, and what its loss was averaged over (pairs, or SFT's tokens)
-               "examples": sum(len(b["ids"]) if "ids" in b else int(b["input_ids"].size(0)) for b in batches),
+               "examples": sum(objective.n_examples(b) for b in batches),
                "loss_normaliser": n,
                "tokens": tokens, "seconds": round(seconds, 4)}
         log.write(json.dumps(row) + "\n")
