@@ -75,7 +75,11 @@ class Generator(abc.ABC):
         pass
 
     def _response(self, prompt: Prompt, text: str, params: SamplingParams, sample_index: int,
-                  finish_reason: str | None, num_tokens: int | None, backend: str) -> Response:
+                  finish_reason: str | None, num_tokens: int | None, backend: str,
+                  stop_string: bool = False) -> Response:
+        """A Response with this generator's records. `stop_string`: the answer ended at one of `params.stop`; it is
+        recorded in meta, so a reader can tell it from an end-of-turn token (both are finish_reason "stop", as in
+        OpenAI's API)."""
         sampling = params.to_dict()
         sampling.pop("n")
         stop = sampling.pop("stop")
@@ -84,7 +88,8 @@ class Generator(abc.ABC):
         sampling["backend"] = backend
         return Response(prompt_id=prompt.id, messages=prompt.messages, response=text, model=self.model_name,
                         sample_index=sample_index, sampling=sampling, finish_reason=finish_reason,
-                        num_tokens=num_tokens, model_sha256=self.model_sha256)
+                        num_tokens=num_tokens, model_sha256=self.model_sha256,
+                        meta={"stop_string": True} if stop_string else {})
 
 
 def cut_at_stop(text: str, stop: Sequence[str]) -> tuple[str, bool]:
@@ -93,9 +98,18 @@ def cut_at_stop(text: str, stop: Sequence[str]) -> tuple[str, bool]:
     return (text[:cut], True) if cut >= 0 else (text, False)
 
 
+def stop_window(stop: Sequence[str]) -> int:
+    """How many of the newest tokens to decode when looking for a stop string as it completes: enough for the
+    longest one even when each character takes several byte-level tokens (up to 4 per UTF-8 character), and at
+    least 32 tokens."""
+    return max([32] + [4 * len(x) + 2 for x in stop])
+
+
 def sequence_seed(seed: int, prompt_id: str, sample_index: int) -> int:
     """The random seed of one sample: a function of (run seed, prompt id, sample index) only, so a sample does not
-    depend on its batch companions and a resumed run draws exactly what the uninterrupted one would have."""
+    depend on its batch companions and a resumed run draws with the seeds the uninterrupted one would have. (Its
+    logits can still differ in the last bits, since a matmul's blocking depends on how many rows it holds; on rare
+    near-ties that flips a token.)"""
     digest = hashlib.sha256(f"{seed}|{prompt_id}|{sample_index}".encode()).digest()
     return int.from_bytes(digest[:8], "little") & (2**63 - 1)
 
@@ -120,7 +134,8 @@ def generate_to_file(generator: Generator, prompts: Iterable[Prompt], params: Sa
         missing = [p for p in prompts if any((p.id, i) not in sink.done for i in range(params.n))]
         if missing:
             # all prompts go in, with the done ones as `skip`: the backend then plans (and seeds) the same batches
-            # as an uninterrupted run, so a resumed run gives exactly the samples the uninterrupted one would
+            # as an uninterrupted run, so a resumed run draws the samples the uninterrupted one would (up to
+            # last-bit logit differences from other batch companions: see sequence_seed)
             generator.generate(prompts, params, on_batch=sink.append, skip=set(sink.done), progress=progress)
         rows = {response_key(r): r for r in sink.rows}
     return [Response.from_dict(rows[(p.id, i)]) for p in prompts for i in range(params.n) if (p.id, i) in rows]

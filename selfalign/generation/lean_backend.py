@@ -40,7 +40,7 @@ import torch
 from tqdm.auto import tqdm
 
 from selfalign.data.records import Prompt, Response
-from selfalign.generation.base import OnBatch, SamplingParams, cut_at_stop, sequence_seed
+from selfalign.generation.base import OnBatch, SamplingParams, cut_at_stop, sequence_seed, stop_window
 from selfalign.generation.cuda_graphs import DecodeGraphs
 from selfalign.generation.lean_decoder import LeanDecoder, to_device
 from selfalign.generation.sampling import counter_uniforms, sample_tokens
@@ -48,8 +48,6 @@ from selfalign.generation.transformers_backend import TransformersGenerator
 
 # tokens per prefill chunk: bounds the activation memory of prefilling many new prompts at once
 PREFILL_TOKENS = 4096
-# tokens decoded per step to look for a stop string (stop strings are a few words at most)
-STOP_WINDOW = 32
 DECODE_MODES = ("auto", "grouped", "static", "graphs")
 # most KV cache blocks of different capacity (lean_decoder.CacheBlock): each adds two small writes per layer and step
 CACHE_BLOCKS = 3
@@ -185,12 +183,13 @@ class LeanGenerator(TransformersGenerator):
             p = prompts[seq.prompt_index]
             text = self.tokenizer.decode(seq.tokens, skip_special_tokens=True)
             n_tok = len(seq.tokens) + (1 if stopped else 0)
+            hit = False
             if params.stop:
                 text, hit = cut_at_stop(text, params.stop)
                 if hit:
                     stopped, n_tok = True, len(seq.tokens)
             idx = [seq.sample_index] if per_prompt > 1 else range(params.n)
-            return [self._response(p, text, params, s, "stop" if stopped else "length", n_tok, self.backend)
+            return [self._response(p, text, params, s, "stop" if stopped else "length", n_tok, self.backend, hit)
                     for s in idx if (p.id, s) not in skip]
 
         def retire(tokens: list[int], fed: int) -> list[int]:
@@ -311,8 +310,8 @@ class LeanGenerator(TransformersGenerator):
 
     def _at_stop(self, tokens: list[int], stop: tuple[str, ...]) -> bool:
         """Whether the text so far holds a stop string; only the last few tokens are decoded (a stop string is
-        complete the moment its last token arrives, and no stop string is longer than STOP_WINDOW tokens)."""
-        return cut_at_stop(self.tokenizer.decode(tokens[-STOP_WINDOW:], skip_special_tokens=True), stop)[1]
+        complete the moment its last token arrives, and `stop_window` tokens hold the longest one)."""
+        return cut_at_stop(self.tokenizer.decode(tokens[-stop_window(stop):], skip_special_tokens=True), stop)[1]
 
     @staticmethod
     def _sequence(i: int, s: int, prompts, encoded, params: SamplingParams) -> _Sequence:

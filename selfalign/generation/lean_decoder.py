@@ -29,12 +29,15 @@ LOGIT_CHUNK = 4096
 
 
 def supports(model) -> bool:
-    """True when the lean decoder can run this model (a plain Llama/Qwen2 without rope scaling or sliding window)."""
+    """True when the lean decoder can run this model (a plain Llama/Qwen2 without rope scaling, sliding window or
+    MLP biases: it reads the attention biases, but its MLP has none)."""
     cfg = getattr(model, "config", None)
     if cfg is None or getattr(cfg, "model_type", None) not in SUPPORTED_MODEL_TYPES:
         return False
     rope = getattr(cfg, "rope_parameters", None) or getattr(cfg, "rope_scaling", None) or {}
     if rope.get("rope_type", rope.get("type", "default")) not in ("default", None):
+        return False
+    if getattr(cfg, "mlp_bias", False):
         return False
     return not getattr(cfg, "use_sliding_window", False) and getattr(cfg, "hidden_act", "silu") == "silu"
 

@@ -1,7 +1,7 @@
 """Generation through any OpenAI-compatible chat-completions endpoint (vLLM, llama.cpp, TGI, `selfalign serve`, ...).
 
 One request per (prompt, sample_index) from a pool of `concurrency` threads, each retried with exponential
-backoff and jitter on 429, 5xx, timeouts and connection errors (a `Retry-After` header is honoured). Finished
+backoff and jitter on 408, 409, 429, 5xx, timeouts and connection errors (a `Retry-After` header is honoured). Finished
 answers go to `on_batch` as they arrive, so `generate_to_file` writes as it goes and a killed run resumes. The
 API key is read from the environment variable named by `api_key_env` and only ever sent as a Bearer header.
 """
@@ -25,7 +25,8 @@ from selfalign.data.records import Prompt, Response
 from selfalign.errors import SelfalignError
 from selfalign.generation.base import Generator, OnBatch, SamplingParams, cut_at_stop
 
-RETRY_STATUS = frozenset({429}) | frozenset(range(500, 600))  # other 4xx are the request's fault: not retried
+# timeout, conflict, rate limit and server errors, as openai-python retries; other 4xx are the request's fault
+RETRY_STATUS = frozenset({408, 409, 429}) | frozenset(range(500, 600))
 SEED_MODULUS = 2**31 - 1  # some servers (llama.cpp) keep seeds in 32 bits
 
 

@@ -15,6 +15,7 @@ exactly the model's next-token distribution after the prompt, which is what verd
 from __future__ import annotations
 
 import json
+import secrets
 import sys
 import threading
 import time
@@ -84,7 +85,9 @@ class ChatServer(ThreadingHTTPServer):
         max_tokens = _number(body, "max_completion_tokens", None, kind=int, low=1)
         max_tokens = _number(body, "max_tokens", max_tokens or 256, kind=int, low=1)
         n = _number(body, "n", 1, kind=int, low=1, high=MAX_N)
-        seed = _number(body, "seed", 0, kind=int) % 2**32
+        seed = _number(body, "seed", None, kind=int)
+        # no seed: a fresh draw, as OpenAI's API samples (a fixed default would make a judge's re-asks identical)
+        seed = secrets.randbits(32) if seed is None else seed % 2**32
         want_logprobs = body.get("logprobs") or False
         if not isinstance(want_logprobs, bool):
             raise BadRequest("'logprobs' must be true or false")
@@ -98,7 +101,9 @@ class ChatServer(ThreadingHTTPServer):
 
         gen = self.generator
         prompt = Prompt(id="request", messages=messages)
-        params = SamplingParams(temperature=temperature, top_p=top_p, max_new_tokens=max_tokens, n=n, seed=seed)
+        # the backend stops each answer at a stop string (not only cuts it afterwards) and counts its tokens
+        params = SamplingParams(temperature=temperature, top_p=top_p, max_new_tokens=max_tokens, n=n, seed=seed,
+                                stop=tuple(stop))
         with self.lock:
             try:
                 prompt_ids = gen.encode([prompt], max_tokens)[0]
@@ -107,14 +112,11 @@ class ChatServer(ThreadingHTTPServer):
                 raise BadRequest(str(e).replace("<prompts>:1: ", "")) from None
             choices = []
             for i, r in enumerate(responses):
-                text, finish = r.response, r.finish_reason
-                cut = min((k for k in (text.find(s) for s in stop) if k >= 0), default=-1)
-                if cut >= 0:
-                    text, finish = text[:cut], "stop"
-                choice = {"index": i, "message": {"role": "assistant", "content": text}, "finish_reason": finish,
-                          "logprobs": None}
-                if want_logprobs:
-                    ended = r.finish_reason == "stop" and cut < 0
+                text = r.response
+                choice = {"index": i, "message": {"role": "assistant", "content": text},
+                          "finish_reason": r.finish_reason, "logprobs": None}
+                if want_logprobs:  # an end-of-turn token ended it (not a stop string): its log-prob is listed too
+                    ended = r.finish_reason == "stop" and not r.meta.get("stop_string")
                     choice["logprobs"] = {"content": self.logprobs(prompt_ids, text, ended, top_k)}
                 choices.append(choice)
         completion_tokens = sum(r.num_tokens or 0 for r in responses)

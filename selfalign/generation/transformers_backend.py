@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 from typing import Sequence
 
 from tqdm.auto import tqdm
@@ -9,12 +10,30 @@ from tqdm.auto import tqdm
 from selfalign.data.io import source_of
 from selfalign.data.records import Prompt, Response
 from selfalign.errors import DataError
-from selfalign.generation.base import Generator, OnBatch, SamplingParams, cut_at_stop
+from selfalign.generation.base import Generator, OnBatch, SamplingParams, cut_at_stop, stop_window
 from selfalign.models import encode_prompt, load_model, load_tokenizer, model_name, resolve_model
 
 
 def context_length(model) -> int:
     return int(getattr(model.config, "max_position_embeddings", 0) or 2048)
+
+
+class _StopInAnswer:
+    """A transformers stopping criterion: a row is done when the text it generated holds a stop string.
+
+    Written by hand because transformers' own `stop_strings` criterion reads the tail of the whole sequence, prompt
+    included, so a prompt (or an assistant prefix) ending in part of a stop string stops a row after one token with
+    no stop string in its answer; the lean and vLLM backends, and OpenAI's API, look at the answer only."""
+
+    def __init__(self, tokenizer, stop: tuple[str, ...], prompt_width: int):
+        self.tokenizer, self.stop, self.width, self.window = tokenizer, stop, prompt_width, stop_window(stop)
+
+    def __call__(self, input_ids, scores, **kwargs):
+        import torch
+
+        rows = input_ids[:, self.width:][:, -self.window:].tolist()
+        hits = [cut_at_stop(self.tokenizer.decode(r, skip_special_tokens=True), self.stop)[1] for r in rows]
+        return torch.tensor(hits, dtype=torch.bool, device=input_ids.device)
 
 
 class TransformersGenerator(Generator):
@@ -62,6 +81,22 @@ class TransformersGenerator(Generator):
         order = sorted(range(len(encoded)), key=lambda i: (-len(encoded[i]), i))
         return [order[i:i + per_batch] for i in range(0, len(order), per_batch)]
 
+    @contextlib.contextmanager
+    def _sampling_params_only(self):
+        """Generate with the model's own generation_config set aside: `generate` fills every setting a call leaves
+        unset from it, so a checkpoint shipping e.g. repetition_penalty 1.1 or min_p would sample another
+        distribution than SamplingParams says (and than the lean and vLLM backends draw from). Only its special
+        token ids are kept."""
+        from transformers import GenerationConfig
+
+        own = self.model.generation_config
+        self.model.generation_config = GenerationConfig(
+            bos_token_id=own.bos_token_id, eos_token_id=own.eos_token_id, pad_token_id=own.pad_token_id)
+        try:
+            yield
+        finally:
+            self.model.generation_config = own
+
     def generate(self, prompts: Sequence[Prompt], params: SamplingParams, on_batch: OnBatch | None = None,
                  skip: set | None = None, progress: bool = True, source: str | None = None) -> list[Response]:
         import torch
@@ -90,13 +125,16 @@ class TransformersGenerator(Generator):
             per_prompt = 1 if params.greedy else params.n
             kwargs = dict(max_new_tokens=params.max_new_tokens, num_return_sequences=per_prompt, pad_token_id=pad,
                           eos_token_id=self.eos_ids)
-            if params.stop:  # transformers stops each row at a stop string; the text is cut below
-                kwargs.update(stop_strings=list(params.stop), tokenizer=self.tokenizer)
+            if params.stop:  # each row stops at a stop string in its answer; the text is cut below
+                from transformers import StoppingCriteriaList
+
+                stop_in_answer = _StopInAnswer(self.tokenizer, params.stop, width)
+                kwargs.update(stopping_criteria=StoppingCriteriaList([stop_in_answer]))
             if params.greedy:
-                kwargs.update(do_sample=False, temperature=None, top_p=None, top_k=None)
+                kwargs.update(do_sample=False)
             else:
                 kwargs.update(do_sample=True, temperature=params.temperature, top_p=params.top_p, top_k=0)
-            with torch.inference_mode():
+            with torch.inference_mode(), self._sampling_params_only():
                 out = self.model.generate(input_ids=input_ids.to(self.device), attention_mask=attention.to(self.device),
                                           **kwargs)
             new = out[:, width:].tolist()
@@ -108,6 +146,7 @@ class TransformersGenerator(Generator):
                     finish = "stop" if end is not None else "length"
                     toks = toks[:end] if end is not None else toks
                     text = self.tokenizer.decode(toks, skip_special_tokens=True)
+                    hit = False
                     if params.stop:
                         text, hit = cut_at_stop(text, params.stop)
                         if hit:
@@ -116,7 +155,7 @@ class TransformersGenerator(Generator):
                     if (prompts[i].id, s) in skip:
                         continue
                     batch.append(self._response(prompts[i], text, params, s, finish,
-                                                len(toks) + (1 if end is not None else 0), self.backend))
+                                                len(toks) + (1 if end is not None else 0), self.backend, hit))
             results.extend(batch)
             if on_batch is not None:
                 on_batch(batch)

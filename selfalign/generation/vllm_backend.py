@@ -144,11 +144,12 @@ class VLLMGenerator(Generator):
                 if ids and ids[-1] in self.eos_ids:  # token_ids end with the EOS id; it is not part of the text
                     ids = ids[:-1]
                 text = self.tokenizer.decode(ids, skip_special_tokens=True)
+                hit = False
                 if params.stop:  # vLLM leaves the stop string out of `text`, not out of token_ids
                     text, hit = cut_at_stop(text, params.stop)
                     stopped = stopped or hit
                 done += [self._response(prompts[i], text, params, k, "stop" if stopped else "length",
-                                        len(completion.token_ids), self.backend) for k in answers]
+                                        len(completion.token_ids), self.backend, hit) for k in answers]
             results.extend(done)
             bar.update(len(done))
             if on_batch is not None:

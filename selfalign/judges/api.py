@@ -107,25 +107,27 @@ class APIJudge(PairwiseJudge, GradingJudge):
                 "method": "verdict-position-logprobs+parse-fallback"}
 
     # ------------------------------------------------------------------------------------------ requests
-    def _chat(self, messages: list[dict], temperature: float, max_tokens: int, logprobs: bool) -> dict:
+    def _chat(self, messages: list[dict], temperature: float, max_tokens: int, logprobs: bool,
+              seed: int | None = None) -> dict:
         self.requests += 1
         if logprobs and self._logprobs_ok:
             try:
                 return self.gen.chat(messages, temperature=temperature, max_tokens=max_tokens, logprobs=True,
-                                     top_logprobs=self.top_logprobs)
+                                     top_logprobs=self.top_logprobs, seed=seed)
             except SelfalignError as e:  # an endpoint that refuses logprobs: go on without them
                 if "logprob" not in str(e).lower():
                     raise
                 self._logprobs_ok = False
-        return self.gen.chat(messages, temperature=temperature, max_tokens=max_tokens)
+        return self.gen.chat(messages, temperature=temperature, max_tokens=max_tokens, seed=seed)
 
     def _verdict_once(self, messages: list[dict]) -> tuple[float | None, dict]:
         """P(first shown answer better) for one order, and how it was read."""
         labels, prefix = self.prompt.labels, self.prompt.assistant_prefix.strip()
         attempts = []
         for attempt in range(self.max_retries + 1):
+            # a re-ask samples (T 1) with its own seed: reproducible, and never a copy of the unreadable answer
             data = self._chat(messages, temperature=0.0 if attempt == 0 else 1.0, max_tokens=self.verdict_max_tokens,
-                              logprobs=True)
+                              logprobs=True, seed=attempt or None)
             choice = _choice(data)
             text = _content(choice)
             attempts.append(text)
@@ -182,7 +184,7 @@ class APIJudge(PairwiseJudge, GradingJudge):
         text = ""
         for attempt in range(self.max_retries + 1):
             data = self._chat(messages, temperature=0.0 if attempt == 0 else 0.7, max_tokens=self.grade_max_tokens,
-                              logprobs=False)
+                              logprobs=False, seed=attempt or None)
             text = _content(_choice(data)) or ""
             score = parse_rating(text)
             if score is not None:

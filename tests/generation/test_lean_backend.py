@@ -185,6 +185,17 @@ def test_auto_backend_picks_lean_on_cpu(embedded_model_dir):
     assert type(make_generator("transformers", str(embedded_model_dir))) is TransformersGenerator
 
 
+def test_models_with_mlp_biases_are_left_to_transformers(reference):
+    from selfalign.generation.lean_decoder import supports
+
+    assert supports(reference.model)
+    reference.model.config.mlp_bias = True  # a Llama variant whose MLP projections carry biases the lean loop drops
+    try:
+        assert not supports(reference.model)
+    finally:
+        reference.model.config.mlp_bias = False
+
+
 def test_stop_strings_end_generation_the_same_way_in_both_backends(reference, lean, prompts):
     full = lean.generate(prompts[:4], SamplingParams(temperature=0, max_new_tokens=40), progress=False)
     params = SamplingParams(temperature=0, max_new_tokens=40, stop=(". ", "\n"))
@@ -192,6 +203,8 @@ def test_stop_strings_end_generation_the_same_way_in_both_backends(reference, le
     expected = reference.generate(prompts[:4], params, progress=False)
     assert [r.response for r in got] == [r.response for r in expected]
     assert [r.finish_reason for r in got] == [r.finish_reason for r in expected]
+    assert [r.meta for r in got] == [r.meta for r in expected]  # both say which answers a stop string ended
+    assert all(r.meta == {} for r in full)
     stopped = 0
     for short, long in zip(got, full):
         assert ". " not in short.response and "\n" not in short.response
@@ -199,6 +212,7 @@ def test_stop_strings_end_generation_the_same_way_in_both_backends(reference, le
         if short.response != long.response:  # a stop string occurred: cut there, and fewer tokens decoded
             stopped += 1
             assert short.finish_reason == "stop" and short.num_tokens < long.num_tokens
+            assert short.meta == {"stop_string": True}
     assert stopped >= 2  # real answers of 40 tokens hold a sentence end or a newline
 
 

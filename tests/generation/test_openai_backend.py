@@ -195,6 +195,31 @@ def test_chat_top_logprobs(server):
     gen.close()
 
 
+def test_server_stops_generating_at_a_stop_string_and_seeds_unseeded_requests_afresh(server):
+    user = [{"role": "user", "content": "Write three sentences about the sea."}]
+    url = server.url + "/chat/completions"
+    free = httpx.post(url, timeout=300, json={"messages": user, "temperature": 0, "max_tokens": 40}).json()
+    text = free["choices"][0]["message"]["content"]
+    assert ". " in text, text
+    cut = httpx.post(url, timeout=300, json={"messages": user, "temperature": 0, "max_tokens": 40, "stop": ". ",
+                                "logprobs": True}).json()
+    choice = cut["choices"][0]
+    assert choice["message"]["content"] == text[:text.index(". ")] and choice["finish_reason"] == "stop"
+    # generation stopped there (tokens counted up to the stop string, not to max_tokens), and the log-probs list the
+    # answer's tokens without an end-of-turn token, since none ended it
+    assert cut["usage"]["completion_tokens"] < free["usage"]["completion_tokens"]
+    assert "<|im_end|>" not in [t["token"] for t in choice["logprobs"]["content"]]
+    # no seed: each request samples afresh (OpenAI's behaviour); the same seed: the same answer
+    body = {"messages": user, "temperature": 1.0, "max_tokens": 12}
+    def answer(request: dict) -> str:
+        return httpx.post(url, timeout=300, json=request).json()["choices"][0]["message"]["content"]
+
+    unseeded = {answer(body) for _ in range(3)}
+    assert len(unseeded) > 1
+    seeded = {answer({**body, "seed": 7}) for _ in range(2)}
+    assert len(seeded) == 1
+
+
 def test_server_endpoints_and_bad_requests(server):
     base = server.url
     assert httpx.get(base.removesuffix("/v1") + "/health").json()["status"] == "ok"

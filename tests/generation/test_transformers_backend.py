@@ -99,3 +99,37 @@ def test_a_file_is_not_resumed_by_other_weights_of_the_same_name(tmp_path, embed
     resumed = generate_to_file(TransformersGenerator(str(tmp_path / "a" / "final")), prompts, params, out,
                                progress=False)
     assert [r.response for r in resumed[:2]] == [r.response for r in first] and len(resumed) == 3
+
+
+def test_the_models_own_generation_config_does_not_change_what_is_sampled(gen, data_dir):
+    """SamplingParams alone decide the distribution: a checkpoint's generation_config.json (repetition_penalty,
+    min_p, ...) would otherwise be filled in by transformers for every setting a call leaves unset."""
+    prompts = load_prompts(data_dir / "prompts" / "unlabelled_pool.jsonl", limit=2)
+    greedy, sampled = SamplingParams(temperature=0, max_new_tokens=24), SamplingParams(temperature=1.0,
+                                                                                      max_new_tokens=16, seed=3)
+    plain = [r.response for p in (greedy, sampled) for r in gen.generate(prompts, p, progress=False)]
+    own = gen.model.generation_config
+    try:
+        own.repetition_penalty, own.no_repeat_ngram_size, own.min_p = 5.0, 2, 0.2
+        shipped = [r.response for p in (greedy, sampled) for r in gen.generate(prompts, p, progress=False)]
+    finally:
+        own.repetition_penalty, own.no_repeat_ngram_size, own.min_p = 1.0, 0, None
+    assert shipped == plain
+    assert gen.model.generation_config is own  # set back after each call
+
+
+def test_a_stop_string_is_looked_for_in_the_answer_only(gen):
+    from selfalign.generation.transformers_backend import _StopInAnswer
+
+    import torch
+
+    tok = gen.tokenizer
+    prompt = tok("Answer in one line.\n", add_special_tokens=False)["input_ids"]
+    crit = _StopInAnswer(tok, ("\n\n",), len(prompt))
+    rows = [prompt + tok("\nSure", add_special_tokens=False)["input_ids"],  # "\n\n" only across the boundary
+            prompt + tok("Yes.\n\n", add_special_tokens=False)["input_ids"]]
+    width = max(map(len, rows))
+    ids = torch.tensor([r + [tok.pad_token_id] * (width - len(r)) for r in rows])
+    hits = crit(ids, None).tolist()
+    assert hits[0] is False
+    assert hits[1] is True
