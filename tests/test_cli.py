@@ -64,10 +64,13 @@ def test_mtbench_refuses_a_judge_that_cannot_grade_before_answering(tmp_path, ca
     assert not (tmp_path / "ev" / "model_answer.jsonl").exists()
 
 
-def test_a_negative_learning_rate_is_a_config_error(tmp_path, capsys):
-    assert main(["run", "sft", "configs/sft-smoke.yaml", "--run-dir", str(tmp_path / "r"),
-                 "--set", "train.learning_rate=-1"]) == 2
-    assert "learning_rate and max_grad_norm must be > 0" in capsys.readouterr().err
+@pytest.mark.parametrize("override, message", [
+    ("train.learning_rate=-1", "learning_rate and max_grad_norm must be > 0"),
+    ("train.max_prompt_length=0", "max_prompt_length must be >= 1"),  # 0 or less cut into the response
+])
+def test_a_bad_training_setting_is_a_config_error(tmp_path, capsys, override, message):
+    assert main(["run", "sft", "configs/sft-smoke.yaml", "--run-dir", str(tmp_path / "r"), "--set", override]) == 2
+    assert message in capsys.readouterr().err
 
 
 def test_models_list_and_missing_model(capsys):

@@ -102,10 +102,15 @@ def file_sha256(path: str | Path, chunk: int = 1 << 24) -> str:
 
 
 def model_fingerprint(path: str | Path) -> dict:
-    """sha256 of a model's weight files (cached next to them by size and mtime, since hashing costs ~1 s/GB)."""
+    """sha256 of a model's weight files (cached next to them by size and mtime, since hashing costs ~1 s/GB); for a
+    LoRA adapter folder, its base model's fingerprint too (under "base_model"), since the adapter alone does not
+    say which weights it adapts. Caches (reference log-probs, implicit rewards) are keyed by it, so a folder with
+    no weight file to hash is an error rather than an empty key that every such folder would share."""
     path = Path(path)
     files = [path] if path.is_file() else sorted(p for p in path.iterdir() if p.suffix in (".safetensors", ".gguf"))
-    out = {}
+    if not files:
+        raise SelfalignError(f"{path}: no .safetensors or .gguf weight file to fingerprint")
+    out: dict = {}
     for p in files:
         st = p.stat()
         cache = p.with_name(f".{p.name}.sha256")
@@ -122,6 +127,13 @@ def model_fingerprint(path: str | Path) -> dict:
             except OSError:
                 pass  # read-only model folder: just don't cache
         out[p.name] = digest
+    adapter = path / "adapter_config.json"
+    if path.is_dir() and adapter.exists():
+        base = json.loads(adapter.read_text()).get("base_model_name_or_path")
+        if base:
+            from selfalign.models import resolve_model
+
+            out["base_model"] = model_fingerprint(resolve_model(base))
     return out
 
 

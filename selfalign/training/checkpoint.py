@@ -14,6 +14,8 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
+from selfalign.errors import ConfigError
+
 
 def trainable_state(model) -> dict[str, torch.Tensor]:
     # named_parameters() lists tied weights (embeddings = LM head) once, which safetensors requires.
@@ -21,7 +23,9 @@ def trainable_state(model) -> dict[str, torch.Tensor]:
 
 
 def save_checkpoint(folder: Path, step: int, model, optimizer, scheduler, plan: list[list[int]], extra: dict,
-                    keep: int = 1) -> Path:
+                    keep: int = 1, made_for: dict | None = None) -> Path:
+    """`made_for`: the settings the plan and schedule belong to (steps, batch sizes, seed, a digest of the data);
+    `load_checkpoint` refuses to resume under others."""
     folder.mkdir(parents=True, exist_ok=True)
     final = folder / f"step-{step}"
     tmp = folder / f"step-{step}.tmp"
@@ -32,7 +36,7 @@ def save_checkpoint(folder: Path, step: int, model, optimizer, scheduler, plan: 
     if torch.cuda.is_available():
         rng["cuda"] = torch.cuda.get_rng_state_all()
     torch.save({"step": step, "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "rng": rng,
-                "plan": plan, "extra": extra}, tmp / "state.pt")
+                "plan": plan, "extra": extra, "made_for": made_for or {}}, tmp / "state.pt")
     shutil.rmtree(final, ignore_errors=True)
     tmp.rename(final)
     for old in sorted(checkpoints(folder), key=_step)[:-keep]:
@@ -55,8 +59,18 @@ def latest_checkpoint(folder: Path) -> Path | None:
     return max(found, key=_step) if found else None
 
 
-def load_checkpoint(path: Path, model, optimizer, scheduler) -> dict:
-    """Restore everything into the live objects; returns {"step", "plan", "extra"}."""
+def load_checkpoint(path: Path, model, optimizer, scheduler, made_for: dict | None = None) -> dict:
+    """Restore everything into the live objects; returns {"step", "plan", "extra"}. A checkpoint whose `made_for`
+    differs from this run's is a ConfigError (checkpoints written before it was recorded are not checked)."""
+    # weights_only: a run folder is data, never code
+    state = torch.load(path / "state.pt", map_location="cpu", weights_only=True)
+    saved = state.get("made_for") or {}
+    changed = sorted(k for k in saved if made_for is not None and k in made_for and saved[k] != made_for[k])
+    if changed:
+        diffs = ", ".join(f"{k} {saved[k]} -> {made_for[k]}" for k in changed)
+        raise ConfigError(f"{path}: this checkpoint was written for other training settings or data ({diffs}); "
+                          f"resuming would replay or skip batches. Restore the settings, or delete "
+                          f"{path.parent} to start this training over")
     weights = load_file(str(path / "trainable.safetensors"))
     params = dict(model.named_parameters())
     unknown = [n for n in weights if n not in params]
@@ -66,8 +80,6 @@ def load_checkpoint(path: Path, model, optimizer, scheduler) -> dict:
     with torch.no_grad():
         for n, t in weights.items():
             params[n].copy_(t)
-    # weights_only: a run folder is data, never code
-    state = torch.load(path / "state.pt", map_location="cpu", weights_only=True)
     optimizer.load_state_dict(state["optimizer"])
     scheduler.load_state_dict(state["scheduler"])
     torch.set_rng_state(state["rng"]["torch"])

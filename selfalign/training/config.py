@@ -49,7 +49,8 @@ class TrainConfig:
         if self.max_prompt_length >= self.max_length:
             raise ValueError(f"max_prompt_length ({self.max_prompt_length}) must be below max_length "
                              f"({self.max_length}) so every example keeps some response tokens")
-        for name in ("batch_size", "grad_accum", "epochs", "max_length", "log_steps", "keep_checkpoints"):
+        for name in ("batch_size", "grad_accum", "epochs", "max_length", "max_prompt_length", "log_steps",
+                     "keep_checkpoints"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1")
         if self.max_steps < 0 or self.save_steps < 0:

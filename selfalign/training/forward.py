@@ -26,15 +26,47 @@ def response_logits(model, batch: dict) -> tuple[torch.Tensor, torch.Tensor, tor
     input_ids = batch["input_ids"].to(device)
     labels = batch["labels"].to(device)
     backbone = getattr(lm, lm.base_model_prefix)
+    check_head_reproduces_forward(lm, backbone, input_ids)
     hidden = backbone(input_ids=input_ids, attention_mask=batch["attention_mask"].to(device),
                       use_cache=False).last_hidden_state
     mask = labels[:, 1:] != IGNORE  # position t predicts token t+1
-    logits = lm.get_output_embeddings()(hidden[:, :-1][mask])
+    logits = lm_head(lm, hidden[:, :-1][mask])
+    rows = mask.nonzero()[:, 0]
+    return logits, labels[:, 1:][mask], rows
+
+
+def lm_head(lm, hidden: torch.Tensor) -> torch.Tensor:
+    """Logits from final hidden states, as the model's own forward computes them after its backbone."""
+    logits = lm.get_output_embeddings()(hidden)
     cap = getattr(lm.config.get_text_config(), "final_logit_softcapping", None)
     if cap:  # Gemma-2 style soft-capping, as the model's own forward does
         logits = torch.tanh(logits / cap) * cap
-    rows = mask.nonzero()[:, 0]
-    return logits, labels[:, 1:][mask], rows
+    return logits
+
+
+def check_head_reproduces_forward(lm, backbone, input_ids: torch.Tensor) -> None:
+    """Once per model: `lm_head` over the backbone must give the model's own logits. Some architectures post-process
+    them inside `forward` (Cohere multiplies by logit_scale, Granite divides by logits_scaling, ...); skipping that
+    would train and score every such model on another distribution without an error, so it is refused instead."""
+    if getattr(lm, "_selfalign_head_checked", False):
+        return
+    x = input_ids[:1, :8]
+    training = lm.training
+    lm.eval()  # no dropout, so both passes see the same network
+    try:
+        with torch.no_grad():
+            ours = lm_head(lm, backbone(input_ids=x, use_cache=False).last_hidden_state).float()
+            theirs = lm(input_ids=x, use_cache=False).logits.float()
+    finally:
+        lm.train(training)
+    scale = max(1.0, float(theirs.abs().max()))
+    if not torch.allclose(ours, theirs, rtol=1e-3, atol=1e-3 * scale):
+        from selfalign.errors import SelfalignError
+
+        raise SelfalignError(f"{type(lm).__name__}: its forward post-processes the LM head's logits in a way "
+                             f"selfalign's training and scoring do not reproduce (max difference "
+                             f"{float((ours - theirs).abs().max()):.3g}); this architecture is not supported")
+    lm._selfalign_head_checked = True
 
 
 def sum_by_row(values: torch.Tensor, rows: torch.Tensor, n: int) -> torch.Tensor:

@@ -14,6 +14,7 @@ length-grouped, and a frozen reference is scored once and cached on disk (benchm
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import random
@@ -26,6 +27,7 @@ from typing import Callable
 
 import torch
 
+from selfalign.errors import DataError
 from selfalign.models import load_model, load_tokenizer, pick_device, resolve_model
 from selfalign.runs import model_fingerprint
 from selfalign.training.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
@@ -227,6 +229,8 @@ def fit(model, tokenizer, objective, config: TrainConfig, out_dir: str | Path, f
     done = out_dir / "done.json"
     if done.exists() and final_dir.exists():
         return json.loads(done.read_text())
+    if not objective.lengths:
+        raise DataError("no training examples (every one was filtered out, or the data is empty)", path=str(out_dir))
     amp = amp_dtype(config, device)
     ga = config.grad_accum
     epoch0 = batch_order(objective.lengths, config.batch_size, config.seed, 0, config.group_by_length)
@@ -245,9 +249,15 @@ def fit(model, tokenizer, objective, config: TrainConfig, out_dir: str | Path, f
 
     scheduler = get_cosine_schedule_with_warmup(optimizer, math.ceil(config.warmup_ratio * max_steps), max_steps)
     start = 0
+    # what a checkpoint's batch plan and schedule were made for: resuming under other settings or data would replay
+    # or skip batches and mix two learning-rate schedules
+    made_for = {"max_steps": max_steps, "grad_accum": ga, "batch_size": config.batch_size, "seed": config.seed,
+                "group_by_length": config.group_by_length, "epochs": None if config.max_steps else config.epochs,
+                "examples": len(objective.lengths),
+                "lengths_sha256": hashlib.sha256(json.dumps(list(objective.lengths)).encode()).hexdigest()[:16]}
     ckpt = latest_checkpoint(out_dir / "checkpoints")
     if ckpt is not None:
-        restored = load_checkpoint(ckpt, model, optimizer, scheduler)
+        restored = load_checkpoint(ckpt, model, optimizer, scheduler, made_for)
         start, plan = restored["step"], restored["plan"]
         objective.load_state_dict(restored["extra"])
         if verbose:
@@ -290,7 +300,7 @@ def fit(model, tokenizer, objective, config: TrainConfig, out_dir: str | Path, f
                   f"{tokens / seconds:.0f} tok/s", file=sys.stderr)
         if config.save_steps and (step + 1) % config.save_steps == 0 and step + 1 < max_steps:
             path = save_checkpoint(out_dir / "checkpoints", step + 1, model, optimizer, scheduler, plan,
-                                   objective.state_dict(), keep=config.keep_checkpoints)
+                                   objective.state_dict(), keep=config.keep_checkpoints, made_for=made_for)
             if on_checkpoint is not None:
                 on_checkpoint(step + 1, path)
     log.close()

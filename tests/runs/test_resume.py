@@ -116,3 +116,23 @@ def test_a_file_is_resumed_only_with_its_own_model_and_sampling(tmp_path, real_p
     # greedy answers do not depend on the seed, so a greedy resume under another seed is the same run
     assert len(generate_to_file(Echo("model-b"), other, SamplingParams(temperature=0, seed=5), out,
                                 progress=False)) == 1
+
+
+def test_a_model_fingerprint_needs_weights_and_covers_an_adapters_base(tmp_path, embedded_model_dir):
+    import torch
+    from safetensors.torch import save_file
+
+    from selfalign.runs import model_fingerprint
+
+    (tmp_path / "pickled").mkdir()
+    (tmp_path / "pickled" / "pytorch_model.bin").write_bytes(b"not hashed")
+    # an empty fingerprint would be one cache key shared by every such folder
+    with pytest.raises(SelfalignError, match="pickled: no .safetensors or .gguf weight file"):
+        model_fingerprint(tmp_path / "pickled")
+    adapter = tmp_path / "adapter"
+    adapter.mkdir()
+    save_file({"lora_A": torch.zeros(2, 2)}, str(adapter / "adapter_model.safetensors"))
+    (adapter / "adapter_config.json").write_text(json.dumps({"base_model_name_or_path": str(embedded_model_dir)}))
+    fp = model_fingerprint(adapter)
+    assert set(fp) == {"adapter_model.safetensors", "base_model"}
+    assert fp["base_model"] == model_fingerprint(embedded_model_dir)

@@ -50,3 +50,23 @@ def test_lora_reference_is_the_base_model(tiny_model_dir, tokenizer, real_pairs)
             ref = sequence_logps_of(model, batch)
     assert not torch.allclose(adapted, expected, atol=1e-3)
     assert torch.allclose(ref, expected, atol=1e-5)
+
+
+def test_a_model_whose_forward_rescales_its_logits_is_refused(tokenizer, real_pairs):
+    """Granite divides the LM head's output by logits_scaling inside forward; training on the bare head would use
+    another distribution than the model's own, so it is an error, not a silent difference."""
+    import pytest
+    from transformers import GraniteConfig, GraniteForCausalLM
+
+    from selfalign.errors import SelfalignError
+
+    cfg = GraniteConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                        num_attention_heads=2, num_key_value_heads=1, logits_scaling=8.0)
+    torch.manual_seed(0)
+    model = GraniteForCausalLM(cfg).eval()
+    batch = collate_pairs(encode_pairs(tokenizer, real_pairs[:1], max_length=64, max_prompt_length=32),
+                          tokenizer.pad_token_id)
+    with pytest.raises(SelfalignError, match="GraniteForCausalLM: its forward post-processes"):
+        response_logits(model, batch)
+    cfg.logits_scaling = 1.0  # the same network without the rescaling is fine
+    assert response_logits(GraniteForCausalLM(cfg).eval(), batch)[0].shape[0] > 0

@@ -202,3 +202,36 @@ def test_lora_final_model_loads(merge, tmp_path, tiny_model_dir, real_pairs, tok
     batch = collate_pairs(encode_pairs(tokenizer, real_pairs[:2], 64, 32), tokenizer.pad_token_id)
     with torch.no_grad():
         assert not torch.allclose(sequence_logps_of(trained, batch), sequence_logps_of(base, batch), atol=1e-4)
+
+
+def test_resume_refuses_a_checkpoint_made_for_other_settings_or_data(tmp_path, tiny_model_dir, real_pairs):
+    from selfalign.errors import ConfigError, DataError
+
+    class Killed(Exception):
+        pass
+
+    def kill(step, path):
+        raise Killed
+
+    common = dict(batch_size=2, max_length=64, max_prompt_length=32, save_steps=2)
+    train, final = tmp_path / "train", tmp_path / "final"
+    with pytest.raises(Killed):
+        train_dpo(str(tiny_model_dir), real_pairs[:4], DPOTrainConfig(max_steps=4, **common), train, final,
+                  on_checkpoint=kill, verbose=False)
+    # more steps would resume the old schedule's learning rate and run out of planned batches; other data would
+    # take the saved batch indices to other pairs
+    with pytest.raises(ConfigError, match=r"step-2: .*max_steps 4 -> 6"):
+        train_dpo(str(tiny_model_dir), real_pairs[:4], DPOTrainConfig(max_steps=6, **common), train, final,
+                  verbose=False)
+    with pytest.raises(ConfigError, match=r"examples 4 -> 3"):
+        train_dpo(str(tiny_model_dir), real_pairs[:3], DPOTrainConfig(max_steps=4, **common), train, final,
+                  verbose=False)
+    with pytest.raises(ConfigError, match=r"grad_accum 1 -> 2"):
+        train_dpo(str(tiny_model_dir), real_pairs[:4], DPOTrainConfig(max_steps=4, grad_accum=2, **common), train,
+                  final, verbose=False)
+    summary = train_dpo(str(tiny_model_dir), real_pairs[:4], DPOTrainConfig(max_steps=4, **common), train, final,
+                        verbose=False)
+    assert summary["resumed_from"] == 2 and summary["steps"] == 4
+    with pytest.raises(DataError, match="no training examples"):
+        train_dpo(str(tiny_model_dir), [], DPOTrainConfig(max_steps=4, **common), tmp_path / "empty",
+                  tmp_path / "empty_final", verbose=False)
