@@ -121,16 +121,17 @@ def generate(config: Config, run: Run, i: int, policy: str) -> dict:
     return {"responses": len(out), "truncated": sum(r.finish_reason == "length" for r in out)}
 
 
-def candidate_groups(config: Config, run: Run, i: int) -> tuple[list[tuple[str, list[dict], list[str]]], dict]:
-    """Per prompt, its distinct sampled answers in sample order (id, messages, answers), and what was left out:
-    prompts whose answers were all the same text carry no preference; with `drop_truncated`, answers that hit
-    max_new_tokens are removed first."""
+def candidate_groups(config: Config, run: Run, i: int) -> tuple[list[tuple[str, list[dict], list[str]]],
+                                                                list[set[int]], dict]:
+    """Per prompt, its distinct sampled answers in sample order (id, messages, answers); per prompt, the indices of
+    those answers that were cut off at max_new_tokens; and what was left out: prompts whose answers were all the
+    same text carry no preference; with `drop_truncated`, answers that hit max_new_tokens are removed first."""
     from selfalign.data import Response
 
     by_prompt: dict[str, list[Response]] = {}
     for r in read_records(run.path(f"round{i}", "generations.jsonl"), Response):
         by_prompt.setdefault(r.prompt_id, []).append(r)
-    groups, dropped = [], {"identical_dropped": 0, "truncated_dropped": 0, "too_few_left": 0}
+    groups, unfinished, dropped = [], [], {"identical_dropped": 0, "truncated_dropped": 0, "too_few_left": 0}
     for pid, rs in by_prompt.items():
         rs = sorted(rs, key=lambda r: r.sample_index)
         if config.drop_truncated:
@@ -140,31 +141,42 @@ def candidate_groups(config: Config, run: Run, i: int) -> tuple[list[tuple[str, 
                 dropped["too_few_left"] += 1
             rs = kept
         answers: list[str] = []
+        cut: set[int] = set()
         for r in rs:
             if r.response.strip() not in {a.strip() for a in answers}:
+                if r.finish_reason == "length":
+                    cut.add(len(answers))
                 answers.append(r.response)
         if len(answers) >= 2:
             groups.append((pid, rs[0].messages, answers))
+            unfinished.append(cut)
         elif len(rs) >= 2:
             dropped["identical_dropped"] += 1
-    return groups, dropped
+    return groups, unfinished, dropped
 
 
 def label(config: Config, run: Run, i: int, policy: str, judge_ref: str) -> dict:
-    groups, dropped = candidate_groups(config, run, i)
+    groups, unfinished, dropped = candidate_groups(config, run, i)
     t = config.round_train
     if config.labeler == "implicit":
-        labelled = label_samples_by_implicit_reward(groups, policy, judge_ref, t.beta, config.rejected, config.shuffle_seed,
-                                                    t.max_length, t.max_prompt_length, t.reference_batch_size,
-                                                    cache_dir=run.path(f"round{i}", "label_cache"))
+        labelled = label_samples_by_implicit_reward(groups, policy, judge_ref, t.beta, config.rejected,
+                                                    config.shuffle_seed, t.max_length, t.max_prompt_length,
+                                                    t.reference_batch_size,
+                                                    cache_dir=run.path(f"round{i}", "label_cache"),
+                                                    unfinished=unfinished)
     else:
-        labelled = label_by_judge(config, run, [PreferencePair(pid, m, a[0], a[1]) for pid, m, a in groups])
+        labelled = label_by_judge(config, run, [
+            PreferencePair(pid, m, a[0], a[1], {"chosen_unfinished": 0 in cut, "rejected_unfinished": 1 in cut})
+            for (pid, m, a), cut in zip(groups, unfinished)])
     write_jsonl(run.path(f"round{i}", "labels.jsonl"), labelled)
     conf = [p.meta["confidence"] for p in labelled]
     return {"pairs": len(labelled), **dropped, "labeler": config.labeler,
             "judge_reference": judge_ref if config.labeler == "implicit" else None,
             "mean_confidence": sum(conf) / max(1, len(conf)),
-            "swapped": sum(bool(p.meta.get("swapped")) for p in labelled)}
+            "swapped": sum(bool(p.meta.get("swapped")) for p in labelled),
+            # cut-off answers stay in (as in the SPA code) but are trained without the end-of-turn token they lack
+            "unfinished_chosen": sum(bool(p.meta.get("chosen_unfinished")) for p in labelled),
+            "unfinished_rejected": sum(bool(p.meta.get("rejected_unfinished")) for p in labelled)}
 
 
 def label_by_judge(config: Config, run: Run, pairs: list[PreferencePair]) -> list[PreferencePair]:
@@ -176,8 +188,12 @@ def label_by_judge(config: Config, run: Run, pairs: list[PreferencePair]) -> lis
     out = []
     for p, v in zip(pairs, verdicts):
         first = v.p_a >= 0.5
+        cut = (p.meta.get("chosen_unfinished", False), p.meta.get("rejected_unfinished", False))
+        if not first:
+            cut = cut[::-1]
         out.append(PreferencePair(p.id, p.messages, p.chosen if first else p.rejected, p.rejected if first else p.chosen,
-                                  dict(p.meta, confidence=max(v.p_a, 1 - v.p_a), swapped=not first)))
+                                  dict(p.meta, confidence=max(v.p_a, 1 - v.p_a), swapped=not first,
+                                       chosen_unfinished=cut[0], rejected_unfinished=cut[1])))
     return out
 
 

@@ -50,29 +50,38 @@ def implicit_rewards(candidates: list[PreferencePair], policy: str, reference: s
 def label_samples_by_implicit_reward(groups: list[tuple[str, list[dict], list[str]]], policy: str, reference: str,
                                      beta: float = 0.1, rejected: str = "min_max", seed: int = 0,
                                      max_length: int = 1024, max_prompt_length: int = 512, batch_size: int = 8,
-                                     cache_dir: str | Path | None = None) -> list[PreferencePair]:
+                                     cache_dir: str | Path | None = None,
+                                     unfinished: list[set[int]] | None = None) -> list[PreferencePair]:
     """One preference pair per (id, messages, K ≥ 2 sampled answers): the answer with the highest implicit reward
     is chosen; the rejected one is the lowest (`min_max`, SPA's default) or a seeded random other answer
     (`max_chosen`). On ties the later sample wins, so for K = 2 y1 is chosen only when p(y1 ≻ y2) > 0.5 (METHODS.md
-    §2.3). meta: both rewards, the confidence σ(β·(r_w − r_l)), the samples' indices, `swapped` (chosen came later)."""
+    §2.3). meta: both rewards, the confidence σ(β·(r_w − r_l)), the samples' indices, `swapped` (chosen came later),
+    and `chosen_unfinished`/`rejected_unfinished`.
+
+    `unfinished` (one set per group): the indices of answers cut off at the token budget. Their end-of-turn token,
+    which the model never produced, is left out of their log-probs here, and out of their DPO loss later."""
     import random
 
     if rejected not in ("min_max", "max_chosen"):
         raise ValueError(f"rejected must be 'min_max' or 'max_chosen', got {rejected!r}")
     # answers are scored two at a time, the unit the encoder and the log-prob cache work in; an odd K pairs its
     # last answer with the first again (one extra sequence per prompt)
+    cut_off = unfinished if unfinished is not None else [set() for _ in groups]
+    if len(cut_off) != len(groups):
+        raise ValueError(f"unfinished has {len(cut_off)} entries for {len(groups)} groups")
     scoring, where = [], []
-    for gid, messages, answers in groups:
+    for (gid, messages, answers), cut in zip(groups, cut_off):
         if len(answers) < 2:
             raise ValueError(f"{gid}: {len(answers)} answer(s); a preference needs at least 2")
         idx = list(range(len(answers))) + ([0] if len(answers) % 2 else [])
         for a, b in zip(idx[::2], idx[1::2]):
-            scoring.append(PreferencePair(id=gid, messages=messages, chosen=answers[a], rejected=answers[b]))
+            scoring.append(PreferencePair(id=gid, messages=messages, chosen=answers[a], rejected=answers[b],
+                                          meta={"chosen_unfinished": a in cut, "rejected_unfinished": b in cut}))
             where.append((a, b))
     rewards = iter(zip(where, implicit_rewards(scoring, policy, reference, max_length, max_prompt_length,
                                                batch_size, cache_dir)))
     labelled = []
-    for gid, messages, answers in groups:
+    for (gid, messages, answers), cut in zip(groups, cut_off):
         r: dict[int, float] = {}
         for _ in range((len(answers) + 1) // 2):
             (a, b), (ra, rb) = next(rewards)
@@ -85,7 +94,7 @@ def label_samples_by_implicit_reward(groups: list[tuple[str, list[dict], list[st
             worst = random.Random(f"{seed}:{gid}").choice(order[:-1])
         meta = {"reward_chosen": r[best], "reward_rejected": r[worst], "chosen_sample": best, "rejected_sample": worst,
                 "confidence": 1 / (1 + math.exp(-max(-60.0, min(60.0, beta * (r[best] - r[worst]))))),
-                "swapped": best > worst}
+                "swapped": best > worst, "chosen_unfinished": best in cut, "rejected_unfinished": worst in cut}
         labelled.append(PreferencePair(id=gid, messages=messages, chosen=answers[best], rejected=answers[worst],
                                        meta=meta))
     return labelled
@@ -95,9 +104,12 @@ def label_by_implicit_reward(candidates: list[PreferencePair], policy: str, refe
                              max_length: int = 1024, max_prompt_length: int = 512, batch_size: int = 8,
                              cache_dir: str | Path | None = None) -> list[PreferencePair]:
     """Order each candidate pair (two answers in `chosen`/`rejected`, unordered) by implicit reward: K = 2 of
-    `label_samples_by_implicit_reward`, keeping each pair's meta."""
+    `label_samples_by_implicit_reward`, keeping each pair's meta (its `chosen_unfinished`/`rejected_unfinished`
+    flags describe the two answers as given, and follow them when the labelling swaps them)."""
     groups = [(p.id, p.messages, [p.chosen, p.rejected]) for p in candidates]
+    unfinished = [{i for i, k in enumerate(("chosen_unfinished", "rejected_unfinished")) if p.meta.get(k)}
+                  for p in candidates]
     labelled = label_samples_by_implicit_reward(groups, policy, reference, beta, "min_max", 0, max_length,
-                                                max_prompt_length, batch_size, cache_dir)
+                                                max_prompt_length, batch_size, cache_dir, unfinished)
     return [PreferencePair(l.id, l.messages, l.chosen, l.rejected, dict(p.meta, **l.meta))
             for p, l in zip(candidates, labelled)]

@@ -104,6 +104,26 @@ def test_implicit_reward_picks_the_higher_reward(embedded_model_dir, perturbed_m
     assert [l.chosen for l in again] == [l.chosen for l in labelled]
 
 
+def test_a_cut_off_answer_is_scored_without_the_end_token_it_never_produced(embedded_model_dir, perturbed_model,
+                                                                            data_dir, tmp_path):
+    pairs = load_preference_pairs(data_dir / "preferences" / "ultrafeedback_binarized_eval_200.jsonl", limit=4)
+    plain = [PreferencePair(p.id, p.messages, p.chosen[:200], p.rejected[:200]) for p in pairs]
+    cut = [PreferencePair(p.id, p.messages, p.chosen, p.rejected, {"chosen_unfinished": True}) for p in plain]
+    common = dict(beta=0.1, max_length=512, max_prompt_length=400, cache_dir=tmp_path)
+    whole = label_by_implicit_reward(plain, str(perturbed_model), str(embedded_model_dir), **common)
+    flagged = label_by_implicit_reward(cut, str(perturbed_model), str(embedded_model_dir), **common)
+    for cand, w, f in zip(plain, whole, flagged):
+        reward = {w.chosen: w.meta["reward_chosen"], w.rejected: w.meta["reward_rejected"]}
+        flagged_reward = {f.chosen: f.meta["reward_chosen"], f.rejected: f.meta["reward_rejected"]}
+        # the unflagged answer scores the same; the cut-off one loses its end-of-turn term
+        assert flagged_reward[cand.rejected] == pytest.approx(reward[cand.rejected], abs=1e-4)
+        assert flagged_reward[cand.chosen] != pytest.approx(reward[cand.chosen], abs=1e-4)
+        # the flags follow the answers when the labelling swaps them
+        assert f.meta["chosen_unfinished"] == (f.chosen == cand.chosen)
+        assert f.meta["rejected_unfinished"] == (f.rejected == cand.chosen)
+        assert not w.meta["chosen_unfinished"] and not w.meta["rejected_unfinished"]
+
+
 def test_more_than_two_samples_pick_the_best_and_the_worst_or_a_random_other(embedded_model_dir, perturbed_model,
                                                                             data_dir, tmp_path):
     from selfalign.models import load_model, load_tokenizer
@@ -145,11 +165,13 @@ def test_candidate_groups_drop_identical_and_optionally_truncated_answers(tmp_pa
     write_jsonl(run.path("round1", "generations.jsonl"),
                 [Response(prompt_id=q.id, messages=q.messages, response=text, model="m", sample_index=k,
                           finish_reason=why) for q, answers in rows for k, (text, why) in enumerate(answers)])
-    groups, dropped = spa.candidate_groups(spa.Config(samples_per_prompt=3), run, 1)
+    groups, unfinished, dropped = spa.candidate_groups(spa.Config(samples_per_prompt=3), run, 1)
     assert [(g[0], len(g[2])) for g in groups] == [(p[0].id, 2), (p[2].id, 3)]
+    assert unfinished == [{1}, {0}]  # the cut-off answers, by their index among the distinct ones
     assert dropped == {"identical_dropped": 1, "truncated_dropped": 0, "too_few_left": 0}
-    groups, dropped = spa.candidate_groups(spa.Config(samples_per_prompt=3, drop_truncated=True), run, 1)
+    groups, unfinished, dropped = spa.candidate_groups(spa.Config(samples_per_prompt=3, drop_truncated=True), run, 1)
     assert [(g[0], g[2]) for g in groups] == [(p[2].id, [p[2].rejected, p[2].chosen[:50]])]
+    assert unfinished == [set()]
     assert dropped == {"identical_dropped": 1, "truncated_dropped": 2, "too_few_left": 1}
 
 
