@@ -68,3 +68,9 @@ class SelfRefinementHook:
         self.window = deque(state["window"], maxlen=self.size)
         self.flagged = list(state["flagged"])
         self.seen = state["seen"]
+        if self.log_path is not None and self.log_path.exists():
+            from selfalign.data.io import write_jsonl
+
+            # back to the flags as of the checkpoint: the steps redone after it write theirs again, and on a
+            # nondeterministic device they may flag other pairs than the killed run did
+            write_jsonl(self.log_path, self.flagged)

@@ -52,6 +52,27 @@ def test_hook_uses_extrapolated_logps_when_given():
     assert hook(s).tolist() == pytest.approx([0.1, 0.0])  # m = (-1, 1) <= τ = 0: only the first is flagged
 
 
+def test_hook_log_goes_back_to_the_checkpoint_on_resume(tmp_path):
+    log = tmp_path / "noisy.jsonl"
+    hook = SelfRefinementHook(window=2, warmup_fraction=0.0, log_path=log)
+    one = torch.ones(2)
+
+    def state(step, margins):
+        return SimpleNamespace(step=step, max_steps=10, beta=1.0, ids=["a", "b"], policy_chosen=torch.tensor(margins),
+                               policy_rejected=0 * one, reference_chosen=0 * one, reference_rejected=0 * one,
+                               extrapolated_chosen=None, extrapolated_rejected=None, weights=one)
+
+    hook(state(0, [-1.0, 1.0]))  # flags "a" at step 1 (τ = 0 until the window is full)
+    saved = hook.state_dict()  # the checkpoint after step 1
+    hook(state(1, [-5.0, -5.0]))  # step 2 flags both, then the run is killed
+    assert len(log.read_text().splitlines()) == 3
+    resumed = SelfRefinementHook(window=2, warmup_fraction=0.0, log_path=log)
+    resumed.load_state_dict(saved)
+    assert [json.loads(line)["step"] for line in log.read_text().splitlines()] == [1]
+    resumed(state(1, [5.0, -5.0]))  # the redone step 2 (another device might flag other pairs): only its own flags
+    assert [(r["step"], r["id"]) for r in map(json.loads, log.read_text().splitlines())] == [(1, "a"), (2, "b")]
+
+
 @pytest.fixture(scope="module")
 def perturbed_model(embedded_model_dir, tmp_path_factory):
     """A second, slightly different policy: the embedded model with noise on its last layer's MLP."""
