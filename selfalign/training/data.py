@@ -7,6 +7,7 @@ Padding is masked by the attention mask and by labels = -100, never by token id:
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import random
@@ -15,7 +16,8 @@ from typing import Sequence
 
 import torch
 
-from selfalign.errors import DataError
+from selfalign.data.io import source_of
+from selfalign.errors import DataError, SelfalignError
 from selfalign.models import encode_prompt_response
 from selfalign.training.losses import IGNORE
 
@@ -128,17 +130,41 @@ def encode_pair(tokenizer, messages: list[dict], chosen: str, rejected: str, max
 
 def encode_conversations(tokenizer, conversations, train_on="last", max_length=1024, max_prompt_length=512):
     """`Conversation` records -> SFTExamples; `meta.unfinished_turns` lists assistant messages that were cut off."""
-    return [encode_conversation(tokenizer, c.messages, train_on, max_length, max_prompt_length, id=c.id,
-                                unfinished=c.meta.get("unfinished_turns", ())) for c in conversations]
+    out = []
+    for c in conversations:
+        with _located(c, "conversation"):
+            out.append(encode_conversation(tokenizer, c.messages, train_on, max_length, max_prompt_length, id=c.id,
+                                           unfinished=c.meta.get("unfinished_turns", ())))
+    return out
 
 
 def encode_pairs(tokenizer, pairs, max_length=1024, max_prompt_length=512):
     """`PreferencePair` records -> PairExamples; a pair's `meta.weight` (if any) becomes its loss weight, and
     `meta.chosen_unfinished` / `meta.rejected_unfinished` mark answers that were cut off."""
-    return [encode_pair(tokenizer, p.messages, p.chosen, p.rejected, max_length, max_prompt_length, id=p.id,
-                        weight=p.meta.get("weight", 1.0),
-                        unfinished=(bool(p.meta.get("chosen_unfinished")), bool(p.meta.get("rejected_unfinished"))))
-            for p in pairs]
+    out = []
+    for p in pairs:
+        with _located(p, "pair"):
+            weight = p.meta.get("weight", 1.0)
+            if isinstance(weight, bool) or not isinstance(weight, (int, float)) or not weight >= 0:
+                raise DataError(f"must be a number >= 0, not {weight!r}", field="meta.weight")
+            out.append(encode_pair(tokenizer, p.messages, p.chosen, p.rejected, max_length, max_prompt_length,
+                                   id=p.id, weight=weight,
+                                   unfinished=(bool(p.meta.get("chosen_unfinished")),
+                                               bool(p.meta.get("rejected_unfinished")))))
+    return out
+
+
+@contextlib.contextmanager
+def _located(record, kind: str):
+    """A DataError raised while encoding `record` names it: its file and line when it was read from one, and its id."""
+    try:
+        yield
+    except SelfalignError as e:  # a DataError, or the chat template's check on this record's rendering
+        if getattr(e, "path", None) is not None:
+            raise
+        path, line = source_of(record)
+        raise DataError(f"{kind} '{record.id}': {getattr(e, 'reason', e)}", path=path or "<records>", line=line,
+                        field=getattr(e, "field", None)) from None
 
 
 # ------------------------------------------------------------------------------------------------ batches

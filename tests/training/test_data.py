@@ -104,3 +104,19 @@ def test_batch_order_is_a_seeded_permutation_with_less_padding():
         return sum(max(lengths[i] for i in b) * len(b) for b in batches)
 
     assert padded(a) < 0.7 * padded(plain)
+
+
+def test_a_bad_record_is_named_by_file_line_and_id(tokenizer, tmp_path):
+    from selfalign.data import Conversation, PreferencePair, read_records, write_jsonl
+    from selfalign.training.data import encode_conversations
+
+    user = [{"role": "user", "content": "hi"}]
+    path = write_jsonl(tmp_path / "pairs.jsonl", [PreferencePair("p1", user, "a", "b", {"weight": 0.5}),
+                                                  PreferencePair("p2", user, "a", "b", {"weight": None})])
+    with pytest.raises(DataError, match=r"pairs.jsonl:2: field 'meta.weight': pair 'p2': must be a number >= 0, "
+                                        r"not None"):
+        encode_pairs(tokenizer, read_records(path, PreferencePair))
+    built = Conversation("no-answer", user + [{"role": "assistant", "content": "x"}, {"role": "user", "content": "?"}])
+    with pytest.raises(DataError, match=r"<records>: field 'messages': conversation 'no-answer': an SFT "
+                                        r"conversation must end with an assistant turn"):
+        encode_conversations(tokenizer, [built])
