@@ -161,7 +161,9 @@ def _check_resumable(rows: list[dict], prompt_ids: set, generator: Generator, pa
             continue  # one file may hold several groups (MT-Bench answers each temperature group into one file)
         if model is None:  # read only when needed: an endpoint's model name may cost a request
             model = generator.model_name
-        if row.get("model") is not None and row.get("model") != model:
+        # a name without the parent folder is the same model, recorded before checkpoint folders were named with
+        # their parent's ("final", now "spa/final"); the weights' digest below still tells checkpoints apart
+        if row.get("model") is not None and row.get("model") != model and not model.endswith(f"/{row['model']}"):
             raise DataError(f"holds answers by model '{row.get('model')}', not '{model}'; resume with the same model "
                             f"or write to a new file", path=str(out), line=line, field="model")
         if row.get("model_sha256") and generator.model_sha256 and row["model_sha256"] != generator.model_sha256:

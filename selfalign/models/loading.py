@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from pathlib import Path
 
 from selfalign.models.registry import PACKAGED_MODELS, resolve_model
@@ -68,7 +69,17 @@ def load_model(spec: str | None = None, dtype: str = "auto", device: str = "auto
     return model
 
 
+# folder names every run (or trainer) gives its checkpoints: alone they do not say which run's model it is
+GENERIC_FOLDER_NAMES = re.compile(r"^(final|model|checkpoint(-\d+)?|step-\d+)$")
+
+
 def model_name(spec: str | None) -> str:
-    """A stable display name for records: the short name, or the folder name."""
+    """A stable display name for records: the short name, or the folder name, with its parent's for the generic
+    names of checkpoint folders (`runs/spa/final` -> "spa/final", not "final")."""
     spec = str(spec or "smollm2-135m")
-    return spec if "/" not in spec and not spec.endswith(".gguf") else Path(spec).name or spec
+    if "/" not in spec and not spec.endswith(".gguf"):
+        return spec
+    path = Path(spec)
+    if GENERIC_FOLDER_NAMES.match(path.name) and path.parent.name:
+        return f"{path.parent.name}/{path.name}"
+    return path.name or spec

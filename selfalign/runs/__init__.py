@@ -167,12 +167,17 @@ class Run:
                 raise SelfalignError(f"{self.root}: config differs from the one this run started with "
                                      f"(fields {', '.join(changed)}); use a new --run-dir")
             self.manifest.setdefault("resumed_at", []).append(time.strftime("%Y-%m-%dT%H:%M:%S"))
+            started_in = self.manifest.get("cwd")
+            if started_in and Path(started_in).resolve() != Path.cwd().resolve():
+                print(f"selfalign: {self.root} was started in {started_in}; relative paths in its command and config "
+                      f"now resolve from {os.getcwd()}", file=sys.stderr)
         else:
             self.manifest = {
                 "recipe": recipe,
                 "config": config,
                 "seed": seed,
                 "command": sys.argv,
+                "cwd": os.getcwd(),  # where the command's relative paths (config, --model, data) start from
                 "created_at": time.strftime("%Y-%m-%dT%H:%M:%S"),
                 "versions": environment_versions(),
                 "models": {},
@@ -212,5 +217,5 @@ class Run:
         return result
 
     def record_model(self, role: str, path: str | Path) -> None:
-        self.manifest["models"][role] = {"path": str(path), "sha256": model_fingerprint(path)}
+        self.manifest["models"][role] = {"path": str(Path(path).resolve()), "sha256": model_fingerprint(path)}
         self.save()

@@ -136,3 +136,32 @@ def test_a_model_fingerprint_needs_weights_and_covers_an_adapters_base(tmp_path,
     fp = model_fingerprint(adapter)
     assert set(fp) == {"adapter_model.safetensors", "base_model"}
     assert fp["base_model"] == model_fingerprint(embedded_model_dir)
+
+
+def test_a_manifest_says_where_the_run_started_and_where_its_models_are(tmp_path, monkeypatch, capsys,
+                                                                        embedded_model_dir):
+    import shutil
+
+    here, elsewhere = tmp_path / "here", tmp_path / "elsewhere"
+    here.mkdir(), elsewhere.mkdir()
+    monkeypatch.chdir(here)
+    run = Run("run", {"a": 1}, recipe="test")
+    shutil.copytree(embedded_model_dir, here / "run" / "final")
+    run.record_model("final", "run/final")
+    manifest = json.loads((here / "run" / "manifest.json").read_text())
+    assert manifest["cwd"] == str(here)
+    assert manifest["models"]["final"]["path"] == str(here / "run" / "final")  # not cwd-relative
+    Run(here / "run", {"a": 1}, recipe="test")  # resumed from where it started: nothing to say
+    assert "was started in" not in capsys.readouterr().err
+    monkeypatch.chdir(elsewhere)
+    Run(here / "run", {"a": 1}, recipe="test")
+    assert f"was started in {here}; relative paths" in capsys.readouterr().err
+
+
+def test_checkpoint_folders_are_named_with_their_run():
+    from selfalign.models import model_name
+
+    assert model_name("runs/spa/final") == "spa/final"
+    assert model_name("runs/spa/round1/final") == "round1/final"
+    assert model_name("out/checkpoint-500") == "out/checkpoint-500"
+    assert model_name("models/my-policy") == "my-policy" and model_name("smollm2-135m") == "smollm2-135m"
