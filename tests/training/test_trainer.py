@@ -235,3 +235,19 @@ def test_resume_refuses_a_checkpoint_made_for_other_settings_or_data(tmp_path, t
     with pytest.raises(DataError, match="no training examples"):
         train_dpo(str(tiny_model_dir), [], DPOTrainConfig(max_steps=4, **common), tmp_path / "empty",
                   tmp_path / "empty_final", verbose=False)
+
+
+def test_weight_decay_spares_biases_and_norm_weights(tmp_path, tiny_model_dir, real_pairs):
+    common = dict(max_steps=1, batch_size=2, max_length=64, max_prompt_length=32, learning_rate=1e-2,
+                  warmup_ratio=0.0, save_steps=0)
+    for name, wd in (("plain", 0.0), ("decayed", 0.5)):
+        train_dpo(str(tiny_model_dir), real_pairs[:2], DPOTrainConfig(weight_decay=wd, **common),
+                  tmp_path / name / "train", tmp_path / name / "final", verbose=False)
+    plain = load_file(str(tmp_path / "plain" / "final" / "model.safetensors"))
+    decayed = load_file(str(tmp_path / "decayed" / "final" / "model.safetensors"))
+    # one step from the same start with the same gradients: only the decay can tell the two runs apart
+    vectors = [k for k in plain if plain[k].ndim == 1]
+    matrices = [k for k in plain if plain[k].ndim >= 2]
+    assert vectors and matrices
+    assert all(torch.equal(plain[k], decayed[k]) for k in vectors)
+    assert all(not torch.equal(plain[k], decayed[k]) for k in matrices)
