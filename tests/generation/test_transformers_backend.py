@@ -68,8 +68,9 @@ def test_a_kv_cache_cap_for_the_transformers_backend_is_reported_not_ignored(emb
 
 
 def test_a_file_is_not_resumed_by_other_weights_of_the_same_name(tmp_path, embedded_model_dir, data_dir):
-    """Every run's checkpoint is called `final`: answers record a digest of the weights, so a second checkpoint
-    writing to the first one's file is refused instead of silently keeping the first one's answers."""
+    """Two runs' checkpoints can share a name (`run/final` for runs in two folders both called `run`): answers
+    record a digest of the weights, so the second checkpoint writing to the first one's file is refused instead of
+    silently keeping the first one's answers."""
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
@@ -82,21 +83,21 @@ def test_a_file_is_not_resumed_by_other_weights_of_the_same_name(tmp_path, embed
                       bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
     for run, seed in (("a", 0), ("b", 1)):
         torch.manual_seed(seed)
-        LlamaForCausalLM(cfg).save_pretrained(tmp_path / run / "final")
-        tok.save_pretrained(tmp_path / run / "final")
+        LlamaForCausalLM(cfg).save_pretrained(tmp_path / run / "run" / "final")
+        tok.save_pretrained(tmp_path / run / "run" / "final")
     prompts = load_prompts(data_dir / "prompts" / "unlabelled_pool.jsonl", limit=3)
     params = SamplingParams(temperature=0, max_new_tokens=4)
     out = tmp_path / "answers.jsonl"
-    first = generate_to_file(TransformersGenerator(str(tmp_path / "a" / "final")), prompts[:2], params, out,
+    first = generate_to_file(TransformersGenerator(str(tmp_path / "a" / "run" / "final")), prompts[:2], params, out,
                              progress=False)
     assert len({r.model_sha256 for r in first}) == 1 and len(first[0].model_sha256) == 16
-    assert make_generator("lean", str(tmp_path / "a" / "final")).model_sha256 == first[0].model_sha256
+    assert make_generator("lean", str(tmp_path / "a" / "run" / "final")).model_sha256 == first[0].model_sha256
     for backend in ("transformers", "lean"):
         with pytest.raises(DataError, match=r"answers\.jsonl:1: field 'model_sha256': holds answers by other "
-                                            r"weights named 'final'"):
-            generate_to_file(make_generator(backend, str(tmp_path / "b" / "final")), prompts, params, out,
+                                            r"weights named 'run/final'"):
+            generate_to_file(make_generator(backend, str(tmp_path / "b" / "run" / "final")), prompts, params, out,
                              progress=False)
-    resumed = generate_to_file(TransformersGenerator(str(tmp_path / "a" / "final")), prompts, params, out,
+    resumed = generate_to_file(TransformersGenerator(str(tmp_path / "a" / "run" / "final")), prompts, params, out,
                                progress=False)
     assert [r.response for r in resumed[:2]] == [r.response for r in first] and len(resumed) == 3
 
