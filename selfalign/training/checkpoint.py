@@ -80,7 +80,11 @@ def load_checkpoint(path: Path, model, optimizer, scheduler, made_for: dict | No
     with torch.no_grad():
         for n, t in weights.items():
             params[n].copy_(t)
-    optimizer.load_state_dict(state["optimizer"])
+    try:
+        optimizer.load_state_dict(state["optimizer"])
+    except ValueError as e:  # e.g. written before weight decay spared biases and norms (one param group, not two)
+        raise ConfigError(f"{path}: its optimizer state does not fit this training ({e}); it was probably written by "
+                          f"an older selfalign. Delete {path.parent} to start this training over") from None
     scheduler.load_state_dict(state["scheduler"])
     torch.set_rng_state(state["rng"]["torch"])
     random.setstate(state["rng"]["python"])

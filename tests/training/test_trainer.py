@@ -229,6 +229,17 @@ def test_resume_refuses_a_checkpoint_made_for_other_settings_or_data(tmp_path, t
     with pytest.raises(ConfigError, match=r"grad_accum 1 -> 2"):
         train_dpo(str(tiny_model_dir), real_pairs[:4], DPOTrainConfig(max_steps=4, grad_accum=2, **common), train,
                   final, verbose=False)
+    # a checkpoint whose optimizer state has other parameter groups (an older selfalign's) is a clear error too
+    state_path = train / "checkpoints" / "step-2" / "state.pt"
+    state = torch.load(state_path, weights_only=True)
+    saved_optimizer = state["optimizer"]
+    state["optimizer"] = {"state": {}, "param_groups": saved_optimizer["param_groups"][:1]}
+    torch.save(state, state_path)
+    with pytest.raises(ConfigError, match=r"step-2: its optimizer state does not fit this training"):
+        train_dpo(str(tiny_model_dir), real_pairs[:4], DPOTrainConfig(max_steps=4, **common), train, final,
+                  verbose=False)
+    state["optimizer"] = saved_optimizer
+    torch.save(state, state_path)
     summary = train_dpo(str(tiny_model_dir), real_pairs[:4], DPOTrainConfig(max_steps=4, **common), train, final,
                         verbose=False)
     assert summary["resumed_from"] == 2 and summary["steps"] == 4
