@@ -60,6 +60,12 @@ def source_of(record: Any) -> tuple[str, int] | tuple[None, None]:
     return getattr(record, "_source", (None, None))
 
 
+def check_limit(limit: int | None, path) -> None:
+    """A record limit must be at least 1: 0 would read as "no limit" in some callers and as one record in others."""
+    if limit is not None and limit < 1:
+        raise DataError(f"limit must be at least 1, not {limit}", path=str(path))
+
+
 def read_records(source: Any, cls: type[T], limit: int | None = None) -> list[T]:
     """Read typed records from a .jsonl/.json/.parquet path or a `datasets.Dataset`."""
     rows: Iterable[tuple[int, dict]]
@@ -76,8 +82,7 @@ def read_records(source: Any, cls: type[T], limit: int | None = None) -> list[T]
         rows = ((i, {k: _unnumpy(v) for k, v in r.items()}) for i, r in enumerate(frame.to_dict("records"), start=1))
     else:
         rows = iter_json_rows(source)
-    if limit is not None and limit < 1:
-        raise DataError(f"limit must be at least 1, not {limit}", path=name)
+    check_limit(limit, name)
     out = []
     for line, row in rows:
         out.append(_parse(cls, row, name, line))

@@ -13,7 +13,7 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-from selfalign.data.io import iter_json_rows, read_records
+from selfalign.data.io import check_limit, iter_json_rows, read_records
 from selfalign.data.records import PreferencePair, Prompt
 from selfalign.errors import DataError
 
@@ -36,7 +36,7 @@ def shared_data_dir() -> Path:
 
 def load_prompts(path: str | Path, limit: int | None = None, exclude_ids: set | None = None) -> list[Prompt]:
     """Prompts from any supported file. Duplicate ids are an error (they would collide in resumable outputs)."""
-    _check_limit(limit, path)
+    check_limit(limit, path)
     prompts = read_records(path, Prompt)
     seen: dict[str, int] = {}
     out = []
@@ -58,7 +58,7 @@ def load_preference_pairs(path: str | Path, limit: int | None = None, drop_ident
     """Preference pairs; pairs whose chosen == rejected (an upstream quirk of UltraFeedback) carry no signal for
     DPO and are dropped unless `drop_identical=False`. An alpaca_eval annotations file (`instruction`, `output_1`,
     `output_2`, `preference`) is read as pairs too: see `load_annotated_pairs`."""
-    _check_limit(limit, path)
+    check_limit(limit, path)
     if _is_annotation_file(path):
         pairs = load_annotated_pairs(path)
         if drop_identical:
@@ -68,11 +68,6 @@ def load_preference_pairs(path: str | Path, limit: int | None = None, drop_ident
     if drop_identical:
         pairs = [p for p in pairs if p.chosen.strip() != p.rejected.strip()]
     return pairs[:limit] if limit is not None else pairs
-
-
-def _check_limit(limit: int | None, path) -> None:
-    if limit is not None and limit < 1:  # 0 would read as "no limit" in some callers and as one record in others
-        raise DataError(f"limit must be at least 1, not {limit}", path=str(path))
 
 
 def _is_annotation_file(path) -> bool:
