@@ -185,6 +185,20 @@ def test_auto_backend_picks_lean_on_cpu(embedded_model_dir):
     assert type(make_generator("transformers", str(embedded_model_dir))) is TransformersGenerator
 
 
+def test_auto_backend_is_lean_where_it_was_measured_faster(reference):
+    from selfalign.generation import auto_backend
+
+    # CPU and CUDA (measured on an H200, benchmarks/RESULTS.md); devices never measured keep the reference
+    assert auto_backend(torch.device("cpu"), reference.model) == "lean"
+    assert auto_backend(torch.device("cuda"), reference.model) == "lean"
+    assert auto_backend(torch.device("mps"), reference.model) == "transformers"
+    reference.model.config.mlp_bias = True  # a model the lean loop does not support
+    try:
+        assert auto_backend(torch.device("cuda"), reference.model) == "transformers"
+    finally:
+        reference.model.config.mlp_bias = False
+
+
 def test_models_with_mlp_biases_are_left_to_transformers(reference):
     from selfalign.generation.lean_decoder import supports
 
