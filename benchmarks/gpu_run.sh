@@ -5,7 +5,8 @@
 # The device machine has torch and transformers but neither the embedded model nor ../shared/data, so the tokenizer
 # files and the prompt pool travel in .gpu/ (ignored via .git/info/exclude; build it with `benchmarks/gpu_run.sh
 # --bundle` here, then carry `.gpu` in the device call). Usage there:
-#     benchmarks/gpu_run.sh [SHAPES...]      # default: smollm2-135m smollm2-1.7b
+#     benchmarks/gpu_run.sh [SHAPES...]      # default: smollm2-135m smollm2-1.7b; each followed by its step breakdown
+#     benchmarks/gpu_run.sh --breakdown [SHAPES...]   # only the step breakdowns (~30 s per shape)
 # and here, first: `benchmarks/gpu_run.sh --dry-run` (tiny shapes on the CPU, device-only imports).
 # Output also goes to $OUT/gpu_run.log when $OUT is set.
 set -euo pipefail
@@ -37,9 +38,22 @@ PY
     PYTHONPATH="$block:$PYTHONPATH" python benchmarks/fast_generation.py --model .gpu/tok --random-init smollm2-135m \
         --device cpu --batch-size 8 --hf-batch-size 8 --prompts 8 --prompt-tokens 32 --n 1 --max-new-tokens 16 \
         --check-graphs 4 --teacher-forced 4 --overlap-ablation
+    PYTHONPATH="$block:$PYTHONPATH" python benchmarks/step_breakdown.py --shape smollm2-135m --device cpu --rows 8 \
+        --span 64 --max-len 96 --repeats 2 --inner 2
     exit $?
 fi
 log="${OUT:-/tmp}/gpu_run.log"
+if [[ "${1:-}" == "--breakdown" ]]; then
+    # only the per-part timing of one decode step (benchmarks/step_breakdown.py), ~30 s per shape: where the 1.7B
+    # step's 12.9 ms go (stop 22)
+    shift
+    shapes=("${@:-smollm2-1.7b smollm2-135m}")
+    for shape in ${shapes[@]}; do
+        echo "== $shape"
+        timeout 150 python benchmarks/step_breakdown.py --shape "$shape" --device cuda || echo "== $shape FAILED (exit $?)"
+    done 2>&1 | tee "$log"
+    exit 0
+fi
 shapes=("${@:-smollm2-135m smollm2-1.7b}")
 (
     nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader || true
@@ -51,5 +65,6 @@ shapes=("${@:-smollm2-135m smollm2-1.7b}")
         timeout "${SHAPE_TIMEOUT:-230}" python benchmarks/fast_generation.py --model .gpu/tok --random-init "$shape" --device cuda --batch-size 256 \
             --hf-batch-size 256 --prompts 256 --prompt-tokens 128 --n 1 --max-new-tokens 256 --check-graphs 16 --teacher-forced 16 --overlap-ablation \
             || echo "== $shape FAILED (exit $?)"  # the next shape still runs
+        timeout 90 python benchmarks/step_breakdown.py --shape "$shape" --device cuda || echo "== $shape breakdown FAILED (exit $?)"
     done
 ) 2>&1 | tee "$log"
