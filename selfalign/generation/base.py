@@ -23,7 +23,9 @@ class SamplingParams:
     max_new_tokens: int = 256
     n: int = 1  # samples per prompt
     seed: int = 0
-    stop: tuple[str, ...] = ()  # stop strings: generation ends at the first one, which is left out of the text
+    # stop strings: generation ends at the first one, which is left out of the text; one that is a special token
+    # ("<|im_start|>") ends it on that token (special_stop_ids)
+    stop: tuple[str, ...] = ()
 
     def __post_init__(self):
         if isinstance(self.stop, str):
@@ -96,6 +98,17 @@ def cut_at_stop(text: str, stop: Sequence[str]) -> tuple[str, bool]:
     """`text` up to the earliest stop string (excluded), and whether one was found (OpenAI's `stop` semantics)."""
     cut = min((k for k in (text.find(x) for x in stop) if k >= 0), default=-1)
     return (text[:cut], True) if cut >= 0 else (text, False)
+
+
+def special_stop_ids(tokenizer, stop: Sequence[str], eos_ids) -> set[int]:
+    """Token ids of the stop strings that are special tokens (e.g. "<|im_start|>", which ChatML clients send as a
+    stop string), other than the end tokens already in `eos_ids`. Answers are decoded with special tokens skipped, so
+    such a stop string never appears in the text: generation stops on its token instead, the token left out of the
+    answer like any stop string."""
+    if not stop:
+        return set()
+    special = {t.content: i for i, t in tokenizer.added_tokens_decoder.items() if t.special}
+    return {special[x] for x in stop if x in special} - set(eos_ids)
 
 
 def stop_window(stop: Sequence[str]) -> int:

@@ -40,7 +40,8 @@ import torch
 from tqdm.auto import tqdm
 
 from selfalign.data.records import Prompt, Response
-from selfalign.generation.base import OnBatch, SamplingParams, cut_at_stop, sequence_seed, stop_window
+from selfalign.generation.base import (OnBatch, SamplingParams, cut_at_stop, sequence_seed, special_stop_ids,
+                                       stop_window)
 from selfalign.generation.cuda_graphs import DecodeGraphs
 from selfalign.generation.lean_decoder import LeanDecoder, to_device
 from selfalign.generation.sampling import counter_uniforms, sample_tokens
@@ -179,15 +180,18 @@ class LeanGenerator(TransformersGenerator):
         live: list[_Sequence] = []
         pending = torch.zeros(0, dtype=torch.long, device=self.device)  # next input token of each live sequence
 
-        def finish(seq: _Sequence, stopped: bool) -> list[Response]:
+        stop_ids = special_stop_ids(self.tokenizer, params.stop, self.eos_ids)
+
+        def finish(seq: _Sequence, stopped: bool, hit: bool = False) -> list[Response]:
+            """stopped: it ended at an end-of-turn token (counted); hit: at a stop token (not counted)."""
             p = prompts[seq.prompt_index]
             text = self.tokenizer.decode(seq.tokens, skip_special_tokens=True)
             n_tok = len(seq.tokens) + (1 if stopped else 0)
-            hit = False
+            stopped = stopped or hit
             if params.stop:
-                text, hit = cut_at_stop(text, params.stop)
-                if hit:
-                    stopped, n_tok = True, len(seq.tokens)
+                text, in_text = cut_at_stop(text, params.stop)
+                if in_text:
+                    stopped, hit, n_tok = True, True, len(seq.tokens)
             idx = [seq.sample_index] if per_prompt > 1 else range(params.n)
             return [self._response(p, text, params, s, "stop" if stopped else "length", n_tok, self.backend, hit)
                     for s in idx if (p.id, s) not in skip]
@@ -197,13 +201,13 @@ class LeanGenerator(TransformersGenerator):
             end, and return the indices of those that go on."""
             done, keep = [], []
             for k, (seq, tok) in enumerate(zip(live, tokens)):
-                stopped = tok in self.eos_ids
-                if not stopped:
+                stopped, at_stop_token = tok in self.eos_ids, tok in stop_ids
+                if not (stopped or at_stop_token):
                     seq.tokens.append(tok)
                 # (within the context, a slot always has room for max_new_tokens: cache_layout)
-                if stopped or len(seq.tokens) >= params.max_new_tokens or seq.length - fed + 1 >= limit or (
-                        params.stop and self._at_stop(seq.tokens, params.stop)):
-                    done.extend(finish(seq, stopped))
+                if stopped or at_stop_token or len(seq.tokens) >= params.max_new_tokens or (
+                        seq.length - fed + 1 >= limit) or (params.stop and self._at_stop(seq.tokens, params.stop)):
+                    done.extend(finish(seq, stopped, at_stop_token))
                     bar.update(1 if per_prompt > 1 else params.n)
                 else:
                     keep.append(k)

@@ -10,7 +10,7 @@ from tqdm.auto import tqdm
 from selfalign.data.io import source_of
 from selfalign.data.records import Prompt, Response
 from selfalign.errors import DataError
-from selfalign.generation.base import Generator, OnBatch, SamplingParams, cut_at_stop, stop_window
+from selfalign.generation.base import Generator, OnBatch, SamplingParams, cut_at_stop, special_stop_ids, stop_window
 from selfalign.models import encode_prompt, load_model, load_tokenizer, model_name, resolve_model
 
 
@@ -108,6 +108,7 @@ class TransformersGenerator(Generator):
         bar = tqdm(total=len(prompts) * params.n, desc=f"generate ({self.model_name})", unit="answer",
                    disable=not progress)
         pad = self.tokenizer.pad_token_id
+        stop_ids = special_stop_ids(self.tokenizer, params.stop, self.eos_ids)
         for b, idx in enumerate(batches):
             wanted = [(prompts[i], s) for i in idx for s in range(params.n) if (prompts[i].id, s) not in skip]
             if not wanted:
@@ -124,7 +125,7 @@ class TransformersGenerator(Generator):
             # greedy samples are identical, so decode each prompt once and repeat it n times
             per_prompt = 1 if params.greedy else params.n
             kwargs = dict(max_new_tokens=params.max_new_tokens, num_return_sequences=per_prompt, pad_token_id=pad,
-                          eos_token_id=self.eos_ids)
+                          eos_token_id=sorted(set(self.eos_ids) | stop_ids))
             if params.stop:  # each row stops at a stop string in its answer; the text is cut below
                 from transformers import StoppingCriteriaList
 
@@ -142,15 +143,16 @@ class TransformersGenerator(Generator):
             for row, i in enumerate(idx):
                 for s in range(params.n):
                     toks = new[row * per_prompt + (0 if params.greedy else s)]
-                    end = next((k for k, t in enumerate(toks) if t in self.eos_ids), None)
+                    end = next((k for k, t in enumerate(toks) if t in self.eos_ids or t in stop_ids), None)
                     finish = "stop" if end is not None else "length"
+                    hit = end is not None and toks[end] in stop_ids  # a special-token stop string: not counted
                     toks = toks[:end] if end is not None else toks
+                    end = None if hit else end
                     text = self.tokenizer.decode(toks, skip_special_tokens=True)
-                    hit = False
                     if params.stop:
-                        text, hit = cut_at_stop(text, params.stop)
-                        if hit:
-                            finish, end = "stop", None  # the stop string's tokens are counted, no end token
+                        text, in_text = cut_at_stop(text, params.stop)
+                        if in_text and not hit:
+                            finish, end, hit = "stop", None, True  # the stop string's tokens are counted, no end token
                             toks = [t for t in toks if t != pad] if pad not in self.eos_ids else toks
                     if (prompts[i].id, s) in skip:
                         continue

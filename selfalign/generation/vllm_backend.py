@@ -33,7 +33,7 @@ from tqdm.auto import tqdm
 
 from selfalign.data.records import Prompt, Response
 from selfalign.errors import DataError, SelfalignError
-from selfalign.generation.base import Generator, OnBatch, SamplingParams, cut_at_stop, sequence_seed
+from selfalign.generation.base import Generator, OnBatch, SamplingParams, cut_at_stop, sequence_seed, special_stop_ids
 
 
 def _import_vllm():
@@ -100,7 +100,7 @@ class VLLMGenerator(Generator):
             out.append(ids)
         return out
 
-    def _params(self, params: SamplingParams, seed: int | None, **extra):
+    def _params(self, params: SamplingParams, seed: int | None, stop_ids=(), **extra):
         greedy = params.greedy
         # vLLM rejects these with its own validation error deep in the engine; say it in selfalign's terms
         if not greedy and not 0 < params.temperature <= 2:
@@ -109,7 +109,8 @@ class VLLMGenerator(Generator):
             raise SelfalignError(f"--backend vllm takes top_p in (0, 1], got {params.top_p}")
         return self.vllm.SamplingParams(n=1, temperature=0.0 if greedy else params.temperature,
                                         top_p=1.0 if greedy else params.top_p, max_tokens=params.max_new_tokens,
-                                        seed=None if greedy else seed, stop_token_ids=self.eos_ids,
+                                        seed=None if greedy else seed,
+                                        stop_token_ids=sorted(set(self.eos_ids) | set(stop_ids)),
                                         stop=list(params.stop) or None, **extra)
 
     def generate(self, prompts: Sequence[Prompt], params: SamplingParams, on_batch: OnBatch | None = None,
@@ -125,13 +126,14 @@ class VLLMGenerator(Generator):
                 answers = [k for k in answers if (p.id, k) not in skip]
                 if answers:
                     requests.append((i, s, answers))
+        stop_ids = special_stop_ids(self.tokenizer, params.stop, self.eos_ids)
         results: list[Response] = []
         bar = tqdm(total=sum(len(a) for _, _, a in requests), desc=f"generate ({self.model_name}, vllm)",
                    unit="answer", disable=not progress)
         for start in range(0, len(requests), self.chunk_size):
             chunk = requests[start:start + self.chunk_size]
             outputs = self.llm.generate([{"prompt_token_ids": encoded[i]} for i, _, _ in chunk],
-                                        [self._params(params, sequence_seed(params.seed, prompts[i].id, s))
+                                        [self._params(params, sequence_seed(params.seed, prompts[i].id, s), stop_ids)
                                          for i, s, _ in chunk], use_tqdm=False)
             done = []
             for (i, _, answers), out in zip(chunk, outputs):
@@ -141,15 +143,18 @@ class VLLMGenerator(Generator):
                                          f"'{completion.finish_reason}'; answers so far are saved, rerun to resume")
                 stopped = completion.finish_reason == "stop"
                 ids = list(completion.token_ids)
-                if ids and ids[-1] in self.eos_ids:  # token_ids end with the EOS id; it is not part of the text
+                n_tokens = len(ids)
+                hit = bool(ids) and ids[-1] in stop_ids  # a stop string that is a special token: not counted
+                if ids and (ids[-1] in self.eos_ids or hit):  # the end token is not part of the text
                     ids = ids[:-1]
+                    n_tokens -= hit
                 text = self.tokenizer.decode(ids, skip_special_tokens=True)
-                hit = False
                 if params.stop:  # vLLM leaves the stop string out of `text`, not out of token_ids
-                    text, hit = cut_at_stop(text, params.stop)
+                    text, in_text = cut_at_stop(text, params.stop)
+                    hit = hit or in_text
                     stopped = stopped or hit
                 done += [self._response(prompts[i], text, params, k, "stop" if stopped else "length",
-                                        len(completion.token_ids), self.backend, hit) for k in answers]
+                                        n_tokens, self.backend, hit) for k in answers]
             results.extend(done)
             bar.update(len(done))
             if on_batch is not None:

@@ -230,6 +230,31 @@ def test_stop_strings_end_generation_the_same_way_in_both_backends(reference, le
     assert stopped >= 2  # real answers of 40 tokens hold a sentence end or a newline
 
 
+def test_a_stop_string_that_is_a_special_token_ends_answers_on_that_token(reference, lean, data_dir):
+    # ChatML clients send stop=["<|im_start|>"]; answers are decoded with special tokens skipped, so such a stop
+    # string is never in the text and must stop generation on its token. Real prompts whose greedy answers end within
+    # 24 tokens at <|im_end|>; with <|im_end|> made an ordinary special token (no longer an end token), only the stop
+    # string can end them there.
+    pool = load_prompts(data_dir / "prompts" / "unlabelled_pool.jsonl", limit=40)
+    short = [pool[i] for i in (15, 36, 38)]
+    greedy = SamplingParams(temperature=0, max_new_tokens=24)
+    normal = lean.generate(short, greedy, progress=False)
+    assert all(r.finish_reason == "stop" and r.num_tokens < 24 for r in normal)
+    saved = reference.eos_ids, lean.eos_ids
+    reference.eos_ids = lean.eos_ids = [len(lean.tokenizer) - 1]  # a token greedy answers never reach
+    try:
+        for gen in (reference, lean):
+            cut = gen.generate(short, SamplingParams(temperature=0, max_new_tokens=24, stop=("<|im_end|>",)),
+                               progress=False)
+            assert [(r.response, r.finish_reason, r.num_tokens, r.meta) for r in cut] == \
+                   [(r.response, "stop", r.num_tokens - 1, {"stop_string": True}) for r in normal], gen.backend
+            # without the stop string the same answers run on past the token
+            on = gen.generate(short, greedy, progress=False)
+            assert all(r.num_tokens == 24 and r.response.startswith(n.response) for r, n in zip(on, normal))
+    finally:
+        reference.eos_ids, lean.eos_ids = saved
+
+
 def test_overlapped_steps_give_the_same_answers(embedded_model_dir, prompts):
     """With overlap (the CUDA default) each step is launched before the host has read the previous step's tokens:
     greedy answers, finish reasons, token counts and seeded samples must be those of the plain loop, also when

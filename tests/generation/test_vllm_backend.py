@@ -50,6 +50,7 @@ class StandInLLM:
 
     instances: list = []
     finish_reason = "stop"
+    end_token = None  # the token that ends token_ids (default: the EOS id)
 
     def __init__(self, *, model, tokenizer=None, dtype="auto", seed=0, trust_remote_code=False,
                  gpu_memory_utilization=0.9, **engine_args):
@@ -69,7 +70,7 @@ class StandInLLM:
             ids = prompt["prompt_token_ids"]
             text = "The greedy answer." if p.temperature == 0 else f"Sampled answer {p.seed % 997}."
             completion = types.SimpleNamespace(
-                token_ids=self.tok.encode(text, add_special_tokens=False) + [self.tok.eos_token_id],
+                token_ids=self.tok.encode(text, add_special_tokens=False) + [self.end_token or self.tok.eos_token_id],
                 finish_reason=self.finish_reason, stop_reason=None, text=text)
             logprobs = [None] + [{t: Logprob(-0.1 * k)} for k, t in enumerate(ids) if k > 0]
             outs.append(types.SimpleNamespace(outputs=[completion], prompt_logprobs=logprobs))
@@ -161,3 +162,18 @@ def test_missing_vllm_is_a_one_line_error(monkeypatch, embedded_model_dir):
     monkeypatch.setitem(sys.modules, "vllm", None)  # import vllm raises ImportError
     with pytest.raises(SelfalignError, match="needs the vllm package"):
         make_generator("vllm", str(embedded_model_dir))
+
+
+def test_a_special_token_stop_string_is_a_stop_token(vllm_module, embedded_model_dir, prompts, monkeypatch):
+    # vLLM looks for stop strings in text decoded without special tokens, where "<|im_start|>" never shows: the
+    # adapter passes it as a stop token id, and an answer ended by it is a stop-string answer (token not counted)
+    gen = make_generator("vllm", str(embedded_model_dir))
+    tok = load_tokenizer(str(embedded_model_dir))
+    im_start = tok.convert_tokens_to_ids("<|im_start|>")
+    monkeypatch.setattr(StandInLLM, "end_token", im_start)
+    out = gen.generate(prompts[:1], SamplingParams(temperature=0, max_new_tokens=8, stop=("<|im_start|>",)),
+                       progress=False)
+    (_, sps), = StandInLLM.instances[-1].calls
+    assert im_start in sps[0].stop_token_ids and tok.eos_token_id in sps[0].stop_token_ids
+    assert (out[0].response, out[0].finish_reason, out[0].meta) == ("The greedy answer.", "stop", {"stop_string": True})
+    assert out[0].num_tokens == len(tok.encode("The greedy answer.", add_special_tokens=False))
