@@ -46,9 +46,46 @@ def _number(body: dict, name: str, default, kind=(int, float), low=None, high=No
     return value
 
 
+def _byte_level_alphabet() -> dict[str, int]:
+    """GPT-2's bytes-to-unicode table, inverted: byte-level BPE vocabularies (GPT-2, Llama 3, Qwen, SmolLM2) spell
+    each byte as one printable character (bytes that print as themselves keep their character; the other 68 go to
+    U+0100 onwards, in byte order). Written out because transformers 5 no longer exports `bytes_to_unicode` and the
+    tokenizers library gives only the unordered alphabet."""
+    printable = {*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)}
+    table, moved = {}, 0
+    for b in range(256):
+        if b in printable:
+            table[chr(b)] = b
+        else:
+            table[chr(256 + moved)] = b
+            moved += 1
+    return table
+
+
+BYTE_LEVEL_ALPHABET = _byte_level_alphabet()
+
+
+def token_bytes(tokenizer, token_id: int, text: str) -> list[int]:
+    """The raw bytes of one token, as OpenAI's logprobs `bytes` give them. A token can hold part of a UTF-8 character
+    (an emoji is often 2-3 byte-level tokens): its decoded `text` is then U+FFFD, and only the vocabulary entry
+    itself says which bytes it stands for. Byte-level vocabularies map back through their alphabet, SentencePiece
+    byte-fallback tokens are spelled `<0xHH>`; any other token's bytes are its text's."""
+    piece = tokenizer.convert_ids_to_tokens(token_id)
+    decoder = type(getattr(getattr(tokenizer, "backend_tokenizer", None), "decoder", None)).__name__
+    if isinstance(piece, str) and token_id not in tokenizer.all_special_ids:
+        if decoder == "ByteLevel" and all(c in BYTE_LEVEL_ALPHABET for c in piece):
+            return [BYTE_LEVEL_ALPHABET[c] for c in piece]
+        if len(piece) == 6 and piece.startswith("<0x") and piece.endswith(">"):
+            try:
+                return [int(piece[3:5], 16)]
+            except ValueError:
+                pass
+    return list(text.encode("utf-8"))
+
+
 def _token_entry(tokenizer, token_id: int, logprob: float) -> dict:
     text = tokenizer.decode([token_id], skip_special_tokens=False)
-    return {"token": text, "logprob": logprob, "bytes": list(text.encode("utf-8"))}
+    return {"token": text, "logprob": logprob, "bytes": token_bytes(tokenizer, token_id, text)}
 
 
 class ChatServer(ThreadingHTTPServer):

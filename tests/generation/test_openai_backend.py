@@ -318,3 +318,21 @@ class socket_closed_port:
 
     def __exit__(self, *exc):
         self.sock.close()
+
+
+def test_logprob_bytes_are_each_tokens_own_bytes_also_inside_a_character():
+    # AlpacaEval instructions with emojis and CJK: byte-level BPE splits such characters over several tokens, whose
+    # decoded text is U+FFFD each; OpenAI's `bytes` are the token's raw bytes, which join back into the text
+    from selfalign.data.loaders import load_alpaca_eval_set
+    from selfalign.generation.server import token_bytes
+    from selfalign.models import load_tokenizer
+
+    tok = load_tokenizer(MODEL)
+    texts = [p.messages[0]["content"] for p in load_alpaca_eval_set() if p.id in ("598", "658")]
+    assert len(texts) == 2
+    for text in texts + ["<|im_start|>assistant\n"]:
+        ids = tok.encode(text, add_special_tokens=False)
+        pieces = [token_bytes(tok, i, tok.decode([i])) for i in ids]
+        assert b"".join(bytes(p) for p in pieces).decode("utf-8") == text
+    partial = [i for i in tok.encode(texts[1], add_special_tokens=False) if "\ufffd" in tok.decode([i])]
+    assert len(partial) >= 10  # emoji pieces: the case a token's text cannot tell
