@@ -159,7 +159,8 @@ def main() -> None:
                         "outside the graph"))
         u = counter_uniforms(keys64, counters)
         for name, params in (("sampling: greedy (argmax)", SamplingParams(temperature=0)),
-                             ("sampling: T 0.7 top-p 0.9 (the benchmark's)", SamplingParams(temperature=0.7, top_p=0.9)),
+                             ("sampling: T 0.7 top-p 0.9 (the benchmark's)",
+                              SamplingParams(temperature=0.7, top_p=0.9)),
                              ("sampling: T 1.0, no top-p", SamplingParams(temperature=1.0, top_p=1.0))):
             results.append((name, ms(lambda p=params: sample_tokens(logits, p, u)), "outside the graph"))
 

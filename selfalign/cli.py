@@ -33,7 +33,8 @@ def add_backend_flags(p: argparse.ArgumentParser) -> None:
                    "batching decode loop (llama/qwen2 models); transformers: model.generate, the reference; openai: "
                    "any OpenAI-compatible chat-completions endpoint; vllm: vLLM, if installed (CUDA)")
     p.add_argument("--batch-size", type=int, default=None,
-                   help="sequences decoded together, local backends (default: lean 128 on CPU, 256 on CUDA; transformers 16)")
+                   help="sequences decoded together, local backends (default: lean 128 on CPU, 256 on CUDA; "
+                   "transformers 16)")
     p.add_argument("--max-cache-gb", type=float, default=None,
                    help="lean backend: most memory the KV cache may take (default: half the free memory); fewer "
                    "sequences are decoded together when --batch-size would need more")

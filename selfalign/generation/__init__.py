@@ -43,7 +43,8 @@ def make_generator(backend: str = "auto", model: str | None = None, **options) -
         max_cache_gb = options.pop("max_cache_gb", None)  # lean only: the KV cache's memory cap
         reference = TransformersGenerator(model=model, batch_size=batch_size or DEFAULT_BATCH_SIZE["transformers"],
                                           **options)
-        if backend == "transformers" or (backend == "auto" and auto_backend(reference.device, reference.model) != "lean"):
+        picked = auto_backend(reference.device, reference.model) if backend == "auto" else backend
+        if picked == "transformers":
             if max_cache_gb is not None:
                 import sys
 
@@ -77,4 +78,5 @@ def make_generator(backend: str = "auto", model: str | None = None, **options) -
     raise SelfalignError(f"unknown generation backend '{backend}' (choose from {', '.join(BACKENDS)})")
 
 
-__all__ = ["BACKENDS", "auto_backend", "DEFAULT_BATCH_SIZE", "Generator", "SamplingParams", "generate_to_file", "make_generator", "response_key"]
+__all__ = ["BACKENDS", "DEFAULT_BATCH_SIZE", "LEAN_CUDA_BATCH_SIZE", "Generator", "SamplingParams", "auto_backend",
+           "generate_to_file", "make_generator", "response_key"]
