@@ -43,6 +43,7 @@ from selfalign.generation.transformers_backend import TransformersGenerator  # n
 from selfalign.models import load_tokenizer  # noqa: E402
 
 ABLATION = " [overlap ablation]"  # marks the --overlap-ablation row, which the repeat ratios leave out
+SDPA_ABLATION = " [sdpa attention ablation]"  # the --attention-ablation row, left out likewise
 SHAPES = {  # real SmolLM2 configurations, for random-init speed runs
     "smollm2-135m": dict(hidden_size=576, intermediate_size=1536, num_hidden_layers=30, num_attention_heads=9,
                          num_key_value_heads=3),
@@ -103,8 +104,63 @@ def timed(gen, prompts, params) -> tuple[int, float]:
 def lean_row(lean, args, prompts, params, record, tag: str = "", first_call: float | None = None) -> None:
     toks, secs = timed(lean, prompts, params)
     overlap = ", overlapped" if lean.overlap else ""
-    record(f"selfalign lean, continuous batching, {lean.last_slots} slots, {lean.decode} steps{overlap}{tag}", toks,
-           secs, first_call)
+    sdpa = ", sdpa attention" if lean.decoder.span_attention == "sdpa" else ""
+    record(f"selfalign lean, continuous batching, {lean.last_slots} slots, {lean.decode} steps{sdpa}{overlap}{tag}",
+           toks, secs, first_call)
+
+
+def attention_ablation(build, args, prompts, params, record, lean, tag: str) -> None:
+    """The lean row again with the fixed-span steps attending by torch's SDPA (lean_decoder.SPAN_ATTENTION) instead
+    of two batched matmuls, timed on its second call like the main row; plus how many greedy answers it shares with
+    the main row's steps (bf16 rounds the two differently, so a few may part on random weights)."""
+    decode = lean.decode if lean.decode != "grouped" else "static"  # grouped steps have no span (CPU dry run)
+    alt = build(LeanGenerator, args.batch_size, decode=decode, span_attention="sdpa")
+    alt.generate(prompts[:2], SamplingParams(temperature=0, max_new_tokens=4), progress=False)  # warm-up
+    first_call = timed(alt, prompts, params)[1]  # captures its graphs
+    lean_row(alt, args, prompts, params, record, tag + SDPA_ABLATION, first_call)
+    k = args.check_graphs or 4
+    greedy = SamplingParams(temperature=0, max_new_tokens=args.max_new_tokens)
+    a, b = (g.generate(prompts[:k], greedy, progress=False) for g in (lean, alt))
+    print(f"sdpa vs matmul span attention: {sum(x.response == y.response for x, y in zip(a, b))}/{k} greedy answers "
+          f"identical", flush=True)
+    alt.close()
+
+
+def refill_check(build, args, k: int) -> None:
+    """Continuous batching under the default steps (CUDA: graph replay, overlapped), against eager bucketed steps in
+    the plain loop: k real prompts at their own lengths through k/4 slots, n=2 seeded samples and greedy answers with
+    stop strings, so sequences end mid-run, slots refill and survivors move. The anchor workload cannot show this:
+    there every prompt has the same length and every sequence ends on the same step. Random weights never pick the
+    end-of-turn token, so with --random-init 1% of the vocabulary is made end tokens (answers then end after ~70
+    sampled tokens on average). Rows that part are counted, with the first token where they do: overlap's wasted rows
+    change a step's row bucket, and in bf16 another matmul shape can flip a near-tie."""
+    pool = load_prompts(shared_data_dir() / "prompts" / "unlabelled_pool.jsonl", limit=k)
+    slots = max(2, k // 4)
+    fast = build(LeanGenerator, slots)
+    eager = build(LeanGenerator, slots, decode="static", overlap=False)
+    if args.random_init:
+        vocab = fast.decoder.lm_head.shape[0]
+        ends = torch.randperm(vocab, generator=torch.Generator().manual_seed(0))[:vocab // 100].tolist()
+        for g in (fast, eager):
+            g.eos_ids = sorted(set(g.eos_ids) | set(ends))
+    for name, p in (("seeded samples, n=2", SamplingParams(temperature=0.7, top_p=0.9, n=2, seed=1,
+                                                           max_new_tokens=args.max_new_tokens)),
+                    ("greedy, stop strings", SamplingParams(temperature=0, stop=(". ", "\n"),
+                                                            max_new_tokens=args.max_new_tokens))):
+        a = fast.generate(pool, p, progress=False)
+        b = eager.generate(pool, p, progress=False)
+        same = [(x.response, x.num_tokens, x.finish_reason) == (y.response, y.num_tokens, y.finish_reason)
+                for x, y in zip(a, b)]
+        parted = [next((j for j, (u, v) in enumerate(zip(x.response, y.response)) if u != v),
+                       min(len(x.response), len(y.response))) for x, y, ok in zip(a, b, same) if not ok]
+        lengths = sorted(r.num_tokens for r in b)
+        print(f"refill check, {name}: {sum(same)}/{len(same)} answers identical ({fast.decode}"
+              f"{' overlapped' if fast.overlap else ''} vs static eager plain loop; {k} prompts through {slots} "
+              f"slots; answers of {lengths[0]}-{lengths[-1]} tokens, median {lengths[len(lengths) // 2]}, "
+              f"{sum(r.finish_reason == 'stop' for r in b)} ended early)"
+              f"{f'; differing rows part at character {parted}' if parted else ''}", flush=True)
+    fast.close()
+    eager.close()
 
 
 def run_lean(build, args, prompts, params, record, decode: str = "auto", tag: str = ""):
@@ -126,6 +182,8 @@ def run_lean(build, args, prompts, params, record, decode: str = "auto", tag: st
         lean.overlap = not lean.overlap
         lean_row(lean, args, prompts, params, record, tag + ABLATION)
         lean.overlap = not lean.overlap
+    if args.attention_ablation:
+        attention_ablation(build, args, prompts, params, record, lean, tag)
     if lean.device.type == "cuda":
         count_syncs(lean, prompts, params)
     if args.check_graphs and lean.decode != "static":
@@ -164,27 +222,31 @@ def teacher_forced_check(args, prompts, steps: int) -> None:
     ids = torch.zeros(len(encoded), max(lengths), dtype=torch.long)
     for row, e in enumerate(encoded):
         ids[row, :len(e)] = torch.tensor(e)
-    with torch.inference_mode():
-        hidden = dec.forward_full(ids.to(device), list(range(len(encoded))))
-        logits = [dec.logits(hidden[torch.arange(len(encoded)), torch.tensor(lengths) - 1]).float()]
-        chosen = [logits[0].argmax(dim=-1)]
-        for t in range(steps - 1):
-            span = max(lengths) + t + 1 if lean.graphs is not None else None
-            logits.append(dec.decode_step(chosen[-1], torch.tensor(lengths, device=device) + t, span=span).float())
-            chosen.append(logits[-1].argmax(dim=-1))
-        lean_logits, tokens = torch.stack(logits, dim=1), torch.stack(chosen, dim=1)  # [B, steps, V], [B, steps]
-        worst, agree, near = 0.0, 0, 0
-        for row, e in enumerate(encoded):
-            full = torch.tensor(e + tokens[row].tolist(), device=device)[None]
-            ref = model(full).logits[0, len(e) - 1:len(e) - 1 + steps].float()
-            worst = max(worst, (ref - lean_logits[row]).abs().max().item())
-            agree += (ref.argmax(dim=-1) == tokens[row]).sum().item()
-            near += (ref.gather(1, tokens[row][:, None])[:, 0] >= ref.max(dim=-1).values - 0.1).sum().item()
+    # with a span (CUDA) and --attention-ablation, the SDPA span attention is checked the same way
+    variants = ["matmul", "sdpa"] if args.attention_ablation and lean.graphs is not None else ["matmul"]
+    for variant in variants:
+        dec.span_attention = variant
+        with torch.inference_mode():
+            hidden = dec.forward_full(ids.to(device), list(range(len(encoded))))
+            logits = [dec.logits(hidden[torch.arange(len(encoded)), torch.tensor(lengths) - 1]).float()]
+            chosen = [logits[0].argmax(dim=-1)]
+            for t in range(steps - 1):
+                span = max(lengths) + t + 1 if lean.graphs is not None else None
+                logits.append(dec.decode_step(chosen[-1], torch.tensor(lengths, device=device) + t, span=span).float())
+                chosen.append(logits[-1].argmax(dim=-1))
+            lean_logits, tokens = torch.stack(logits, dim=1), torch.stack(chosen, dim=1)  # [B, steps, V], [B, steps]
+            worst, agree, near = 0.0, 0, 0
+            for row, e in enumerate(encoded):
+                full = torch.tensor(e + tokens[row].tolist(), device=device)[None]
+                ref = model(full).logits[0, len(e) - 1:len(e) - 1 + steps].float()
+                worst = max(worst, (ref - lean_logits[row]).abs().max().item())
+                agree += (ref.argmax(dim=-1) == tokens[row]).sum().item()
+                near += (ref.gather(1, tokens[row][:, None])[:, 0] >= ref.max(dim=-1).values - 0.1).sum().item()
+        n = len(encoded) * steps
+        print(f"teacher-forced lean decode ({variant} span attention) vs transformers forward, fp32 ({len(encoded)} "
+              f"prompts x {steps} steps): max |logit diff| {worst:.3g}; argmax agrees at {agree}/{n}; lean choice "
+              f"within 0.1 of the best at {near}/{n}", flush=True)
     dec.release()
-    n = len(encoded) * steps
-    print(f"teacher-forced lean decode vs transformers forward, fp32 ({len(encoded)} prompts x {steps} steps): "
-          f"max |logit diff| {worst:.3g}; argmax agrees at {agree}/{n}; lean choice within 0.1 of the best at "
-          f"{near}/{n}", flush=True)
 
 
 def count_syncs(lean, prompts, params) -> None:
@@ -220,6 +282,11 @@ def main() -> None:
                     "(64 greedy steps each); works with --random-init, where answers cannot be compared token by token")
     ap.add_argument("--overlap-ablation", action="store_true",
                     help="also time the lean row with overlap switched (LeanGenerator.overlap; on by default on CUDA)")
+    ap.add_argument("--check-refills", type=int, default=0,
+                    help="run this many real prompts through a quarter as many slots, default steps vs eager (see "
+                    "refill_check)")
+    ap.add_argument("--attention-ablation", action="store_true",
+                    help="also time the lean row with SDPA attention in its fixed-span steps (graphs, static)")
     ap.add_argument("--n", type=int, default=2, help="samples per prompt")
     ap.add_argument("--max-new-tokens", type=int, default=200)
     ap.add_argument("--batch-size", type=int, default=DEFAULT_BATCH_SIZE["lean"],
@@ -274,7 +341,8 @@ def main() -> None:
                 lean = run_lean(build, args, prompts, params, record, decode="static", tag=tag)
         if "dynamic" not in skip:  # this repeat's last dynamic and last lean rows
             dyn = next(r for r in reversed(rows) if r[0].startswith("transformers generate, dynamic"))
-            fast = next(r for r in reversed(rows) if r[0].startswith("selfalign lean") and ABLATION not in r[0])
+            fast = next(r for r in reversed(rows) if r[0].startswith("selfalign lean")
+                        and ABLATION not in r[0] and SDPA_ABLATION not in r[0])
             ratios.append(fast[1] / fast[2] / (dyn[1] / dyn[2]))
     if len(ratios) > 1:
         print(f"lean vs dynamic, each repeat: {', '.join(f'{r:.2f}x' for r in ratios)}; median "
@@ -288,6 +356,8 @@ def main() -> None:
             print(f"greedy parity: {same}/{len(a)} answers token-identical (lean vs transformers)")
         if args.teacher_forced:
             teacher_forced_check(args, prompts[:args.teacher_forced], min(64, args.max_new_tokens))
+        if args.check_refills:
+            refill_check(build, args, args.check_refills)
         del lean
     if "static" not in skip:
         try:

@@ -37,9 +37,9 @@ sys.meta_path.insert(0, _NotOnDevice())
 PY
     PYTHONPATH="$block:$PYTHONPATH" python benchmarks/fast_generation.py --model .gpu/tok --random-init smollm2-135m \
         --device cpu --batch-size 8 --hf-batch-size 8 --prompts 8 --prompt-tokens 32 --n 1 --max-new-tokens 16 \
-        --check-graphs 4 --teacher-forced 4 --overlap-ablation
+        --check-graphs 4 --teacher-forced 4 --overlap-ablation --attention-ablation --check-refills 8
     PYTHONPATH="$block:$PYTHONPATH" python benchmarks/step_breakdown.py --shape smollm2-135m --device cpu --rows 8 \
-        --span 64 --max-len 96 --repeats 2 --inner 2
+        --span 64 --max-len 96 --repeats 2 --inner 2 --prompt-tokens 32
     exit $?
 fi
 log="${OUT:-/tmp}/gpu_run.log"
@@ -60,11 +60,15 @@ shapes=("${@:-smollm2-135m smollm2-1.7b}")
     python -c "import torch, transformers; print('torch', torch.__version__, 'transformers', transformers.__version__)"
     for shape in ${shapes[@]}; do
         echo "== $shape"
-        # each shape gets at most SHAPE_TIMEOUT seconds (default 230: two shapes and the start fit one 600 s device
-        # call with room to spare); rows print as they finish, and the static+compile row, the slowest, comes last
-        timeout "${SHAPE_TIMEOUT:-230}" python benchmarks/fast_generation.py --model .gpu/tok --random-init "$shape" --device cuda --batch-size 256 \
-            --hf-batch-size 256 --prompts 256 --prompt-tokens 128 --n 1 --max-new-tokens 256 --check-graphs 16 --teacher-forced 16 --overlap-ablation \
+        # each shape gets at most SHAPE_TIMEOUT seconds (default 200) and its breakdown 60: two shapes fit one 600 s
+        # device call (stop 22 took 168 s for both before the refill, attention and breakdown checks were added);
+        # rows print as they finish, and the static+compile row, the slowest, comes last
+        timeout "${SHAPE_TIMEOUT:-200}" python benchmarks/fast_generation.py --model .gpu/tok --random-init "$shape" \
+            --device cuda --batch-size 256 --hf-batch-size 256 --prompts 256 --prompt-tokens 128 --n 1 \
+            --max-new-tokens 256 --check-graphs 16 --teacher-forced 16 --overlap-ablation --attention-ablation \
+            --check-refills 128 \
             || echo "== $shape FAILED (exit $?)"  # the next shape still runs
-        timeout 90 python benchmarks/step_breakdown.py --shape "$shape" --device cuda || echo "== $shape breakdown FAILED (exit $?)"
+        timeout 60 python benchmarks/step_breakdown.py --shape "$shape" --device cuda \
+            || echo "== $shape breakdown FAILED (exit $?)"
     done
 ) 2>&1 | tee "$log"

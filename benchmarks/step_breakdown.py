@@ -16,7 +16,10 @@ weights of the real shape (speed does not depend on weight values):
     python benchmarks/step_breakdown.py --shape smollm2-1.7b --device cuda            # a device call (~30 s)
     python benchmarks/step_breakdown.py --shape smollm2-135m --rows 8 --span 64      # a CPU check that it runs
 
-Timings are medians of --repeats runs, each after warm-up; on CUDA they are CUDA-event times around --inner calls.
+Timings are medians of --repeats runs, each after warm-up. On CUDA each part's --inner calls are captured in one CUDA
+graph and its replay is timed with CUDA events, as the step runs them (timed eagerly, tiny kernels would measure
+the host's launch rate instead); the whole eager step is the exception, to show what graphs save. The loop's measured
+step time also carries the prefill of every prompt (its own row, spread over 256 steps).
 """
 
 from __future__ import annotations
@@ -41,24 +44,45 @@ from selfalign.generation.sampling import counter_uniforms, sample_tokens  # noq
 
 
 def timer(device: torch.device, repeats: int, inner: int):
-    """ms per call of fn: median over `repeats` of `inner` back-to-back calls, after two warm-up calls."""
-    def ms(fn) -> float:
-        for _ in range(2):
-            fn()
+    """ms per call of fn: median over `repeats` of `inner` back-to-back calls, after warm-up. On CUDA with graph=True
+    the `inner` calls are one captured graph, replayed (falls back to eager calls, with a note, if capture fails)."""
+    def ms(fn, graph: bool = True) -> float:
+        run, calls = fn, inner
+        if device.type == "cuda":
+            stream = torch.cuda.Stream()  # warm-up off the default stream, as torch.cuda.graphs asks before a capture
+            stream.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(stream):
+                for _ in range(2):
+                    fn()
+            torch.cuda.current_stream().wait_stream(stream)
+            torch.cuda.synchronize()
+            if graph:
+                try:
+                    captured = torch.cuda.CUDAGraph()
+                    with torch.cuda.graph(captured):
+                        for _ in range(inner):
+                            fn()
+                    run, calls = captured.replay, 1
+                except Exception as err:  # noqa: BLE001 - a part that cannot be captured is still timed
+                    print(f"(capture failed, timed eagerly: {type(err).__name__}: {str(err)[:100]})", flush=True)
+                    torch.cuda.synchronize()
+        else:
+            for _ in range(2):
+                fn()
         runs = []
         for _ in range(repeats):
             if device.type == "cuda":
                 start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
                 start.record()
-                for _ in range(inner):
-                    fn()
+                for _ in range(calls):
+                    run()
                 end.record()
                 end.synchronize()
                 runs.append(start.elapsed_time(end) / inner)
             else:
                 t0 = time.perf_counter()
-                for _ in range(inner):
-                    fn()
+                for _ in range(calls):
+                    run()
                 runs.append((time.perf_counter() - t0) * 1e3 / inner)
         return statistics.median(runs)
     return ms
@@ -68,15 +92,18 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--shape", choices=sorted(SHAPES), default="smollm2-1.7b")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    ap.add_argument("--dtype", default="auto", help="auto: bf16 on CUDA, fp32 on CPU")
+    ap.add_argument("--dtype", default="auto", choices=["auto", "bfloat16", "float32"],
+                    help="auto: bf16 on CUDA, fp32 on CPU")
     ap.add_argument("--rows", type=int, default=256)
     ap.add_argument("--span", type=int, default=256,
                     help="attention span of the step: 128-token prompts halfway through 256 new tokens")
     ap.add_argument("--max-len", type=int, default=384, help="cache length per slot (prompt + new tokens)")
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--inner", type=int, default=10)
+    ap.add_argument("--prompt-tokens", type=int, default=128, help="prompt length for the prefill row")
+    ap.add_argument("--steps", type=int, default=256, help="decode steps the prefill is spread over")
     ap.add_argument("--measured-step-ms", type=float, default=None,
-                    help="the loop's measured ms per step, for the share column (stop 22: 7.0 at 135M, 12.9 at 1.7B)")
+                    help="the loop's measured ms per step, for the share column (stop 22: 7.2 at 135M, 12.9 at 1.7B)")
     ap.add_argument("--no-profile", action="store_true")
     args = ap.parse_args()
     device = torch.device(args.device)
@@ -96,11 +123,15 @@ def main() -> None:
 
     graphs = DecodeGraphs(dec, capture=device.type == "cuda")
     with torch.inference_mode():
-        step_ms = ms(lambda: graphs.step(tokens, positions, span))
+        step_ms = ms(lambda: graphs.step(tokens, positions, span), graph=False)  # it replays its own graph
         results.append(("whole decode step (graph replay)" if device.type == "cuda"
                         else "whole decode step (bucketed, eager)", step_ms, "graphs.step"))
         results.append(("whole decode step, eager (launch-bound part = this - replay)",
-                        ms(lambda: dec.decode_step(tokens, positions, span)), "decode_step"))
+                        ms(lambda: dec.decode_step(tokens, positions, span), graph=False), "decode_step"))
+        prompt_ids = torch.randint(0, dec.embed.shape[0], (rows, args.prompt_tokens), generator=gen).to(device)
+        prefill = ms(lambda: dec.forward_full(prompt_ids, list(range(rows))), graph=False)
+        results.append((f"prefill of {rows} x {args.prompt_tokens} tokens, per step of {args.steps}",
+                        prefill / args.steps, "forward_full / steps"))
 
         layer = dec.layers[0]
         x = torch.randn(rows, dec.embed.shape[1], device=device, dtype=dtype)
@@ -137,15 +168,15 @@ def main() -> None:
             return torch.matmul(torch.softmax(scores.float(), dim=-1).to(q.dtype), values)
         per_layer.append(("attention as the decoder does it (matmul, mask, fp32 softmax, matmul)",
                           attention_as_decoder))
-        q4 = q.view(rows, dec.n_heads, 1, dec.head_dim)
-        gqa = dec.n_kv != dec.n_heads
-        per_layer.append(("  alternative: SDPA with the same mask",
-                          lambda: F.scaled_dot_product_attention(q4, keys, values, attn_mask=~mask, enable_gqa=gqa)))
+        # SDPA as LeanDecoder._sdpa_attention calls it: the query heads of one KV head are its queries (the fused
+        # CUDA kernels that take a mask do not take enable_gqa)
+        per_layer.append(("  alternative: SDPA with the same mask (span_attention='sdpa')",
+                          lambda: F.scaled_dot_product_attention(qg, keys, values, attn_mask=~mask)))
         per_layer.append(("  alternative: SDPA without a mask (lower bound)",
-                          lambda: F.scaled_dot_product_attention(q4, keys, values, enable_gqa=gqa)))
+                          lambda: F.scaled_dot_product_attention(qg, keys, values)))
         # the masked SDPA is a drop-in only if it gives the decoder's numbers
-        sdpa_diff = (F.scaled_dot_product_attention(q4, keys, values, attn_mask=~mask, enable_gqa=gqa).float()
-                     - attention_as_decoder().reshape(q4.shape).float()).abs().max().item()
+        sdpa_diff = (F.scaled_dot_product_attention(qg, keys, values, attn_mask=~mask).float()
+                     - attention_as_decoder().float()).abs().max().item()
         kv_bytes = 2 * keys.numel() * keys.element_size()
         for name, fn in per_layer:
             results.append((name, ms(fn) * n_layers, f"one layer x {n_layers}"))
@@ -180,17 +211,20 @@ def main() -> None:
     if device.type == "cuda" and not args.no_profile:
         from torch.profiler import ProfilerActivity, profile
 
-        with torch.inference_mode(), profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
-            for _ in range(3):
-                dec.decode_step(tokens, positions, span)
-                sample_tokens(dec.logits(final), SamplingParams(temperature=0.7, top_p=0.9), u)
-            torch.cuda.synchronize()
-        print("\nKernels by device time over 3 eager steps + top-p sampling (torch.profiler):")
-        averages = prof.key_averages()
-        try:  # the sort key's name changed from cuda to device in recent torch
-            print(averages.table(sort_by="self_device_time_total", row_limit=15, max_name_column_width=70))
-        except (AttributeError, KeyError, ValueError):
-            print(averages.table(sort_by="self_cuda_time_total", row_limit=15, max_name_column_width=70))
+        try:  # the table above is the result; a profiler that cannot run here (e.g. no CUPTI access) only notes it
+            with torch.inference_mode(), profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+                for _ in range(3):
+                    dec.decode_step(tokens, positions, span)
+                    sample_tokens(dec.logits(final), SamplingParams(temperature=0.7, top_p=0.9), u)
+                torch.cuda.synchronize()
+            print("\nKernels by device time over 3 eager steps + top-p sampling (torch.profiler):")
+            averages = prof.key_averages()
+            try:  # the sort key's name changed from cuda to device in recent torch
+                print(averages.table(sort_by="self_device_time_total", row_limit=15, max_name_column_width=70))
+            except (AttributeError, KeyError, ValueError):
+                print(averages.table(sort_by="self_cuda_time_total", row_limit=15, max_name_column_width=70))
+        except Exception as err:  # noqa: BLE001
+            print(f"profiler pass failed: {type(err).__name__}: {str(err)[:200]}")
 
 
 if __name__ == "__main__":

@@ -32,7 +32,7 @@ for capturing.
 from __future__ import annotations
 
 import sys
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 from typing import Sequence
 
@@ -126,14 +126,15 @@ class LeanGenerator(TransformersGenerator):
     backend = "lean"
 
     def __init__(self, *args, decode: str = "auto", max_cache_gb: float | None = None, overlap: bool | None = None,
-                 **kwargs):
+                 span_attention: str = "matmul", **kwargs):
         """decode, overlap: see the module docstring. max_cache_gb: the most memory the KV cache may take (default:
-        half of what is free when generation starts); fewer slots are used when the batch would need more."""
+        half of what is free when generation starts); fewer slots are used when the batch would need more.
+        span_attention: how "graphs" and "static" steps attend (lean_decoder.SPAN_ATTENTION)."""
         super().__init__(*args, **kwargs)
         self.max_cache_gb = max_cache_gb
         if decode not in DECODE_MODES:
             raise ValueError(f"decode must be one of {', '.join(DECODE_MODES)}, not '{decode}'")
-        self.decoder = LeanDecoder(self.model)
+        self.decoder = LeanDecoder(self.model, span_attention=span_attention)
         if decode == "auto":
             decode = "graphs" if self.device.type == "cuda" else "grouped"
         self.decode = decode
@@ -303,9 +304,12 @@ class LeanGenerator(TransformersGenerator):
     def _holding_cache(self):
         """Release the KV cache (gigabytes) and the graphs that point into it when generation ends (unless
         keep_cache), and always when it fails or is interrupted: recipes train right after generating, in the same
-        process."""
+        process. On CUDA the loop runs with the model's GPU current: its events, streams and graph captures take
+        the current device, which for a model on cuda:1 is otherwise cuda:0."""
+        scope = torch.cuda.device(self.device) if self.device.type == "cuda" else nullcontext()
         try:
-            yield
+            with scope:
+                yield
         except BaseException:
             self.close()
             raise

@@ -26,6 +26,10 @@ ATTENTION_SLACK = 1.25
 WEIGHT_MAJOR_MIN_ROWS = 16
 # vocabulary rows per product in LeanDecoder.logits on CPU
 LOGIT_CHUNK = 4096
+# attention of the fixed-span steps (CUDA graphs): "matmul", two batched matmuls under a mask (measured on an H200,
+# benchmarks/RESULTS.md), or "sdpa", torch's fused attention under the same mask (as transformers' Llama runs it);
+# an ablation to measure at the 1.7B shape, where attention reads 32 KV heads (benchmarks/step_breakdown.py)
+SPAN_ATTENTION = ("matmul", "sdpa")
 
 
 def supports(model) -> bool:
@@ -87,7 +91,10 @@ class LeanDecoder:
     block.
     """
 
-    def __init__(self, model):
+    def __init__(self, model, span_attention: str = "matmul"):
+        if span_attention not in SPAN_ATTENTION:
+            raise ValueError(f"span_attention must be one of {SPAN_ATTENTION}, got {span_attention!r}")
+        self.span_attention = span_attention
         if hasattr(model, "merge_and_unload"):  # a peft LoRA model: fold the adapter into the base weights
             model = model.merge_and_unload()
         if not supports(model):
@@ -308,20 +315,37 @@ class LeanDecoder:
             for blk, local, lo, hi in writes:
                 blk.keys[i][local, :, positions[lo:hi]] = k[lo:hi]
                 blk.values[i][local, :, positions[lo:hi]] = v[lo:hi]
-            # attention for one query per row as two batched matmuls: the query heads that share a KV head form the
-            # rows of one product. (CPU SDPA's flash kernel with a mask is ~10x slower at a single query.)
-            qg = q.view(b, self.n_kv, self.n_heads // self.n_kv, self.head_dim)
-            parts = []
-            for lo, hi, span, mask, blk in groups:
-                keys = blk.keys[i][lo - blk.start:hi - blk.start, :, :span]
-                values = blk.values[i][lo - blk.start:hi - blk.start, :, :span]
-                scores = torch.matmul(qg[lo:hi], keys.transpose(2, 3)) * self.scale
-                if mask is not None:
-                    scores = scores.masked_fill_(mask, float("-inf"))
-                parts.append(torch.matmul(torch.softmax(scores.float(), dim=-1).to(q.dtype), values))
-            a = parts[0] if len(parts) == 1 else torch.cat(parts)
+            if span is not None and self.span_attention == "sdpa":
+                a = self._sdpa_attention(i, q, span, groups[0][3])
+            else:
+                a = self._matmul_attention(i, q, groups)
             x = self._mlp_out(layer, x, a.reshape(b, -1))
         return self.logits(self._rms(x, self.norm))
+
+    def _matmul_attention(self, i: int, q: torch.Tensor, groups: list[tuple]) -> torch.Tensor:
+        """Layer i's attention for one query per row [B, heads, d], group by group, as two batched matmuls: the query
+        heads that share a KV head form the rows of one product. (CPU SDPA's flash kernel with a mask is ~10x slower
+        at a single query.)"""
+        qg = q.view(q.shape[0], self.n_kv, self.n_heads // self.n_kv, self.head_dim)
+        parts = []
+        for lo, hi, span, mask, blk in groups:
+            keys = blk.keys[i][lo - blk.start:hi - blk.start, :, :span]
+            values = blk.values[i][lo - blk.start:hi - blk.start, :, :span]
+            scores = torch.matmul(qg[lo:hi], keys.transpose(2, 3)) * self.scale
+            if mask is not None:
+                scores = scores.masked_fill_(mask, float("-inf"))
+            parts.append(torch.matmul(torch.softmax(scores.float(), dim=-1).to(q.dtype), values))
+        return parts[0] if len(parts) == 1 else torch.cat(parts)
+
+    def _sdpa_attention(self, i: int, q: torch.Tensor, span: int, mask: torch.Tensor) -> torch.Tensor:
+        """Layer i's attention over the first `span` positions of a one-block cache, by torch's fused SDPA; `mask`
+        [B, 1, 1, span] is True where a row must not look. The query heads that share a KV head go in as that head's
+        queries ([B, kv heads, heads per kv head, d]), not through `enable_gqa`: CUDA's fused kernels that take a mask
+        do not take GQA, and would fall back to the unfused one."""
+        b = q.shape[0]
+        keys, values = self.blocks[0].keys[i][:b, :, :span], self.blocks[0].values[i][:b, :, :span]
+        qg = q.view(b, self.n_kv, self.n_heads // self.n_kv, self.head_dim)
+        return F.scaled_dot_product_attention(qg, keys, values, attn_mask=~mask)
 
     def _attention_groups(self, positions: torch.Tensor) -> list[tuple]:
         """Split the rows into runs of consecutive slots, each attending over its own longest span.

@@ -25,11 +25,12 @@ def test_buckets():
     assert span_bucket(1000, 900) == 900
 
 
-def test_static_bucketed_decode_gives_transformers_greedy_tokens(embedded_model_dir, data_dir):
+@pytest.mark.parametrize("span_attention", ["matmul", "sdpa"])
+def test_static_bucketed_decode_gives_transformers_greedy_tokens(embedded_model_dir, data_dir, span_attention):
     prompts = load_prompts(data_dir / "prompts" / "unlabelled_pool.jsonl", limit=6)
     params = SamplingParams(temperature=0, max_new_tokens=40)
     # 6 prompts through 5 slots: rows pad to buckets 8 (capped at 5), 4, 2, 1 as answers finish and slots refill
-    static = LeanGenerator(str(embedded_model_dir), batch_size=5, decode="static")
+    static = LeanGenerator(str(embedded_model_dir), batch_size=5, decode="static", span_attention=span_attention)
     assert static.graphs is not None and not static.graphs.capture
     got = static.generate(prompts, params, progress=False)
     expected = TransformersGenerator(str(embedded_model_dir), batch_size=1).generate(prompts, params, progress=False)
@@ -58,9 +59,10 @@ def test_padded_step_matches_the_unpadded_step(embedded_model_dir):
     torch.testing.assert_close(results[1], results[0], rtol=1e-4, atol=1e-4)
 
 
-def test_the_captured_step_makes_no_host_reads(embedded_model_dir):
+@pytest.mark.parametrize("span_attention", ["matmul", "sdpa"])
+def test_the_captured_step_makes_no_host_reads(embedded_model_dir, span_attention):
     model = TransformersGenerator(str(embedded_model_dir), batch_size=1).model.to("meta")
-    dec = LeanDecoder(model)
+    dec = LeanDecoder(model, span_attention=span_attention)
     dec.allocate(4, 256)
     tokens = torch.zeros(4, dtype=torch.long, device="meta")
     positions = torch.zeros(4, dtype=torch.long, device="meta")
