@@ -26,6 +26,11 @@ def auto_backend(device, model) -> str:
     return "lean" if device.type in LEAN_MEASURED_DEVICES and supports(model) else "transformers"
 
 
+def default_batch_size(backend: str, device) -> int:
+    """Sequences a local backend decodes together when the caller gives no batch_size (device: a torch.device)."""
+    return LEAN_CUDA_BATCH_SIZE if backend == "lean" and device.type == "cuda" else DEFAULT_BATCH_SIZE[backend]
+
+
 def make_generator(backend: str = "auto", model: str | None = None, **options) -> Generator:
     """Build a generator by backend name. Options go to the backend's constructor; batch_size=None takes the
     backend's default.
@@ -33,7 +38,7 @@ def make_generator(backend: str = "auto", model: str | None = None, **options) -
     "auto" is the fastest local backend measured for the machine (benchmarks/RESULTS.md, "Fast generation"): the lean
     loop for the model families it supports, else transformers. Measured: on this project's 2-core CPU lean is ~5x
     transformers' batched generate; on an H200 (CUDA-graph steps) 12.3x / 5.5x transformers' generate and 4.0x / 1.7x
-    its static cache + torch.compile, at SmolLM2-135M / 1.7B shapes."""
+    its static-cache setting (which compiled little under transformers 5.17), at SmolLM2-135M / 1.7B shapes."""
     if backend in ("auto", "lean", "transformers"):
         from selfalign.generation.lean_backend import LeanGenerator
         from selfalign.generation.lean_decoder import supports
@@ -41,6 +46,7 @@ def make_generator(backend: str = "auto", model: str | None = None, **options) -
 
         batch_size = options.pop("batch_size", None)
         max_cache_gb = options.pop("max_cache_gb", None)  # lean only: the KV cache's memory cap
+        # (built on the CPU default first: its device is only known once the model is loaded)
         reference = TransformersGenerator(model=model, batch_size=batch_size or DEFAULT_BATCH_SIZE["transformers"],
                                           **options)
         picked = auto_backend(reference.device, reference.model) if backend == "auto" else backend
@@ -56,8 +62,7 @@ def make_generator(backend: str = "auto", model: str | None = None, **options) -
 
             raise SelfalignError(f"--backend lean supports llama and qwen2 models; '{model}' is "
                                  f"{reference.model.config.model_type} (use --backend transformers)")
-        default = LEAN_CUDA_BATCH_SIZE if reference.device.type == "cuda" else DEFAULT_BATCH_SIZE["lean"]
-        lean = LeanGenerator(model=model, batch_size=batch_size or default,
+        lean = LeanGenerator(model=model, batch_size=batch_size or default_batch_size("lean", reference.device),
                              model_obj=reference.model, tokenizer=reference.tokenizer, max_cache_gb=max_cache_gb)
         lean.model_path = reference.model_path  # the weights it was handed came from there
         return lean
@@ -79,4 +84,4 @@ def make_generator(backend: str = "auto", model: str | None = None, **options) -
 
 
 __all__ = ["BACKENDS", "DEFAULT_BATCH_SIZE", "LEAN_CUDA_BATCH_SIZE", "Generator", "SamplingParams", "auto_backend",
-           "generate_to_file", "make_generator", "response_key"]
+           "default_batch_size", "generate_to_file", "make_generator", "response_key"]

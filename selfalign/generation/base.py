@@ -104,10 +104,12 @@ def special_stop_ids(tokenizer, stop: Sequence[str], eos_ids) -> set[int]:
     """Token ids of the stop strings that are special tokens (e.g. "<|im_start|>", which ChatML clients send as a
     stop string), other than the end tokens already in `eos_ids`. Answers are decoded with special tokens skipped, so
     such a stop string never appears in the text: generation stops on its token instead, the token left out of the
-    answer like any stop string."""
+    answer like any stop string. (A stop string that only contains a special token, e.g. "\\n<|im_start|>", still
+    never matches; an end token given as a stop string, e.g. "<|im_end|>", ends the answer as an end token does.)"""
     if not stop:
         return set()
-    special = {t.content: i for i, t in tokenizer.added_tokens_decoder.items() if t.special}
+    added = getattr(tokenizer, "added_tokens_decoder", None) or {}
+    special = {t.content: i for i, t in added.items() if getattr(t, "special", False)}
     return {special[x] for x in stop if x in special} - set(eos_ids)
 
 

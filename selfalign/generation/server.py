@@ -65,21 +65,37 @@ def _byte_level_alphabet() -> dict[str, int]:
 BYTE_LEVEL_ALPHABET = _byte_level_alphabet()
 
 
+def _decoder_kinds(tokenizer) -> set[str]:
+    """The types of a fast tokenizer's decoder and of the decoders a Sequence decoder chains (e.g. {"ByteLevel"})."""
+    decoder = getattr(getattr(tokenizer, "backend_tokenizer", None), "decoder", None)
+    if decoder is None:
+        return set()
+    state = json.loads(decoder.__getstate__())
+    return {state.get("type")} | {d.get("type") for d in state.get("decoders", [])}
+
+
 def token_bytes(tokenizer, token_id: int, text: str) -> list[int]:
     """The raw bytes of one token, as OpenAI's logprobs `bytes` give them. A token can hold part of a UTF-8 character
     (an emoji is often 2-3 byte-level tokens): its decoded `text` is then U+FFFD, and only the vocabulary entry
-    itself says which bytes it stands for. Byte-level vocabularies map back through their alphabet, SentencePiece
-    byte-fallback tokens are spelled `<0xHH>`; any other token's bytes are its text's."""
+    itself says which bytes it stands for. Byte-level vocabularies (GPT-2, Llama 3, Qwen) map back through their
+    alphabet; SentencePiece ones spell a space as "▁" and a byte-fallback token as `<0xHH>`. Added tokens (special
+    or not) are stored as plain text; any other token's bytes are its text's."""
     piece = tokenizer.convert_ids_to_tokens(token_id)
-    decoder = type(getattr(getattr(tokenizer, "backend_tokenizer", None), "decoder", None)).__name__
-    if isinstance(piece, str) and token_id not in tokenizer.all_special_ids:
-        if decoder == "ByteLevel" and all(c in BYTE_LEVEL_ALPHABET for c in piece):
-            return [BYTE_LEVEL_ALPHABET[c] for c in piece]
-        if len(piece) == 6 and piece.startswith("<0x") and piece.endswith(">"):
-            try:
-                return [int(piece[3:5], 16)]
-            except ValueError:
-                pass
+    added = getattr(tokenizer, "added_tokens_decoder", None) or {}
+    if token_id in added:  # its content, which decode can garble (byte-level decoders read "é" as byte 0xE9)
+        return list(added[token_id].content.encode("utf-8"))
+    if not isinstance(piece, str):
+        return list(text.encode("utf-8"))
+    kinds = _decoder_kinds(tokenizer)
+    if "ByteLevel" in kinds and all(c in BYTE_LEVEL_ALPHABET for c in piece):
+        return [BYTE_LEVEL_ALPHABET[c] for c in piece]
+    if len(piece) == 6 and piece.startswith("<0x") and piece.endswith(">"):
+        try:
+            return [int(piece[3:5], 16)]
+        except ValueError:
+            pass
+    if "Metaspace" in kinds or "Replace" in kinds:  # SentencePiece: "▁the" is " the" (decode drops a first space)
+        return list(piece.replace("\u2581", " ").encode("utf-8"))
     return list(text.encode("utf-8"))
 
 

@@ -199,6 +199,15 @@ def test_auto_backend_is_lean_where_it_was_measured_faster(reference):
         reference.model.config.mlp_bias = False
 
 
+def test_default_batch_sizes():
+    from selfalign.generation import default_batch_size
+
+    # the lean loop takes the measured 256 rows on a GPU, 128 on a CPU; transformers 16 on both
+    assert default_batch_size("lean", torch.device("cuda")) == 256
+    assert default_batch_size("lean", torch.device("cpu")) == 128
+    assert default_batch_size("transformers", torch.device("cuda")) == 16
+
+
 def test_models_with_mlp_biases_are_left_to_transformers(reference):
     from selfalign.generation.lean_decoder import supports
 
@@ -230,7 +239,8 @@ def test_stop_strings_end_generation_the_same_way_in_both_backends(reference, le
     assert stopped >= 2  # real answers of 40 tokens hold a sentence end or a newline
 
 
-def test_a_stop_string_that_is_a_special_token_ends_answers_on_that_token(reference, lean, data_dir):
+def test_a_stop_string_that_is_a_special_token_ends_answers_on_that_token(reference, lean, data_dir,
+                                                                         embedded_model_dir):
     # ChatML clients send stop=["<|im_start|>"]; answers are decoded with special tokens skipped, so such a stop
     # string is never in the text and must stop generation on its token. Real prompts whose greedy answers end within
     # 24 tokens at <|im_end|>; with <|im_end|> made an ordinary special token (no longer an end token), only the stop
@@ -240,10 +250,12 @@ def test_a_stop_string_that_is_a_special_token_ends_answers_on_that_token(refere
     greedy = SamplingParams(temperature=0, max_new_tokens=24)
     normal = lean.generate(short, greedy, progress=False)
     assert all(r.finish_reason == "stop" and r.num_tokens < 24 for r in normal)
+    # the CUDA default loop too: overlapped (one step ahead of the host) over the graphs' bucketed steps
+    ahead = LeanGenerator(str(embedded_model_dir), batch_size=3, decode="static", overlap=True)
     saved = reference.eos_ids, lean.eos_ids
-    reference.eos_ids = lean.eos_ids = [len(lean.tokenizer) - 1]  # a token greedy answers never reach
+    reference.eos_ids = lean.eos_ids = ahead.eos_ids = [len(lean.tokenizer) - 1]  # a token greedy answers never reach
     try:
-        for gen in (reference, lean):
+        for gen in (reference, lean, ahead):
             cut = gen.generate(short, SamplingParams(temperature=0, max_new_tokens=24, stop=("<|im_end|>",)),
                                progress=False)
             assert [(r.response, r.finish_reason, r.num_tokens, r.meta) for r in cut] == \

@@ -336,3 +336,25 @@ def test_logprob_bytes_are_each_tokens_own_bytes_also_inside_a_character():
         assert b"".join(bytes(p) for p in pieces).decode("utf-8") == text
     partial = [i for i in tok.encode(texts[1], add_special_tokens=False) if "\ufffd" in tok.decode([i])]
     assert len(partial) >= 10  # emoji pieces: the case a token's text cannot tell
+
+
+def test_logprob_bytes_of_sentencepiece_and_added_tokens():
+    from tokenizers import Tokenizer, decoders, models
+    from transformers import PreTrainedTokenizerFast
+
+    from selfalign.generation.server import token_bytes
+    from selfalign.models import load_tokenizer
+
+    # a Llama-2-style SentencePiece vocabulary: "▁" spells a space, byte-fallback tokens spell raw bytes
+    vocab = {"<unk>": 0, "\u2581the": 1, "\u2581cat": 2, "<0xE2>": 3, "<0x80>": 4, "<0x94>": 5}
+    sp = Tokenizer(models.BPE(vocab=vocab, merges=[], unk_token="<unk>", byte_fallback=True))
+    sp.decoder = decoders.Sequence([decoders.Replace("\u2581", " "), decoders.ByteFallback(), decoders.Fuse(),
+                                    decoders.Strip(" ", 1, 0)])
+    sp_tok = PreTrainedTokenizerFast(tokenizer_object=sp, unk_token="<unk>")
+    pieces = [token_bytes(sp_tok, i, sp_tok.decode([i])) for i in (1, 2, 3, 4, 5)]
+    assert b"".join(bytes(p) for p in pieces).decode("utf-8") == " the cat\u2014"
+    # an added token is stored as plain text, not in the byte-level alphabet ("é" would map to another byte there)
+    tok = load_tokenizer(MODEL)
+    tok.add_tokens(["caf\u00e9"])
+    added = tok.convert_tokens_to_ids("caf\u00e9")
+    assert bytes(token_bytes(tok, added, tok.decode([added]))) == "caf\u00e9".encode("utf-8")
