@@ -50,7 +50,7 @@ class SamplingConfig:
     top_p: float = 1.0
     max_new_tokens: int = 256
     seed: int = 42
-    batch_size: int | None = None  # sequences decoded together; None: the backend's default (128 lean, 16 transformers)
+    batch_size: int | None = None  # sequences decoded together; None: the backend's default (make_generator)
     backend: str = "auto"  # local generation backend: auto (lean on CPU), lean, transformers
 
 

@@ -59,7 +59,7 @@ class SamplingConfig:
     top_p: float = 1.0
     max_new_tokens: int = 1024  # [R] not stated in the paper
     seed: int = 42
-    batch_size: int | None = None  # sequences decoded together; None: the backend's default (128 lean, 16 transformers)
+    batch_size: int | None = None  # sequences decoded together; None: the backend's default (make_generator)
     backend: str = "auto"  # local generation backend: auto (lean on CPU), lean, transformers
 
 
@@ -73,7 +73,7 @@ class CritiqueConfig:
     retries: int = 2  # [R] re-samples of a malformed critique before it is dropped
     retry_temperature: float = 0.3  # [R] a retry at T = 0 would repeat the same text on a local model
     drop_truncated: bool = True  # a critique cut off at max_new_tokens has an incomplete refinement
-    # local backend: sequences decoded together; None: the backend's default (128 lean, capped by free memory).
+    # local backend: sequences decoded together; None: the backend's default (make_generator), capped by free memory.
     # A 1.5B critic on the lean backend decodes 6.5 tokens/s at 8 rows and 26.7 at 64 (benchmarks/RESULTS.md)
     batch_size: int | None = None
     # [R] not in the paper (GPT-4 writes the score): a critique complete but for its "Overall Score: [[n]]" line is
