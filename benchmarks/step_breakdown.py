@@ -160,23 +160,17 @@ def main() -> None:
         per_layer.append(("KV-cache writes (index_put)", cache_write))
         keys, values = blk.keys[0][:, :, :span], blk.values[0][:, :, :span]
         mask = (torch.arange(span, device=device)[None, :] > positions[:, None]).view(rows, 1, 1, span)
+        allowed = ~mask
         qg = q.view(rows, dec.n_kv, dec.n_heads // dec.n_kv, dec.head_dim)
-
-        def attention_as_decoder():  # LeanDecoder.decode_step's attention with a span
-            scores = torch.matmul(qg, keys.transpose(2, 3)) * dec.scale
-            scores = scores.masked_fill_(mask, float("-inf"))
-            return torch.matmul(torch.softmax(scores.float(), dim=-1).to(q.dtype), values)
-        per_layer.append(("attention as the decoder does it (matmul, mask, fp32 softmax, matmul)",
-                          attention_as_decoder))
-        # SDPA as LeanDecoder._sdpa_attention calls it: the query heads of one KV head are its queries (the fused
-        # CUDA kernels that take a mask do not take enable_gqa)
-        per_layer.append(("  alternative: SDPA with the same mask (span_attention='sdpa')",
-                          lambda: F.scaled_dot_product_attention(qg, keys, values, attn_mask=~mask)))
+        # the decoder's own two attention paths for layer 0, as decode_step calls them with a span
+        matmul_attention = lambda: dec._matmul_attention(0, q, [(0, rows, span, mask, blk)])  # noqa: E731
+        sdpa_attention = lambda: dec._sdpa_attention(0, q, span, allowed)  # noqa: E731
+        per_layer.append(("attention as the decoder does it (matmul, mask, fp32 softmax, matmul)", matmul_attention))
+        per_layer.append(("  alternative: SDPA with the same mask (span_attention='sdpa')", sdpa_attention))
         per_layer.append(("  alternative: SDPA without a mask (lower bound)",
                           lambda: F.scaled_dot_product_attention(qg, keys, values)))
         # the masked SDPA is a drop-in only if it gives the decoder's numbers
-        sdpa_diff = (F.scaled_dot_product_attention(qg, keys, values, attn_mask=~mask).float()
-                     - attention_as_decoder().float()).abs().max().item()
+        sdpa_diff = (sdpa_attention().float() - matmul_attention().float()).abs().max().item()
         kv_bytes = 2 * keys.numel() * keys.element_size()
         for name, fn in per_layer:
             results.append((name, ms(fn) * n_layers, f"one layer x {n_layers}"))

@@ -22,7 +22,7 @@ class EvalConfig:
     judge_options: dict = field(default_factory=dict)  # e.g. {model: qwen2.5-coder-1.5b}
     max_new_tokens: int = 256
     batch_size: int | None = None  # sequences decoded together; None: the backend's default
-    backend: str = "auto"  # local generation backend: auto (lean on CPU), lean, transformers
+    backend: str = "auto"  # local generation backend: auto (lean where supported), lean, transformers
 
 
 def eval_judge(config: EvalConfig, cache_dir: Path):

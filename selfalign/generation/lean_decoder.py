@@ -298,11 +298,12 @@ class LeanDecoder:
         rows = torch.arange(b, device=self.device)
         cos, sin = self.cos[positions].unsqueeze(1), self.sin[positions].unsqueeze(1)  # [B, 1, d]
         if span is None:
-            groups = self._attention_groups(positions)
+            groups, allowed = self._attention_groups(positions), None
         else:
             assert len(self.blocks) == 1, "steps with a fixed span run on a one-block cache"
             mask = (torch.arange(span, device=self.device)[None, :] > positions[:, None]).view(b, 1, 1, span)
             groups = [(0, b, span, mask, self.blocks[0])]
+            allowed = ~mask if self.span_attention == "sdpa" else None  # SDPA's boolean mask: True where it may look
         # each block's rows: (block, their slots within it, first row, end row)
         writes = [(blk, rows[:min(blk.stop, b) - blk.start], blk.start, min(blk.stop, b))
                   for blk in self.blocks if blk.start < b]
@@ -315,8 +316,8 @@ class LeanDecoder:
             for blk, local, lo, hi in writes:
                 blk.keys[i][local, :, positions[lo:hi]] = k[lo:hi]
                 blk.values[i][local, :, positions[lo:hi]] = v[lo:hi]
-            if span is not None and self.span_attention == "sdpa":
-                a = self._sdpa_attention(i, q, span, groups[0][3])
+            if allowed is not None:
+                a = self._sdpa_attention(i, q, span, allowed)
             else:
                 a = self._matmul_attention(i, q, groups)
             x = self._mlp_out(layer, x, a.reshape(b, -1))
@@ -337,15 +338,15 @@ class LeanDecoder:
             parts.append(torch.matmul(torch.softmax(scores.float(), dim=-1).to(q.dtype), values))
         return parts[0] if len(parts) == 1 else torch.cat(parts)
 
-    def _sdpa_attention(self, i: int, q: torch.Tensor, span: int, mask: torch.Tensor) -> torch.Tensor:
-        """Layer i's attention over the first `span` positions of a one-block cache, by torch's fused SDPA; `mask`
-        [B, 1, 1, span] is True where a row must not look. The query heads that share a KV head go in as that head's
+    def _sdpa_attention(self, i: int, q: torch.Tensor, span: int, allowed: torch.Tensor) -> torch.Tensor:
+        """Layer i's attention over the first `span` positions of a one-block cache, by torch's fused SDPA; `allowed`
+        [B, 1, 1, span] is True where a row may look. The query heads that share a KV head go in as that head's
         queries ([B, kv heads, heads per kv head, d]), not through `enable_gqa`: CUDA's fused kernels that take a mask
         do not take GQA, and would fall back to the unfused one."""
         b = q.shape[0]
         keys, values = self.blocks[0].keys[i][:b, :, :span], self.blocks[0].values[i][:b, :, :span]
         qg = q.view(b, self.n_kv, self.n_heads // self.n_kv, self.head_dim)
-        return F.scaled_dot_product_attention(qg, keys, values, attn_mask=~mask)
+        return F.scaled_dot_product_attention(qg, keys, values, attn_mask=allowed)
 
     def _attention_groups(self, positions: torch.Tensor) -> list[tuple]:
         """Split the rows into runs of consecutive slots, each attending over its own longest span.

@@ -14,6 +14,7 @@ exactly the model's next-token distribution after the prompt, which is what verd
 
 from __future__ import annotations
 
+import functools
 import json
 import secrets
 import sys
@@ -65,13 +66,14 @@ def _byte_level_alphabet() -> dict[str, int]:
 BYTE_LEVEL_ALPHABET = _byte_level_alphabet()
 
 
-def _decoder_kinds(tokenizer) -> set[str]:
+@functools.lru_cache(maxsize=8)  # read once per tokenizer, not once per logprob entry
+def _decoder_kinds(tokenizer) -> frozenset[str]:
     """The types of a fast tokenizer's decoder and of the decoders a Sequence decoder chains (e.g. {"ByteLevel"})."""
     decoder = getattr(getattr(tokenizer, "backend_tokenizer", None), "decoder", None)
     if decoder is None:
-        return set()
+        return frozenset()
     state = json.loads(decoder.__getstate__())
-    return {state.get("type")} | {d.get("type") for d in state.get("decoders", [])}
+    return frozenset({state.get("type")} | {d.get("type") for d in state.get("decoders", [])})
 
 
 def token_bytes(tokenizer, token_id: int, text: str) -> list[int]:

@@ -51,7 +51,7 @@ class SamplingConfig:
     max_new_tokens: int = 256
     seed: int = 42
     batch_size: int | None = None  # sequences decoded together; None: the backend's default (make_generator)
-    backend: str = "auto"  # local generation backend: auto (lean on CPU), lean, transformers
+    backend: str = "auto"  # local generation backend: auto (lean where supported), lean, transformers
 
 
 @dataclass
@@ -73,7 +73,7 @@ class ReviserConfig:
     tag_fallback: Literal["none", "minor", "major", "drop"] = "none"  # [R] decision for a missing/garbled tag
     max_new_tokens: int | None = None  # [R] None: the policy's sampling.max_new_tokens
     batch_size: int | None = None  # generation batch; None: the backend's default
-    backend: str = "auto"  # local generation backend: auto (lean on CPU), lean, transformers
+    backend: str = "auto"  # local generation backend: auto (lean where supported), lean, transformers
     warmup_train: SFTTrainConfig = field(default_factory=lambda: SFTTrainConfig(epochs=2))  # [R] 2 epochs
     adaptive_train: SFTTrainConfig = field(default_factory=lambda: SFTTrainConfig(epochs=2))  # [R] 2 epochs
 

@@ -60,7 +60,7 @@ class SamplingConfig:
     max_new_tokens: int = 1024  # [R] not stated in the paper
     seed: int = 42
     batch_size: int | None = None  # sequences decoded together; None: the backend's default (make_generator)
-    backend: str = "auto"  # local generation backend: auto (lean on CPU), lean, transformers
+    backend: str = "auto"  # local generation backend: auto (lean where supported), lean, transformers
 
 
 @dataclass
