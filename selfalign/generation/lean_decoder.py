@@ -30,6 +30,9 @@ LOGIT_CHUNK = 4096
 # benchmarks/RESULTS.md), or "sdpa", torch's fused attention under the same mask (as transformers' Llama runs it);
 # an ablation to measure at the 1.7B shape, where attention reads 32 KV heads (benchmarks/step_breakdown.py)
 SPAN_ATTENTION = ("matmul", "sdpa")
+# kernels of the fixed-span steps: "torch" ops, or "triton": fused kernels (triton_kernels: eight launches a layer
+# instead of ~43, attention over each row's own positions), an ablation to measure on a GPU first
+STEP_KERNELS = ("torch", "triton")
 
 
 def supports(model) -> bool:
@@ -91,7 +94,7 @@ class LeanDecoder:
     block.
     """
 
-    def __init__(self, model, span_attention: str = "matmul"):
+    def __init__(self, model, span_attention: str = "matmul", kernels: str = "torch"):
         if span_attention not in SPAN_ATTENTION:
             raise ValueError(f"span_attention must be one of {SPAN_ATTENTION}, got {span_attention!r}")
         self.span_attention = span_attention
@@ -115,6 +118,7 @@ class LeanDecoder:
         self.embed = base.embed_tokens.weight
         self.norm = base.norm.weight
         self.lm_head = model.lm_head.weight
+        self.set_kernels(kernels)
         self.layers = []
         with torch.no_grad():
             for layer in base.layers:
@@ -135,6 +139,21 @@ class LeanDecoder:
         self.bytes_per_token = len(self.layers) * 2 * self.n_kv * self.head_dim * self.embed.element_size()
 
     # -- setup -------------------------------------------------------------------------------------------------
+    def set_kernels(self, kernels: str) -> None:
+        """Which kernels the fixed-span steps run (STEP_KERNELS). Graphs captured before keep the old ones: reset
+        them (DecodeGraphs.reset) after a change."""
+        if kernels not in STEP_KERNELS:
+            raise ValueError(f"kernels must be one of {STEP_KERNELS}, got {kernels!r}")
+        self._triton = None
+        if kernels == "triton":
+            from selfalign.generation import triton_kernels
+
+            if not triton_kernels.available(self.device):
+                raise ValueError(f"kernels='triton' needs the triton package and a CUDA device (or "
+                                 f"TRITON_INTERPRET=1), not {self.device}")
+            self._triton = triton_kernels
+        self.kernels = kernels
+
     def _rope_table(self, length: int) -> None:
         """cos/sin for positions 0..length-1, computed as transformers does (fp32 outer product, then cast)."""
         if length <= self._rope_len:
@@ -294,6 +313,8 @@ class LeanDecoder:
         the host: fastest on CPU. With a span (> every position), all rows attend over the first `span` cache
         positions under one mask built on the device: no host read and fixed shapes, as a CUDA graph needs
         (cuda_graphs.DecodeGraphs)."""
+        if span is not None and self.kernels == "triton":
+            return self._fused_step(tokens, positions)
         b = tokens.shape[0]
         rows = torch.arange(b, device=self.device)
         cos, sin = self.cos[positions].unsqueeze(1), self.sin[positions].unsqueeze(1)  # [B, 1, d]
@@ -322,6 +343,28 @@ class LeanDecoder:
                 a = self._matmul_attention(i, q, groups)
             x = self._mlp_out(layer, x, a.reshape(b, -1))
         return self.logits(self._rms(x, self.norm))
+
+    def _fused_step(self, tokens: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        """decode_step with a span, through the fused Triton kernels: each layer's residual add goes with the next
+        norm, and attention reads each row's own positions, so the span is not needed."""
+        assert len(self.blocks) == 1, "steps with a fixed span run on a one-block cache"
+        fused, block = self._triton, self.blocks[0]
+        x, h = fused.add_rms_norm(F.embedding(tokens, self.embed), None, self.layers[0]["ln1"], self.eps)
+        for i, layer in enumerate(self.layers):
+            qkv = self._linear(h, layer["wqkv"], layer["bqkv"])
+            a = fused.rope_attend(qkv, self.cos, self.sin, positions, block.keys[i], block.values[i], self.n_heads,
+                                  self.n_kv, self.scale)
+            x, h = fused.add_rms_norm(x, self._linear(a.view(a.shape[0], -1), layer["wo"], layer["bo"]),
+                                      layer["ln2"], self.eps)
+            mlp = self._linear(fused.silu_mul(self._linear(h, layer["w13"])), layer["w2"])
+            next_norm = self.layers[i + 1]["ln1"] if i + 1 < len(self.layers) else self.norm
+            x, h = fused.add_rms_norm(x, mlp, next_norm, self.eps)
+        return self.logits(h)
+
+    @property
+    def needs_span(self) -> bool:
+        """Whether fixed-span steps attend over the span (under a mask) rather than each row's own positions."""
+        return self.kernels != "triton"
 
     def _matmul_attention(self, i: int, q: torch.Tensor, groups: list[tuple]) -> torch.Tensor:
         """Layer i's attention for one query per row [B, heads, d], group by group, as two batched matmuls: the query
