@@ -38,6 +38,8 @@ class _NotOnDevice(importlib.abc.MetaPathFinder):
             raise ModuleNotFoundError(f"{name} is not installed on the device machine")
 sys.meta_path.insert(0, _NotOnDevice())
 PY
+    # the Triton kernels compiled for sm_90 (the interpreter below does not apply the compiler's rules)
+    python benchmarks/triton_compile_check.py 2>&1 | grep -v -i "warn"
     PYTHONPATH="$block:$PYTHONPATH" python benchmarks/fast_generation.py --model .gpu/tok --random-init smollm2-135m \
         --device cpu --batch-size 8 --hf-batch-size 8 --prompts 8 --prompt-tokens 32 --n 1 --max-new-tokens 16 \
         --check-graphs 4 --teacher-forced 4 --overlap-ablation --attention-ablation --check-refills 8

@@ -1,14 +1,15 @@
 """Fused Triton kernels for the lean decoder's fixed-span decode step (the one CUDA graphs replay).
 
-Why hand-written: a decode step in plain torch ops is ~43 kernels per layer (RMSNorm alone is eight: cast, square,
-mean, add, rsqrt, two multiplies, cast back; RoPE ten; masked attention seven). Replayed from a CUDA graph each
-still costs a few microseconds, so at 256 rows SmolLM2-135M's step took 7.2 ms on an H200 where its weights and KV
-cache need well under 1 ms of memory traffic (benchmarks/RESULTS.md, "GPU path measured on an H200"). These four
-kernels cut a layer to eight launches (four of them the cuBLAS products):
+Why hand-written: a decode step in plain torch ops is ~45 device ops per layer (torch.profiler on a bf16 step of the
+embedded model: 1,367 for 30 layers; RMSNorm alone is eight: cast, square, mean, add, rsqrt, two multiplies, cast
+back; RoPE ten; masked attention seven). Replayed from a CUDA graph each still costs a few microseconds, so at 256
+rows SmolLM2-135M's step took 7.2 ms on an H200 where its weights and KV cache need well under 1 ms of memory
+traffic (benchmarks/RESULTS.md, "GPU path measured on an H200"). These kernels cut a layer to eight launches (four
+of them the cuBLAS products):
 - `add_rms_norm`: residual add and the next RMSNorm in one pass;
 - `rope_attend`: RoPE on the step's queries and key, the key and value written to the cache, and attention over
-  each row's own positions (0..position, read from the device, so no mask and no span padding), flash-decoding
-  style with an online softmax;
+  each row's own positions (0..position, read from the device, so no mask and no span padding) with an online
+  softmax, its products on tensor cores;
 - `silu_mul`: the MLP's SiLU(gate) * up.
 torch.compile would fuse the elementwise parts too, but compiles every (rows, span) shape for tens of seconds at
 each process start (issue #8 asks for no minute-long compile per call); a Triton kernel compiles once per dtype
@@ -16,10 +17,12 @@ and head shape in about a second. vLLM and FlashInfer ship such kernels but are 
 layouts are not the lean decoder's.
 
 Numerics follow lean_decoder's torch ops: fp32 norm statistics, RoPE products rounded to the model dtype as torch
-rounds them, softmax in fp32. Attention accumulates in fp32 rather than rounding the scores to the model dtype
-first, so bf16 logits differ from the torch path in the last bits; on fp32 they agree to ~1e-6
-(tests/generation/test_triton_kernels.py, which runs the kernels on the CPU through Triton's interpreter,
-TRITON_INTERPRET=1; the interpreter has no bfloat16, so bf16 is checked on a GPU by benchmarks/fast_generation.py).
+rounds them, softmax in fp32, softmax weights in the model dtype times the values. The scores stay fp32 (the torch
+path rounds them to the model dtype), so bf16 logits differ from it in the last bits; in fp32 the embedded model's
+logits agree within 3e-5 (tests/generation/test_triton_kernels.py, which runs the kernels on the CPU through
+Triton's interpreter, TRITON_INTERPRET=1). The interpreter rounds to bfloat16 by truncation where a GPU rounds to
+nearest, so bf16 is checked on a GPU (benchmarks/fast_generation.py --attention-ablation) and compilation for one
+without it (benchmarks/triton_compile_check.py).
 """
 
 from __future__ import annotations
@@ -43,8 +46,26 @@ def available(device: torch.device) -> bool:
     return device.type == "cuda" or os.environ.get("TRITON_INTERPRET") == "1"
 
 
+# elements per program of silu_mul
+SILU_BLOCK = 1024
+# launch options of rope_attend (benchmarks/triton_compile_check.py compiles with the same)
+ATTENTION_LAUNCH = {"num_warps": 4, "num_stages": 2}
+
+
 def _pow2(n: int) -> int:
     return 1 << max(0, n - 1).bit_length()
+
+
+def norm_warps(hidden: int) -> int:
+    return 4 if hidden <= 1024 else 8
+
+
+def attention_constants(n_heads: int, n_kv: int, head_dim: int, fp32: bool) -> dict:
+    """rope_attend's compile-time constants: the query heads of a KV head padded to >= 16 rows (tl.dot's smallest
+    operand), 64 positions per block at head_dim 64, 32 at 128."""
+    group = n_heads // n_kv
+    return dict(H=n_heads, KV=n_kv, G=group, G_PAD=max(16, _pow2(group)), D=head_dim,
+                BLOCK_N=64 if head_dim <= 64 else 32, IEEE=fp32)
 
 
 if triton is not None:
@@ -90,8 +111,11 @@ if triton is not None:
     def _rope_attend_kernel(qkv_ptr, cos_ptr, sin_ptr, pos_ptr, k_cache, v_cache, out_ptr,
                             qkv_row_stride, slot_stride, head_stride, scale,
                             H: tl.constexpr, KV: tl.constexpr, G: tl.constexpr, G_PAD: tl.constexpr,
-                            D: tl.constexpr, BLOCK_N: tl.constexpr):
-        # one program per (row, KV head): its G query heads attend over the row's cached positions
+                            D: tl.constexpr, BLOCK_N: tl.constexpr, IEEE: tl.constexpr):
+        # One program per (row, KV head): its G query heads, padded to G_PAD >= 16 rows so the scores and the
+        # weighted values are tensor-core products (tl.dot, whose operand loads Triton also pipelines), attend over
+        # the row's cached positions. The usual layout of Triton decode-attention kernels (e.g. sglang's grouped
+        # decode kernel); the padding rows cost tensor-core work, not memory traffic.
         row = tl.program_id(0)
         kvh = tl.program_id(1)
         pos = tl.load(pos_ptr + row).to(tl.int32)
@@ -107,7 +131,7 @@ if triton is not None:
         q_at = base + heads[:, None] * D
         q = tl.load(q_at + d[None, :], mask=real[:, None], other=0.0)
         q = _rope(q, tl.load(q_at + partner[None, :], mask=real[:, None], other=0.0), sign[None, :], cos[None, :],
-                  sin[None, :]).to(tl.float32)
+                  sin[None, :])  # [G_PAD, D], model dtype, as the torch path's rotated queries
         k_at = base + H * D + kvh * D
         k = _rope(tl.load(k_at + d), tl.load(k_at + partner), sign, cos, sin)
         v = tl.load(base + (H + KV) * D + kvh * D + d)
@@ -116,20 +140,27 @@ if triton is not None:
         tl.store(v_cache + cache_at + pos * D + d, v)
         # the step's own position comes from registers; positions 0..pos-1 from the cache, BLOCK_N at a time, with
         # an online softmax (running max m, running sum l)
-        m = tl.sum(q * k.to(tl.float32)[None, :], axis=1) * scale  # [G_PAD]
+        m = tl.sum(q.to(tl.float32) * k.to(tl.float32)[None, :], axis=1) * scale  # [G_PAD]
         l = tl.full([G_PAD], 1.0, tl.float32)
         acc = tl.zeros([G_PAD, D], tl.float32) + v.to(tl.float32)[None, :]
         for start in range(0, pos, BLOCK_N):
             n = start + tl.arange(0, BLOCK_N)
             valid = n < pos
-            keys = tl.load(k_cache + cache_at + n[:, None] * D + d[None, :], mask=valid[:, None], other=0.0)
-            s = tl.sum(q[:, None, :] * keys.to(tl.float32)[None, :, :], axis=2) * scale  # [G_PAD, BLOCK_N]
-            s = tl.where(valid[None, :], s, float("-inf"))
+            keys = tl.load(k_cache + cache_at + n[None, :] * D + d[:, None], mask=valid[None, :], other=0.0)
+            if IEEE:  # fp32 models: tl.dot would otherwise round fp32 operands to tf32
+                s = tl.dot(q, keys, input_precision="ieee")
+            else:
+                s = tl.dot(q, keys)
+            s = tl.where(valid[None, :], s * scale, float("-inf"))  # [G_PAD, BLOCK_N]
             m_new = tl.maximum(m, tl.max(s, axis=1))
             alpha = tl.exp(m - m_new)
             p = tl.exp(s - m_new[:, None])
             values = tl.load(v_cache + cache_at + n[:, None] * D + d[None, :], mask=valid[:, None], other=0.0)
-            acc = acc * alpha[:, None] + tl.sum(p[:, :, None] * values.to(tl.float32)[None, :, :], axis=1)
+            if IEEE:
+                pv = tl.dot(p.to(values.dtype), values, input_precision="ieee")
+            else:  # weights in the model dtype, as the torch path multiplies its softmax by the values
+                pv = tl.dot(p.to(values.dtype), values)
+            acc = acc * alpha[:, None] + pv
             l = l * alpha + tl.sum(p, axis=1)
             m = m_new
         out = acc / l[:, None]
@@ -146,7 +177,7 @@ def add_rms_norm(x: torch.Tensor, delta: torch.Tensor | None, weight: torch.Tens
     summed = torch.empty_like(x) if delta is not None else x
     out = torch.empty_like(x)
     _add_rms_norm_kernel[(rows,)](x, delta if delta is not None else x, weight, summed, out, cols, eps,
-                                  HAS_DELTA=delta is not None, BLOCK=_pow2(cols), num_warps=4 if cols <= 1024 else 8)
+                                  HAS_DELTA=delta is not None, BLOCK=_pow2(cols), num_warps=norm_warps(cols))
     return summed, out
 
 
@@ -155,8 +186,7 @@ def silu_mul(gate_up: torch.Tensor) -> torch.Tensor:
     gate_up = gate_up.contiguous()
     rows, cols = gate_up.shape[0], gate_up.shape[1] // 2
     out = torch.empty(rows, cols, dtype=gate_up.dtype, device=gate_up.device)
-    block = 1024
-    _silu_mul_kernel[(rows, triton.cdiv(cols, block))](gate_up, out, cols, BLOCK=block, num_warps=4)
+    _silu_mul_kernel[(rows, triton.cdiv(cols, SILU_BLOCK))](gate_up, out, cols, BLOCK=SILU_BLOCK, num_warps=4)
     return out
 
 
@@ -175,13 +205,9 @@ def rope_attend(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, positio
         raise ValueError(f"rope_attend needs a power-of-two head_dim and a [.., length, head_dim] cache, got "
                          f"{tuple(keys.shape)} with strides {keys.stride()}")
     assert keys.stride() == values.stride()
-    group = n_heads // n_kv
-    g_pad = _pow2(group)
     out = torch.empty(rows, n_heads, head_dim, dtype=qkv.dtype, device=qkv.device)
-    # a [G_PAD, BLOCK_N, D] product per block of positions: ~8k elements keeps it in registers at 4 warps
-    block_n = max(16, min(128, 8192 // (g_pad * head_dim)))
     _rope_attend_kernel[(rows, n_kv)](qkv, cos, sin, positions, keys, values, out,
                                       qkv.stride(0), keys.stride(0), keys.stride(1), scale,
-                                      H=n_heads, KV=n_kv, G=group, G_PAD=g_pad, D=head_dim, BLOCK_N=block_n,
-                                      num_warps=4)
+                                      **attention_constants(n_heads, n_kv, head_dim, qkv.dtype == torch.float32),
+                                      **ATTENTION_LAUNCH)
     return out

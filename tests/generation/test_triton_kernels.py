@@ -61,8 +61,8 @@ def _right_padded(rows: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def test_fused_step_matches_the_torch_step_on_the_embedded_model(embedded_model_dir, data_dir):
-    """SmolLM2-135M: 9 query heads per 3 KV heads (a padded group of 4 per program); prompts of different lengths, so
-    each row attends over its own positions and the torch step masks the rest of the span."""
+    """SmolLM2-135M: 9 query heads per 3 KV heads (a group of 3, padded to 16 rows per program); prompts of different
+    lengths, so each row attends over its own positions and the torch step masks the rest of the span."""
     gen = LeanGenerator(str(embedded_model_dir), batch_size=4, kernels="triton")
     prompts = load_prompts(data_dir / "prompts" / "unlabelled_pool.jsonl", limit=3)
     ids, lengths = _right_padded(gen.encode(prompts, 8))  # 63, 48 and 58 tokens
@@ -74,13 +74,14 @@ def test_fused_step_matches_the_torch_step_on_the_embedded_model(embedded_model_
     torch.testing.assert_close(cache, expected_cache, rtol=0, atol=1e-4)
 
 
-def test_fused_step_with_one_query_head_per_kv_head_and_qkv_biases():
-    """A random Qwen2 (attention biases) with as many KV heads as query heads, as SmolLM2-1.7B has: a group of one per
-    program. (Random weights: the shapes matter here, not the answers.)"""
+@pytest.mark.parametrize("hidden, heads, kv_heads", [(128, 4, 4), (768, 6, 1)])
+def test_fused_step_at_other_head_shapes_with_qkv_biases(hidden, heads, kv_heads):
+    """Random Qwen2s (attention biases): as many KV heads as query heads with head_dim 32 (SmolLM2-1.7B has a group of
+    one), and a group of 6 with head_dim 128 (Qwen2.5-1.5B's). Random weights: the shapes matter here, not answers."""
     from transformers import Qwen2Config, Qwen2ForCausalLM
 
-    cfg = Qwen2Config(vocab_size=512, hidden_size=128, intermediate_size=256, num_hidden_layers=2,
-                      num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=256)
+    cfg = Qwen2Config(vocab_size=512, hidden_size=hidden, intermediate_size=256, num_hidden_layers=2,
+                      num_attention_heads=heads, num_key_value_heads=kv_heads, max_position_embeddings=256)
     torch.manual_seed(0)
     model = Qwen2ForCausalLM(cfg).eval()
     dec = LeanDecoder(model, kernels="triton")
