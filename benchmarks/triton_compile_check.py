@@ -17,11 +17,13 @@ import os
 import subprocess
 import sys
 
-import triton
-from triton.backends.compiler import GPUTarget
-from triton.compiler import ASTSource
+os.environ.pop("TRITON_INTERPRET", None)  # before the kernels are defined: interpreted ones cannot be compiled
 
-from selfalign.generation import triton_kernels as tk
+import triton  # noqa: E402
+from triton.backends.compiler import GPUTarget  # noqa: E402
+from triton.compiler import ASTSource  # noqa: E402
+
+from selfalign.generation import triton_kernels as tk  # noqa: E402
 
 SHAPES = {  # name: hidden, intermediate, heads, KV heads, head_dim
     "smollm2-135m": (576, 1536, 9, 3, 64),
