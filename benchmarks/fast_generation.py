@@ -111,21 +111,20 @@ def lean_row(lean, args, prompts, params, record, tag: str = "", first_call: flo
            toks, secs, first_call)
 
 
-def step_variants(device) -> dict[str, dict]:
-    """The --attention-ablation alternatives to the default fixed-span steps (matmul attention, torch ops), as
-    LeanGenerator options: torch's SDPA attention, and the fused Triton kernels where Triton runs."""
-    variants = {"sdpa attention": dict(span_attention="sdpa")}
-    if triton_kernels.available(torch.device(device)):
-        variants["triton kernels"] = dict(kernels="triton")
-    return variants
+# The --attention-ablation alternatives to the default fixed-span steps (matmul attention, torch ops), as
+# LeanGenerator options. The Triton kernels run last in a shape's run (triton_checks): a kernel fault would leave the
+# CUDA context unusable for every row after it.
+SDPA_VARIANT = {"sdpa attention": dict(span_attention="sdpa")}
+TRITON_VARIANT = {"triton kernels": dict(kernels="triton")}
 
 
-def attention_ablation(build, args, prompts, params, record, lean, tag: str) -> None:
-    """The lean row again with each of step_variants in its fixed-span steps, timed on its second call like the main
+def attention_ablation(build, args, prompts, params, record, lean, tag: str, variants: dict[str, dict]) -> None:
+    """The lean row again with each of `variants` in its fixed-span steps, timed on its second call like the main
     row; plus how many greedy answers it shares with the main row's steps (bf16 rounds them differently, so a few
     may part on random weights). A variant that fails is reported and the next one still runs."""
     decode = lean.decode if lean.decode != "grouped" else "static"  # grouped steps have no span (CPU dry run)
-    for name, options in step_variants(args.device).items():
+    for name, options in variants.items():
+        alt = None
         try:
             alt = build(LeanGenerator, args.batch_size, decode=decode, **options)
             alt.generate(prompts[:2], SamplingParams(temperature=0, max_new_tokens=4), progress=False)  # warm-up
@@ -136,10 +135,27 @@ def attention_ablation(build, args, prompts, params, record, lean, tag: str) -> 
             a, b = (g.generate(prompts[:k], greedy, progress=False) for g in (lean, alt))
             print(f"{name} vs the default steps: {sum(x.response == y.response for x, y in zip(a, b))}/{k} greedy "
                   f"answers identical", flush=True)
-            alt.close()
         except Exception:  # noqa: BLE001 - an ablation that cannot run must not cost the rest of the device call
             traceback.print_exc()
             print(f"{name} ablation FAILED", flush=True)
+        finally:
+            if alt is not None:  # its KV cache is gigabytes: free it before the next generator sizes its own
+                alt.close()
+
+
+def triton_checks(build, args, prompts, params, record, lean) -> None:
+    """The fused Triton kernels (LeanDecoder kernels="triton"): the ablation row, teacher-forced parity and, on a GPU,
+    the refill check, each reported and contained on failure. (Through the interpreter on the CPU dry run the refill
+    check would take most of an hour.)"""
+    attention_ablation(build, args, prompts, params, record, lean, "", TRITON_VARIANT)
+    if args.teacher_forced:
+        teacher_forced_check(args, prompts[:args.teacher_forced], min(64, args.max_new_tokens), [("matmul", "triton")])
+    if args.check_refills and args.device != "cpu":
+        try:  # the fused kernels' attention reads each row's own positions: refills must keep them right
+            refill_check(build, args, args.check_refills, kernels="triton")
+        except Exception:  # noqa: BLE001
+            traceback.print_exc()
+            print("refill check with triton kernels FAILED", flush=True)
 
 
 def refill_check(build, args, k: int, **options) -> None:
@@ -200,7 +216,7 @@ def run_lean(build, args, prompts, params, record, decode: str = "auto", tag: st
         lean_row(lean, args, prompts, params, record, tag + ABLATION)
         lean.overlap = not lean.overlap
     if args.attention_ablation:
-        attention_ablation(build, args, prompts, params, record, lean, tag)
+        attention_ablation(build, args, prompts, params, record, lean, tag, SDPA_VARIANT)
     if lean.device.type == "cuda":
         count_syncs(lean, prompts, params)
     if args.check_graphs and lean.decode != "static":
@@ -216,7 +232,7 @@ def run_lean(build, args, prompts, params, record, decode: str = "auto", tag: st
     return lean
 
 
-def teacher_forced_check(args, prompts, steps: int) -> None:
+def teacher_forced_check(args, prompts, steps: int, variants: list[tuple[str, str]]) -> None:
     """The lean decode steps against the transformers forward pass, where answers cannot be compared token by token
     (random weights): greedy-decode `steps` tokens per prompt with LeanDecoder (prefill, then the eager decode_step
     that graph replay captures: with a span on CUDA, as --check-graphs compares), then run the transformers model over
@@ -232,43 +248,51 @@ def teacher_forced_check(args, prompts, steps: int) -> None:
     else:
         lean = LeanGenerator(args.model, dtype="float32", device=args.device)
         model = lean.model  # its weights became views into the decoder's fused tensors: the same values
-    dec, device = lean.decoder, lean.device
+    dec = lean.decoder
     encoded = lean.encode(prompts, steps)
     lengths = [len(e) for e in encoded]
     dec.allocate(len(encoded), max(lengths) + steps)
     ids = torch.zeros(len(encoded), max(lengths), dtype=torch.long)
     for row, e in enumerate(encoded):
         ids[row, :len(e)] = torch.tensor(e)
-    # with a span (CUDA) and --attention-ablation, the SDPA span attention and the Triton kernels are checked the
-    # same way
-    variants = [("matmul", "torch")]
-    if args.attention_ablation and lean.graphs is not None:
-        variants += [("sdpa", "torch")] + [("matmul", "triton")] * ("triton kernels" in step_variants(args.device))
+    # variants: (span_attention, kernels) pairs; they differ only in the fixed-span steps, which the default loop runs
+    # on CUDA and which the alternatives run anywhere (on the CPU dry run too)
     for attention, kernels in variants:
-        dec.span_attention = attention
-        dec.set_kernels(kernels)
         variant = "triton kernels" if kernels == "triton" else f"{attention} span attention"
-        with torch.inference_mode():
-            hidden = dec.forward_full(ids.to(device), list(range(len(encoded))))
-            logits = [dec.logits(hidden[torch.arange(len(encoded)), torch.tensor(lengths) - 1]).float()]
-            chosen = [logits[0].argmax(dim=-1)]
-            for t in range(steps - 1):
-                span = max(lengths) + t + 1 if lean.graphs is not None else None
-                logits.append(dec.decode_step(chosen[-1], torch.tensor(lengths, device=device) + t, span=span).float())
-                chosen.append(logits[-1].argmax(dim=-1))
-            lean_logits, tokens = torch.stack(logits, dim=1), torch.stack(chosen, dim=1)  # [B, steps, V], [B, steps]
-            worst, agree, near = 0.0, 0, 0
-            for row, e in enumerate(encoded):
-                full = torch.tensor(e + tokens[row].tolist(), device=device)[None]
-                ref = model(full).logits[0, len(e) - 1:len(e) - 1 + steps].float()
-                worst = max(worst, (ref - lean_logits[row]).abs().max().item())
-                agree += (ref.argmax(dim=-1) == tokens[row]).sum().item()
-                near += (ref.gather(1, tokens[row][:, None])[:, 0] >= ref.max(dim=-1).values - 0.1).sum().item()
-        n = len(encoded) * steps
-        print(f"teacher-forced lean decode ({variant}) vs transformers forward, fp32 ({len(encoded)} "
-              f"prompts x {steps} steps): max |logit diff| {worst:.3g}; argmax agrees at {agree}/{n}; lean choice "
-              f"within 0.1 of the best at {near}/{n}", flush=True)
+        fixed_span = lean.graphs is not None or (attention, kernels) != ("matmul", "torch")
+        try:
+            dec.span_attention = attention
+            dec.set_kernels(kernels)
+            tf_variant(dec, model, encoded, lengths, ids, steps, variant, fixed_span)
+        except Exception:  # noqa: BLE001 - report it; the device call's other checks still run
+            traceback.print_exc()
+            print(f"teacher-forced check ({variant}) FAILED", flush=True)
     dec.release()
+
+
+def tf_variant(dec, model, encoded, lengths, ids, steps: int, variant: str, fixed_span: bool) -> None:
+    """teacher_forced_check for one variant of the decoder's steps (fixed_span: the steps graphs replay)."""
+    device = dec.device
+    with torch.inference_mode():
+        hidden = dec.forward_full(ids.to(device), list(range(len(encoded))))
+        logits = [dec.logits(hidden[torch.arange(len(encoded)), torch.tensor(lengths) - 1]).float()]
+        chosen = [logits[0].argmax(dim=-1)]
+        for t in range(steps - 1):
+            span = max(lengths) + t + 1 if fixed_span else None
+            logits.append(dec.decode_step(chosen[-1], torch.tensor(lengths, device=device) + t, span=span).float())
+            chosen.append(logits[-1].argmax(dim=-1))
+        lean_logits, tokens = torch.stack(logits, dim=1), torch.stack(chosen, dim=1)  # [B, steps, V], [B, steps]
+        worst, agree, near = 0.0, 0, 0
+        for row, e in enumerate(encoded):
+            full = torch.tensor(e + tokens[row].tolist(), device=device)[None]
+            ref = model(full).logits[0, len(e) - 1:len(e) - 1 + steps].float()
+            worst = max(worst, (ref - lean_logits[row]).abs().max().item())
+            agree += (ref.argmax(dim=-1) == tokens[row]).sum().item()
+            near += (ref.gather(1, tokens[row][:, None])[:, 0] >= ref.max(dim=-1).values - 0.1).sum().item()
+    n = len(encoded) * steps
+    print(f"teacher-forced lean decode ({variant}) vs transformers forward, fp32 ({len(encoded)} "
+          f"prompts x {steps} steps): max |logit diff| {worst:.3g}; argmax agrees at {agree}/{n}; lean choice "
+          f"within 0.1 of the best at {near}/{n}", flush=True)
 
 
 def count_syncs(lean, prompts, params) -> None:
@@ -377,18 +401,11 @@ def main() -> None:
             same = sum(x.response == y.response for x, y in zip(a, b))
             print(f"greedy parity: {same}/{len(a)} answers token-identical (lean vs transformers)")
         if args.teacher_forced:
-            teacher_forced_check(args, prompts[:args.teacher_forced], min(64, args.max_new_tokens))
+            teacher_forced_check(args, prompts[:args.teacher_forced], min(64, args.max_new_tokens),
+                                 [("matmul", "torch")] + [("sdpa", "torch")] * args.attention_ablation)
         if args.check_refills:
             refill_check(build, args, args.check_refills)
-            # the fused kernels' attention reads each row's own positions: refills must keep them right (on a GPU
-            # only: through Triton's interpreter the check would take most of an hour on the CPU dry run)
-            if args.attention_ablation and "triton kernels" in step_variants(args.device) and args.device != "cpu":
-                try:
-                    refill_check(build, args, args.check_refills, kernels="triton")
-                except Exception:  # noqa: BLE001
-                    traceback.print_exc()
-                    print("refill check with triton kernels FAILED", flush=True)
-        del lean
+        lean.close()  # its KV cache; the generator itself is kept for the Triton checks' greedy comparison
     if "static" not in skip:
         try:
             # transformers compiles the decode forward itself when the cache is static; on CPU only when asked to
@@ -407,6 +424,8 @@ def main() -> None:
         except Exception:
             traceback.print_exc()
         hf.model.generation_config.cache_implementation = None
+    if lean is not None and args.attention_ablation and triton_kernels.available(torch.device(args.device)):
+        triton_checks(build, args, prompts, params, record, lean)
 
     try:
         cpu = subprocess.run(["lscpu"], capture_output=True, text=True).stdout

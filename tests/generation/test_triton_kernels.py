@@ -11,12 +11,17 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-os.environ.setdefault("TRITON_INTERPRET", "1")  # before triton_kernels is imported: its kernels then run on the CPU
+# The kernels (and triton.language's own helpers) run through Triton's interpreter, on the CPU, when this is 1 as
+# triton is imported and while they run; it stays set for the session (putting it back trips triton's own import
+# checks), which matters to no other test: none runs Triton code.
+os.environ["TRITON_INTERPRET"] = "1"
 pytest.importorskip("triton", reason="triton has wheels for Linux only (pyproject's test extra)")
+from selfalign.generation import triton_kernels  # noqa: E402
+
+assert triton_kernels.INTERPRETED, "triton_kernels was imported before this module could set TRITON_INTERPRET"
 
 from selfalign.data.loaders import load_prompts  # noqa: E402
 from selfalign.generation import SamplingParams  # noqa: E402
-from selfalign.generation import triton_kernels  # noqa: E402
 from selfalign.generation.lean_backend import LeanGenerator  # noqa: E402
 from selfalign.generation.lean_decoder import LeanDecoder  # noqa: E402
 from selfalign.generation.transformers_backend import TransformersGenerator  # noqa: E402
@@ -69,7 +74,7 @@ def test_fused_step_matches_the_torch_step_on_the_embedded_model(embedded_model_
     assert len(set(lengths.tolist())) > 1
     expected, expected_cache = _decode(gen.decoder, ids, lengths, 4, "torch")
     got, cache = _decode(gen.decoder, ids, lengths, 4, "triton")
-    torch.testing.assert_close(got, expected, rtol=0, atol=2e-4)
+    torch.testing.assert_close(got, expected, rtol=0, atol=1e-4)  # measured: 3e-5
     assert torch.equal(got.argmax(-1), expected.argmax(-1))
     torch.testing.assert_close(cache, expected_cache, rtol=0, atol=1e-4)
 
