@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Any, Callable, Iterable, TypeVar
 
 from selfalign.data.io import to_dict, write_json
-from selfalign.errors import SelfalignError
+from selfalign.errors import DataError, SelfalignError
 
 T = TypeVar("T")
 
@@ -32,9 +32,11 @@ class ResumableJsonl:
     """An append-only JSONL file that survives kill -9.
 
     Each record is one line written with a single `write` and flushed (fsync per batch), so after a crash
-    the file holds complete lines plus at most one partial last line; opening the file drops that partial
-    line. `done` holds the keys of the complete records, so a resumed stage skips them: nothing lost,
-    nothing duplicated.
+    the file holds complete lines plus at most one partial last line, with no newline after it; opening the
+    file drops that partial line. A complete line that is not JSON cannot come from a crash (someone edited
+    the file): opening refuses it, naming the line, rather than drop it and the good records after it.
+    `done` holds the keys of the complete records, so a resumed stage skips them: nothing lost, nothing
+    duplicated.
     """
 
     def __init__(self, path: str | Path, key: Callable[[dict], Any]):
@@ -51,17 +53,22 @@ class ResumableJsonl:
         data = self.path.read_bytes()
         good_end = 0
         pos = 0
+        lineno = 0
         while True:
             nl = data.find(b"\n", pos)
             if nl < 0:
-                break
+                break  # what follows the last newline, if anything, is a torn write: dropped below
+            lineno += 1
             line = data[pos:nl]
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError:
-                break  # a torn write can only be the last line; stop at the first bad one
-            self.rows.append(row)
-            self.done.add(self._key(row))
+            if line.strip():
+                try:
+                    row = json.loads(line)
+                except json.JSONDecodeError as err:
+                    raise DataError(f"not a JSON record ({err.msg}, column {err.colno}); a crash leaves only an "
+                                    f"unfinished last line, so this file was changed by hand: fix or remove that "
+                                    f"line, nothing was deleted", str(self.path), lineno) from None
+                self.rows.append(row)
+                self.done.add(self._key(row))
             good_end = nl + 1
             pos = nl + 1
         if good_end != len(data):

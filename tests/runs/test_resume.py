@@ -62,6 +62,21 @@ def test_resumable_jsonl_skips_done_keys(tmp_path):
     assert [json.loads(l)["k"] for l in path.read_text().splitlines()] == [1, 2, 3]
 
 
+def test_resumable_jsonl_refuses_a_bad_line_before_good_ones(tmp_path):
+    """Only a torn last line (no newline after it) comes from a crash; a bad complete line is an edit, and dropping it
+    would drop every good record after it."""
+    path = tmp_path / "x.jsonl"
+    path.write_text('{"k": 1}\n{garbage\n{"k": 3}\n{"k": 4, "torn')
+    before = path.read_bytes()
+    with pytest.raises(SelfalignError, match=r"x.jsonl:2: not a JSON record .*nothing was deleted"):
+        ResumableJsonl(path, key=lambda r: r["k"])
+    assert path.read_bytes() == before
+    path.write_text('{"k": 1}\n\n{"k": 3}\n{"k": 4, "torn')  # a blank line is skipped; the torn tail is dropped
+    with ResumableJsonl(path, key=lambda r: r["k"]) as w:
+        assert w.done == {1, 3}
+    assert path.read_text() == '{"k": 1}\n\n{"k": 3}\n'
+
+
 def test_run_stages_skip_when_done_and_refuse_changed_config(tmp_path):
     calls = []
     run = Run(tmp_path / "run", {"a": 1}, recipe="test", seed=0)
