@@ -33,7 +33,13 @@ MAX_TOP_LOGPROBS = 20
 
 
 class BadRequest(Exception):
-    pass
+    status = 400
+
+
+class ModelNotServed(BadRequest):
+    """A request for another model than the one served (OpenAI and vLLM answer 404): answering it anyway would label
+    this model's answers with the requested name on the client's side."""
+    status = 404
 
 
 def _number(body: dict, name: str, default, kind=(int, float), low=None, high=None):
@@ -112,8 +118,11 @@ class ChatServer(ThreadingHTTPServer):
     daemon_threads = True
     allow_reuse_address = True
 
-    def __init__(self, generator, host: str = "127.0.0.1", port: int = 8000, quiet: bool = False):
+    def __init__(self, generator, host: str = "127.0.0.1", port: int = 8000, quiet: bool = False,
+                 aliases: tuple[str, ...] = ()):
         self.generator = generator
+        # the names a request's "model" may give: the served model's name and, e.g., the spec it was started with
+        self.model_names = {generator.model_name, *aliases}
         self.lock = threading.Lock()
         self.quiet = quiet
         super().__init__((host, port), _Handler)
@@ -129,6 +138,10 @@ class ChatServer(ThreadingHTTPServer):
             raise BadRequest("the request body must be a JSON object")
         if body.get("stream"):
             raise BadRequest("streaming is not supported; send \"stream\": false")
+        requested = body.get("model")
+        if requested is not None and requested not in self.model_names:
+            raise ModelNotServed(f"the model '{requested}' is not served here; this server serves "
+                                 f"'{self.generator.model_name}' (GET /v1/models)")
         try:
             messages = validate_messages(body.get("messages"), "messages", last_role="user")
         except SelfalignError as e:
@@ -259,7 +272,7 @@ class _Handler(BaseHTTPRequestHandler):
         try:
             self._send(200, self.server.complete(body))
         except BadRequest as e:
-            self._error(400, str(e))
+            self._error(e.status, str(e))
         except Exception as e:  # noqa: BLE001 - answer the client, keep serving
             import traceback
 
@@ -267,9 +280,11 @@ class _Handler(BaseHTTPRequestHandler):
             self._error(500, f"{type(e).__name__}: {e}", "server_error")
 
 
-def make_server(generator, host: str = "127.0.0.1", port: int = 8000, quiet: bool = False) -> ChatServer:
-    """A server bound to (host, port) (port 0 picks a free one; see `server.url`); run it with `serve_forever()`."""
-    return ChatServer(generator, host, port, quiet=quiet)
+def make_server(generator, host: str = "127.0.0.1", port: int = 8000, quiet: bool = False,
+                aliases: tuple[str, ...] = ()) -> ChatServer:
+    """A server bound to (host, port) (port 0 picks a free one; see `server.url`); run it with `serve_forever()`.
+    Requests may name the model by its name (GET /v1/models), by any of `aliases`, or not at all."""
+    return ChatServer(generator, host, port, quiet=quiet, aliases=aliases)
 
 
 # ------------------------------------------------------------------------------------------------ CLI
@@ -279,7 +294,8 @@ def cmd_serve(args) -> int:
     gen = TransformersGenerator(model=args.model, batch_size=args.batch_size, dtype=args.dtype, device=args.device,
                                 trust_remote_code=args.trust_remote_code)
     try:
-        server = make_server(gen, args.host, args.port, quiet=args.quiet)
+        server = make_server(gen, args.host, args.port, quiet=args.quiet,
+                             aliases=(args.model,) if args.model else ())
     except OSError as e:
         raise SelfalignError(f"cannot listen on {args.host}:{args.port}: {e.strerror or e}") from None
     print(f"serving {gen.model_name} on {server.url}", flush=True)

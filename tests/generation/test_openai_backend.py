@@ -236,6 +236,20 @@ def test_server_endpoints_and_bad_requests(server):
     assert httpx.post(base + "/nope", json={}).status_code == 404
 
 
+def test_a_request_for_another_model_is_refused(server, tmp_path, prompts):
+    """Answering it would label this model's answers with the requested name on the client's side."""
+    r = httpx.post(server.url + "/chat/completions", json={"model": "gpt-9", "messages": [{"role": "user",
+                                                                                           "content": "hi"}]})
+    assert r.status_code == 404 and "'gpt-9' is not served here" in r.json()["error"]["message"]
+    out = tmp_path / "answers.jsonl"
+    with pytest.raises(SelfalignError, match="HTTP 404.*'gpt-9' is not served"):
+        generate_to_file(client(server.url, model="gpt-9"), prompts[:1], SHORT, out, progress=False)
+    assert not out.exists() or out.read_text() == ""
+    ok = httpx.post(server.url + "/chat/completions", json={"messages": [{"role": "user", "content": "hi"}],
+                                                            "max_tokens": 2})  # no model named: the served one
+    assert ok.status_code == 200 and ok.json()["model"] == MODEL
+
+
 def test_serve_is_a_cli_command():
     from selfalign.cli import build_parser
     from selfalign.generation.server import cmd_serve
