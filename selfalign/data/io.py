@@ -37,8 +37,8 @@ def iter_json_rows(path: str | Path) -> Iterator[tuple[int, dict]]:
         for lineno, line in enumerate(f, start=1):
             if not line.strip():
                 continue
-            try:
-                row = json.loads(line)
+            try:  # without its newline: an error at the line's end would otherwise be reported as column 1
+                row = json.loads(line.rstrip("\r\n"))
             except json.JSONDecodeError as e:
                 raise DataError(f"malformed JSON ({e.msg}, column {e.colno})", path=str(path), line=lineno) from None
             if not isinstance(row, dict):

@@ -83,7 +83,7 @@ def _add_model_and_judge_flags(p, default_judge: str, why: str,
                    help="judge option, e.g. model=qwen2.5-coder-1.5b (repeatable)")
     p.add_argument("--out", required=True, help="output folder (resumed if it exists)")
     p.add_argument("--max-new-tokens", type=int, default=512, help="answer length limit (default %(default)s)")
-    p.add_argument("--seed", type=int, default=0, help="sampling seed, and which AlpacaEval subset with --limit")
+    p.add_argument("--seed", type=int, default=0, help="sampling seed (eval alpaca: also which subset --limit picks)")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
 
 
@@ -161,12 +161,14 @@ def _add_mtbench(eval_sub) -> None:
     p = eval_sub.add_parser(
         "mtbench", help="MT-Bench-style: two-turn answers to the 80 questions, graded 1-10 by a judge",
         description="Answer MT-Bench's 80 two-turn questions (FastChat's per-category temperatures; --limit N keeps "
-        "N/8 per category), grade every turn with a single-answer judge (reference-guided for math, reasoning, "
+        "max(1, N // 8) per category), grade every turn with a single-answer judge (reference-guided for math, reasoning, "
         "coding; the multi-turn template for turn 2), report per-category and overall scores and how many grades "
         "could not be parsed. Resumable.")
     # grading 1-10 needs a judge that reads and writes: an LLM (a reward model only compares)
     _add_model_and_judge_flags(p, "local", "Qwen2.5-Coder-1.5B, single-answer grades", judges="local, api")
-    p.add_argument("--limit", type=int, default=None, help="keep limit/8 questions per category")
+    p.add_argument("--limit", type=int, default=None,
+                   help="keep the first max(1, limit // 8) questions of each of the 8 categories (so any --limit "
+                   "under 16 keeps 8 questions)")
     p.add_argument("--json", action="store_true", help="print the metrics as one JSON object")
     p.set_defaults(fn=cmd_mtbench, max_new_tokens=1024)
 
