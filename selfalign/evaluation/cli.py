@@ -161,9 +161,9 @@ def _add_mtbench(eval_sub) -> None:
     p = eval_sub.add_parser(
         "mtbench", help="MT-Bench-style: two-turn answers to the 80 questions, graded 1-10 by a judge",
         description="Answer MT-Bench's 80 two-turn questions (FastChat's per-category temperatures; --limit N keeps "
-        "max(1, N // 8) per category), grade every turn with a single-answer judge (reference-guided for math, reasoning, "
-        "coding; the multi-turn template for turn 2), report per-category and overall scores and how many grades "
-        "could not be parsed. Resumable.")
+        "max(1, N // 8) per category), grade every turn with a single-answer judge (reference-guided for math, "
+        "reasoning, coding; the multi-turn template for turn 2), report per-category and overall scores and how many "
+        "grades could not be parsed. Resumable.")
     # grading 1-10 needs a judge that reads and writes: an LLM (a reward model only compares)
     _add_model_and_judge_flags(p, "local", "Qwen2.5-Coder-1.5B, single-answer grades", judges="local, api")
     p.add_argument("--limit", type=int, default=None,

@@ -139,6 +139,8 @@ class ChatServer(ThreadingHTTPServer):
         if body.get("stream"):
             raise BadRequest("streaming is not supported; send \"stream\": false")
         requested = body.get("model")
+        if requested is not None and not isinstance(requested, str):
+            raise BadRequest("'model' must be a string")
         if requested is not None and requested not in self.model_names:
             raise ModelNotServed(f"the model '{requested}' is not served here; this server serves "
                                  f"'{self.generator.model_name}' (GET /v1/models)")

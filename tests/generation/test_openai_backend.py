@@ -227,7 +227,7 @@ def test_server_endpoints_and_bad_requests(server):
     user = [{"role": "user", "content": "hi"}]
     bad = [b"{not json", {"messages": []}, {"messages": user, "temperature": "hot"}, {"messages": user, "n": 0},
            {"messages": user, "stream": True}, {"messages": user + [{"role": "assistant", "content": "x"}]},
-           {"messages": user, "top_logprobs": 3}]
+           {"messages": user, "top_logprobs": 3}, {"messages": user, "model": ["a", "list"]}]
     for body in bad:
         r = httpx.post(base + "/chat/completions", **({"content": body} if isinstance(body, bytes) else {"json": body}))
         assert r.status_code == 400, body
