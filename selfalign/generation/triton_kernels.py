@@ -66,10 +66,11 @@ def norm_warps(hidden: int) -> int:
 
 def attention_constants(n_heads: int, n_kv: int, head_dim: int, fp32: bool) -> dict:
     """rope_attend's compile-time constants: the query heads of a KV head padded to >= 16 rows (tl.dot's smallest
-    operand), 64 positions per block at head_dim 64, 32 at 128."""
+    operand), 64 positions per block at head_dim 64, 32 at 128; fp32 models multiply in full fp32 ("ieee"), where
+    tl.dot would otherwise round fp32 operands to tf32 (the setting is ignored for bf16/fp16 operands)."""
     group = n_heads // n_kv
     return dict(H=n_heads, KV=n_kv, G=group, G_PAD=max(16, _pow2(group)), D=head_dim,
-                BLOCK_N=64 if head_dim <= 64 else 32, IEEE=fp32)
+                BLOCK_N=64 if head_dim <= 64 else 32, PRECISION="ieee" if fp32 else "tf32")
 
 
 if triton is not None:
@@ -115,7 +116,7 @@ if triton is not None:
     def _rope_attend_kernel(qkv_ptr, cos_ptr, sin_ptr, pos_ptr, k_cache, v_cache, out_ptr,
                             qkv_row_stride, slot_stride, head_stride, scale,
                             H: tl.constexpr, KV: tl.constexpr, G: tl.constexpr, G_PAD: tl.constexpr,
-                            D: tl.constexpr, BLOCK_N: tl.constexpr, IEEE: tl.constexpr):
+                            D: tl.constexpr, BLOCK_N: tl.constexpr, PRECISION: tl.constexpr):
         # One program per (row, KV head): its G query heads, padded to G_PAD >= 16 rows so the scores and the
         # weighted values are tensor-core products (tl.dot, whose operand loads Triton also pipelines), attend over
         # the row's cached positions. The usual layout of Triton decode-attention kernels (e.g. sglang's grouped
@@ -151,20 +152,14 @@ if triton is not None:
             n = start + tl.arange(0, BLOCK_N)
             valid = n < pos
             keys = tl.load(k_cache + cache_at + n[None, :] * D + d[:, None], mask=valid[None, :], other=0.0)
-            if IEEE:  # fp32 models: tl.dot would otherwise round fp32 operands to tf32
-                s = tl.dot(q, keys, input_precision="ieee")
-            else:
-                s = tl.dot(q, keys)
+            s = tl.dot(q, keys, input_precision=PRECISION)
             s = tl.where(valid[None, :], s * scale, float("-inf"))  # [G_PAD, BLOCK_N]
             m_new = tl.maximum(m, tl.max(s, axis=1))
             alpha = tl.exp(m - m_new)
             p = tl.exp(s - m_new[:, None])
             values = tl.load(v_cache + cache_at + n[:, None] * D + d[None, :], mask=valid[:, None], other=0.0)
-            if IEEE:
-                pv = tl.dot(p.to(values.dtype), values, input_precision="ieee")
-            else:  # weights in the model dtype, as the torch path multiplies its softmax by the values
-                pv = tl.dot(p.to(values.dtype), values)
-            acc = acc * alpha[:, None] + pv
+            # weights in the model dtype, as the torch path multiplies its softmax by the values
+            acc = acc * alpha[:, None] + tl.dot(p.to(values.dtype), values, input_precision=PRECISION)
             l = l * alpha + tl.sum(p, axis=1)
             m = m_new
         out = acc / l[:, None]
