@@ -139,6 +139,12 @@ def _keyed(error: ConfigError, key: str) -> ConfigError:
     return error
 
 
+def config_error(key: str, problem: str | Exception) -> ConfigError:
+    """An error about the value of config key `key` (dotted), found after loading (e.g. a model that is not on this
+    machine): `locate_error` points it at the file line or --set override that gave the value."""
+    return _keyed(ConfigError(f"{key}: {problem}"), key)
+
+
 def _key_lines(text: str) -> dict[str, int]:
     """Dotted key -> 1-based line of that key in a YAML mapping document (nested sections included)."""
     lines: dict[str, int] = {}
@@ -183,16 +189,34 @@ def load_config(cls: type[T], path: str | Path | None = None, overrides: list[st
     try:
         return _build(cls, data, "")
     except ConfigError as e:
-        # blame what set the value: an override, else the file's line for that key (or its nearest section)
-        key = getattr(e, "key", None) or ""
-        parts = key.split(".")
-        prefixes = [".".join(parts[:k]) for k in range(len(parts), 0, -1)]
-        override = next((overridden[k] for k in prefixes if k in overridden), None) or next(
-            (text for k, text in overridden.items() if key and k.startswith(key + ".")), None)  # a section's check
-        if override is not None:
-            raise ConfigError(f"--set {override}: {e}") from None
-        line = next((lines[k] for k in prefixes if k in lines), None)
-        raise ConfigError(f"{name}{f':{line}' if line else ''}: {e}") from None
+        raise _blame(e, name, lines, overridden) from None
+
+
+def _blame(error: ConfigError, name: str, lines: dict[str, int], overridden: dict[str, str]) -> ConfigError:
+    """`error` prefixed with what set its key's value: an override, else the file's line for that key (or for its
+    nearest section), else the file's name alone (a default value)."""
+    key = getattr(error, "key", None) or ""
+    parts = key.split(".")
+    prefixes = [".".join(parts[:k]) for k in range(len(parts), 0, -1)]
+    override = next((overridden[k] for k in prefixes if k in overridden), None) or next(
+        (text for k, text in overridden.items() if key and k.startswith(key + ".")), None)  # a section's check
+    if override is not None:
+        return ConfigError(f"--set {override}: {error}")
+    line = next((lines[k] for k in prefixes if k in lines), None)
+    return ConfigError(f"{name}{f':{line}' if line else ''}: {error}")
+
+
+def locate_error(error: ConfigError, path: str | Path | None, overrides: list[str] | None = None) -> ConfigError:
+    """A keyed error found after `load_config(cls, path, overrides)` (see `config_error`), placed the same way
+    load_config places its own: at the --set that gave the value, else the config file's line. Errors without a key
+    come back unchanged."""
+    if getattr(error, "key", None) is None:
+        return error
+    lines: dict[str, int] = {}
+    if path is not None and Path(path).exists():
+        lines = _key_lines(Path(path).read_text())
+    overridden = {".".join(parse_override(text)[0]): text for text in overrides or []}
+    return _blame(error, str(path) if path else "config", lines, overridden)
 
 
 def config_to_dict(cfg: Any) -> dict:

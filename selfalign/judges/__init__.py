@@ -64,5 +64,21 @@ def make_judge(name: str, cache: bool | str | None = None, **options):
     return judge
 
 
+def check_judge(name: str, options: dict | None = None) -> None:
+    """Fail now, not hours into a run, on a judge that cannot work here: an unknown name or option, a reward model
+    never trained, an API judge without base_url, a local judge whose model is not on this machine. Judges load their
+    weights on first use, so this builds one and loads nothing."""
+    try:
+        judge = make_judge(name, **(options or {}))
+    except (TypeError, ValueError) as e:  # a constructor's own check of an option's value
+        raise SelfalignError(f"judge '{name}': {e}") from None
+    from selfalign.judges.local import LocalJudge
+
+    if isinstance(judge, LocalJudge):
+        from selfalign.models import resolve_model
+
+        resolve_model(judge.model_spec)
+
+
 __all__ = ["JUDGES", "Grade", "GradeItem", "GradingJudge", "PairwiseItem", "PairwiseJudge", "PairwiseVerdict",
-           "make_judge"]
+           "check_judge", "make_judge"]

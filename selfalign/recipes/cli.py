@@ -7,11 +7,15 @@ import json
 
 def cmd_run(args) -> int:
     from selfalign import recipes
-    from selfalign.config import load_config
+    from selfalign.config import load_config, locate_error
+    from selfalign.errors import ConfigError
 
     module = recipes.get(args.recipe)
     config = load_config(module.Config, args.config, args.set)
-    summary = module.run(config, args.run_dir)
+    try:
+        summary = module.run(config, args.run_dir)
+    except ConfigError as e:  # e.g. a model that is not on this machine: point at the line or --set that named it
+        raise locate_error(e, args.config, args.set) from None
     print(json.dumps(summary, indent=2, default=str))
     return 0
 

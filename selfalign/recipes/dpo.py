@@ -13,10 +13,11 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from selfalign.config import config_to_dict
-from selfalign.data import PreferencePair, read_records, write_json, write_jsonl
+from selfalign.data import PreferencePair, read_records, write_json
 from selfalign.data.loaders import load_preference_pairs
 from selfalign.models import DEFAULT_MODEL
-from selfalign.recipes.common import data_file
+from selfalign.recipes import preflight
+from selfalign.recipes.common import data_file, write_data
 from selfalign.runs import Run
 from selfalign.training import DPOTrainConfig, train_dpo
 from selfalign.training.evaluate import preference_metrics
@@ -32,12 +33,16 @@ class Config:
     train: DPOTrainConfig = field(default_factory=DPOTrainConfig)
 
 
-def build_data(config: Config, run: Run) -> dict:
-    train = load_preference_pairs(data_file(config.data), limit=config.limit)
-    write_jsonl(run.path("data", "train.jsonl"), train)
-    held_out = load_preference_pairs(data_file(config.eval_data), limit=config.eval_limit) if config.eval_limit else []
-    write_jsonl(run.path("data", "eval.jsonl"), held_out)
-    return {"train_pairs": len(train), "eval_pairs": len(held_out)}
+def check_inputs(config: Config) -> None:
+    """What the run needs besides its data, checked before the run folder is made (recipes/preflight.py)."""
+    preflight.model("model", config.model)
+
+
+def prepare_data(config: Config) -> tuple[dict[str, list], dict]:
+    train = load_preference_pairs(data_file(config.data, "data"), limit=config.limit)
+    held_out = (load_preference_pairs(data_file(config.eval_data, "eval_data"), limit=config.eval_limit)
+                if config.eval_limit else [])
+    return {"train.jsonl": train, "eval.jsonl": held_out}, {"train_pairs": len(train), "eval_pairs": len(held_out)}
 
 
 def evaluate(config: Config, run: Run) -> dict:
@@ -48,8 +53,10 @@ def evaluate(config: Config, run: Run) -> dict:
 
 
 def run(config: Config, run_dir: str) -> dict:
+    check_inputs(config)
+    files, summary = prepare_data(config)  # read and checked before the run folder is made
     run = Run(run_dir, config_to_dict(config), "dpo", seed=config.train.seed)
-    run.stage("data", lambda: build_data(config, run))
+    run.stage("data", lambda: write_data(run, files, summary))
     result = run.stage("train", lambda: train_dpo(config.model, read_records(run.path("data", "train.jsonl"),
                                                                              PreferencePair),
                                                   config.train, run.path("train"), run.path("final")))

@@ -32,14 +32,15 @@ import random
 from dataclasses import dataclass, field
 from typing import Literal
 
-from selfalign.config import config_to_dict
+from selfalign.config import config_error, config_to_dict
 from selfalign.data import Conversation, PreferencePair, Prompt, Response, Revision, read_records, write_jsonl
 from selfalign.data.loaders import load_preference_pairs, load_prompts
 from selfalign.errors import ConfigError
 from selfalign.evaluation.stage import EvalConfig, evaluate_checkpoint, write_summary
 from selfalign.generation import SamplingParams, generate_to_file, make_generator
 from selfalign.models import DEFAULT_MODEL
-from selfalign.recipes.common import data_file
+from selfalign.recipes import preflight
+from selfalign.recipes.common import data_file, write_data
 from selfalign.runs import Run
 from selfalign.training import SFTTrainConfig, train_sft
 
@@ -124,9 +125,32 @@ def _fits(tok, p: PreferencePair, limit: int) -> bool:
     return n <= limit
 
 
-def build_data(config: Config, run: Run) -> dict:
+def check_inputs(config: Config) -> None:
+    """What the run needs besides its data, checked before the run folder is made (recipes/preflight.py)."""
+    from selfalign.reviser import load_template
+
+    rc = config.reviser
+    preflight.model("model", config.model)
+    preflight.model("reviser.model", rc.model)
+    preflight.backend("sampling.backend", config.sampling.backend)
+    preflight.backend("reviser.backend", rc.backend)
+    if rc.warmup:
+        preflight.template("reviser.warmup_template", rc.warmup_template, load_template)
+    preflight.template("reviser.adaptive_template", rc.adaptive_template, load_template)
+    if rc.label_rule == "judge":
+        preflight.judge("reviser.label_judge", rc.label_judge, rc.label_judge_options)
+    preflight.evaluation("eval", config.eval)
+    if config.reviser_eval.pairs:  # the reviser's quality stage judges with eval's judge
+        preflight.judge("eval.judge", config.eval.judge, config.eval.judge_options)
+        preflight.pairs("reviser_eval.data", config.reviser_eval.data)
+
+
+def prepare_data(config: Config) -> tuple[dict[str, list], dict]:
+    """The reviser's pairs, the external answers per round, and disjoint slices of the unlabelled prompts (none of
+    the reviser's or external prompts) for the rounds."""
     rc, ext = config.reviser, config.external
-    all_pairs = load_preference_pairs(data_file(rc.data))
+    files: dict[str, list] = {}
+    all_pairs = load_preference_pairs(data_file(rc.data, "reviser.data"))
     usable = [p for p in all_pairs if p.chosen.strip()]  # an empty chosen answer is no revision target
     if rc.max_pair_tokens:
         from selfalign.models import load_tokenizer
@@ -136,36 +160,39 @@ def build_data(config: Config, run: Run) -> dict:
     random.Random(config.shuffle_seed).shuffle(usable)
     pairs = usable[:rc.limit] if rc.limit is not None else usable
     if not pairs:
-        raise ConfigError("no reviser pairs left after filtering (reviser.max_pair_tokens too small?)")
-    write_jsonl(run.path("data", "reviser_pairs.jsonl"), pairs)
+        raise config_error("reviser.max_pair_tokens", "no reviser pairs left after filtering (too small?)")
+    files["reviser_pairs.jsonl"] = pairs
     exclude = {p.prompt.strip() for p in all_pairs}  # every prompt of the reviser's file, used or not
 
     ext_rounds = [i for i in range(1, len(config.round_sizes) + 1) if not ext.rounds or i in ext.rounds]
     n_ext = 0
     if ext.size > 0:
-        ext_pairs = [p for p in load_preference_pairs(data_file(ext.data)) if getattr(p, ext.answer).strip()]
+        ext_pairs = [p for p in load_preference_pairs(data_file(ext.data, "external.data"))
+                     if getattr(p, ext.answer).strip()]
         random.Random(config.shuffle_seed + 1).shuffle(ext_pairs)
         need = ext.size * len(ext_rounds)
         if need > len(ext_pairs):
-            raise ConfigError(f"external asks for {need} answers; {ext.data} has {len(ext_pairs)} usable pairs")
+            raise config_error("external.size", f"external asks for {need} answers; {ext.data} has {len(ext_pairs)} "
+                               "usable pairs")
         for k, i in enumerate(ext_rounds):
             chunk = ext_pairs[k * ext.size:(k + 1) * ext.size]
-            write_jsonl(run.path("data", f"round{i}_external.jsonl"), chunk)
+            files[f"round{i}_external.jsonl"] = chunk
             for p in chunk:  # neither the external prompt nor its first turn may appear as an internal prompt
                 exclude.update(m["content"].strip() for m in p.messages if m["role"] == "user")
             n_ext += len(chunk)
 
-    pool = [p for p in load_prompts(data_file(config.prompts))
+    pool = [p for p in load_prompts(data_file(config.prompts, "prompts"))
             if p.text.strip() not in exclude and (not config.prompt_sources or p.meta.get("source")
                                                   in config.prompt_sources)]
     random.Random(config.shuffle_seed).shuffle(pool)
     if sum(config.round_sizes) > len(pool):
-        raise ConfigError(f"round_sizes ask for {sum(config.round_sizes)} prompts; only {len(pool)} are available")
+        raise config_error("round_sizes", f"they ask for {sum(config.round_sizes)} prompts; only {len(pool)} are "
+                           "available")
     start = 0
     for i, size in enumerate(config.round_sizes, start=1):
-        write_jsonl(run.path("data", f"round{i}_prompts.jsonl"), pool[start:start + size])
+        files[f"round{i}_prompts.jsonl"] = pool[start:start + size]
         start += size
-    return {"reviser_pairs": len(pairs), "usable_pairs": len(usable), "pairs_in_file": len(all_pairs),
+    return files, {"reviser_pairs": len(pairs), "usable_pairs": len(usable), "pairs_in_file": len(all_pairs),
             "pool": len(pool), "round_sizes": config.round_sizes, "external_answers": n_ext}
 
 
@@ -417,6 +444,8 @@ def write_revision_summary(run: Run, rows: dict[str, dict]) -> None:
 
 # ------------------------------------------------------------------------------------------------ pipeline
 def run(config: Config, run_dir: str) -> dict:
+    check_inputs(config)
+    files, summary = prepare_data(config)  # read and checked before the run folder is made
     run = Run(run_dir, config_to_dict(config), "seft", seed=config.round_train.seed)
     results: dict[str, dict] = {}
 
@@ -428,7 +457,7 @@ def run(config: Config, run_dir: str) -> dict:
                           f"{config.eval.instructions} instructions (seed {config.eval.seed}), judge {config.eval.judge}")
 
     rc = config.reviser
-    run.stage("data", lambda: build_data(config, run))
+    run.stage("data", lambda: write_data(run, files, summary))
     run.stage("reviser/labels", lambda: build_labels(config, run))
     if rc.warmup:
         run.stage("reviser/warmup", lambda: train_warmup(config, run))

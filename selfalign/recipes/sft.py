@@ -12,10 +12,11 @@ from dataclasses import dataclass, field
 from typing import Literal
 
 from selfalign.config import config_to_dict
-from selfalign.data import Conversation, read_records, write_jsonl
+from selfalign.data import Conversation, read_records
 from selfalign.data.loaders import load_preference_pairs
 from selfalign.models import DEFAULT_MODEL
-from selfalign.recipes.common import data_file
+from selfalign.recipes import preflight
+from selfalign.recipes.common import data_file, write_data
 from selfalign.runs import Run
 from selfalign.training import SFTTrainConfig, train_sft
 
@@ -29,20 +30,26 @@ class Config:
     train: SFTTrainConfig = field(default_factory=SFTTrainConfig)
 
 
-def build_data(config: Config, out) -> dict:
+def check_inputs(config: Config) -> None:
+    """What the run needs besides its data, checked before the run folder is made (recipes/preflight.py)."""
+    preflight.model("model", config.model)
+
+
+def prepare_data(config: Config) -> tuple[dict[str, list], dict]:
     if config.data_format == "pairs":
-        pairs = load_preference_pairs(data_file(config.data), limit=config.limit)
+        pairs = load_preference_pairs(data_file(config.data, "data"), limit=config.limit)
         convs = [Conversation(p.id, p.messages + [{"role": "assistant", "content": p.chosen}]) for p in pairs]
     else:
-        convs = read_records(data_file(config.data), Conversation, limit=config.limit)
-    write_jsonl(out, convs)
-    return {"examples": len(convs), "path": str(out)}
+        convs = read_records(data_file(config.data, "data"), Conversation, limit=config.limit)
+    return {"sft.jsonl": convs}, {"examples": len(convs)}
 
 
 def run(config: Config, run_dir: str) -> dict:
+    check_inputs(config)
+    files, summary = prepare_data(config)  # read and checked before the run folder is made
     run = Run(run_dir, config_to_dict(config), "sft", seed=config.train.seed)
     data = run.path("data", "sft.jsonl")
-    run.stage("data", lambda: build_data(config, data))
+    run.stage("data", lambda: write_data(run, files, summary))
     result = run.stage("train", lambda: train_sft(config.model, read_records(data, Conversation), config.train,
                                                   run.path("train"), run.path("final")))
     run.record_model("final", run.path("final"))

@@ -27,13 +27,14 @@ import os
 from dataclasses import dataclass, field
 from typing import Literal
 
-from selfalign.config import config_to_dict
+from selfalign.config import config_error, config_to_dict
 from selfalign.data import PreferencePair, Prompt, read_records, write_jsonl
 from selfalign.data.loaders import load_preference_pairs, load_prompts
 from selfalign.evaluation.stage import EvalConfig, evaluate_checkpoint, write_summary
 from selfalign.generation import SamplingParams, generate_to_file, make_generator
 from selfalign.models import DEFAULT_MODEL
-from selfalign.recipes.common import data_file
+from selfalign.recipes import preflight
+from selfalign.recipes.common import data_file, write_data
 from selfalign.runs import Run
 from selfalign.training import DPOTrainConfig, train_dpo
 from selfalign.training.implicit_reward import label_samples_by_implicit_reward
@@ -87,25 +88,38 @@ class Config:
 
 
 # ------------------------------------------------------------------------------------------------ stages
-def build_data(config: Config, run: Run) -> dict:
-    seed = load_preference_pairs(data_file(config.seed_data), limit=config.seed_limit)
-    write_jsonl(run.path("data", "seed.jsonl"), seed)
+def check_inputs(config: Config) -> None:
+    """What the run needs besides its data, checked before the run folder is made (recipes/preflight.py)."""
+    if config.samples_per_prompt < 2:
+        raise config_error("samples_per_prompt", f"{config.samples_per_prompt}; a preference pair needs at least 2")
+    if config.samples_per_prompt > 2 and config.labeler != "implicit":
+        raise config_error("samples_per_prompt", f"{config.samples_per_prompt} needs labeler: implicit (a pairwise "
+                           f"judge '{config.labeler}' labels 2 answers per prompt)")
+    preflight.model("model", config.model)
+    preflight.backend("sampling.backend", config.sampling.backend)
+    if config.labeler != "implicit":
+        preflight.judge("labeler", config.labeler, config.labeler_options)
+    preflight.evaluation("eval", config.eval)
+
+
+def prepare_data(config: Config) -> tuple[dict[str, list], dict]:
+    """The labelled seed, and disjoint slices of the unlabelled prompts (none of the seed's) for the rounds."""
+    seed = load_preference_pairs(data_file(config.seed_data, "seed_data"), limit=config.seed_limit)
     seed_texts = {p.prompt.strip() for p in seed}
-    pool = [p for p in load_prompts(data_file(config.prompts))
+    pool = [p for p in load_prompts(data_file(config.prompts, "prompts"))
             if p.text.strip() not in seed_texts and (not config.prompt_sources or p.meta.get("source")
                                                       in config.prompt_sources)]
     import random
 
     random.Random(config.shuffle_seed).shuffle(pool)
     if sum(config.round_sizes) > len(pool):
-        from selfalign.errors import ConfigError
-
-        raise ConfigError(f"round_sizes ask for {sum(config.round_sizes)} prompts; only {len(pool)} are available")
-    start = 0
+        raise config_error("round_sizes", f"they ask for {sum(config.round_sizes)} prompts; only {len(pool)} are "
+                           "available")
+    files, start = {"seed.jsonl": seed}, 0
     for i, size in enumerate(config.round_sizes, start=1):
-        write_jsonl(run.path("data", f"round{i}_prompts.jsonl"), pool[start:start + size])
+        files[f"round{i}_prompts.jsonl"] = pool[start:start + size]
         start += size
-    return {"seed_pairs": len(seed), "pool": len(pool), "round_sizes": config.round_sizes}
+    return files, {"seed_pairs": len(seed), "pool": len(pool), "round_sizes": config.round_sizes}
 
 
 def generate(config: Config, run: Run, i: int, policy: str) -> dict:
@@ -215,13 +229,8 @@ def train_round(config: Config, run: Run, i: int, policy: str) -> dict:
 
 # ------------------------------------------------------------------------------------------------ pipeline
 def run(config: Config, run_dir: str) -> dict:
-    from selfalign.errors import ConfigError
-
-    if config.samples_per_prompt < 2:
-        raise ConfigError(f"samples_per_prompt: {config.samples_per_prompt}; a preference pair needs at least 2")
-    if config.samples_per_prompt > 2 and config.labeler != "implicit":
-        raise ConfigError(f"samples_per_prompt: {config.samples_per_prompt} needs labeler: implicit (a pairwise "
-                          f"judge '{config.labeler}' labels 2 answers per prompt)")
+    check_inputs(config)
+    files, summary = prepare_data(config)  # read and checked before the run folder is made
     run = Run(run_dir, config_to_dict(config), "spa", seed=config.round_train.seed)
     results: dict[str, dict] = {}
 
@@ -232,7 +241,7 @@ def run(config: Config, run_dir: str) -> dict:
             write_summary(run.path("eval"), results, f"SPA run {run.root.name}: AlpacaEval-style, "
                           f"{config.eval.instructions} instructions (seed {config.eval.seed}), judge {config.eval.judge}")
 
-    run.stage("data", lambda: build_data(config, run))
+    run.stage("data", lambda: write_data(run, files, summary))
     init = config.model
     evaluate("initial", init)
     run.stage("round0/train", lambda: train_dpo(init, read_records(run.path("data", "seed.jsonl"), PreferencePair),

@@ -39,7 +39,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Callable, Literal, Sequence
 
-from selfalign.config import config_to_dict
+from selfalign.config import config_error, config_to_dict
 from selfalign.critique import (ParsedCritique, insert_score_line, parse_critique, parse_followup_score,
                                 parse_score)
 from selfalign.data import Critique, PreferencePair, Prompt, Response, read_records, write_jsonl
@@ -47,7 +47,8 @@ from selfalign.data.loaders import load_prompts
 from selfalign.evaluation.stage import EvalConfig, eval_judge, evaluate_checkpoint, write_summary
 from selfalign.generation import Generator, SamplingParams, generate_to_file, make_generator
 from selfalign.models import DEFAULT_MODEL
-from selfalign.recipes.common import data_file
+from selfalign.recipes import preflight
+from selfalign.recipes.common import data_file, write_data
 from selfalign.recipes.srt_prompts import critique_prompt, training_conversation
 from selfalign.runs import Run
 from selfalign.training import DPOTrainConfig, SFTTrainConfig, train_dpo, train_sft
@@ -347,8 +348,18 @@ def self_refine(generator: Generator, prompts: Sequence[Prompt], params: Samplin
 
 
 # ------------------------------------------------------------------------------------------------ stages
-def build_data(config: Config, run: Run) -> dict:
-    pool = [p for p in load_prompts(data_file(config.prompts))
+def check_inputs(config: Config) -> None:
+    """What the run needs besides its data, checked before the run folder is made (recipes/preflight.py)."""
+    preflight.model("model", config.model)
+    preflight.backend("sampling.backend", config.sampling.backend)
+    c = config.critic
+    preflight.generator("critic", c.backend, c.model, c.base_url)
+    preflight.evaluation("eval", config.eval)
+
+
+def prepare_data(config: Config) -> tuple[dict[str, list], dict]:
+    """Disjoint single-turn prompt sets for stage 1 (critic) and stage 2 (self-refinement)."""
+    pool = [p for p in load_prompts(data_file(config.prompts, "prompts"))
             if len(p.messages) == 1 and (not config.prompt_sources or p.meta.get("source") in config.prompt_sources)]
     seen, unique = set(), []
     for p in pool:  # stage-2 prompts must be disjoint from stage 1's (§3.7 item 5): dedupe by text
@@ -359,12 +370,11 @@ def build_data(config: Config, run: Run) -> dict:
     random.Random(config.shuffle_seed).shuffle(unique)
     need = config.stage1_size + config.stage2_size
     if need > len(unique):
-        from selfalign.errors import ConfigError
-
-        raise ConfigError(f"stage1_size + stage2_size = {need} prompts; only {len(unique)} single-turn are available")
-    write_jsonl(run.path("data", "stage1_prompts.jsonl"), unique[:config.stage1_size])
-    write_jsonl(run.path("data", "stage2_prompts.jsonl"), unique[config.stage1_size:need])
-    return {"pool_single_turn_unique": len(unique), "stage1": config.stage1_size, "stage2": config.stage2_size}
+        raise config_error("stage2_size", f"stage1_size + stage2_size = {need} prompts; only {len(unique)} "
+                           "single-turn are available")
+    files = {"stage1_prompts.jsonl": unique[:config.stage1_size],
+             "stage2_prompts.jsonl": unique[config.stage1_size:need]}
+    return files, {"pool_single_turn_unique": len(unique), "stage1": config.stage1_size, "stage2": config.stage2_size}
 
 
 def answer(config: Config, run: Run, stage: str, model: str, label: str) -> dict:
@@ -517,6 +527,8 @@ def evaluate_self_refined(model_dir: str, label: str, config: EvalConfig, eval_r
 
 # ------------------------------------------------------------------------------------------------ pipeline
 def run(config: Config, run_dir: str) -> dict:
+    check_inputs(config)
+    files, summary = prepare_data(config)  # read and checked before the run folder is made
     run = Run(run_dir, config_to_dict(config), "srt", seed=config.stage1_train.seed)
     results: dict[str, dict] = {}
 
@@ -538,7 +550,7 @@ def run(config: Config, run_dir: str) -> dict:
                 config.eval_critique_max_new_tokens))
             write_summary(run.path("eval"), results, summary_title())
 
-    run.stage("data", lambda: build_data(config, run))
+    run.stage("data", lambda: write_data(run, files, summary))
     evaluate("base", config.model)
     run.stage("stage1/generate", lambda: answer(config, run, "stage1", config.model, "base"))
     run.stage("stage1/critique", lambda: critique_stage1(config, run))

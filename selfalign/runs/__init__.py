@@ -172,7 +172,8 @@ class Run:
                 changed = sorted(k for k in set(config) | set(self.manifest["config"])
                                  if config.get(k) != self.manifest["config"].get(k))
                 raise SelfalignError(f"{self.root}: config differs from the one this run started with "
-                                     f"(fields {', '.join(changed)}); use a new --run-dir")
+                                     f"(fields {', '.join(changed)}); use a new --run-dir, or the "
+                                     f"same config to resume")
             self.manifest.setdefault("resumed_at", []).append(time.strftime("%Y-%m-%dT%H:%M:%S"))
             started_in = self.manifest.get("cwd")
             if started_in and Path(started_in).resolve() != Path.cwd().resolve():

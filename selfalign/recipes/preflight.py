@@ -1,0 +1,90 @@
+"""Check a recipe's inputs before its run folder is made.
+
+A run folder is locked to the config it started with (a resumed run must never mix two configs), so an input the
+run cannot use has to fail before `Run(...)` writes the manifest. Otherwise a typo in a model name, found after the
+data stage, locks the folder to the typo and the fixed config needs a new --run-dir.
+
+Each recipe lists what it will read in its `check_inputs(config)`, with the config key each value came from; every
+check here raises a `ConfigError` tagged with that key, so the CLI can point at the config file's line or the
+`--set` that gave the value. Data files are parsed in full (their own errors already name file, line and field);
+models are resolved (a packaged GGUF is converted once, as the run would) but no weights are loaded.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+from typing import Callable
+
+from selfalign.data.loaders import load_preference_pairs, load_prompts
+from selfalign.config import config_error
+from selfalign.errors import SelfalignError
+from selfalign.evaluation.stage import EvalConfig
+from selfalign.recipes.common import data_file
+
+# a policy is trained, so it answers through a local backend; "openai" is for critics and judges only
+LOCAL_BACKENDS = ("auto", "lean", "transformers", "vllm")
+API_BACKEND = "openai"
+
+
+def model(key: str, spec: str) -> None:
+    """A local model spec resolves to weights on this machine (short name, folder, .gguf, cached hub id)."""
+    from selfalign.models import resolve_model
+
+    try:
+        resolve_model(spec)
+    except SelfalignError as e:
+        raise config_error(key, e) from None
+
+
+def backend(key: str, name: str, allowed: tuple[str, ...] = LOCAL_BACKENDS) -> None:
+    if name not in allowed:
+        raise config_error(key, f"unknown backend '{name}' here (choose from {', '.join(allowed)})")
+    if name == "vllm" and importlib.util.find_spec("vllm") is None:
+        raise config_error(key, "backend 'vllm' needs the vllm package (pip install vllm, on a CUDA machine)")
+
+
+def _data(key: str, path: str, load: Callable) -> None:
+    load(data_file(path, key))  # a DataError names the data file's own line and field: passed on as it is
+
+
+def prompts(key: str, path: str) -> None:
+    _data(key, path, load_prompts)
+
+
+def pairs(key: str, path: str) -> None:
+    _data(key, path, load_preference_pairs)
+
+
+def judge(key: str, name: str, options: dict) -> None:
+    from selfalign.judges import check_judge
+
+    try:
+        check_judge(name, options)
+    except SelfalignError as e:
+        raise config_error(key, e) from None
+
+
+def evaluation(key: str, config: EvalConfig) -> None:
+    """An `eval:` section: its backend and judge (nothing to check when it evaluates no instruction)."""
+    if config.instructions:
+        backend(f"{key}.backend", config.backend)
+        judge(f"{key}.judge", config.judge, config.judge_options)
+
+
+def generator(key: str, backend_name: str, model_spec: str, base_url: str | None) -> None:
+    """A model that only generates (a critic): local, or any OpenAI-compatible endpoint."""
+    backend(f"{key}.backend", backend_name, LOCAL_BACKENDS + (API_BACKEND,))
+    if backend_name == API_BACKEND:
+        if not base_url:
+            raise config_error(f"{key}.base_url", "the openai backend needs base_url (e.g. https://api.openai.com/v1)")
+        if not model_spec:
+            raise config_error(f"{key}.model", "the openai backend needs the served model's name")
+    else:
+        model(f"{key}.model", model_spec)
+
+
+def template(key: str, name: str, load: Callable[[str], str]) -> None:
+    try:
+        load(name)
+    except SelfalignError as e:
+        raise config_error(key, e) from None

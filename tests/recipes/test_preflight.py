@@ -1,0 +1,114 @@
+"""A recipe's inputs are checked before its run folder is made: a run folder is locked to the config it started
+with, so an input the run cannot use must fail before the manifest is written, or the fixed config would need a new
+--run-dir. Each failure is one line that points at the config file's line or the --set that gave the value."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from selfalign.cli import main
+from selfalign.config import config_error, load_config, locate_error
+from selfalign.recipes import dpo, preflight, seft, spa, srt
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def run_cli(recipe: str, config: Path | str, run_dir: Path, *overrides: str, capsys) -> tuple[int, str]:
+    argv = ["run", recipe, str(config), "--run-dir", str(run_dir)]
+    for o in overrides:
+        argv += ["--set", o]
+    rc = main(argv)
+    return rc, capsys.readouterr().err.strip()
+
+
+def smoke(recipe: str) -> Path:
+    return REPO / "configs" / f"{recipe}-smoke.yaml"
+
+
+def test_a_missing_model_fails_before_the_run_folder_exists_naming_the_override(tmp_path, capsys):
+    run_dir = tmp_path / "dpo"
+    rc, err = run_cli("dpo", smoke("dpo"), run_dir, "model=nope-model", capsys=capsys)
+    assert rc == 2
+    assert err.startswith("selfalign: error: --set model=nope-model: model: model 'nope-model' not found")
+    assert len(err.splitlines()) == 1
+    assert not run_dir.exists()  # nothing locks the folder: the fixed command can use the same --run-dir
+
+
+def test_an_error_in_the_file_names_its_line(tmp_path, capsys):
+    config = tmp_path / "spa.yaml"
+    text = smoke("spa").read_text().replace("model: smollm2-135m", "model: smollm2-135M")
+    config.write_text(text)
+    line = next(i for i, t in enumerate(text.splitlines(), 1) if t.startswith("model:"))
+    rc, err = run_cli("spa", config, tmp_path / "spa", capsys=capsys)
+    assert rc == 2 and err.startswith(f"selfalign: error: {config}:{line}: model: model 'smollm2-135M' not found")
+    assert not (tmp_path / "spa").exists()
+
+
+def test_data_problems_fail_before_the_run_folder_exists(tmp_path, capsys, data_dir):
+    bad = tmp_path / "prompts.jsonl"
+    rows = (data_dir / "prompts" / "unlabelled_pool.jsonl").read_text().splitlines()[:3]
+    bad.write_text("\n".join(rows) + '\n{"id": "no-text"}\n')
+    rc, err = run_cli("spa", smoke("spa"), tmp_path / "a", f"prompts={bad}", capsys=capsys)
+    assert rc == 2 and err == f"selfalign: error: {bad}:4: field 'prompt': missing required field (give 'prompt' " \
+                              "text or a 'messages' list)"
+    rc, err = run_cli("srt", smoke("srt"), tmp_path / "b", "prompts=nope.jsonl", capsys=capsys)
+    assert rc == 2 and err.startswith("selfalign: error: --set prompts=nope.jsonl: prompts: data file 'nope.jsonl' "
+                                      "not found")
+    # a size the data cannot give is found before the folder exists too (it used to fail in the data stage)
+    rc, err = run_cli("spa", smoke("spa"), tmp_path / "c", "round_sizes=[6000, 6000]", capsys=capsys)
+    assert rc == 2 and "round_sizes: they ask for 12000 prompts; only" in err
+    rc, err = run_cli("srt", smoke("srt"), tmp_path / "d", "stage2_size=20000", capsys=capsys)
+    assert rc == 2 and "stage2_size: stage1_size + stage2_size =" in err
+    assert not any((tmp_path / d).exists() for d in "abcd")
+
+
+def test_backends_judges_and_critics_are_checked_without_loading_weights(tmp_path, capsys):
+    cases = [
+        ("spa", ["sampling.backend=fast"], "--set sampling.backend=fast: sampling.backend: unknown backend 'fast'"),
+        ("spa", ["labeler=oracle"], "--set labeler=oracle: labeler: unknown judge 'oracle'"),
+        ("spa", ["labeler=local", "labeler_options.model=qwen9"], "labeler: model 'qwen9' not found"),
+        ("seft", ["eval.judge=api"], "--set eval.judge=api: eval.judge: the api judge needs base_url"),
+        ("seft", ["reviser.label_rule=judge", "reviser.label_judge=length", "reviser.label_judge_options.temp=1"],
+         "reviser.label_judge: judge 'length' has no option temp"),
+        ("seft", ["reviser.adaptive_template=nope.txt"], "reviser.adaptive_template: reviser template 'nope.txt'"),
+        ("srt", ["critic.backend=openai"], "srt-smoke.yaml:"),  # the critic section's line: base_url is not in it
+        ("srt", ["critic.model=nope-critic"], "--set critic.model=nope-critic: critic.model: model 'nope-critic'"),
+    ]
+    for i, (recipe, overrides, expected) in enumerate(cases):
+        rc, err = run_cli(recipe, smoke(recipe), tmp_path / str(i), *overrides, capsys=capsys)
+        assert rc == 2 and expected in err, (overrides, err)
+        assert len(err.splitlines()) == 1
+    assert "critic.base_url: the openai backend needs base_url" in run_cli(
+        "srt", smoke("srt"), tmp_path / "x", "critic.backend=openai", capsys=capsys)[1]
+    assert not list(tmp_path.iterdir())
+
+
+def test_the_shipped_configs_pass_their_checks(data_dir):
+    """Every smoke config's inputs exist on this machine: the checks refuse nothing a shipped config needs."""
+    for module in (dpo, spa, srt, seft):
+        name = module.__name__.rsplit(".", 1)[1]
+        config = load_config(module.Config, smoke(name))
+        module.check_inputs(config)
+        files, summary = module.prepare_data(config)
+        assert files and all(isinstance(records, list) for records in files.values())
+        json.dumps(summary)  # it goes into the manifest
+
+
+def test_an_evaluation_of_no_instructions_checks_no_judge():
+    preflight.evaluation("eval", spa.EvalConfig(instructions=0, judge="no-such-judge"))
+    with pytest.raises(Exception, match="eval.judge: unknown judge 'no-such-judge'"):
+        preflight.evaluation("eval", spa.EvalConfig(instructions=1, judge="no-such-judge"))
+
+
+def test_locate_error_places_a_keyed_error_like_load_config(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("model: m\ncritic:\n  backend: openai\n")
+    assert str(locate_error(config_error("critic.base_url", "missing"), path)) == \
+        f"{path}:2: critic.base_url: missing"  # no line of its own: its section's
+    assert str(locate_error(config_error("model", "x"), path, ["model=y"])) == "--set model=y: model: x"
+    assert str(locate_error(config_error("shuffle_seed", "x"), path)) == f"{path}: shuffle_seed: x"  # a default
+    plain = ValueError("not a config error")
+    assert locate_error(plain, path) is plain
