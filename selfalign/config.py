@@ -7,7 +7,12 @@ and wrongly typed values are errors that name the file and the key.
 
 from __future__ import annotations
 
+import ast
 import dataclasses
+import inspect
+import io
+import textwrap
+import tokenize
 import types
 import typing
 from pathlib import Path
@@ -221,3 +226,66 @@ def locate_error(error: ConfigError, path: str | Path | None, overrides: list[st
 
 def config_to_dict(cfg: Any) -> dict:
     return dataclasses.asdict(cfg)
+
+
+# ------------------------------------------------------------------------------------------------ annotated YAML
+def field_comments(cls: type) -> dict[str, str]:
+    """Field name -> its comment in the class source: the one on the field's own line(s), else the comment lines
+    right above it. The dataclasses document their fields this way (paper constants, [R] reconstructions), and
+    `annotated_yaml` shows those notes to users who never open the source."""
+    try:
+        source = textwrap.dedent(inspect.getsource(cls))
+    except (OSError, TypeError):  # no source shipped (a frozen app): values without notes
+        return {}
+    comments: dict[int, str] = {}
+    code_lines: set[int] = set()
+    for tok in tokenize.generate_tokens(io.StringIO(source).readline):
+        if tok.type == tokenize.COMMENT:
+            comments[tok.start[0]] = tok.string.lstrip("#").strip()
+        elif tok.type not in (tokenize.NL, tokenize.NEWLINE, tokenize.INDENT, tokenize.DEDENT, tokenize.ENDMARKER):
+            code_lines.update(range(tok.start[0], tok.end[0] + 1))
+    def block(start: int, step: int) -> list[int]:  # consecutive comment-only lines from `start` on
+        lines = []
+        while start in comments and start not in code_lines:
+            lines.append(start)
+            start += step
+        return lines
+
+    out = {}
+    for node in ast.parse(source).body[0].body:
+        if isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name):
+            own = [i for i in range(node.lineno, node.end_lineno + 1) if i in comments]
+            if own:  # a trailing comment continues on the comment-only lines under it
+                own += block(node.end_lineno + 1, 1)
+            above = sorted(block(node.lineno - 1, -1))
+            if above and above[0] - 1 in comments:  # ...that is the field above's continuation, not this one's
+                above = []
+            out[node.target.id] = " ".join(comments[i] for i in own or above)
+    return out
+
+
+def _yaml_value(value: Any) -> str:
+    text = yaml.safe_dump(value, default_flow_style=True, allow_unicode=True, width=1 << 20).strip()
+    return text[:-4].rstrip() if text.endswith("\n...") else text  # a bare scalar ends its document with "..."
+
+
+def annotated_yaml(cfg: Any, width: int = 120, _indent: str = "") -> str:
+    """`cfg` as a YAML config file, every key with its field's comment: what `selfalign run RECIPE --help` and
+    `--print-config` show. `load_config` reads it back to the same config."""
+    notes: dict[str, str] = {}
+    for base in reversed(type(cfg).__mro__):  # a subclass's own note wins
+        if dataclasses.is_dataclass(base):
+            notes.update(field_comments(base))
+    lines = []
+    for f in dataclasses.fields(cfg):
+        value = getattr(cfg, f.name)
+        head = f"{_indent}{f.name}:" if dataclasses.is_dataclass(value) else f"{_indent}{f.name}: {_yaml_value(value)}"
+        note = notes.get(f.name, "")
+        if note and len(head) + len(note) + 4 <= width:
+            head += f"  # {note}"
+        elif note:  # too long for one line: wrapped above the key
+            lines += textwrap.wrap(note, width, initial_indent=f"{_indent}# ", subsequent_indent=f"{_indent}# ")
+        lines.append(head)
+        if dataclasses.is_dataclass(value):
+            lines.append(annotated_yaml(value, width, _indent + "  "))
+    return "\n".join(lines)

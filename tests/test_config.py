@@ -36,3 +36,23 @@ def test_unknown_keys_and_bad_values_name_the_file_line_and_key_or_the_override(
     path.write_text("model: smollm2-135m\nseed_train: {epochs: 3}\n")  # the file is fine, the override is not
     with pytest.raises(ConfigError, match=r"^--set seed_train.learning_rate=-1: seed_train: learning_rate"):
         load_config(spa.Config, path, ["seed_train.learning_rate=-1"])
+
+
+def test_annotated_yaml_reads_back_to_the_same_config_with_each_fields_note(tmp_path):
+    from selfalign.config import annotated_yaml, field_comments
+
+    for module in (spa, srt):
+        text = annotated_yaml(module.Config())
+        path = tmp_path / "c.yaml"
+        path.write_text(text)
+        assert load_config(module.Config, path) == module.Config()
+        assert max(len(line) for line in text.splitlines()) <= 120
+    notes = field_comments(srt.Config)
+    assert notes["stage1_size"] == "paper: 25K Tulu-2 instructions (22K valid after filtering)"
+    # a trailing comment continued on the next line stays with its field, not the one below
+    assert notes["baseline_refinements"].endswith("with stage1_train's settings and the instruction masked; "
+                                                  "evaluated as sft_refinements")
+    assert notes["eval"] == ""
+    assert field_comments(srt.CriticConfig)["model"].startswith("paper: gpt-4-1106-preview")
+    # a comment block above a field is its note when no field above continues into it
+    assert "follow-up turn" in field_comments(srt.CritiqueConfig)["score_followup"]

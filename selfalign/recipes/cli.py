@@ -1,23 +1,48 @@
-"""`selfalign run RECIPE CONFIG --run-dir DIR [--set key=value ...]`."""
+"""`selfalign run RECIPE CONFIG --run-dir DIR [--set key=value ...] [--print-config]`.
+
+Each recipe has its own help: its pipeline (the module docstring), its shipped configs, and every config key with
+its default and the note from its dataclass field (`selfalign run spa --help`)."""
 
 from __future__ import annotations
 
+import argparse
 import json
 
 
 def cmd_run(args) -> int:
     from selfalign import recipes
-    from selfalign.config import load_config, locate_error
+    from selfalign.config import annotated_yaml, load_config, locate_error
     from selfalign.errors import ConfigError
 
     module = recipes.get(args.recipe)
-    config = load_config(module.Config, args.config, args.set)
+    path = recipes.config_path(args.config)
+    config = load_config(module.Config, path, args.set)
+    if args.print_config:  # the effective config (file + overrides), as a file that reproduces it
+        print(f"# selfalign run {args.recipe}: {path}" + "".join(f" --set {o}" for o in args.set))
+        print(annotated_yaml(config))
+        return 0
+    if not args.run_dir:
+        raise ConfigError("--run-dir is required (the folder the run writes and resumes from)")
     try:
         summary = module.run(config, args.run_dir)
     except ConfigError as e:  # e.g. a model that is not on this machine: point at the line or --set that named it
-        raise locate_error(e, args.config, args.set) from None
+        raise locate_error(e, path, args.set) from None
     print(json.dumps(summary, indent=2, default=str))
     return 0
+
+
+def _recipe_help(name: str, module) -> tuple[str, str]:
+    """(description, epilog) of `selfalign run NAME --help`."""
+    from selfalign import recipes
+    from selfalign.config import annotated_yaml
+
+    doc = (module.__doc__ or "").strip()
+    shipped = ", ".join(recipes.shipped_configs(name)) or "none"
+    epilog = (f"shipped configs (give the name as CONFIG): {shipped}\n\n"
+              f"config keys with their defaults (the paper's constants; [R] = reconstructed, see METHODS.md), as a "
+              f"YAML file;\nset them in CONFIG or with --set KEY=VALUE (dotted for sections):\n\n"
+              + annotated_yaml(module.Config()))
+    return doc, epilog
 
 
 def register(sub) -> None:
@@ -29,10 +54,23 @@ def register(sub) -> None:
     p = sub.add_parser("run", help="run a recipe (" + ", ".join(names) + ") from a YAML config into a run folder",
                        description="Run a recipe into a run folder. The folder holds manifest.json (config, versions, "
                        "seeds, model hashes), one artifact per stage, and the final model in DIR/final/. Killed runs "
-                       "resume: run the same command again.")
-    p.add_argument("recipe", choices=names)
-    p.add_argument("config", help="YAML config (see configs/<recipe>.yaml and configs/<recipe>-smoke.yaml)")
-    p.add_argument("--run-dir", required=True, help="run folder (created, or resumed if it exists)")
-    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                   help="override any config field, dotted for sections (e.g. --set train.learning_rate=1e-5)")
-    p.set_defaults(fn=cmd_run)
+                       "resume: run the same command again. `selfalign run RECIPE --help` lists the recipe's "
+                       "pipeline and every config key with its default.")
+    per_recipe = p.add_subparsers(dest="recipe", required=True, metavar="RECIPE")
+    for name in names:
+        module = recipes.get(name)
+        description, epilog = _recipe_help(name, module)
+        summary = " ".join(description.split("\n\n")[0].split())  # the docstring's first paragraph
+        r = per_recipe.add_parser(name, help=summary or name,
+                                  description=description, epilog=epilog,
+                                  formatter_class=argparse.RawDescriptionHelpFormatter)
+        r.add_argument("config", metavar="CONFIG",
+                       help=f"YAML config: a path, or a shipped config's name ({', '.join(recipes.shipped_configs(name))})")
+        r.add_argument("--run-dir", help="run folder (created, or resumed if it exists); required unless "
+                       "--print-config")
+        r.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                       help="override any config field, dotted for sections (e.g. --set train.learning_rate=1e-5)")
+        r.add_argument("--print-config", action="store_true",
+                       help="print the effective config (CONFIG with every --set applied, each key with its note) as "
+                       "YAML and exit; save it to start your own config")
+        r.set_defaults(fn=cmd_run)
