@@ -64,8 +64,8 @@ def register(sub) -> None:
         r = per_recipe.add_parser(name, help=summary or name,
                                   description=description, epilog=epilog,
                                   formatter_class=argparse.RawDescriptionHelpFormatter)
-        r.add_argument("config", metavar="CONFIG",
-                       help=f"YAML config: a path, or a shipped config's name ({', '.join(recipes.shipped_configs(name))})")
+        shipped = ", ".join(recipes.shipped_configs(name))
+        r.add_argument("config", metavar="CONFIG", help=f"YAML config: a path, or a shipped config's name ({shipped})")
         r.add_argument("--run-dir", help="run folder (created, or resumed if it exists); required unless "
                        "--print-config")
         r.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
