@@ -174,10 +174,13 @@ def load_config(cls: type[T], path: str | Path | None = None, overrides: list[st
     lines: dict[str, int] = {}
     if path is not None:
         p = Path(path)
-        if not p.exists():
-            raise ConfigError(f"{p}: config file not found")
+        if not p.is_file():
+            raise ConfigError(f"{p}: config file not found" if not p.exists() else f"{p}: not a file")
         try:
-            text = p.read_text()
+            text = p.read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError) as e:
+            raise ConfigError(f"{p}: cannot read the config ({e})") from None
+        try:
             data = yaml.safe_load(text) or {}
             lines = _key_lines(text)
         except yaml.YAMLError as e:
@@ -230,9 +233,11 @@ def config_to_dict(cfg: Any) -> dict:
 
 # ------------------------------------------------------------------------------------------------ annotated YAML
 def field_comments(cls: type) -> dict[str, str]:
-    """Field name -> its comment in the class source: the one on the field's own line(s), else the comment lines
-    right above it. The dataclasses document their fields this way (paper constants, [R] reconstructions), and
-    `annotated_yaml` shows those notes to users who never open the source."""
+    """Field name -> its comment in the class source: the one on the field's own line(s), continued on the
+    comment-only lines right under it, else the comment lines right above the field. So a note written above a field
+    is set off from a commented field before it by a blank line. The dataclasses document their fields this way
+    (paper constants, [R] reconstructions), and `annotated_yaml` shows those notes to users who never open the
+    source."""
     try:
         source = textwrap.dedent(inspect.getsource(cls))
     except (OSError, TypeError):  # no source shipped (a frozen app): values without notes
@@ -244,6 +249,7 @@ def field_comments(cls: type) -> dict[str, str]:
             comments[tok.start[0]] = tok.string.lstrip("#").strip()
         elif tok.type not in (tokenize.NL, tokenize.NEWLINE, tokenize.INDENT, tokenize.DEDENT, tokenize.ENDMARKER):
             code_lines.update(range(tok.start[0], tok.end[0] + 1))
+
     def block(start: int, step: int) -> list[int]:  # consecutive comment-only lines from `start` on
         lines = []
         while start in comments and start not in code_lines:
@@ -269,9 +275,13 @@ def _yaml_value(value: Any) -> str:
     return text[:-4].rstrip() if text.endswith("\n...") else text  # a bare scalar ends its document with "..."
 
 
-def annotated_yaml(cfg: Any, width: int = 120, _indent: str = "") -> str:
+def annotated_yaml(cfg: Any, width: int = 120) -> str:
     """`cfg` as a YAML config file, every key with its field's comment: what `selfalign run RECIPE --help` and
     `--print-config` show. `load_config` reads it back to the same config."""
+    return _annotated(cfg, width, "")
+
+
+def _annotated(cfg: Any, width: int, indent: str) -> str:
     notes: dict[str, str] = {}
     for base in reversed(type(cfg).__mro__):  # a subclass's own note wins
         if dataclasses.is_dataclass(base):
@@ -279,13 +289,13 @@ def annotated_yaml(cfg: Any, width: int = 120, _indent: str = "") -> str:
     lines = []
     for f in dataclasses.fields(cfg):
         value = getattr(cfg, f.name)
-        head = f"{_indent}{f.name}:" if dataclasses.is_dataclass(value) else f"{_indent}{f.name}: {_yaml_value(value)}"
+        head = f"{indent}{f.name}:" if dataclasses.is_dataclass(value) else f"{indent}{f.name}: {_yaml_value(value)}"
         note = notes.get(f.name, "")
         if note and len(head) + len(note) + 4 <= width:
             head += f"  # {note}"
         elif note:  # too long for one line: wrapped above the key
-            lines += textwrap.wrap(note, width, initial_indent=f"{_indent}# ", subsequent_indent=f"{_indent}# ")
+            lines += textwrap.wrap(note, width, initial_indent=f"{indent}# ", subsequent_indent=f"{indent}# ")
         lines.append(head)
         if dataclasses.is_dataclass(value):
-            lines.append(annotated_yaml(value, width, _indent + "  "))
+            lines.append(_annotated(value, width, indent + "  "))
     return "\n".join(lines)

@@ -54,5 +54,10 @@ def test_annotated_yaml_reads_back_to_the_same_config_with_each_fields_note(tmp_
                                                   "evaluated as sft_refinements")
     assert notes["eval"] == ""
     assert field_comments(srt.CriticConfig)["model"].startswith("paper: gpt-4-1106-preview")
-    # a comment block above a field is its note when no field above continues into it
+    # a comment block above a field is its note when no field above continues into it (set off by a blank line)
     assert "follow-up turn" in field_comments(srt.CritiqueConfig)["score_followup"]
+    critique = field_comments(srt.CritiqueConfig)
+    assert critique["drop_truncated"] == "a critique cut off at max_new_tokens has an incomplete refinement"
+    assert critique["batch_size"].startswith("local backend: sequences decoded together")
+    assert field_comments(spa.Config)["lambdas"] == "λ per round (last one repeats)"
+    assert field_comments(spa.Config)["seed_train"].startswith("the SPA code's DPO")

@@ -83,5 +83,30 @@ def make_generator(backend: str = "auto", model: str | None = None, **options) -
     raise SelfalignError(f"unknown generation backend '{backend}' (choose from {', '.join(BACKENDS)})")
 
 
+def check_backend_options(backend: str, options: dict) -> None:
+    """Refuse option names that make_generator(backend, ...) would not take, before anything loads: a typo in a
+    recipe's critic options would otherwise surface as a TypeError when the critic stage starts, hours in. vLLM
+    hands every other option to its engine, so its options are not checked here."""
+    import inspect
+
+    from selfalign.errors import SelfalignError
+
+    if backend in ("auto", "lean", "transformers"):
+        from selfalign.generation.transformers_backend import TransformersGenerator as cls
+
+        extra = {"max_cache_gb"}  # make_generator's own, for the lean loop
+    elif backend == "openai":
+        from selfalign.generation.openai_backend import OpenAIGenerator as cls
+
+        extra = set()
+    else:
+        return
+    allowed = (set(inspect.signature(cls.__init__).parameters) | extra) - {"self", "model", "model_obj", "tokenizer"}
+    unknown = sorted(set(options) - allowed)
+    if unknown:
+        raise SelfalignError(f"backend '{backend}' has no option {', '.join(unknown)} (options: "
+                             f"{', '.join(sorted(allowed))})")
+
+
 __all__ = ["BACKENDS", "DEFAULT_BATCH_SIZE", "LEAN_CUDA_BATCH_SIZE", "Generator", "SamplingParams", "auto_backend",
-           "default_batch_size", "generate_to_file", "make_generator", "response_key"]
+           "check_backend_options", "default_batch_size", "generate_to_file", "make_generator", "response_key"]

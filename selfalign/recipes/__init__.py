@@ -54,7 +54,7 @@ def shipped_configs(recipe: str | None = None) -> list[str]:
 def config_path(spec: str | Path) -> Path:
     """A config file: a path, else a shipped config's name (`spa-smoke`, or `spa-smoke.yaml`)."""
     path = Path(spec)
-    if path.exists():
+    if path.is_file():  # (a run folder named like a shipped config, e.g. --run-dir spa-smoke, is not one)
         return path
     shipped = CONFIG_DIR / (path.name if path.suffix == ".yaml" else f"{path.name}.yaml")
     if len(path.parts) == 1 and shipped.exists():

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shlex
 
 
 def cmd_run(args) -> int:
@@ -18,7 +19,7 @@ def cmd_run(args) -> int:
     path = recipes.config_path(args.config)
     config = load_config(module.Config, path, args.set)
     if args.print_config:  # the effective config (file + overrides), as a file that reproduces it
-        print(f"# selfalign run {args.recipe}: {path}" + "".join(f" --set {o}" for o in args.set))
+        print(f"# selfalign run {args.recipe} " + shlex.join([str(path)] + [a for o in args.set for a in ("--set", o)]))
         print(annotated_yaml(config))
         return 0
     if not args.run_dir:

@@ -12,12 +12,11 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from selfalign.config import config_to_dict
 from selfalign.data import PreferencePair, read_records, write_json
 from selfalign.data.loaders import load_preference_pairs
 from selfalign.models import DEFAULT_MODEL
 from selfalign.recipes import preflight
-from selfalign.recipes.common import data_file, write_data
+from selfalign.recipes.common import data_file, start_run
 from selfalign.runs import Run
 from selfalign.training import DPOTrainConfig, train_dpo
 from selfalign.training.evaluate import preference_metrics
@@ -53,10 +52,7 @@ def evaluate(config: Config, run: Run) -> dict:
 
 
 def run(config: Config, run_dir: str) -> dict:
-    check_inputs(config)
-    files, summary = prepare_data(config)  # read and checked before the run folder is made
-    run = Run(run_dir, config_to_dict(config), "dpo", seed=config.train.seed)
-    run.stage("data", lambda: write_data(run, files, summary))
+    run = start_run(run_dir, config, "dpo", config.train.seed, check_inputs, prepare_data)
     result = run.stage("train", lambda: train_dpo(config.model, read_records(run.path("data", "train.jsonl"),
                                                                              PreferencePair),
                                                   config.train, run.path("train"), run.path("final")))

@@ -71,16 +71,25 @@ def evaluation(key: str, config: EvalConfig) -> None:
         judge(f"{key}.judge", config.judge, config.judge_options)
 
 
-def generator(key: str, backend_name: str, model_spec: str, base_url: str | None) -> None:
-    """A model that only generates (a critic): local, or any OpenAI-compatible endpoint."""
+def generator(key: str, backend_name: str, model_spec: str, options: dict, base_url: str | None = None,
+              api_key_env: str | None = None) -> None:
+    """A model that only generates (a critic): local, or any OpenAI-compatible endpoint (built here, which checks
+    its URL and contacts nothing; without a model name it asks for the endpoint's first model)."""
+    from selfalign.generation import check_backend_options, make_generator
+
     backend(f"{key}.backend", backend_name, LOCAL_BACKENDS + (API_BACKEND,))
-    if backend_name == API_BACKEND:
-        if not base_url:
-            raise config_error(f"{key}.base_url", "the openai backend needs base_url (e.g. https://api.openai.com/v1)")
-        if not model_spec:
-            raise config_error(f"{key}.model", "the openai backend needs the served model's name")
-    else:
+    try:
+        check_backend_options(backend_name, options)
+    except SelfalignError as e:
+        raise config_error(f"{key}.options", e) from None
+    if backend_name != API_BACKEND:
         model(f"{key}.model", model_spec)
+        return
+    try:
+        make_generator(API_BACKEND, model=model_spec or None, base_url=base_url, api_key_env=api_key_env,
+                       **options).close()
+    except SelfalignError as e:
+        raise config_error(f"{key}.base_url", e) from None
 
 
 def template(key: str, name: str, load: Callable[[str], str]) -> None:

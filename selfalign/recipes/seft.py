@@ -32,7 +32,7 @@ import random
 from dataclasses import dataclass, field
 from typing import Literal
 
-from selfalign.config import config_error, config_to_dict
+from selfalign.config import config_error
 from selfalign.data import Conversation, PreferencePair, Prompt, Response, Revision, read_records, write_jsonl
 from selfalign.data.loaders import load_preference_pairs, load_prompts
 from selfalign.errors import ConfigError
@@ -40,7 +40,7 @@ from selfalign.evaluation.stage import EvalConfig, evaluate_checkpoint, write_su
 from selfalign.generation import SamplingParams, generate_to_file, make_generator
 from selfalign.models import DEFAULT_MODEL
 from selfalign.recipes import preflight
-from selfalign.recipes.common import data_file, write_data
+from selfalign.recipes.common import data_file, start_run
 from selfalign.runs import Run
 from selfalign.training import SFTTrainConfig, train_sft
 
@@ -92,6 +92,7 @@ class ReviserEvalConfig:
     """The reviser's own quality on preference pairs it never saw: does it improve the weaker answer, and does it
     leave the stronger one alone? (not part of SEFT; evidence for issue #7)"""
     pairs: int = 64  # held-out pairs (0: no reviser/quality stage)
+
     # held apart from the reviser's train_1k file (and from the reward judge's training pairs); with the reviser's
     # own file, only pairs beyond its slice are taken
     data: str = "preferences/ultrafeedback_binarized_eval_200.jsonl"
@@ -140,9 +141,8 @@ def check_inputs(config: Config) -> None:
     if rc.label_rule == "judge":
         preflight.judge("reviser.label_judge", rc.label_judge, rc.label_judge_options)
     preflight.evaluation("eval", config.eval)
-    if config.reviser_eval.pairs:  # the reviser's quality stage judges with eval's judge
+    if config.reviser_eval.pairs and not config.eval.instructions:  # the reviser's quality stage judges with eval's
         preflight.judge("eval.judge", config.eval.judge, config.eval.judge_options)
-        preflight.pairs("reviser_eval.data", config.reviser_eval.data)
 
 
 def prepare_data(config: Config) -> tuple[dict[str, list], dict]:
@@ -162,6 +162,8 @@ def prepare_data(config: Config) -> tuple[dict[str, list], dict]:
     if not pairs:
         raise config_error("reviser.max_pair_tokens", "no reviser pairs left after filtering (too small?)")
     files["reviser_pairs.jsonl"] = pairs
+    if config.reviser_eval.pairs:  # the reviser's quality stage comes after its training: count its pairs now
+        held_out_pairs(config, pairs)
     exclude = {p.prompt.strip() for p in all_pairs}  # every prompt of the reviser's file, used or not
 
     ext_rounds = [i for i in range(1, len(config.round_sizes) + 1) if not ext.rounds or i in ext.rounds]
@@ -237,12 +239,14 @@ def train_adaptive(config: Config, run: Run, init: str) -> dict:
 
 
 # ------------------------------------------------------------------------------------------------ reviser quality
-def held_out_pairs(config: Config, run: Run) -> list[PreferencePair]:
-    """`reviser_eval.pairs` pairs the reviser never trained on: no prompt of data/reviser_pairs.jsonl, a real
-    preference (chosen != rejected, both non-empty), and within the reviser's length filter like its training pairs."""
+def held_out_pairs(config: Config, trained: list[PreferencePair]) -> list[PreferencePair]:
+    """`reviser_eval.pairs` pairs the reviser never trained on: no prompt of `trained` (data/reviser_pairs.jsonl), a
+    real preference (chosen != rejected, both non-empty), and within the reviser's length filter like its training
+    pairs."""
     rc, qc = config.reviser, config.reviser_eval
-    trained = {p.prompt.strip() for p in read_records(run.path("data", "reviser_pairs.jsonl"), PreferencePair)}
-    pairs = [p for p in load_preference_pairs(data_file(qc.data)) if p.prompt.strip() not in trained
+    trained_prompts = {p.prompt.strip() for p in trained}
+    pairs = [p for p in load_preference_pairs(data_file(qc.data, "reviser_eval.data"))
+             if p.prompt.strip() not in trained_prompts
              and p.chosen.strip() and p.rejected.strip() and p.chosen.strip() != p.rejected.strip()]
     if rc.max_pair_tokens:
         from selfalign.models import load_tokenizer
@@ -251,7 +255,8 @@ def held_out_pairs(config: Config, run: Run) -> list[PreferencePair]:
         pairs = [p for p in pairs if _fits(tok, p, rc.max_pair_tokens)]
     random.Random(config.shuffle_seed + 2).shuffle(pairs)  # + 2: not the reviser's or the external shuffle
     if len(pairs) < qc.pairs:
-        raise ConfigError(f"reviser_eval asks for {qc.pairs} held-out pairs; {qc.data} has {len(pairs)} usable")
+        raise config_error("reviser_eval.pairs", f"{qc.pairs} held-out pairs asked for; {qc.data} has {len(pairs)} "
+                           "usable")
     return pairs[:qc.pairs]
 
 
@@ -267,7 +272,7 @@ def reviser_quality(config: Config, run: Run, reviser: str) -> dict:
     from selfalign.judges.base import PairwiseItem
     from selfalign.reviser import revision_stats
 
-    pairs = held_out_pairs(config, run)
+    pairs = held_out_pairs(config, read_records(run.path("data", "reviser_pairs.jsonl"), PreferencePair))
     write_jsonl(run.path("reviser", "quality", "pairs.jsonl"), pairs)
     inputs = [Response(prompt_id=f"{p.id}:{side}", messages=p.messages, response=getattr(p, side),
                        model=f"{config.reviser_eval.data}:{side}", meta={"origin": side})
@@ -444,9 +449,7 @@ def write_revision_summary(run: Run, rows: dict[str, dict]) -> None:
 
 # ------------------------------------------------------------------------------------------------ pipeline
 def run(config: Config, run_dir: str) -> dict:
-    check_inputs(config)
-    files, summary = prepare_data(config)  # read and checked before the run folder is made
-    run = Run(run_dir, config_to_dict(config), "seft", seed=config.round_train.seed)
+    run = start_run(run_dir, config, "seft", config.round_train.seed, check_inputs, prepare_data)
     results: dict[str, dict] = {}
 
     def evaluate(label: str, model: str) -> None:  # after every round, collected into one table per run
@@ -457,7 +460,6 @@ def run(config: Config, run_dir: str) -> dict:
                           f"{config.eval.instructions} instructions (seed {config.eval.seed}), judge {config.eval.judge}")
 
     rc = config.reviser
-    run.stage("data", lambda: write_data(run, files, summary))
     run.stage("reviser/labels", lambda: build_labels(config, run))
     if rc.warmup:
         run.stage("reviser/warmup", lambda: train_warmup(config, run))

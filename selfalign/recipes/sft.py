@@ -11,13 +11,11 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Literal
 
-from selfalign.config import config_to_dict
 from selfalign.data import Conversation, read_records
 from selfalign.data.loaders import load_preference_pairs
 from selfalign.models import DEFAULT_MODEL
 from selfalign.recipes import preflight
-from selfalign.recipes.common import data_file, write_data
-from selfalign.runs import Run
+from selfalign.recipes.common import data_file, start_run
 from selfalign.training import SFTTrainConfig, train_sft
 
 
@@ -45,11 +43,8 @@ def prepare_data(config: Config) -> tuple[dict[str, list], dict]:
 
 
 def run(config: Config, run_dir: str) -> dict:
-    check_inputs(config)
-    files, summary = prepare_data(config)  # read and checked before the run folder is made
-    run = Run(run_dir, config_to_dict(config), "sft", seed=config.train.seed)
+    run = start_run(run_dir, config, "sft", config.train.seed, check_inputs, prepare_data)
     data = run.path("data", "sft.jsonl")
-    run.stage("data", lambda: write_data(run, files, summary))
     result = run.stage("train", lambda: train_sft(config.model, read_records(data, Conversation), config.train,
                                                   run.path("train"), run.path("final")))
     run.record_model("final", run.path("final"))

@@ -27,14 +27,14 @@ import os
 from dataclasses import dataclass, field
 from typing import Literal
 
-from selfalign.config import config_error, config_to_dict
+from selfalign.config import config_error
 from selfalign.data import PreferencePair, Prompt, read_records, write_jsonl
 from selfalign.data.loaders import load_preference_pairs, load_prompts
 from selfalign.evaluation.stage import EvalConfig, evaluate_checkpoint, write_summary
 from selfalign.generation import SamplingParams, generate_to_file, make_generator
 from selfalign.models import DEFAULT_MODEL
 from selfalign.recipes import preflight
-from selfalign.recipes.common import data_file, write_data
+from selfalign.recipes.common import data_file, start_run
 from selfalign.runs import Run
 from selfalign.training import DPOTrainConfig, train_dpo
 from selfalign.training.implicit_reward import label_samples_by_implicit_reward
@@ -78,6 +78,7 @@ class Config:
     self_refinement: SelfRefinementConfig = field(default_factory=SelfRefinementConfig)
     decoupled_noise_detection: bool = True
     lambdas: list[float] = field(default_factory=lambda: [0.5, 0.25, 0.125])  # λ per round (last one repeats)
+
     # the SPA code's DPO: lr 5e-7 cosine, 10% warm-up, global batch 32, lengths 2048 / 1024; seed 3 epochs, rounds 1
     seed_train: DPOTrainConfig = field(default_factory=lambda: DPOTrainConfig(
         epochs=3, batch_size=4, grad_accum=8, max_length=2048, max_prompt_length=1024))
@@ -229,9 +230,7 @@ def train_round(config: Config, run: Run, i: int, policy: str) -> dict:
 
 # ------------------------------------------------------------------------------------------------ pipeline
 def run(config: Config, run_dir: str) -> dict:
-    check_inputs(config)
-    files, summary = prepare_data(config)  # read and checked before the run folder is made
-    run = Run(run_dir, config_to_dict(config), "spa", seed=config.round_train.seed)
+    run = start_run(run_dir, config, "spa", config.round_train.seed, check_inputs, prepare_data)
     results: dict[str, dict] = {}
 
     def evaluate(label: str, model: str) -> None:  # after every round, collected into one table per run
@@ -241,7 +240,6 @@ def run(config: Config, run_dir: str) -> dict:
             write_summary(run.path("eval"), results, f"SPA run {run.root.name}: AlpacaEval-style, "
                           f"{config.eval.instructions} instructions (seed {config.eval.seed}), judge {config.eval.judge}")
 
-    run.stage("data", lambda: write_data(run, files, summary))
     init = config.model
     evaluate("initial", init)
     run.stage("round0/train", lambda: train_dpo(init, read_records(run.path("data", "seed.jsonl"), PreferencePair),

@@ -39,7 +39,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Callable, Literal, Sequence
 
-from selfalign.config import config_error, config_to_dict
+from selfalign.config import config_error
 from selfalign.critique import (ParsedCritique, insert_score_line, parse_critique, parse_followup_score,
                                 parse_score)
 from selfalign.data import Critique, PreferencePair, Prompt, Response, read_records, write_jsonl
@@ -48,7 +48,7 @@ from selfalign.evaluation.stage import EvalConfig, eval_judge, evaluate_checkpoi
 from selfalign.generation import Generator, SamplingParams, generate_to_file, make_generator
 from selfalign.models import DEFAULT_MODEL
 from selfalign.recipes import preflight
-from selfalign.recipes.common import data_file, write_data
+from selfalign.recipes.common import data_file, start_run
 from selfalign.recipes.srt_prompts import critique_prompt, training_conversation
 from selfalign.runs import Run
 from selfalign.training import DPOTrainConfig, SFTTrainConfig, train_dpo, train_sft
@@ -74,6 +74,7 @@ class CritiqueConfig:
     retries: int = 2  # [R] re-samples of a malformed critique before it is dropped
     retry_temperature: float = 0.3  # [R] a retry at T = 0 would repeat the same text on a local model
     drop_truncated: bool = True  # a critique cut off at max_new_tokens has an incomplete refinement
+
     # local backend: sequences decoded together; None: the backend's default (make_generator), capped by free memory.
     # A 1.5B critic on the lean backend decodes 6.5 tokens/s at 8 rows and 26.7 at 64 (benchmarks/RESULTS.md)
     batch_size: int | None = None
@@ -353,7 +354,7 @@ def check_inputs(config: Config) -> None:
     preflight.model("model", config.model)
     preflight.backend("sampling.backend", config.sampling.backend)
     c = config.critic
-    preflight.generator("critic", c.backend, c.model, c.base_url)
+    preflight.generator("critic", c.backend, c.model, c.options, c.base_url, c.api_key_env)
     preflight.evaluation("eval", config.eval)
 
 
@@ -527,9 +528,7 @@ def evaluate_self_refined(model_dir: str, label: str, config: EvalConfig, eval_r
 
 # ------------------------------------------------------------------------------------------------ pipeline
 def run(config: Config, run_dir: str) -> dict:
-    check_inputs(config)
-    files, summary = prepare_data(config)  # read and checked before the run folder is made
-    run = Run(run_dir, config_to_dict(config), "srt", seed=config.stage1_train.seed)
+    run = start_run(run_dir, config, "srt", config.stage1_train.seed, check_inputs, prepare_data)
     results: dict[str, dict] = {}
 
     def summary_title() -> str:
@@ -550,7 +549,6 @@ def run(config: Config, run_dir: str) -> dict:
                 config.eval_critique_max_new_tokens))
             write_summary(run.path("eval"), results, summary_title())
 
-    run.stage("data", lambda: write_data(run, files, summary))
     evaluate("base", config.model)
     run.stage("stage1/generate", lambda: answer(config, run, "stage1", config.model, "base"))
     run.stage("stage1/critique", lambda: critique_stage1(config, run))

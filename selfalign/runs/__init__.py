@@ -156,6 +156,14 @@ def environment_versions() -> dict:
     return versions
 
 
+def stage_done(root: str | Path, name: str) -> bool:
+    """Whether run folder `root` has finished stage `name` (False when there is no run there yet)."""
+    path = Path(root) / "manifest.json"
+    if not path.exists():
+        return False
+    return json.loads(path.read_text()).get("stages", {}).get(name, {}).get("status") == "done"
+
+
 class Run:
     """A run folder. Recipes call `run.stage(name, fn)`; the run decides whether fn runs."""
 

@@ -81,9 +81,46 @@ def test_backends_judges_and_critics_are_checked_without_loading_weights(tmp_pat
         rc, err = run_cli(recipe, smoke(recipe), tmp_path / str(i), *overrides, capsys=capsys)
         assert rc == 2 and expected in err, (overrides, err)
         assert len(err.splitlines()) == 1
-    assert "critic.base_url: the openai backend needs base_url" in run_cli(
+    assert "critic.base_url: the openai backend needs an http(s) base URL" in run_cli(
         "srt", smoke("srt"), tmp_path / "x", "critic.backend=openai", capsys=capsys)[1]
+    assert "--set critic.base_url=localhost:8000/v1: critic.base_url: the openai backend needs an http(s) base URL" \
+        in run_cli("srt", smoke("srt"), tmp_path / "y", "critic.backend=openai", "critic.base_url=localhost:8000/v1",
+                   capsys=capsys)[1]
+    rc, err = run_cli("srt", smoke("srt"), tmp_path / "z", "critic.options={concurency: 4}", capsys=capsys)
+    assert rc == 2 and "critic.options: backend 'auto' has no option concurency (options: batch_size, " in err
+    rc, err = run_cli("srt", smoke("srt"), tmp_path / "z", "critic.backend=openai", "critic.base_url=http://h/v1",
+                      "critic.options={concurency: 4}", capsys=capsys)
+    assert rc == 2 and "critic.options: backend 'openai' has no option concurency (options: api_key_env," in err
+    # an API critic that is spelled right passes its checks without contacting the endpoint (none listens there)
+    config = load_config(srt.Config, smoke("srt"), ["critic.backend=openai", "critic.base_url=http://127.0.0.1:9/v1",
+                                                   "critic.options={concurrency: 2}"])
+    srt.check_inputs(config)
+    # the reviser's quality stage comes after hours of reviser training: its pair count is checked up front
+    rc, err = run_cli("seft", smoke("seft"), tmp_path / "q", "reviser_eval.pairs=500", capsys=capsys)
+    assert rc == 2 and "--set reviser_eval.pairs=500: reviser_eval.pairs: 500 held-out pairs asked for;" in err
     assert not list(tmp_path.iterdir())
+
+
+def test_a_resume_from_elsewhere_does_not_read_the_data_files_again(tmp_path, capsys, monkeypatch, data_dir):
+    """A run whose data stage is done has its splits on disk: a data path relative to where it started need not
+    resolve from where it resumes (before the check-first change, resuming never read them)."""
+    from selfalign.recipes import common
+
+    started, elsewhere = tmp_path / "a", tmp_path / "b"
+    started.mkdir()
+    elsewhere.mkdir()
+    pairs = data_dir / "preferences" / "ultrafeedback_binarized_train_1k.jsonl"
+    (started / "mine.jsonl").write_text("".join(pairs.read_text().splitlines(keepends=True)[:6]))
+    config = load_config(dpo.Config, smoke("dpo"), ["data=mine.jsonl", "eval_limit=0"])
+    monkeypatch.chdir(started)
+    run = common.start_run("run", config, "dpo", 0, dpo.check_inputs, dpo.prepare_data)
+    assert run.is_done("data") and (started / "run" / "data" / "train.jsonl").exists()
+    monkeypatch.chdir(elsewhere)
+    run = common.start_run(str(started / "run"), config, "dpo", 0, dpo.check_inputs, dpo.prepare_data)
+    assert run.is_done("data")
+    with pytest.raises(Exception, match="data: data file 'mine.jsonl' not found"):  # a new run from here would read
+        common.start_run("new", config, "dpo", 0, dpo.check_inputs, dpo.prepare_data)
+    assert not (elsewhere / "new").exists()
 
 
 def test_the_shipped_configs_pass_their_checks(data_dir):

@@ -29,7 +29,7 @@ def test_a_shipped_config_runs_by_name_and_print_config_reproduces_it(tmp_path, 
     argv = ["run", "spa", "spa-smoke", "--print-config"] + [a for o in overrides for a in ("--set", o)]
     assert main(argv) == 0
     printed = capsys.readouterr().out
-    assert printed.startswith("# selfalign run spa: ") and "--set round_train.beta=0.2" in printed.splitlines()[0]
+    assert printed.startswith("# selfalign run spa ") and "--set round_train.beta=0.2" in printed.splitlines()[0]
     assert "  max_new_tokens: 40" in printed
     assert "model: smollm2-135m  # π_init, an SFT (instruct) model" in printed  # each key with its field's note
     saved = tmp_path / "mine.yaml"
@@ -39,7 +39,7 @@ def test_a_shipped_config_runs_by_name_and_print_config_reproduces_it(tmp_path, 
     assert not list(tmp_path.glob("*/manifest.json"))  # nothing was run
 
 
-def test_config_names_and_missing_configs(tmp_path, capsys):
+def test_config_names_and_missing_configs(tmp_path, capsys, monkeypatch):
     assert recipes.config_path("srt-smoke") == recipes.CONFIG_DIR / "srt-smoke.yaml"
     assert recipes.config_path("srt-smoke.yaml") == recipes.CONFIG_DIR / "srt-smoke.yaml"
     local = tmp_path / "srt-smoke.yaml"  # a file of the same name in the working directory wins
@@ -52,3 +52,11 @@ def test_config_names_and_missing_configs(tmp_path, capsys):
     assert main(["run", "srt", "srt-smoke"]) == 2
     assert "--run-dir is required" in capsys.readouterr().err
     assert not (tmp_path / "r").exists()
+    # a folder named like a shipped config (a run folder, --run-dir spa-smoke) is not taken for a config file
+    (tmp_path / "spa-smoke").mkdir()
+    monkeypatch.chdir(tmp_path)
+    assert recipes.config_path("spa-smoke") == recipes.CONFIG_DIR / "spa-smoke.yaml"
+    assert main(["run", "srt", str(tmp_path / "spa-smoke"), "--print-config"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.endswith("spa-smoke: config file not found, and no shipped config has that name (shipped: dpo, "
+                        "dpo-smoke, seft, seft-smoke, sft, sft-smoke, spa, spa-smoke, srt, srt-smoke)"), err
