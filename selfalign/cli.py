@@ -160,7 +160,7 @@ def _extra_commands():
 
     out = []
     for module in ("selfalign.generation.server", "selfalign.evaluation.cli", "selfalign.judges.cli",
-                   "selfalign.recipes.cli"):
+                   "selfalign.recipes.cli", "selfalign.runs.cli"):
         try:
             mod = importlib.import_module(module)
         except ModuleNotFoundError as e:

@@ -17,8 +17,10 @@ import hashlib
 import json
 import os
 import platform
+import socket
 import sys
 import time
+import weakref
 from pathlib import Path
 from typing import Any, Callable, Iterable, TypeVar
 
@@ -156,6 +158,44 @@ def environment_versions() -> dict:
     return versions
 
 
+LOCK_FILE = "run.lock"
+
+
+def _process_started(pid: int) -> float | None:
+    """When process `pid` started (seconds since the epoch), or None when there is no such process."""
+    import psutil
+
+    try:
+        return psutil.Process(pid).create_time()
+    except (psutil.NoSuchProcess, psutil.AccessDenied, ValueError):
+        return None
+
+
+def lock_owner(root: str | Path) -> dict | None:
+    """The live process running run folder `root` (its lock record: pid, host, claimed_at), or None.
+
+    A killed run leaves its lock behind; the lock records its process's start time, so a lock whose process is gone,
+    or whose pid now belongs to a newer process, is no one's. A lock taken on another host cannot be checked from here
+    and counts as no one's: a job moved to another node after preemption must resume without cleanup."""
+    try:
+        owner = json.loads((Path(root) / LOCK_FILE).read_text())
+        pid, started = int(owner["pid"]), float(owner["process_started"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    if owner.get("host") != socket.gethostname():
+        return None
+    now_started = _process_started(pid)
+    return owner if now_started is not None and abs(now_started - started) < 1.0 else None
+
+
+def _release(path: Path, claim: str) -> None:
+    try:
+        if json.loads(path.read_text()).get("claim") == claim:  # not a later claim (another Run of this process)
+            path.unlink()
+    except (OSError, ValueError):
+        pass
+
+
 def stage_done(root: str | Path, name: str) -> bool:
     """Whether run folder `root` has finished stage `name` (False when there is no run there yet)."""
     path = Path(root) / "manifest.json"
@@ -170,6 +210,12 @@ class Run:
     def __init__(self, root: str | Path, config: dict, recipe: str, seed: int | None = None):
         self.root = Path(root)
         self.root.mkdir(parents=True, exist_ok=True)
+        # one process per run folder: two would append to the same files and mark each other's stages done
+        owner = lock_owner(self.root)
+        if owner is not None and owner["pid"] != os.getpid():
+            raise SelfalignError(f"{self.root}: another selfalign process is running this run now (pid "
+                                 f"{owner['pid']}, since {owner.get('claimed_at')}); wait for it, or stop it and run "
+                                 f"the same command to resume")
         self.manifest_path = self.root / "manifest.json"
         if self.manifest_path.exists():
             self.manifest = json.loads(self.manifest_path.read_text())
@@ -200,6 +246,16 @@ class Run:
                 "stages": {},
             }
         self.save()
+        self._claim()
+
+    def _claim(self) -> None:
+        """Record this process as the folder's runner (LOCK_FILE), until the Run is dropped or the process ends."""
+        lock = self.root / LOCK_FILE
+        pid = os.getpid()
+        claim = os.urandom(8).hex()
+        write_json(lock, {"pid": pid, "host": socket.gethostname(), "process_started": _process_started(pid),
+                          "claimed_at": time.strftime("%Y-%m-%dT%H:%M:%S"), "claim": claim})
+        weakref.finalize(self, _release, lock, claim)
 
     def save(self) -> None:
         write_json(self.manifest_path, self.manifest)

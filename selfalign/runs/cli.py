@@ -1,0 +1,91 @@
+"""`selfalign status DIR`: where a run folder stands: each stage's state, time and result, whether a process is
+running it now, and its evaluation table."""
+
+from __future__ import annotations
+
+import json
+import shlex
+from pathlib import Path
+
+from selfalign.errors import SelfalignError
+
+
+def _duration(seconds: float | None) -> str:
+    if seconds is None:
+        return "-"
+    if seconds < 60:
+        return f"{seconds:.1f} s"
+    return f"{seconds / 60:.1f} min" if seconds < 3600 else f"{seconds / 3600:.2f} h"
+
+
+def _brief(result, width: int) -> str:
+    """A stage's result on one line: its top-level numbers and short strings (the rest: --json)."""
+    if not isinstance(result, dict):
+        text = "" if result is None else json.dumps(result, default=str)
+    else:
+        parts = []
+        for k, v in result.items():
+            if isinstance(v, float):
+                parts.append(f"{k}={v:.4g}")
+            elif isinstance(v, (int, str)) and not isinstance(v, bool) and len(str(v)) <= 40:
+                parts.append(f"{k}={v}")
+            elif isinstance(v, list) and len(v) <= 8 and all(isinstance(x, (int, float)) for x in v):
+                parts.append(f"{k}={v}")
+        text = " ".join(parts)
+    return text if len(text) <= width else text[:width - 3] + "..."
+
+
+def run_state(manifest: dict, owner: dict | None) -> str:
+    running = [name for name, s in manifest["stages"].items() if s.get("status") == "running"]
+    if owner is not None:
+        return f"running now (pid {owner['pid']}" + (f", stage {running[-1]})" if running else ")")
+    if running:
+        return f"stopped during stage {running[-1]} (killed or failed): the same command resumes it"
+    if "final" in manifest.get("models", {}):
+        return "finished"
+    return "stopped between stages: the same command resumes it"
+
+
+def cmd_status(args) -> int:
+    from selfalign.runs import lock_owner
+
+    root = Path(args.run_dir)
+    path = root / "manifest.json"
+    if not path.exists():
+        raise SelfalignError(f"{root}: not a run folder (no manifest.json)")
+    manifest = json.loads(path.read_text())
+    owner = lock_owner(root)
+    state = run_state(manifest, owner)
+    if args.json:
+        print(json.dumps({"run_dir": str(root), "recipe": manifest.get("recipe"), "state": state,
+                          "stages": manifest["stages"], "models": manifest.get("models", {})}, indent=2))
+        return 0
+    resumed = len(manifest.get("resumed_at", []))
+    print(f"{root}: {manifest.get('recipe')} run, started {manifest.get('created_at')}"
+          + (f", resumed {resumed}x" if resumed else ""))
+    print(f"state: {state}")
+    command = manifest.get("command") or []
+    if command:
+        print(f"command: {shlex.join(['selfalign'] + list(command[1:]))}  (in {manifest.get('cwd')})")
+    rows = [(name, s.get("status", "?"), _duration(s.get("seconds")), s.get("result"))
+            for name, s in manifest["stages"].items()]
+    width = max([len("stage")] + [len(r[0]) for r in rows])
+    print(f"\n{'stage':<{width}}  {'status':<8} {'time':>9}  result")
+    for name, status, took, result in rows:
+        print(f"{name:<{width}}  {status:<8} {took:>9}  {_brief(result, 118 - width - 21)}")
+    for role, m in manifest.get("models", {}).items():
+        print(f"\n{role} model: {m.get('path')}")
+    summary = root / "eval" / "summary.md"
+    if summary.exists():
+        print("\n" + summary.read_text().rstrip())
+    return 0
+
+
+def register(sub) -> None:
+    p = sub.add_parser("status", help="show where a run folder stands: stages, times, results, evaluation table",
+                       description="Show a run folder's state: each stage's status, time and result summary, whether "
+                       "a selfalign process is running it now (else: finished, or stopped and resumable by the same "
+                       "command), its models and its evaluation table (DIR/eval/summary.md).")
+    p.add_argument("run_dir", metavar="DIR", help="a run folder (made by `selfalign run`)")
+    p.add_argument("--json", action="store_true", help="print the stages (with full results) as JSON")
+    p.set_defaults(fn=cmd_status)

@@ -1,0 +1,90 @@
+"""One process per run folder (the run lock), and `selfalign status DIR`: a run's stages, times, results and whether
+a process is running it now."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import textwrap
+
+import pytest
+
+from selfalign.cli import main
+from selfalign.errors import SelfalignError
+from selfalign.runs import LOCK_FILE, Run, lock_owner
+
+HOLD = textwrap.dedent("""
+    import sys, time
+    from selfalign.runs import Run
+    run = Run(sys.argv[1], {"a": 1}, recipe="test")
+    run.stage("data", lambda: {"rows": 3})
+    run.manifest["stages"]["round1/generate"] = {"status": "running"}  # as a stage in progress leaves it
+    run.save()
+    print("ready", flush=True)
+    time.sleep(120)
+""")
+
+
+def test_a_second_process_is_refused_while_the_first_runs_and_takes_over_once_it_is_killed(tmp_path, capsys):
+    root = tmp_path / "run"
+    holder = subprocess.Popen([sys.executable, "-c", HOLD, str(root)], stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "ready"
+        owner = lock_owner(root)
+        assert owner is not None and owner["pid"] == holder.pid
+        with pytest.raises(SelfalignError, match=rf"another selfalign process is running this run now \(pid "
+                                                 rf"{holder.pid}, since "):
+            Run(root, {"a": 1}, recipe="test")
+        assert main(["status", str(root)]) == 0
+        out = capsys.readouterr().out
+        assert f"state: running now (pid {holder.pid}, stage round1/generate)" in out
+        assert "data             done" in out and "rows=3" in out
+    finally:
+        holder.kill()
+        holder.wait()
+    assert lock_owner(root) is None  # the killed run's lock is left behind, and is no one's
+    assert (root / LOCK_FILE).exists()
+    main(["status", str(root)])
+    assert "state: stopped during stage round1/generate (killed or failed): the same command resumes it" in \
+        capsys.readouterr().out
+    run = Run(root, {"a": 1}, recipe="test")  # the same command resumes: this process takes the folder over
+    assert lock_owner(root)["pid"] != holder.pid and run.is_done("data")
+
+
+def test_the_lock_is_released_with_the_run_and_a_reused_pid_is_not_an_owner(tmp_path):
+    root = tmp_path / "run"
+    run = Run(root, {"a": 1}, recipe="test")
+    assert lock_owner(root) is not None
+    again = Run(root, {"a": 1}, recipe="test")  # the same process may open its run again (a resume in one session)
+    del run  # the first claim's release leaves the second's lock alone
+    lock = json.loads((root / LOCK_FILE).read_text())
+    lock["process_started"] -= 3600  # the pid now belongs to a process that started after the lock was taken
+    (root / LOCK_FILE).write_text(json.dumps(lock))
+    assert lock_owner(root) is None
+    del again
+    other = tmp_path / "other"
+    Run(other, {"a": 1}, recipe="test")  # dropped at once: its lock goes with it
+    assert not (other / LOCK_FILE).exists()
+
+
+def test_status_of_a_finished_run_shows_results_and_the_evaluation_table(tmp_path, capsys, embedded_model_dir):
+    root = tmp_path / "run"
+    run = Run(root, {"a": 1}, recipe="spa")
+    run.stage("eval/initial", lambda: {"win_rate": 42.4954, "n_total": 48, "annotator": "reward", "nested": {"x": 1}})
+    run.record_model("final", embedded_model_dir)
+    (root / "eval").mkdir(exist_ok=True)
+    (root / "eval" / "summary.md").write_text("# SPA run\n\n| model | win rate |\n|---|---:|\n| initial | 42.50 |\n")
+    assert main(["status", str(root)]) == 0
+    assert "state: running now (pid " in capsys.readouterr().out  # this process still holds it
+    del run  # the recipe returned
+    assert main(["status", str(root)]) == 0
+    out = capsys.readouterr().out
+    assert "state: finished" in out
+    assert "win_rate=42.5 n_total=48 annotator=reward" in out and "nested" not in out
+    assert f"final model: {embedded_model_dir.resolve()}" in out and "| initial | 42.50 |" in out
+    assert main(["status", str(root), "--json"]) == 0
+    data = json.loads(capsys.readouterr().out)
+    assert data["stages"]["eval/initial"]["result"]["nested"] == {"x": 1}
+    assert main(["status", str(tmp_path)]) == 2
+    assert capsys.readouterr().err.strip() == f"selfalign: error: {tmp_path}: not a run folder (no manifest.json)"
