@@ -30,6 +30,10 @@ from selfalign.errors import DataError, SelfalignError
 T = TypeVar("T")
 
 
+class _Holder:
+    """What a lock lives as long as (a ResumableJsonl drops it on close)."""
+
+
 class ResumableJsonl:
     """An append-only JSONL file that survives kill -9.
 
@@ -44,12 +48,16 @@ class ResumableJsonl:
     def __init__(self, path: str | Path, key: Callable[[dict], Any]):
         self.path = Path(path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._lock = self.path.with_name(f".{self.path.name}.lock")
+        check_unlocked(self._lock, str(self.path))  # one writer at a time (the same --out given twice, say)
         self._key = key
         self.rows: list[dict] = []
         self.done: set = set()
         if self.path.exists():
             self._recover()
         self._f = open(self.path, "a", encoding="utf-8")
+        self._holder = _Holder()  # the lock lives as long as this file is open
+        claim_lock(self._lock, self._holder)
 
     def _recover(self) -> None:
         data = self.path.read_bytes()
@@ -94,6 +102,7 @@ class ResumableJsonl:
 
     def close(self) -> None:
         self._f.close()
+        self._holder = None  # releases the lock
 
     def __enter__(self):
         return self
@@ -158,7 +167,7 @@ def environment_versions() -> dict:
     return versions
 
 
-LOCK_FILE = "run.lock"
+LOCK_FILE = "run.lock"  # in a run folder; a ResumableJsonl's lock sits next to its file (".NAME.lock")
 
 
 def _process_started(pid: int) -> float | None:
@@ -171,14 +180,14 @@ def _process_started(pid: int) -> float | None:
         return None
 
 
-def lock_owner(root: str | Path) -> dict | None:
-    """The live process running run folder `root` (its lock record: pid, host, claimed_at), or None.
+def lock_holder(lock: str | Path) -> dict | None:
+    """The live process that holds lock file `lock` (its record: pid, host, claimed_at), or None.
 
-    A killed run leaves its lock behind; the lock records its process's start time, so a lock whose process is gone,
-    or whose pid now belongs to a newer process, is no one's. A lock taken on another host cannot be checked from here
-    and counts as no one's: a job moved to another node after preemption must resume without cleanup."""
+    A killed process leaves its lock behind; the lock records its process's start time, so a lock whose process is
+    gone, or whose pid now belongs to a newer process, is no one's. A lock taken on another host cannot be checked
+    from here and counts as no one's: a job moved to another node after preemption must resume without cleanup."""
     try:
-        owner = json.loads((Path(root) / LOCK_FILE).read_text())
+        owner = json.loads(Path(lock).read_text())
         pid, started = int(owner["pid"]), float(owner["process_started"])
     except (OSError, ValueError, KeyError, TypeError):
         return None
@@ -188,12 +197,37 @@ def lock_owner(root: str | Path) -> dict | None:
     return owner if now_started is not None and abs(now_started - started) < 1.0 else None
 
 
+def check_unlocked(lock: Path, what: str) -> None:
+    """Refuse `what` (a run folder, an output file) while another live process holds its lock: two writers would
+    append the same records twice and mark each other's work done. This process may hold it already."""
+    owner = lock_holder(lock)
+    if owner is not None and owner["pid"] != os.getpid():
+        raise SelfalignError(f"{what}: another selfalign process is working on it now (pid {owner['pid']}, since "
+                             f"{owner.get('claimed_at')}); wait for it, or stop it and run the same command to resume")
+
+
+def claim_lock(lock: Path, holder: object) -> None:
+    """Record this process in lock file `lock` until `holder` is dropped or the process ends (see lock_holder).
+    Two processes starting in the same instant could both claim; a lock that stops the common mistake (the same
+    command started twice, minutes apart) needs no more."""
+    pid = os.getpid()
+    claim = os.urandom(8).hex()
+    write_json(lock, {"pid": pid, "host": socket.gethostname(), "process_started": _process_started(pid),
+                      "claimed_at": time.strftime("%Y-%m-%dT%H:%M:%S"), "claim": claim})
+    weakref.finalize(holder, _release, lock, claim)
+
+
 def _release(path: Path, claim: str) -> None:
     try:
-        if json.loads(path.read_text()).get("claim") == claim:  # not a later claim (another Run of this process)
+        if json.loads(path.read_text()).get("claim") == claim:  # not a later claim (another holder in this process)
             path.unlink()
     except (OSError, ValueError):
         pass
+
+
+def lock_owner(root: str | Path) -> dict | None:
+    """The live process running run folder `root`, or None (see lock_holder)."""
+    return lock_holder(Path(root) / LOCK_FILE)
 
 
 def stage_done(root: str | Path, name: str) -> bool:
@@ -210,12 +244,7 @@ class Run:
     def __init__(self, root: str | Path, config: dict, recipe: str, seed: int | None = None):
         self.root = Path(root)
         self.root.mkdir(parents=True, exist_ok=True)
-        # one process per run folder: two would append to the same files and mark each other's stages done
-        owner = lock_owner(self.root)
-        if owner is not None and owner["pid"] != os.getpid():
-            raise SelfalignError(f"{self.root}: another selfalign process is running this run now (pid "
-                                 f"{owner['pid']}, since {owner.get('claimed_at')}); wait for it, or stop it and run "
-                                 f"the same command to resume")
+        check_unlocked(self.root / LOCK_FILE, str(self.root))  # one process per run folder
         self.manifest_path = self.root / "manifest.json"
         if self.manifest_path.exists():
             self.manifest = json.loads(self.manifest_path.read_text())
@@ -246,16 +275,7 @@ class Run:
                 "stages": {},
             }
         self.save()
-        self._claim()
-
-    def _claim(self) -> None:
-        """Record this process as the folder's runner (LOCK_FILE), until the Run is dropped or the process ends."""
-        lock = self.root / LOCK_FILE
-        pid = os.getpid()
-        claim = os.urandom(8).hex()
-        write_json(lock, {"pid": pid, "host": socket.gethostname(), "process_started": _process_started(pid),
-                          "claimed_at": time.strftime("%Y-%m-%dT%H:%M:%S"), "claim": claim})
-        weakref.finalize(self, _release, lock, claim)
+        claim_lock(self.root / LOCK_FILE, self)
 
     def save(self) -> None:
         write_json(self.manifest_path, self.manifest)

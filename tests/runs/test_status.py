@@ -12,7 +12,7 @@ import pytest
 
 from selfalign.cli import main
 from selfalign.errors import SelfalignError
-from selfalign.runs import LOCK_FILE, Run, lock_owner
+from selfalign.runs import LOCK_FILE, ResumableJsonl, Run, lock_owner
 
 HOLD = textwrap.dedent("""
     import sys, time
@@ -33,7 +33,7 @@ def test_a_second_process_is_refused_while_the_first_runs_and_takes_over_once_it
         assert holder.stdout.readline().strip() == "ready"
         owner = lock_owner(root)
         assert owner is not None and owner["pid"] == holder.pid
-        with pytest.raises(SelfalignError, match=rf"another selfalign process is running this run now \(pid "
+        with pytest.raises(SelfalignError, match=rf"another selfalign process is working on it now \(pid "
                                                  rf"{holder.pid}, since "):
             Run(root, {"a": 1}, recipe="test")
         assert main(["status", str(root)]) == 0
@@ -88,3 +88,24 @@ def test_status_of_a_finished_run_shows_results_and_the_evaluation_table(tmp_pat
     assert data["stages"]["eval/initial"]["result"]["nested"] == {"x": 1}
     assert main(["status", str(tmp_path)]) == 2
     assert capsys.readouterr().err.strip() == f"selfalign: error: {tmp_path}: not a run folder (no manifest.json)"
+
+
+def test_an_output_file_takes_one_writer_at_a_time(tmp_path):
+    out = tmp_path / "answers.jsonl"
+    hold = ("import sys, time\nfrom selfalign.runs import ResumableJsonl\n"
+            "sink = ResumableJsonl(sys.argv[1], key=lambda r: r['k'])\nsink.append([{'k': 1}])\n"
+            "print('ready', flush=True)\ntime.sleep(120)\n")
+    holder = subprocess.Popen([sys.executable, "-c", hold, str(out)], stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "ready"
+        with pytest.raises(SelfalignError, match=rf"^{out}: another selfalign process is working on it now \(pid "
+                                                 rf"{holder.pid},"):
+            ResumableJsonl(out, key=lambda r: r["k"])
+    finally:
+        holder.kill()
+        holder.wait()
+    with ResumableJsonl(out, key=lambda r: r["k"]) as sink:  # the killed writer's lock is no one's: resumed
+        assert sink.done == {1}
+        again = ResumableJsonl(out, key=lambda r: r["k"])  # this process may open it twice (one writer)
+        again.close()
+    assert not (tmp_path / ".answers.jsonl.lock").exists()  # closed: the lock went with it
