@@ -67,7 +67,10 @@ def cmd_generate(args) -> int:
     from selfalign.data.loaders import load_prompts
     from selfalign.generation import SamplingParams, generate_to_file
 
+    from selfalign.runs import ResumableJsonl
+
     prompts = load_prompts(args.prompts, limit=args.limit)
+    ResumableJsonl.check_free(args.out)  # before the model loads: the same --out twice is refused at once
     params = SamplingParams(temperature=args.temperature, top_p=args.top_p, max_new_tokens=args.max_new_tokens,
                             n=args.n, seed=args.seed)
     gen = generator_from_args(args)
@@ -185,6 +188,9 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("selfalign: interrupted; run the same command again to resume", file=sys.stderr)
         return 130
+    except BrokenPipeError:  # `selfalign status DIR | head`: the reader left; say nothing more
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 141
 
 
 if __name__ == "__main__":

@@ -70,7 +70,7 @@ def _check_type(value: Any, tp: Any, where: str) -> Any:
             raise ConfigError(f"{where}: expected a list, got {type(value).__name__} {value!r}")
         inner = args[0] if args else Any
         return [_check_type(v, inner, f"{where}[{i}]") for i, v in enumerate(value)]
-    if origin is dict:
+    if origin is dict or tp is dict:
         if not isinstance(value, dict):
             raise ConfigError(f"{where}: expected a mapping, got {type(value).__name__}")
         return dict(value)
@@ -133,8 +133,10 @@ def _build(cls: type[T], data: dict, where: str) -> T:
             raise _keyed(e, key) from None
     try:
         return cls(**kwargs)
-    except (TypeError, ValueError) as e:
-        raise _keyed(ConfigError(f"{where + ': ' if where else ''}{e}"), where) from None
+    except (TypeError, ValueError) as e:  # a __post_init__ check; its message starts with the field it is about
+        first = str(e).split(" ", 1)[0]
+        key = (f"{where}.{first}" if where else first) if first in fields else where
+        raise _keyed(ConfigError(f"{where + ': ' if where else ''}{e}"), key) from None
 
 
 def _keyed(error: ConfigError, key: str) -> ConfigError:
@@ -142,6 +144,14 @@ def _keyed(error: ConfigError, key: str) -> ConfigError:
     if getattr(error, "key", None) is None:
         error.key = key
     return error
+
+
+def at_least(section: Any, minimum: int, *names: str) -> None:
+    """For a config dataclass's __post_init__: each named field is >= minimum, or None (its "use the default")."""
+    for name in names:
+        value = getattr(section, name)
+        if value is not None and value < minimum:
+            raise ValueError(f"{name} must be >= {minimum}, not {value}")
 
 
 def config_error(key: str, problem: str | Exception) -> ConfigError:
@@ -208,6 +218,10 @@ def _blame(error: ConfigError, name: str, lines: dict[str, int], overridden: dic
     prefixes = [".".join(parts[:k]) for k in range(len(parts), 0, -1)]
     override = next((overridden[k] for k in prefixes if k in overridden), None) or next(
         (text for k, text in overridden.items() if key and k.startswith(key + ".")), None)  # a section's check
+    if override is None and len(parts) > 1 and key not in lines:  # a key no one set, checked because of a sibling
+        section = ".".join(parts[:-1]) + "."  # that was set (--set critic.backend=openai -> critic.base_url)
+        siblings = [text for k, text in overridden.items() if k.startswith(section) and k.count(".") == key.count(".")]
+        override = siblings[0] if len(siblings) == 1 else None
     if override is not None:
         return ConfigError(f"--set {override}: {error}")
     line = next((lines[k] for k in prefixes if k in lines), None)
@@ -286,11 +300,15 @@ def _annotated(cfg: Any, width: int, indent: str) -> str:
     for base in reversed(type(cfg).__mro__):  # a subclass's own note wins
         if dataclasses.is_dataclass(base):
             notes.update(field_comments(base))
+    hints = typing.get_type_hints(type(cfg))
     lines = []
     for f in dataclasses.fields(cfg):
         value = getattr(cfg, f.name)
         head = f"{indent}{f.name}:" if dataclasses.is_dataclass(value) else f"{indent}{f.name}: {_yaml_value(value)}"
         note = notes.get(f.name, "")
+        if typing.get_origin(hints.get(f.name)) is typing.Literal:
+            choices = "one of: " + ", ".join(map(str, typing.get_args(hints[f.name])))
+            note = f"{note} ({choices})" if note else choices
         if note and len(head) + len(note) + 4 <= width:
             head += f"  # {note}"
         elif note:  # too long for one line: wrapped above the key

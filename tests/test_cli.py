@@ -46,7 +46,7 @@ def test_bad_input_prints_one_line(tmp_path, capsys):
 
 @pytest.mark.parametrize("args,message", [
     (["--limit", "0"], "limit must be at least 1, not 0"),
-    (["--n", "0"], "n and max_new_tokens must be >= 1"),
+    (["--n", "0"], "n (samples per prompt) must be >= 1, not 0"),
     (["--temperature", "-1"], "temperature must be >= 0 (0 is greedy), not -1.0"),
 ])
 def test_out_of_range_generate_settings_are_refused(args, message, tmp_path, prompts_file, capsys):

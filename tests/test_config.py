@@ -61,3 +61,39 @@ def test_annotated_yaml_reads_back_to_the_same_config_with_each_fields_note(tmp_
     assert critique["batch_size"].startswith("local backend: sequences decoded together")
     assert field_comments(spa.Config)["lambdas"] == "λ per round (last one repeats)"
     assert field_comments(spa.Config)["seed_train"].startswith("the SPA code's DPO")
+
+
+@pytest.mark.parametrize("recipe, override, message", [
+    ("spa", "eval.instructions=-5", "--set eval.instructions=-5: eval: instructions must be >= 0"),
+    ("spa", "eval.max_new_tokens=0", "--set eval.max_new_tokens=0: eval: max_new_tokens must be >= 1, not 0"),
+    ("spa", "sampling.top_p=0", "--set sampling.top_p=0: sampling: top_p must be in (0, 1], not 0.0"),
+    ("spa", "sampling.batch_size=0", "--set sampling.batch_size=0: sampling: batch_size must be >= 1"),
+    ("spa", "lambdas=[]", "--set lambdas=[]: lambdas must list at least one weight"),
+    ("spa", "round_sizes=[-1, 0]", "--set round_sizes=[-1, 0]: round_sizes must list at least one round, each of >= 1"),
+    ("spa", "seed_limit=-5", "--set seed_limit=-5: seed_limit must be >= 1, not -5"),
+    ("spa", "samples_per_prompt=1", "--set samples_per_prompt=1: samples_per_prompt must be >= 2, not 1"),
+    ("spa", "self_refinement.window=0", "--set self_refinement.window=0: self_refinement: window must be >= 1"),
+    ("spa", "labeler_options=[1]", "--set labeler_options=[1]: labeler_options: expected a mapping, got list"),
+    ("spa", "seed_train.device=nope", "--set seed_train.device=nope: seed_train: device must be auto or a torch"),
+    ("srt", "critic.retries=-1", "--set critic.retries=-1: critic: retries must be >= 0, not -1"),
+    ("srt", "self_critique.temperature=-1", "--set self_critique.temperature=-1: self_critique: temperature must be"),
+    ("srt", "stage2_size=0", "--set stage2_size=0: stage2_size must be >= 1, not 0"),
+    ("seft", "reviser.limit=-5", "--set reviser.limit=-5: reviser: limit must be >= 1, not -5"),
+    ("seft", "round_sizes=[]", "--set round_sizes=[]: round_sizes must list at least one round"),
+    ("seft", "external.size=-1", "--set external.size=-1: external: size must be >= 0, not -1"),
+    ("dpo", "eval_limit=-1", "--set eval_limit=-1: eval_limit must be >= 0, not -1"),
+])
+def test_out_of_range_values_fail_when_the_config_loads_not_hours_later(recipe, override, message):
+    """Each section checks its own values, so a bad one is refused before any stage runs, naming the --set."""
+    from selfalign.recipes import config_path, get
+
+    with pytest.raises(ConfigError) as e:
+        load_config(get(recipe).Config, config_path(f"{recipe}-smoke"), [override])
+    assert str(e.value).startswith(message), str(e.value)
+
+
+def test_a_post_init_error_in_the_file_names_the_keys_line(tmp_path):
+    path = tmp_path / "spa.yaml"
+    path.write_text("model: smollm2-135m\nsampling:\n  temperature: 0.7\n  max_new_tokens: 0\n")
+    with pytest.raises(ConfigError, match=r"spa.yaml:4: sampling: max_new_tokens must be >= 1, not 0$"):
+        load_config(spa.Config, path)

@@ -19,13 +19,14 @@ T = TypeVar("T")
 def iter_json_rows(path: str | Path) -> Iterator[tuple[int, dict]]:
     """Yield (line number, object) for a .jsonl file, or (index+1, object) for a .json file holding an array."""
     path = Path(path)
-    if not path.exists():
-        raise DataError("file not found", path=str(path))
+    _check_file(path)
     if path.suffix == ".json":
         try:
             data = json.loads(path.read_text(encoding="utf-8"))
         except json.JSONDecodeError as e:
             raise DataError(f"malformed JSON ({e.msg}, column {e.colno})", path=str(path), line=e.lineno) from None
+        except UnicodeDecodeError as e:
+            raise DataError(f"not UTF-8 text (byte {e.start})", path=str(path)) from None
         if not isinstance(data, list):
             raise DataError("expected a JSON array of objects", path=str(path))
         for i, row in enumerate(data, start=1):
@@ -33,8 +34,12 @@ def iter_json_rows(path: str | Path) -> Iterator[tuple[int, dict]]:
                 raise DataError(f"expected an object, got {type(row).__name__}", path=str(path), line=i)
             yield i, row
         return
-    with open(path, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, start=1):
+    with open(path, "rb") as f:  # bytes, decoded per line: a bad byte is then placed on its line
+        for lineno, raw in enumerate(f, start=1):
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as e:
+                raise DataError(f"not UTF-8 text (byte {e.start} of the line)", path=str(path), line=lineno) from None
             if not line.strip():
                 continue
             try:  # without its newline: an error at the line's end would otherwise be reported as column 1
@@ -44,6 +49,13 @@ def iter_json_rows(path: str | Path) -> Iterator[tuple[int, dict]]:
             if not isinstance(row, dict):
                 raise DataError(f"expected a JSON object, got {type(row).__name__}", path=str(path), line=lineno)
             yield lineno, row
+
+
+def _check_file(path: Path) -> None:
+    if not path.exists():
+        raise DataError("file not found", path=str(path))
+    if not path.is_file():
+        raise DataError("not a file (a folder?)", path=str(path))
 
 
 def _parse(cls, row: dict, path: str, line: int):
@@ -76,9 +88,12 @@ def read_records(source: Any, cls: type[T], limit: int | None = None) -> list[T]
     elif str(source).endswith(".parquet"):
         import pandas as pd
 
-        if not Path(source).exists():
-            raise DataError("file not found", path=name)
-        frame = pd.read_parquet(source)
+        _check_file(Path(source))
+        try:
+            frame = pd.read_parquet(source)
+        except Exception as e:  # pyarrow raises its own types (ArrowInvalid, OSError, ...) for a file it cannot read
+            raise DataError(f"not a readable parquet file ({type(e).__name__}: {str(e).splitlines()[0][:200]})",
+                            path=name) from None
         rows = ((i, {k: _unnumpy(v) for k, v in r.items()}) for i, r in enumerate(frame.to_dict("records"), start=1))
     else:
         rows = iter_json_rows(source)

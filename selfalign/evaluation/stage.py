@@ -22,7 +22,14 @@ class EvalConfig:
     judge_options: dict = field(default_factory=dict)  # e.g. {model: qwen2.5-coder-1.5b}
     max_new_tokens: int = 256
     batch_size: int | None = None  # sequences decoded together; None: the backend's default
-    backend: str = "auto"  # local generation backend: auto (lean where supported), lean, transformers
+    backend: str = "auto"  # local generation backend: auto (lean where supported), lean, transformers, vllm
+
+    def __post_init__(self):
+        if self.instructions < 0:
+            raise ValueError(f"instructions must be >= 0 (0: no evaluation stages), not {self.instructions}")
+        if self.max_new_tokens < 1 or (self.batch_size is not None and self.batch_size < 1):
+            name = "max_new_tokens" if self.max_new_tokens < 1 else "batch_size"
+            raise ValueError(f"{name} must be >= 1, not {getattr(self, name)}")
 
 
 def eval_judge(config: EvalConfig, cache_dir: Path):

@@ -8,7 +8,7 @@ import hashlib
 import json
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Callable, Iterable, Sequence
+from typing import Any, Callable, Iterable, Sequence
 
 from selfalign.data.records import Prompt, Response
 from selfalign.errors import ConfigError, DataError
@@ -37,8 +37,10 @@ class SamplingParams:
             raise ConfigError(f"top_p must be in (0, 1], not {self.top_p}")
         if self.temperature < 0:
             raise ConfigError(f"temperature must be >= 0 (0 is greedy), not {self.temperature}")
-        if self.n < 1 or self.max_new_tokens < 1:
-            raise ConfigError(f"n and max_new_tokens must be >= 1, not {self.n} and {self.max_new_tokens}")
+        if self.max_new_tokens < 1:
+            raise ConfigError(f"max_new_tokens must be >= 1, not {self.max_new_tokens}")
+        if self.n < 1:
+            raise ConfigError(f"n (samples per prompt) must be >= 1, not {self.n}")
 
     @property
     def greedy(self) -> bool:
@@ -46,6 +48,15 @@ class SamplingParams:
 
     def to_dict(self) -> dict:
         return asdict(self)
+
+
+def check_sampling_section(section: Any) -> None:
+    """SamplingParams' checks, and batch_size's, on a config section that holds those fields (a recipe's `sampling:`,
+    a critic's): a bad value then fails when the config loads, not when its stage starts hours into the run."""
+    SamplingParams(temperature=section.temperature, top_p=getattr(section, "top_p", 1.0),
+                   max_new_tokens=section.max_new_tokens)
+    if section.batch_size is not None and section.batch_size < 1:
+        raise ConfigError(f"batch_size must be >= 1 (or null: the backend's default), not {section.batch_size}")
 
 
 OnBatch = Callable[[list[Response]], None]

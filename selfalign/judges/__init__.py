@@ -51,10 +51,11 @@ def _judge_class(name: str):
 def make_judge(name: str, cache: bool | str | None = None, **options):
     """A judge by name, configured by keyword options; `cache=True` or a path adds the judgement cache."""
     cls = _judge_class(str(name).lower())
-    params = inspect.signature(cls.__init__).parameters
+    params = {k: p for k, p in inspect.signature(cls.__init__).parameters.items()
+              if p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)}  # a judge with no __init__ shows object's
     unknown = sorted(k for k in options if k not in params or k in ("self", "model_obj", "tokenizer"))
     if unknown:
-        valid = ", ".join(k for k in params if k not in ("self", "model_obj", "tokenizer", "generator"))
+        valid = ", ".join(k for k in params if k not in ("self", "model_obj", "tokenizer", "generator")) or "none"
         raise SelfalignError(f"judge '{name}' has no option {', '.join(unknown)} (options: {valid})")
     judge = cls(**options)
     if cache:

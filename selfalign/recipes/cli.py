@@ -46,6 +46,19 @@ def _recipe_help(name: str, module) -> tuple[str, str]:
     return doc, epilog
 
 
+def _example_override(module) -> str:
+    """`section.key=value` for a --set example that this recipe's config really has (its first section's first key)."""
+    import dataclasses
+
+    config = module.Config()
+    for f in dataclasses.fields(config):
+        section = getattr(config, f.name)
+        if dataclasses.is_dataclass(section):
+            first = dataclasses.fields(section)[0].name
+            return f"{f.name}.{first}={getattr(section, first)}"
+    return f"{dataclasses.fields(config)[0].name}=..."
+
+
 def register(sub) -> None:
     from selfalign import recipes
 
@@ -70,7 +83,7 @@ def register(sub) -> None:
         r.add_argument("--run-dir", help="run folder (created, or resumed if it exists); required unless "
                        "--print-config")
         r.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                       help="override any config field, dotted for sections (e.g. --set train.learning_rate=1e-5)")
+                       help=f"override any config field, dotted for sections (e.g. --set {_example_override(module)})")
         r.add_argument("--print-config", action="store_true",
                        help="print the effective config (CONFIG with every --set applied, each key with its note) as "
                        "YAML and exit; save it to start your own config")

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from selfalign.config import at_least
 from selfalign.data import PreferencePair, read_records, write_json
 from selfalign.data.loaders import load_preference_pairs
 from selfalign.models import DEFAULT_MODEL
@@ -30,6 +31,10 @@ class Config:
     eval_data: str = "preferences/ultrafeedback_binarized_eval_200.jsonl"
     eval_limit: int = 200  # 0: no eval stage
     train: DPOTrainConfig = field(default_factory=DPOTrainConfig)
+
+    def __post_init__(self):
+        at_least(self, 1, "limit")
+        at_least(self, 0, "eval_limit")
 
 
 def check_inputs(config: Config) -> None:

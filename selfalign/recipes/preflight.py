@@ -30,6 +30,8 @@ def model(key: str, spec: str) -> None:
     """A local model spec resolves to weights on this machine (short name, folder, .gguf, cached hub id)."""
     from selfalign.models import resolve_model
 
+    if not str(spec).strip():  # resolve_model would take an empty spec for the default model, silently
+        raise config_error(key, "empty model spec (give a short name such as smollm2-135m, a folder or a .gguf file)")
     try:
         resolve_model(spec)
     except SelfalignError as e:
@@ -56,12 +58,13 @@ def pairs(key: str, path: str) -> None:
 
 
 def judge(key: str, name: str, options: dict) -> None:
+    """A judge by name with its options; `key` names the judge, and its options sit under `key`_options."""
     from selfalign.judges import check_judge
 
     try:
         check_judge(name, options)
     except SelfalignError as e:
-        raise config_error(key, e) from None
+        raise config_error(f"{key}_options" if "has no option" in str(e) else key, e) from None
 
 
 def evaluation(key: str, config: EvalConfig) -> None:

@@ -32,12 +32,12 @@ import random
 from dataclasses import dataclass, field
 from typing import Literal
 
-from selfalign.config import config_error
+from selfalign.config import at_least, config_error
 from selfalign.data import Conversation, PreferencePair, Prompt, Response, Revision, read_records, write_jsonl
 from selfalign.data.loaders import load_preference_pairs, load_prompts
 from selfalign.errors import ConfigError
 from selfalign.evaluation.stage import EvalConfig, evaluate_checkpoint, write_summary
-from selfalign.generation import SamplingParams, generate_to_file, make_generator
+from selfalign.generation import SamplingParams, check_sampling_section, generate_to_file, make_generator
 from selfalign.models import DEFAULT_MODEL
 from selfalign.recipes import preflight
 from selfalign.recipes.common import data_file, start_run
@@ -52,7 +52,10 @@ class SamplingConfig:
     max_new_tokens: int = 256
     seed: int = 42
     batch_size: int | None = None  # sequences decoded together; None: the backend's default (make_generator)
-    backend: str = "auto"  # local generation backend: auto (lean where supported), lean, transformers
+    backend: str = "auto"  # local generation backend: auto (lean where supported), lean, transformers, vllm
+
+    def __post_init__(self):
+        check_sampling_section(self)
 
 
 @dataclass
@@ -74,9 +77,14 @@ class ReviserConfig:
     tag_fallback: Literal["none", "minor", "major", "drop"] = "none"  # [R] decision for a missing/garbled tag
     max_new_tokens: int | None = None  # [R] None: the policy's sampling.max_new_tokens
     batch_size: int | None = None  # generation batch; None: the backend's default
-    backend: str = "auto"  # local generation backend: auto (lean where supported), lean, transformers
+    backend: str = "auto"  # local generation backend: auto (lean where supported), lean, transformers, vllm
     warmup_train: SFTTrainConfig = field(default_factory=lambda: SFTTrainConfig(epochs=2))  # [R] 2 epochs
     adaptive_train: SFTTrainConfig = field(default_factory=lambda: SFTTrainConfig(epochs=2))  # [R] 2 epochs
+
+    def __post_init__(self):
+        at_least(self, 1, "limit", "max_pair_tokens", "max_new_tokens", "batch_size")
+        if not 0.0 <= self.minor_quantile <= 1.0:
+            raise ValueError(f"minor_quantile must be in [0, 1], not {self.minor_quantile}")
 
 
 @dataclass
@@ -85,6 +93,9 @@ class ExternalConfig:
     data: str = "preferences/hh_rlhf_helpful_base_test.jsonl"  # [R] a held-out preference file
     answer: Literal["chosen", "rejected"] = "chosen"  # [R] which of its answers is the "external space"
     rounds: list[int] = field(default_factory=list)  # rounds that add external answers (empty: every round)
+
+    def __post_init__(self):
+        at_least(self, 0, "size")
 
 
 @dataclass
@@ -96,6 +107,9 @@ class ReviserEvalConfig:
     # held apart from the reviser's train_1k file (and from the reward judge's training pairs); with the reviser's
     # own file, only pairs beyond its slice are taken
     data: str = "preferences/ultrafeedback_binarized_eval_200.jsonl"
+
+    def __post_init__(self):
+        at_least(self, 0, "pairs")
 
 
 @dataclass
@@ -114,6 +128,10 @@ class Config:
     baseline_unrevised: bool = True
     reviser_eval: ReviserEvalConfig = field(default_factory=ReviserEvalConfig)
     shuffle_seed: int = 42
+
+    def __post_init__(self):
+        if not self.round_sizes or min(self.round_sizes) < 1:
+            raise ValueError(f"round_sizes must list at least one round, each of >= 1 prompts, not {self.round_sizes}")
 
 
 # ------------------------------------------------------------------------------------------------ data

@@ -11,6 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Literal
 
+from selfalign.config import at_least
 from selfalign.data import Conversation, read_records
 from selfalign.data.loaders import load_preference_pairs
 from selfalign.models import DEFAULT_MODEL
@@ -26,6 +27,9 @@ class Config:
     data_format: Literal["pairs", "conversations"] = "pairs"  # pairs: train on prompt -> chosen
     limit: int | None = None  # use the first N examples
     train: SFTTrainConfig = field(default_factory=SFTTrainConfig)
+
+    def __post_init__(self):
+        at_least(self, 1, "limit")
 
 
 def check_inputs(config: Config) -> None:

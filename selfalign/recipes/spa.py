@@ -27,11 +27,11 @@ import os
 from dataclasses import dataclass, field
 from typing import Literal
 
-from selfalign.config import config_error
+from selfalign.config import at_least, config_error
 from selfalign.data import PreferencePair, Prompt, read_records, write_jsonl
 from selfalign.data.loaders import load_preference_pairs, load_prompts
 from selfalign.evaluation.stage import EvalConfig, evaluate_checkpoint, write_summary
-from selfalign.generation import SamplingParams, generate_to_file, make_generator
+from selfalign.generation import SamplingParams, check_sampling_section, generate_to_file, make_generator
 from selfalign.models import DEFAULT_MODEL
 from selfalign.recipes import preflight
 from selfalign.recipes.common import data_file, start_run
@@ -48,7 +48,10 @@ class SamplingConfig:
     max_new_tokens: int = 300
     seed: int = 42
     batch_size: int | None = None  # sequences decoded together; None: the backend's default (make_generator)
-    backend: str = "auto"  # local generation backend: auto (lean where supported), lean, transformers
+    backend: str = "auto"  # local generation backend: auto (lean where supported), lean, transformers, vllm
+
+    def __post_init__(self):
+        check_sampling_section(self)
 
 
 @dataclass
@@ -56,8 +59,16 @@ class SelfRefinementConfig:
     enabled: bool = True
     alpha: float = 0.1  # smoothing strength on flagged pairs (soft label 0.9)
     noisy_fraction: float = 0.1  # K: the lowest-confidence 10% are flagged
-    window: int = 50  # last 50 confidences
-    warmup_fraction: float = 0.2  # no smoothing during the first 20% of each round's steps
+    window: int = 50  # how many of the latest confidences set the flagging threshold (paper: 50)
+    warmup_fraction: float = 0.2  # no smoothing during this fraction of each round's first steps (paper: 0.2)
+
+    def __post_init__(self):
+        for name in ("alpha", "noisy_fraction"):
+            if not 0.0 <= getattr(self, name) <= 1.0:
+                raise ValueError(f"{name} must be in [0, 1], not {getattr(self, name)}")
+        if not 0.0 <= self.warmup_fraction < 1.0:
+            raise ValueError(f"warmup_fraction must be in [0, 1), not {self.warmup_fraction}")
+        at_least(self, 1, "window")
 
 
 @dataclass
@@ -87,12 +98,18 @@ class Config:
     eval: EvalConfig = field(default_factory=EvalConfig)
     shuffle_seed: int = 42  # SPA's make_data_split shuffles with seed 42
 
+    def __post_init__(self):
+        at_least(self, 1, "seed_limit")
+        at_least(self, 2, "samples_per_prompt")  # a preference pair needs two answers
+        if not self.round_sizes or min(self.round_sizes) < 1:
+            raise ValueError(f"round_sizes must list at least one round, each of >= 1 prompts, not {self.round_sizes}")
+        if not self.lambdas or min(self.lambdas) <= 0:
+            raise ValueError(f"lambdas must list at least one weight, each > 0, not {self.lambdas}")
+
 
 # ------------------------------------------------------------------------------------------------ stages
 def check_inputs(config: Config) -> None:
     """What the run needs besides its data, checked before the run folder is made (recipes/preflight.py)."""
-    if config.samples_per_prompt < 2:
-        raise config_error("samples_per_prompt", f"{config.samples_per_prompt}; a preference pair needs at least 2")
     if config.samples_per_prompt > 2 and config.labeler != "implicit":
         raise config_error("samples_per_prompt", f"{config.samples_per_prompt} needs labeler: implicit (a pairwise "
                            f"judge '{config.labeler}' labels 2 answers per prompt)")

@@ -39,13 +39,14 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Callable, Literal, Sequence
 
-from selfalign.config import config_error
+from selfalign.config import at_least, config_error
 from selfalign.critique import (ParsedCritique, insert_score_line, parse_critique, parse_followup_score,
                                 parse_score)
 from selfalign.data import Critique, PreferencePair, Prompt, Response, read_records, write_jsonl
 from selfalign.data.loaders import load_prompts
 from selfalign.evaluation.stage import EvalConfig, eval_judge, evaluate_checkpoint, write_summary
-from selfalign.generation import Generator, SamplingParams, generate_to_file, make_generator
+from selfalign.generation import (Generator, SamplingParams, check_sampling_section, generate_to_file,
+                                  make_generator)
 from selfalign.models import DEFAULT_MODEL
 from selfalign.recipes import preflight
 from selfalign.recipes.common import data_file, start_run
@@ -61,7 +62,10 @@ class SamplingConfig:
     max_new_tokens: int = 1024  # [R] not stated in the paper
     seed: int = 42
     batch_size: int | None = None  # sequences decoded together; None: the backend's default (make_generator)
-    backend: str = "auto"  # local generation backend: auto (lean where supported), lean, transformers
+    backend: str = "auto"  # local generation backend: auto (lean where supported), lean, transformers, vllm
+
+    def __post_init__(self):
+        check_sampling_section(self)
 
 
 @dataclass
@@ -82,6 +86,12 @@ class CritiqueConfig:
     # asked for the score in one follow-up turn (greedy), and the line is put back before the improved response.
     # Small local critics skip the rating step (Qwen2.5-Coder-1.5B: 32 of 32 at T = 0, benchmarks/RESULTS.md).
     score_followup: bool = True
+
+    def __post_init__(self):
+        check_sampling_section(self)
+        at_least(self, 0, "retries")
+        if self.retry_temperature < 0:
+            raise ValueError(f"retry_temperature must be >= 0, not {self.retry_temperature}")
 
 
 @dataclass
@@ -120,6 +130,10 @@ class Config:
     on_empty: Literal["error", "skip"] = "error"  # a stage with no valid training data: fail, or pass the model
     # through unchanged and record `skipped` (smoke runs whose tiny critic writes no parseable critique)
     shuffle_seed: int = 42
+
+    def __post_init__(self):
+        at_least(self, 1, "stage1_size", "stage2_size")
+        at_least(self, 0, "eval_critique_max_new_tokens")
 
 
 # ------------------------------------------------------------------------------------------------ critique parsing

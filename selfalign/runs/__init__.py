@@ -48,7 +48,7 @@ class ResumableJsonl:
     def __init__(self, path: str | Path, key: Callable[[dict], Any]):
         self.path = Path(path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        self._lock = self.path.with_name(f".{self.path.name}.lock")
+        self._lock = self.lock_path(self.path)
         check_unlocked(self._lock, str(self.path))  # one writer at a time (the same --out given twice, say)
         self._key = key
         self.rows: list[dict] = []
@@ -58,6 +58,16 @@ class ResumableJsonl:
         self._f = open(self.path, "a", encoding="utf-8")
         self._holder = _Holder()  # the lock lives as long as this file is open
         claim_lock(self._lock, self._holder)
+
+    @staticmethod
+    def lock_path(path: str | Path) -> Path:
+        path = Path(path)
+        return path.with_name(f".{path.name}.lock")
+
+    @classmethod
+    def check_free(cls, path: str | Path) -> None:
+        """Refuse now, before a model loads, a file that another live process is writing."""
+        check_unlocked(cls.lock_path(path), str(path))
 
     def _recover(self) -> None:
         data = self.path.read_bytes()
@@ -243,6 +253,12 @@ class Run:
 
     def __init__(self, root: str | Path, config: dict, recipe: str, seed: int | None = None):
         self.root = Path(root)
+        if self.root.exists() and not self.root.is_dir():
+            raise SelfalignError(f"{self.root}: not a folder (--run-dir takes a new folder, or a run's to resume)")
+        if self.root.is_dir() and any(self.root.iterdir()) and not (self.root / "manifest.json").exists():
+            # a run writes data/, eval/, final/ ... into its folder: not into a project folder given by mistake
+            raise SelfalignError(f"{self.root}: a folder that holds other files and no run (no manifest.json); give "
+                                 f"a new or empty folder")
         self.root.mkdir(parents=True, exist_ok=True)
         check_unlocked(self.root / LOCK_FILE, str(self.root))  # one process per run folder
         self.manifest_path = self.root / "manifest.json"

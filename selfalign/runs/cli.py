@@ -25,7 +25,9 @@ def _brief(result, width: int) -> str:
     else:
         parts = []
         for k, v in result.items():
-            if isinstance(v, float):
+            if k == "skipped":  # a stage that passed its model through: the reason comes first, whole
+                parts.insert(0, f"skipped: {v}")
+            elif isinstance(v, float):
                 parts.append(f"{k}={v:.4g}")
             elif isinstance(v, (int, str)) and not isinstance(v, bool) and len(str(v)) <= 40:
                 parts.append(f"{k}={v}")
@@ -40,10 +42,11 @@ def run_state(manifest: dict, owner: dict | None) -> str:
     if owner is not None:
         return f"running now (pid {owner['pid']}" + (f", stage {running[-1]})" if running else ")")
     if running:
-        return f"stopped during stage {running[-1]} (killed or failed): the same command resumes it"
+        return (f"stopped during stage {running[-1]} (killed, or failed: see its error): the same command resumes "
+                f"it")
     if "final" in manifest.get("models", {}):
         return "finished"
-    return "stopped between stages: the same command resumes it"
+    return "stopped between stages (killed, or failed: see its error): the same command resumes it"
 
 
 def cmd_status(args) -> int:
@@ -51,9 +54,16 @@ def cmd_status(args) -> int:
 
     root = Path(args.run_dir)
     path = root / "manifest.json"
+    if not root.is_dir():
+        raise SelfalignError(f"{root}: no such folder")
     if not path.exists():
         raise SelfalignError(f"{root}: not a run folder (no manifest.json)")
-    manifest = json.loads(path.read_text())
+    try:
+        manifest = json.loads(path.read_text())
+        if not isinstance(manifest.get("stages"), dict):
+            raise ValueError("no 'stages' mapping")
+    except (ValueError, AttributeError) as e:  # JSONDecodeError is a ValueError; a JSON list has no .get
+        raise SelfalignError(f"{path}: not a readable run manifest ({e})") from None
     owner = lock_owner(root)
     state = run_state(manifest, owner)
     if args.json:
@@ -67,8 +77,8 @@ def cmd_status(args) -> int:
     command = manifest.get("command") or []
     if command:
         print(f"command: {shlex.join(['selfalign'] + list(command[1:]))}  (in {manifest.get('cwd')})")
-    rows = [(name, s.get("status", "?"), _duration(s.get("seconds")), s.get("result"))
-            for name, s in manifest["stages"].items()]
+    rows = [(name, "stopped" if s.get("status") == "running" and owner is None else s.get("status", "?"),
+             _duration(s.get("seconds")), s.get("result")) for name, s in manifest["stages"].items()]
     width = max([len("stage")] + [len(r[0]) for r in rows])
     print(f"\n{'stage':<{width}}  {'status':<8} {'time':>9}  result")
     for name, status, took, result in rows:

@@ -60,6 +60,14 @@ class TrainConfig:
         if not self.learning_rate > 0 or self.weight_decay < 0 or not self.max_grad_norm > 0:
             raise ValueError(f"learning_rate and max_grad_norm must be > 0 and weight_decay >= 0, not "
                              f"{self.learning_rate}, {self.max_grad_norm} and {self.weight_decay}")
+        if self.device != "auto":
+            import torch
+
+            try:  # the spelling only: whether that device exists is known once training starts
+                torch.device(self.device)
+            except (RuntimeError, ValueError):
+                raise ValueError(f"device must be auto or a torch device (cpu, cuda, cuda:1, mps), not "
+                                 f"{self.device!r}") from None
 
 
 @dataclass

@@ -145,3 +145,18 @@ def test_empty_file_is_an_error(tmp_path):
     path = write_lines(tmp_path / "empty.jsonl", [""])
     with pytest.raises(DataError, match="no records"):
         load_prompts(path)
+
+
+def test_unreadable_sources_are_one_line_errors(tmp_path, real_prompts):
+    """A folder, a bad byte, a file that is not parquet: DataErrors naming the file (and line), not tracebacks."""
+    with pytest.raises(DataError, match=rf"^{tmp_path}: not a file \(a folder\?\)$"):
+        read_records(tmp_path, Prompt)
+    bad = tmp_path / "latin1.jsonl"
+    latin1 = '{"id": "x", "prompt": "caf\xe9"}\n'.encode("latin-1")  # the é is byte 26 of its line
+    bad.write_bytes((json.dumps(real_prompts[0]) + "\n").encode() + latin1)
+    with pytest.raises(DataError, match=rf"^{bad}:2: not UTF-8 text \(byte 26 of the line\)$"):
+        read_records(bad, Prompt)
+    fake = tmp_path / "broken.parquet"
+    fake.write_text("not parquet")
+    with pytest.raises(DataError, match=rf"^{fake}: not a readable parquet file \("):
+        read_records(fake, Prompt)

@@ -72,9 +72,10 @@ def test_backends_judges_and_critics_are_checked_without_loading_weights(tmp_pat
         ("spa", ["labeler=local", "labeler_options.model=qwen9"], "labeler: model 'qwen9' not found"),
         ("seft", ["eval.judge=api"], "--set eval.judge=api: eval.judge: the api judge needs base_url"),
         ("seft", ["reviser.label_rule=judge", "reviser.label_judge=length", "reviser.label_judge_options.temp=1"],
-         "reviser.label_judge: judge 'length' has no option temp"),
+         "--set reviser.label_judge_options.temp=1: reviser.label_judge_options: judge 'length' has no option temp"),
         ("seft", ["reviser.adaptive_template=nope.txt"], "reviser.adaptive_template: reviser template 'nope.txt'"),
-        ("srt", ["critic.backend=openai"], "srt-smoke.yaml:"),  # the critic section's line: base_url is not in it
+        # base_url is set nowhere: the --set of its section that made it needed is named
+        ("srt", ["critic.backend=openai"], "--set critic.backend=openai: critic.base_url: the openai backend needs"),
         ("srt", ["critic.model=nope-critic"], "--set critic.model=nope-critic: critic.model: model 'nope-critic'"),
     ]
     for i, (recipe, overrides, expected) in enumerate(cases):

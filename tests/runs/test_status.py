@@ -46,8 +46,10 @@ def test_a_second_process_is_refused_while_the_first_runs_and_takes_over_once_it
     assert lock_owner(root) is None  # the killed run's lock is left behind, and is no one's
     assert (root / LOCK_FILE).exists()
     main(["status", str(root)])
-    assert "state: stopped during stage round1/generate (killed or failed): the same command resumes it" in \
-        capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "state: stopped during stage round1/generate (killed, or failed: see its error): the same command " \
+           "resumes it" in out
+    assert "round1/generate  stopped" in out
     run = Run(root, {"a": 1}, recipe="test")  # the same command resumes: this process takes the folder over
     assert lock_owner(root)["pid"] != holder.pid and run.is_done("data")
 
@@ -109,3 +111,47 @@ def test_an_output_file_takes_one_writer_at_a_time(tmp_path):
         again = ResumableJsonl(out, key=lambda r: r["k"])  # this process may open it twice (one writer)
         again.close()
     assert not (tmp_path / ".answers.jsonl.lock").exists()  # closed: the lock went with it
+
+
+def test_a_run_folder_must_be_new_empty_or_a_run(tmp_path):
+    (tmp_path / "notes.txt").write_text("my project")
+    with pytest.raises(SelfalignError, match="a folder that holds other files and no run"):
+        Run(tmp_path, {"a": 1}, recipe="test")
+    with pytest.raises(SelfalignError, match="not a folder"):
+        Run(tmp_path / "notes.txt", {"a": 1}, recipe="test")
+    assert not (tmp_path / "manifest.json").exists()
+    (tmp_path / "empty").mkdir()
+    Run(tmp_path / "empty", {"a": 1}, recipe="test")
+
+
+def test_status_names_stopped_stages_skips_and_damaged_manifests(tmp_path, capsys):
+    root = tmp_path / "run"
+    run = Run(root, {"a": 1}, recipe="srt")
+    run.stage("stage2/train", lambda: {"skipped": "no score-improving refinement: M_final = M_self", "pairs": 0})
+    run.manifest["stages"]["eval/stage2"] = {"status": "running"}
+    run.save()
+    del run  # the process that ran it is gone (here: the Run was dropped)
+    assert main(["status", str(root)]) == 0
+    out = capsys.readouterr().out
+    assert "stage2/train  done" in out and "skipped: no score-improving refinement: M_final = M_self pairs=0" in out
+    assert "eval/stage2   stopped" in out and "state: stopped during stage eval/stage2" in out
+    (root / "manifest.json").write_text("[]")
+    assert main(["status", str(root)]) == 2
+    assert "manifest.json: not a readable run manifest" in capsys.readouterr().err
+    assert main(["status", str(tmp_path / "missing")]) == 2
+    assert capsys.readouterr().err.strip().endswith("missing: no such folder")
+
+
+def test_generate_refuses_an_output_another_process_writes_before_loading_a_model(tmp_path, prompts_file, capsys):
+    out = tmp_path / "answers.jsonl"
+    hold = ("import sys, time\nfrom selfalign.runs import ResumableJsonl\n"
+            "sink = ResumableJsonl(sys.argv[1], key=lambda r: r['k'])\nprint('ready', flush=True)\ntime.sleep(120)\n")
+    holder = subprocess.Popen([sys.executable, "-c", hold, str(out)], stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "ready"
+        # a model that does not exist: the refusal must come first, or this would fail on the model instead
+        assert main(["generate", "--prompts", str(prompts_file), "--out", str(out), "--model", "no-such-model"]) == 2
+        assert f"{out}: another selfalign process is working on it now (pid {holder.pid}," in capsys.readouterr().err
+    finally:
+        holder.kill()
+        holder.wait()
