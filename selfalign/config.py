@@ -160,15 +160,20 @@ def config_error(key: str, problem: str | Exception) -> ConfigError:
     return _keyed(ConfigError(f"{key}: {problem}"), key)
 
 
-def _key_lines(text: str) -> dict[str, int]:
-    """Dotted key -> 1-based line of that key in a YAML mapping document (nested sections included)."""
+def _key_lines(text: str, name: str = "config") -> dict[str, int]:
+    """Dotted key -> 1-based line of that key in a YAML mapping document (nested sections included). A key given
+    twice in one mapping is an error: YAML loaders keep the last one silently, so a second `sampling:` section
+    would quietly replace the first."""
     lines: dict[str, int] = {}
 
     def walk(node, prefix: str) -> None:
         if isinstance(node, yaml.MappingNode):
             for key_node, value_node in node.value:
                 key = f"{prefix}{key_node.value}"
-                lines[key] = key_node.start_mark.line + 1
+                line = key_node.start_mark.line + 1
+                if key in lines:
+                    raise ConfigError(f"{name}:{line}: key '{key}' given twice (first on line {lines[key]})")
+                lines[key] = line
                 walk(value_node, key + ".")
 
     try:
@@ -192,7 +197,7 @@ def load_config(cls: type[T], path: str | Path | None = None, overrides: list[st
             raise ConfigError(f"{p}: cannot read the config ({e})") from None
         try:
             data = yaml.safe_load(text) or {}
-            lines = _key_lines(text)
+            lines = _key_lines(text, str(p))
         except yaml.YAMLError as e:
             mark = getattr(e, "problem_mark", None)
             line = f":{mark.line + 1}" if mark else ""

@@ -97,3 +97,13 @@ def test_a_post_init_error_in_the_file_names_the_keys_line(tmp_path):
     path.write_text("model: smollm2-135m\nsampling:\n  temperature: 0.7\n  max_new_tokens: 0\n")
     with pytest.raises(ConfigError, match=r"spa.yaml:4: sampling: max_new_tokens must be >= 1, not 0$"):
         load_config(spa.Config, path)
+
+
+def test_a_key_given_twice_is_refused_not_silently_replaced(tmp_path):
+    path = tmp_path / "spa.yaml"
+    path.write_text("sampling: {temperature: 0.7}\nmodel: smollm2-135m\nsampling:\n  top_p: 0.9\n")
+    with pytest.raises(ConfigError, match=rf"^{path}:3: key 'sampling' given twice \(first on line 1\)$"):
+        load_config(spa.Config, path)
+    path.write_text("sampling:\n  top_p: 0.9\n  top_p: 0.8\n")
+    with pytest.raises(ConfigError, match=r"spa.yaml:3: key 'sampling.top_p' given twice \(first on line 2\)"):
+        load_config(spa.Config, path)
