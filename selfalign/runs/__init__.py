@@ -243,9 +243,10 @@ def lock_owner(root: str | Path) -> dict | None:
 def stage_done(root: str | Path, name: str) -> bool:
     """Whether run folder `root` has finished stage `name` (False when there is no run there yet)."""
     path = Path(root) / "manifest.json"
-    if not path.exists():
+    try:
+        return json.loads(path.read_text()).get("stages", {}).get(name, {}).get("status") == "done"
+    except (OSError, ValueError, AttributeError):  # none yet, or damaged: Run(...) says which
         return False
-    return json.loads(path.read_text()).get("stages", {}).get(name, {}).get("status") == "done"
 
 
 class Run:
@@ -263,7 +264,13 @@ class Run:
         check_unlocked(self.root / LOCK_FILE, str(self.root))  # one process per run folder
         self.manifest_path = self.root / "manifest.json"
         if self.manifest_path.exists():
-            self.manifest = json.loads(self.manifest_path.read_text())
+            try:
+                self.manifest = json.loads(self.manifest_path.read_text())
+                if not isinstance(self.manifest.get("stages"), dict):
+                    raise ValueError("no 'stages' mapping")
+            except (ValueError, AttributeError) as e:  # a JSON list has no .get
+                raise SelfalignError(f"{self.manifest_path}: not a readable run manifest ({e}); it was changed "
+                                     f"by hand or by another tool: restore it, or use a new --run-dir") from None
             if self.manifest.get("recipe") != recipe:
                 raise SelfalignError(f"{self.root}: run folder belongs to recipe "
                                      f"'{self.manifest.get('recipe')}', not '{recipe}'")

@@ -155,3 +155,15 @@ def test_generate_refuses_an_output_another_process_writes_before_loading_a_mode
     finally:
         holder.kill()
         holder.wait()
+
+
+def test_a_damaged_manifest_is_a_one_line_error_on_resume(tmp_path):
+    from selfalign.runs import stage_done
+
+    root = tmp_path / "run"
+    Run(root, {"a": 1}, recipe="test").stage("data", lambda: None)
+    assert stage_done(root, "data")
+    (root / "manifest.json").write_text('{"recipe": "test", "stages": ')
+    assert not stage_done(root, "data")
+    with pytest.raises(SelfalignError, match=r"manifest.json: not a readable run manifest \(Expecting value"):
+        Run(root, {"a": 1}, recipe="test")
