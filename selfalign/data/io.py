@@ -24,7 +24,7 @@ def iter_json_rows(path: str | Path) -> Iterator[tuple[int, dict]]:
         try:
             data = json.loads(path.read_text(encoding="utf-8"))
         except json.JSONDecodeError as e:
-            raise DataError(f"malformed JSON ({e.msg}, column {e.colno})", path=str(path), line=e.lineno) from None
+            raise DataError(f"malformed JSON: {e.msg} (column {e.colno})", path=str(path), line=e.lineno) from None
         except UnicodeDecodeError as e:
             raise DataError(f"not UTF-8 text (byte {e.start})", path=str(path)) from None
         if not isinstance(data, list):
@@ -45,7 +45,7 @@ def iter_json_rows(path: str | Path) -> Iterator[tuple[int, dict]]:
             try:  # without its newline: an error at the line's end would otherwise be reported as column 1
                 row = json.loads(line.rstrip("\r\n"))
             except json.JSONDecodeError as e:
-                raise DataError(f"malformed JSON ({e.msg}, column {e.colno})", path=str(path), line=lineno) from None
+                raise DataError(f"malformed JSON: {e.msg} (column {e.colno})", path=str(path), line=lineno) from None
             if not isinstance(row, dict):
                 raise DataError(f"expected a JSON object, got {type(row).__name__}", path=str(path), line=lineno)
             yield lineno, row

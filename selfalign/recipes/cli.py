@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 import json
 import shlex
+from pathlib import Path
 
 
 def cmd_run(args) -> int:
@@ -17,7 +18,13 @@ def cmd_run(args) -> int:
 
     module = recipes.get(args.recipe)
     path = recipes.config_path(args.config)
-    config = load_config(module.Config, path, args.set)
+    try:
+        config = load_config(module.Config, path, args.set)
+    except ConfigError as e:
+        owner = _recipe_whose_config(path)
+        if "unknown key" in str(e) and owner not in (None, args.recipe):
+            raise ConfigError(f"{e}; {path} looks like a {owner} config (selfalign run {owner} ...)") from None
+        raise
     if args.print_config:  # the effective config (file + overrides), as a file that reproduces it
         print(f"# selfalign run {args.recipe} " + shlex.join([str(path)] + [a for o in args.set for a in ("--set", o)]))
         print(annotated_yaml(config))
@@ -44,6 +51,24 @@ def _recipe_help(name: str, module) -> tuple[str, str]:
               f"YAML file;\nset them in CONFIG or with --set KEY=VALUE (dotted for sections):\n\n"
               + annotated_yaml(module.Config()))
     return doc, epilog
+
+
+def _recipe_whose_config(path) -> str | None:
+    """The first recipe whose config takes every top-level key of the YAML file `path` (None: none, or unreadable)."""
+    import dataclasses
+
+    import yaml
+
+    from selfalign import recipes
+
+    try:
+        keys = set(yaml.safe_load(Path(path).read_text(encoding="utf-8")) or {})
+    except Exception:  # the error being explained is load_config's own; this is only a hint
+        return None
+    for name in recipes.available():
+        if keys <= {f.name for f in dataclasses.fields(recipes.get(name).Config)}:
+            return name
+    return None
 
 
 def _example_override(module) -> str:

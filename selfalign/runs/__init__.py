@@ -84,7 +84,7 @@ class ResumableJsonl:
                 try:
                     row = json.loads(line)
                 except json.JSONDecodeError as err:
-                    raise DataError(f"not a JSON record ({err.msg}, column {err.colno}); a crash leaves only an "
+                    raise DataError(f"not a JSON record: {err.msg} (column {err.colno}); a crash leaves only an "
                                     f"unfinished last line, so this file was changed by hand: fix or remove that "
                                     f"line, nothing was deleted", str(self.path), lineno) from None
                 self.rows.append(row)

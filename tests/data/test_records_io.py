@@ -105,7 +105,7 @@ def test_roundtrip(tmp_path, real_prompts):
 
 # ----------------------------------------------------------------------------- bad input
 @pytest.mark.parametrize("line, field, reason", [
-    ('{"id": "a", "prompt": "ok"', None, "malformed JSON (Expecting ',' delimiter, column 27)"),  # at the end
+    ('{"id": "a", "prompt": "ok"', None, "malformed JSON: Expecting ',' delimiter (column 27)"),  # at the end
     ('{"id": "a"}', "prompt", "missing required field"),
     ('{"id": "a", "prompt": "   "}', "prompt", "must not be empty"),
     ('{"id": "a", "prompt": 42}', "prompt", "expected a string"),

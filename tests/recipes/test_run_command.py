@@ -49,6 +49,9 @@ def test_config_names_and_missing_configs(tmp_path, capsys, monkeypatch):
     err = capsys.readouterr().err.strip()
     assert err.startswith("selfalign: error: no-such-config: config file not found, and no shipped config has that "
                           "name (shipped: dpo, dpo-smoke,") and "\n" not in err
+    assert main(["run", "spa", "dpo-smoke", "--run-dir", str(tmp_path / "r")]) == 2  # another recipe's config
+    err = capsys.readouterr().err.strip()
+    assert "unknown key 'data'" in err and err.endswith("dpo-smoke.yaml looks like a dpo config (selfalign run dpo ...)")
     assert main(["run", "srt", "srt-smoke"]) == 2
     assert "--run-dir is required" in capsys.readouterr().err
     assert not (tmp_path / "r").exists()

@@ -68,7 +68,7 @@ def test_resumable_jsonl_refuses_a_bad_line_before_good_ones(tmp_path):
     path = tmp_path / "x.jsonl"
     path.write_text('{"k": 1}\n{garbage\n{"k": 3}\n{"k": 4, "torn')
     before = path.read_bytes()
-    with pytest.raises(SelfalignError, match=r"x.jsonl:2: not a JSON record .*nothing was deleted"):
+    with pytest.raises(SelfalignError, match=r"x.jsonl:2: not a JSON record: .*nothing was deleted"):
         ResumableJsonl(path, key=lambda r: r["k"])
     assert path.read_bytes() == before
     path.write_text('{"k": 1}\n\n{"k": 3}\n{"k": 4, "torn')  # a blank line is skipped; the torn tail is dropped
