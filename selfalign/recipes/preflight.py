@@ -4,10 +4,11 @@ A run folder is locked to the config it started with (a resumed run must never m
 run cannot use has to fail before `Run(...)` writes the manifest. Otherwise a typo in a model name, found after the
 data stage, locks the folder to the typo and the fixed config needs a new --run-dir.
 
-Each recipe lists what it will read in its `check_inputs(config)`, with the config key each value came from; every
-check here raises a `ConfigError` tagged with that key, so the CLI can point at the config file's line or the
-`--set` that gave the value. Data files are parsed in full (their own errors already name file, line and field);
-models are resolved (a packaged GGUF is converted once, as the run would) but no weights are loaded.
+Each recipe lists the models, judges, backends and templates it will use in its `check_inputs(config)`, with the
+config key each value came from; every check here raises a `ConfigError` tagged with that key, so the CLI can point
+at the config file's line or the `--set` that gave the value. Models are resolved (a packaged GGUF is converted once,
+as the run would) but no weights are loaded. Data files are read and split by the recipe's `prepare_data(config)`,
+also before the folder exists (`common.start_run`); their own errors already name file, line and field.
 """
 
 from __future__ import annotations
@@ -15,11 +16,9 @@ from __future__ import annotations
 import importlib.util
 from typing import Callable
 
-from selfalign.data.loaders import load_preference_pairs, load_prompts
 from selfalign.config import config_error
 from selfalign.errors import SelfalignError
 from selfalign.evaluation.stage import EvalConfig
-from selfalign.recipes.common import data_file
 
 # a policy is trained, so it answers through a local backend; "openai" is for critics and judges only
 LOCAL_BACKENDS = ("auto", "lean", "transformers", "vllm")
@@ -43,18 +42,6 @@ def backend(key: str, name: str, allowed: tuple[str, ...] = LOCAL_BACKENDS) -> N
         raise config_error(key, f"unknown backend '{name}' here (choose from {', '.join(allowed)})")
     if name == "vllm" and importlib.util.find_spec("vllm") is None:
         raise config_error(key, "backend 'vllm' needs the vllm package (pip install vllm, on a CUDA machine)")
-
-
-def _data(key: str, path: str, load: Callable) -> None:
-    load(data_file(path, key))  # a DataError names the data file's own line and field: passed on as it is
-
-
-def prompts(key: str, path: str) -> None:
-    _data(key, path, load_prompts)
-
-
-def pairs(key: str, path: str) -> None:
-    _data(key, path, load_preference_pairs)
 
 
 def judge(key: str, name: str, options: dict) -> None:
