@@ -240,12 +240,23 @@ def lock_owner(root: str | Path) -> dict | None:
     return lock_holder(Path(root) / LOCK_FILE)
 
 
+def read_manifest(path: Path) -> dict:
+    """A run's manifest.json; a damaged one (not JSON, or no stages) is a one-line SelfalignError."""
+    try:
+        manifest = json.loads(path.read_text())
+        if not isinstance(manifest.get("stages"), dict):
+            raise ValueError("no 'stages' mapping")
+    except (ValueError, AttributeError) as e:  # JSONDecodeError is a ValueError; a JSON list has no .get
+        raise SelfalignError(f"{path}: not a readable run manifest ({e}); it was changed by hand or by another "
+                             f"tool: restore it, or use a new --run-dir") from None
+    return manifest
+
+
 def stage_done(root: str | Path, name: str) -> bool:
     """Whether run folder `root` has finished stage `name` (False when there is no run there yet)."""
-    path = Path(root) / "manifest.json"
     try:
-        return json.loads(path.read_text()).get("stages", {}).get(name, {}).get("status") == "done"
-    except (OSError, ValueError, AttributeError):  # none yet, or damaged: Run(...) says which
+        return read_manifest(Path(root) / "manifest.json")["stages"].get(name, {}).get("status") == "done"
+    except (OSError, SelfalignError):  # none yet, or damaged: Run(...) says which
         return False
 
 
@@ -264,13 +275,7 @@ class Run:
         check_unlocked(self.root / LOCK_FILE, str(self.root))  # one process per run folder
         self.manifest_path = self.root / "manifest.json"
         if self.manifest_path.exists():
-            try:
-                self.manifest = json.loads(self.manifest_path.read_text())
-                if not isinstance(self.manifest.get("stages"), dict):
-                    raise ValueError("no 'stages' mapping")
-            except (ValueError, AttributeError) as e:  # a JSON list has no .get
-                raise SelfalignError(f"{self.manifest_path}: not a readable run manifest ({e}); it was changed "
-                                     f"by hand or by another tool: restore it, or use a new --run-dir") from None
+            self.manifest = read_manifest(self.manifest_path)
             if self.manifest.get("recipe") != recipe:
                 raise SelfalignError(f"{self.root}: run folder belongs to recipe "
                                      f"'{self.manifest.get('recipe')}', not '{recipe}'")

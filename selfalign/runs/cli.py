@@ -50,7 +50,7 @@ def run_state(manifest: dict, owner: dict | None) -> str:
 
 
 def cmd_status(args) -> int:
-    from selfalign.runs import lock_owner
+    from selfalign.runs import lock_owner, read_manifest
 
     root = Path(args.run_dir)
     path = root / "manifest.json"
@@ -58,12 +58,7 @@ def cmd_status(args) -> int:
         raise SelfalignError(f"{root}: no such folder")
     if not path.exists():
         raise SelfalignError(f"{root}: not a run folder (no manifest.json)")
-    try:
-        manifest = json.loads(path.read_text())
-        if not isinstance(manifest.get("stages"), dict):
-            raise ValueError("no 'stages' mapping")
-    except (ValueError, AttributeError) as e:  # JSONDecodeError is a ValueError; a JSON list has no .get
-        raise SelfalignError(f"{path}: not a readable run manifest ({e})") from None
+    manifest = read_manifest(path)
     owner = lock_owner(root)
     state = run_state(manifest, owner)
     if args.json:
