@@ -289,6 +289,16 @@ def field_comments(cls: type) -> dict[str, str]:
     return out
 
 
+def _optional_section(hint: Any) -> type | None:
+    """X for a hint `X | None` where X is a dataclass whose fields all have defaults, else None."""
+    args = [a for a in typing.get_args(hint) if a is not type(None)]
+    if len(args) == 1 and len(typing.get_args(hint)) == 2 and dataclasses.is_dataclass(args[0]) and all(
+            f.default is not dataclasses.MISSING or f.default_factory is not dataclasses.MISSING
+            for f in dataclasses.fields(args[0])):
+        return args[0]
+    return None
+
+
 def _yaml_value(value: Any) -> str:
     text = yaml.safe_dump(value, default_flow_style=True, allow_unicode=True, width=1 << 20).strip()
     return text[:-4].rstrip() if text.endswith("\n...") else text  # a bare scalar ends its document with "..."
@@ -321,4 +331,9 @@ def _annotated(cfg: Any, width: int, indent: str) -> str:
         lines.append(head)
         if dataclasses.is_dataclass(value):
             lines.append(_annotated(value, width, indent + "  "))
+        elif value is None and (section := _optional_section(hints.get(f.name))):
+            # an optional section left out (e.g. `lora: null`) still shows its keys, commented out, so a user
+            # learns what to set without opening the source
+            lines += [f"{indent}#   {line[len(indent):]}" for line in
+                      _annotated(section(), width - 4, indent).splitlines()]
     return "\n".join(lines)

@@ -63,6 +63,20 @@ def test_annotated_yaml_reads_back_to_the_same_config_with_each_fields_note(tmp_
     assert field_comments(spa.Config)["seed_train"].startswith("the SPA code's DPO")
 
 
+def test_an_optional_section_left_null_lists_its_keys_commented_out_and_uncommenting_them_enables_it(tmp_path):
+    from selfalign.config import annotated_yaml
+    from selfalign.recipes import sft
+
+    text = annotated_yaml(sft.Config())
+    assert "  lora: null  # null: full fine-tuning" in text
+    assert "  #   r: 16  # adapter rank" in text
+    # a user who removes "null" and the "#   " prefixes gets a LoRA config with the listed defaults
+    edited = text.replace("  lora: null", "  lora:").replace("  #   ", "    ")
+    (tmp_path / "c.yaml").write_text(edited)
+    config = load_config(sft.Config, tmp_path / "c.yaml")
+    assert config.train.lora is not None and config.train.lora.r == 16 and "q_proj" in config.train.lora.target_modules
+
+
 @pytest.mark.parametrize("recipe, override, message", [
     ("spa", "eval.instructions=-5", "--set eval.instructions=-5: eval: instructions must be >= 0"),
     ("spa", "eval.max_new_tokens=0", "--set eval.max_new_tokens=0: eval: max_new_tokens must be >= 1, not 0"),

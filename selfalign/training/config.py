@@ -15,9 +15,11 @@ from typing import Literal
 class LoraConfig:
     """LoRA adapters (peft). Present in a config as `lora: {r, alpha, dropout, target_modules}`; absent = full FT."""
 
-    r: int = 16
-    alpha: int = 32
-    dropout: float = 0.05
+    r: int = 16  # adapter rank
+    alpha: int = 32  # scaling: the update is multiplied by alpha / r
+    dropout: float = 0.05  # dropout on the adapter's input
+
+    # the linear layers that get adapters (their names inside each decoder layer)
     target_modules: list[str] = field(default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj",
                                                                "gate_proj", "up_proj", "down_proj"])
 
@@ -42,7 +44,7 @@ class TrainConfig:
     save_steps: int = 50  # checkpoint every N optimizer steps (0: never); a killed run resumes from the last one
     keep_checkpoints: int = 1
     log_steps: int = 1  # print a progress line every N steps (every step is written to log.jsonl)
-    lora: LoraConfig | None = None
+    lora: LoraConfig | None = None  # null: full fine-tuning; a mapping (even {}): LoRA adapters with these keys
     merge_lora: bool = True  # save the final model merged (loadable and servable like any model folder)
 
     def __post_init__(self):
