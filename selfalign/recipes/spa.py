@@ -1,13 +1,13 @@
 """SPA — Spread Preference Annotation (Kim et al., arXiv 2406.04412, ICLR 2025; METHODS.md §2).
 
-    selfalign run spa configs/spa.yaml --run-dir runs/spa
+    selfalign run spa spa --run-dir runs/spa
 
     π_0 = DPO(π_init, seed pairs)                                          round 0
-    for i in 1..K (fresh, disjoint prompt slices X_i):
+    for i in 1..R (R rounds: fresh, disjoint prompt slices X_i):
         y1, y2 ~ π_{i-1}(·|x)                          T = 0.7                  round{i}/generations.jsonl
         label by r(y) = log π_{i-1}(y|x) − log π_init(y|x)                     round{i}/labels.jsonl
         π_i = DPO(init = ref = π_{i-1}, noise-aware loss with λ_i)              round{i}/final, noisy.jsonl
-    evaluate π_init, π_0, ..., π_K (AlpacaEval-style, seeded subset)             eval/summary.md
+    evaluate π_init, π_0, ..., π_R (AlpacaEval-style, seeded subset)             eval/summary.md
 
 Paper vs official code (the paper is the default; the code's behaviour is one config line):
 - iterations: paper 3 (`round_sizes` has three entries); code loops 2 (`round_sizes: [8000, 20000]`);
@@ -18,7 +18,8 @@ Ablations, one line each: `self_refinement.enabled: false` (no smoothing), `deco
 (or any judge name: an external judge instead of the implicit reward).
 Not in either: identical sample pairs (both answers the same text) carry no preference and are dropped and counted;
 `drop_truncated: true` also leaves answers cut at max_new_tokens out of the pairs (both sources keep them).
-K > 2 samples per prompt: the best is chosen, the worst (`rejected: min_max`) or a random other (`max_chosen`) rejected.
+More than 2 samples per prompt: the best is chosen, the worst (`rejected: min_max`) or a random other (`max_chosen`)
+rejected.
 """
 
 from __future__ import annotations
@@ -58,7 +59,7 @@ class SamplingConfig:
 class SelfRefinementConfig:
     enabled: bool = True
     alpha: float = 0.1  # smoothing strength on flagged pairs (soft label 0.9)
-    noisy_fraction: float = 0.1  # K: the lowest-confidence 10% are flagged
+    noisy_fraction: float = 0.1  # the paper's K%: the lowest-confidence 10% of the window are flagged
     window: int = 50  # how many of the latest confidences set the flagging threshold (paper: 50)
     warmup_fraction: float = 0.2  # no smoothing during this fraction of each round's first steps (paper: 0.2)
 
@@ -79,7 +80,7 @@ class Config:
     prompts: str = "prompts/unlabelled_pool.jsonl"  # unlabelled prompts; the seed's prompts are excluded
     prompt_sources: list[str] = field(default_factory=list)  # keep only these `source` values (empty: all)
     round_sizes: list[int] = field(default_factory=lambda: [8000, 20000, 30000])  # disjoint prompt slices
-    samples_per_prompt: int = 2  # K; with K > 2 the best answer is chosen and `rejected` picks the other one
+    samples_per_prompt: int = 2  # with more than 2 the best answer is chosen and `rejected` picks the other one
     rejected: Literal["min_max", "max_chosen"] = "min_max"  # the worst answer (code default) or a random non-best
     drop_truncated: bool = False  # true: answers cut at max_new_tokens take no part in pairs (paper/code keep them)
     sampling: SamplingConfig = field(default_factory=SamplingConfig)
