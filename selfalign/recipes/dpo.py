@@ -1,7 +1,7 @@
 """DPO baseline: direct preference optimisation on human-labelled pairs (UltraFeedback), frozen reference = the
 initial model.
 
-    selfalign run dpo configs/dpo.yaml --run-dir runs/dpo
+    selfalign run dpo dpo --run-dir runs/dpo
 
 Pipeline: data (-> DIR/data/{train,eval}.jsonl) -> train (reference log-probs cached in DIR/train, curve of loss,
 margins, chosen/rejected rewards and accuracy in DIR/train/log.jsonl) -> DIR/final -> eval (held-out reward

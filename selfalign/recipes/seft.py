@@ -1,6 +1,6 @@
 """SEFT — Self-Evolution Fine-Tuning (Chen et al., arXiv 2406.10813, Findings of EMNLP 2024; METHODS.md §4).
 
-    selfalign run seft configs/seft.yaml --run-dir runs/seft
+    selfalign run seft seft --run-dir runs/seft
 
     labels: (x, chosen) -> NONE; (x, rejected) -> MINOR | MAJOR by `reviser.label_rule`     reviser/labels.jsonl
     R̂ = SFT(M, {(x, y_l) -> y_h})                              warm-up (verified outline)      reviser/warmup/final

@@ -1,6 +1,6 @@
 """SFT baseline: supervised fine-tuning on the `chosen` answers of preference pairs (or on any chat records).
 
-    selfalign run sft configs/sft.yaml --run-dir runs/sft
+    selfalign run sft sft --run-dir runs/sft
 
 Pipeline: data (-> DIR/data/sft.jsonl) -> train (prompt-masked token cross-entropy; curve in DIR/train/log.jsonl,
 checkpoints in DIR/train/checkpoints) -> DIR/final (safetensors + tokenizer + chat template).

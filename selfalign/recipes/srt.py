@@ -1,7 +1,7 @@
 """SRT — Self-Refinement Tuning (Hu et al., "Teaching Language Models to Self-Improve by Learning from Language
 Feedback", arXiv 2406.07168, Findings of ACL 2024; METHODS.md §3).
 
-    selfalign run srt configs/srt.yaml --run-dir runs/srt
+    selfalign run srt srt --run-dir runs/srt
 
     data: disjoint single-turn prompt slices X (stage 1) and X' (stage 2)           data/stage{1,2}_prompts.jsonl
     stage 1  y ~ M_base(x), T = 0.7                                                  stage1/responses.jsonl
