@@ -77,7 +77,7 @@ def cmd_generate(args) -> int:
     if hasattr(gen, "encode"):  # validate every prompt against the context before generating anything
         gen.encode(prompts, params.max_new_tokens, source=args.prompts)
     if args.self_refine:  # SRT inference: answer -> self-critique -> refinement (original + critique in meta)
-        from selfalign.recipes.srt import SelfRefineGenerator
+        from selfalign.critique import SelfRefineGenerator
 
         gen = SelfRefineGenerator(gen, SamplingParams(temperature=0.0, max_new_tokens=args.critique_max_new_tokens
                                                       or 2 * params.max_new_tokens + 128, seed=args.seed))

@@ -18,16 +18,17 @@ Feedback", arXiv 2406.07168, Findings of ACL 2024; METHODS.md §3).
              (the paper's "learn from the refinements only" comparison; `baseline_refinements: false` skips it)
     evaluate M_base, M_self, M_final answering directly (+ the self-refined mode)    eval/summary.md
 
-Sequence format (`sequence_format`, see srt_prompts.py): `two_turn` (default) trains on both assistant turns
-(`stage1_train.train_on: all`): Eq. 1 is −log P(y, f, r | x), so the response is a target too and only the
-instruction and the fixed critique request are masked. `critic_template` puts x and y in one critic prompt and trains
-on f + r only (`train_on: last`).
+Sequence format (`sequence_format`, see selfalign/critique/prompts.py): `two_turn` (default) trains on both
+assistant turns (`stage1_train.train_on: all`): Eq. 1 is −log P(y, f, r | x), so the response is a target too and
+only the instruction and the fixed critique request are masked. `critic_template` puts x and y in one critic prompt
+and trains on f + r only (`train_on: last`).
 
 The critic is any generation backend: `critic: {backend: transformers, model: qwen2.5-coder-1.5b}` or, as in the
 paper (GPT-4 Turbo), `critic: {backend: openai, model: gpt-4-1106-preview, base_url: ..., api_key_env: ...}`.
 Malformed critiques are re-sampled up to `retries` times (temperature `retry_temperature`, a new seed), then dropped
-and counted by reason (stage summary `dropped`). Inference in the self-refined mode: `self_refine(generator, prompts,
-params)` and `selfalign generate --self-refine`.
+and counted by reason (stage summary `dropped`). The critique machinery is the shared `selfalign.critique` package;
+inference in the self-refined mode is its `self_refine(generator, prompts, params)`, and `selfalign generate
+--self-refine`.
 """
 
 from __future__ import annotations
@@ -37,11 +38,11 @@ import random
 from collections import Counter
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Callable, Literal, Sequence
+from typing import Literal
 
 from selfalign.config import at_least, config_error
-from selfalign.critique import (ParsedCritique, insert_score_line, parse_critique, parse_followup_score,
-                                parse_score)
+from selfalign.critique import (CritiqueConfig, SelfRefineGenerator, critique_responses, filter_critiques,
+                                preference_pairs, training_conversation)
 from selfalign.data import Critique, PreferencePair, Prompt, Response, read_records, write_jsonl
 from selfalign.data.loaders import load_prompts
 from selfalign.evaluation.stage import EvalConfig, eval_judge, evaluate_checkpoint, write_summary
@@ -50,7 +51,6 @@ from selfalign.generation import (Generator, SamplingParams, check_sampling_sect
 from selfalign.models import DEFAULT_MODEL
 from selfalign.recipes import preflight
 from selfalign.recipes.common import data_file, start_run
-from selfalign.recipes.srt_prompts import critique_prompt, training_conversation
 from selfalign.runs import Run
 from selfalign.training import DPOTrainConfig, SFTTrainConfig, train_dpo, train_sft
 
@@ -66,32 +66,6 @@ class SamplingConfig:
 
     def __post_init__(self):
         check_sampling_section(self)
-
-
-@dataclass
-class CritiqueConfig:
-    """How a critique is sampled, re-sampled when malformed, and parsed."""
-
-    temperature: float = 0.0  # paper: critic at T = 0; §5.1: greedy self-refinement
-    max_new_tokens: int = 2048  # paper: critic max_new_tokens 2048
-    seed: int = 0
-    retries: int = 2  # [R] re-samples of a malformed critique before it is dropped
-    retry_temperature: float = 0.3  # [R] a retry at T = 0 would repeat the same text on a local model
-    drop_truncated: bool = True  # a critique cut off at max_new_tokens has an incomplete refinement
-
-    # local backend: sequences decoded together; None: the backend's default (make_generator), capped by free memory.
-    # A 1.5B critic on the lean backend decodes 6.5 tokens/s at 8 rows and 26.7 at 64 (benchmarks/RESULTS.md)
-    batch_size: int | None = None
-    # [R] not in the paper (GPT-4 writes the score): a critique complete but for its "Overall Score: [[n]]" line is
-    # asked for the score in one follow-up turn (greedy), and the line is put back before the improved response.
-    # Small local critics skip the rating step (Qwen2.5-Coder-1.5B: 32 of 32 at T = 0, benchmarks/RESULTS.md).
-    score_followup: bool = True
-
-    def __post_init__(self):
-        check_sampling_section(self)
-        at_least(self, 0, "retries")
-        if self.retry_temperature < 0:
-            raise ValueError(f"retry_temperature must be >= 0, not {self.retry_temperature}")
 
 
 @dataclass
@@ -136,230 +110,9 @@ class Config:
         at_least(self, 0, "eval_critique_max_new_tokens")
 
 
-# ------------------------------------------------------------------------------------------------ critique parsing
-RESCORE_STOP = "### Improved Response"  # the heading after the score line in the Table-1 format
-SCORE_FOLLOWUP = ('Conclude your feedback with your rating of the original response from 1 to 10 (1 is the worst, '
-                  '10 the best), written exactly as "Overall Score: [[n]]".')
 def _read(path: Path, cls) -> list:
     """read_records, but an empty file (every critique dropped) is an empty list, not an error."""
     return read_records(path, cls) if path.exists() and path.read_text().strip() else []
-
-
-def _parse_full(c: CritiqueConfig) -> Callable[[Response, str], ParsedCritique]:
-    return lambda raw, answer: parse_critique(raw.response, answer,
-                                              finish_reason=raw.finish_reason if c.drop_truncated else None)
-
-
-def _parse_score_only(raw: Response, _answer: str) -> ParsedCritique:
-    score, reason = parse_score(raw.response)
-    return ParsedCritique(score=score, reason=reason)
-
-
-def critique_with_retries(gen: Generator, prompts: dict[str, Prompt], answers: dict[str, str], c: CritiqueConfig,
-                          out_prefix: Path, parse: Callable[[Response, str], ParsedCritique], progress: bool = True,
-                          stop: tuple[str, ...] = ()):
-    """Critique every prompt; re-sample the malformed ones up to `c.retries` times (attempt k > 0 at
-    `retry_temperature` with seed `c.seed + k`). Each attempt is a resumable file `{out_prefix}/attempt{k}.jsonl`.
-
-    Returns (ok: id -> (parsed, attempt, raw), failed: id -> (reason, raw), reasons per attempt)."""
-    ok: dict[str, tuple[ParsedCritique, int, Response]] = {}
-    failed: dict[str, tuple[str, Response | None]] = {}
-    per_attempt: list[dict] = []
-    pending = list(prompts)
-    for k in range(c.retries + 1):
-        if not pending:
-            break
-        params = SamplingParams(temperature=c.temperature if k == 0 else max(c.retry_temperature, 1e-3),
-                                top_p=1.0, max_new_tokens=c.max_new_tokens, seed=c.seed + k, stop=stop)
-        raws = generate_to_file(gen, [prompts[i] for i in pending], params, out_prefix / f"attempt{k}.jsonl",
-                                progress=progress)
-        by_id = {r.prompt_id: r for r in raws}
-        reasons: Counter = Counter()
-        still = []
-        for i in pending:
-            parsed = parse(by_id[i], answers[i])
-            if parsed.ok:
-                ok[i] = (parsed, k, by_id[i])
-                reasons["ok"] += 1
-            else:
-                failed[i] = (parsed.reason, by_id[i])
-                reasons[parsed.reason] += 1
-                still.append(i)
-        if c.score_followup:
-            for i, (parsed, raw) in score_followups(gen, prompts, answers, failed, still, c, parse,
-                                                   out_prefix / f"attempt{k}_score.jsonl", progress).items():
-                ok[i] = (parsed, k, raw)
-                still.remove(i)
-                reasons["ok_after_score_followup"] += 1
-        per_attempt.append(dict(reasons))
-        pending = still
-    for i in ok:
-        failed.pop(i, None)
-    return ok, failed, per_attempt
-
-
-def score_followups(gen: Generator, prompts: dict[str, Prompt], answers: dict[str, str], failed: dict, ids: list[str],
-                    c: CritiqueConfig, parse: Callable[[Response, str], ParsedCritique], out: Path,
-                    progress: bool = True) -> dict[str, tuple[ParsedCritique, Response]]:
-    """For critiques that lack only their score: ask the critic for it in a follow-up turn and splice the score line
-    back in. Returns id -> (parsed critique, critique text with the score) for those that now parse."""
-    todo: dict[str, Prompt] = {}
-    for i in ids:
-        reason, raw = failed[i]
-        if reason != "no_score" or raw is None:
-            continue
-        probe = replace(raw, response=insert_score_line(raw.response, 5))  # would a score be all it lacks?
-        if parse(probe, answers[i]).ok:
-            todo[i] = Prompt(id=i, messages=prompts[i].messages + [{"role": "assistant", "content": raw.response},
-                                                                  {"role": "user", "content": SCORE_FOLLOWUP}])
-    if not todo:
-        return {}
-    replies = generate_to_file(gen, list(todo.values()), SamplingParams(temperature=0.0, max_new_tokens=32,
-                                                                        seed=c.seed), out, progress=progress)
-    fixed = {}
-    for reply in replies:
-        i = reply.prompt_id
-        score, reason = parse_followup_score(reply.response)
-        if reason is not None:
-            continue
-        raw = failed[i][1]
-        spliced = replace(raw, response=insert_score_line(raw.response, score),
-                          meta={**raw.meta, "score_followup": reply.response})
-        parsed = parse(spliced, answers[i])
-        if parsed.ok:
-            fixed[i] = (parsed, spliced)
-    return fixed
-
-
-def critique_responses(gen: Generator, responses: Sequence[Response], fmt: str, c: CritiqueConfig, out_dir: Path,
-                       critic_name: str, rescore: bool,
-                       progress: bool = True) -> tuple[list[Critique], list[dict], dict]:
-    """Critique + refine each response (with retries), then optionally score each refinement in a separate critique
-    with the same template. Returns (critiques with meta.refinement_score, dropped rows with reasons, stats)."""
-    dropped: list[dict] = []
-    by_id: dict[str, Response] = {}
-    for r in responses:
-        if not r.response.strip():
-            dropped.append({"prompt_id": r.prompt_id, "reason": "empty_response"})
-        else:
-            by_id[r.prompt_id] = r
-    prompts = {i: critique_prompt(i, r.messages, r.response, fmt) for i, r in by_id.items()}
-    ok, failed, attempts = critique_with_retries(gen, prompts, {i: r.response for i, r in by_id.items()}, c,
-                                                 out_dir / "critique", _parse_full(c), progress)
-    for i, (reason, raw) in failed.items():
-        dropped.append({"prompt_id": i, "reason": reason, "raw": raw.response if raw else None})
-    stats = {"responses": len(responses), "critique_attempts": attempts,
-             "first_attempt_failure_rate": round(1 - attempts[0].get("ok", 0) / max(1, len(prompts)), 4)
-             if attempts else None, "recovered_by_retry": sum(1 for p in ok.values() if p[1] > 0),
-             "recovered_by_score_followup": sum(1 for p in ok.values() if "score_followup" in p[2].meta)}
-    rescored: dict = {}
-    if rescore and ok:
-        rprompts = {i: critique_prompt(i, by_id[i].messages, p.refinement, fmt) for i, (p, _, _) in ok.items()}
-        # only the score is read, and it comes before the improved response: stop there instead of writing a
-        # refinement of the refinement (about half of a critique's tokens)
-        rescored, rfailed, rattempts = critique_with_retries(gen, rprompts, {i: "" for i in rprompts}, c,
-                                                             out_dir / "rescore", _parse_score_only, progress,
-                                                             stop=(RESCORE_STOP,))
-        stats["rescore_attempts"] = rattempts
-        for i, (reason, raw) in rfailed.items():
-            dropped.append({"prompt_id": i, "reason": f"refinement_unscored:{reason}",
-                            "raw": raw.response if raw else None})
-    critiques = []
-    for i, (p, k, raw) in ok.items():
-        if rescore and i not in rescored:
-            continue
-        r = by_id[i]
-        meta = {"attempt": k, "finish_reason": raw.finish_reason, "answer_model": r.model,
-                "response_finish_reason": r.finish_reason}
-        if raw.meta.get("score_followup") is not None:
-            meta["score_followup"] = raw.meta["score_followup"]
-        if rescore:
-            meta["refinement_score"] = rescored[i][0].score
-        critiques.append(Critique(prompt_id=i, messages=r.messages, response=r.response, feedback=p.feedback,
-                                  score=p.score, refinement=p.refinement, critic=critic_name, meta=meta))
-    order = {r.prompt_id: n for n, r in enumerate(responses)}
-    critiques.sort(key=lambda c_: order[c_.prompt_id])
-    return critiques, dropped, stats
-
-
-def filter_critiques(critiques: Sequence[Critique], strict: bool) -> tuple[list[Critique], list[dict]]:
-    """Keep critiques whose refinement scored at least (strict: more than) the original answer; the paper's Rule 2
-    (stage 1, ≥) and the stage-2 pair rule (>, "exceed"). A critique without a refinement score is dropped."""
-    kept, dropped = [], []
-    for c in critiques:
-        s_r = c.meta.get("refinement_score")
-        if s_r is None or c.score is None:
-            dropped.append({"prompt_id": c.prompt_id, "reason": "refinement_unscored"})
-        elif s_r > c.score or (not strict and s_r == c.score):
-            kept.append(c)
-        else:
-            dropped.append({"prompt_id": c.prompt_id, "reason": "not_improved" if strict else "refinement_scored_lower",
-                            "score": c.score, "refinement_score": s_r})
-    return kept, dropped
-
-
-def preference_pairs(critiques: Sequence[Critique]) -> tuple[list[PreferencePair], list[dict]]:
-    """Stage 2: (x, chosen = refinement, rejected = original) for refinements that scored strictly higher."""
-    kept, dropped = filter_critiques(critiques, strict=True)
-    # a y' cut off at its token budget stays the rejected answer, without loss on its end-of-turn tokens
-    pairs = [PreferencePair(id=c.prompt_id, messages=c.messages, chosen=c.refinement, rejected=c.response,
-                            meta={"score": c.score, "refinement_score": c.meta["refinement_score"],
-                                  "rejected_unfinished": c.meta.get("response_finish_reason") == "length"})
-             for c in kept]
-    return pairs, dropped
-
-
-# ------------------------------------------------------------------------------------------------ inference
-class SelfRefineGenerator(Generator):
-    """Answer → self-critique → refined answer, as one generator (SRT inference, §4.1: one greedy pass).
-
-    The response record holds the refinement; `meta` holds the original answer, the critique, its score and the
-    parse status. A critique that does not parse leaves the original answer (meta.refine_status = the reason)."""
-
-    def __init__(self, inner: Generator, critique_params: SamplingParams | None = None, fmt: str = "two_turn",
-                 chunk_size: int = 16):
-        self.inner, self.critique_params, self.fmt, self.chunk_size = inner, critique_params, fmt, chunk_size
-        self.model_name = f"{inner.model_name}+self-refine"
-
-    def generate(self, prompts, params, on_batch=None, skip=None, progress=True):
-        skip = skip or set()
-        cparams = self.critique_params or SamplingParams(temperature=0.0, max_new_tokens=2 * params.max_new_tokens
-                                                         + 128, seed=params.seed)
-        cparams = replace(cparams, n=1)
-        todo = [p for p in prompts if any((p.id, s) not in skip for s in range(params.n))]
-        results = []
-        for start in range(0, len(todo), self.chunk_size):
-            answers = [a for a in self.inner.generate(todo[start:start + self.chunk_size], params, progress=False)
-                       if a.key not in skip]
-            cps = [critique_prompt(str(k), a.messages, a.response, self.fmt) for k, a in enumerate(answers)]
-            crits = {c.prompt_id: c for c in self.inner.generate(cps, cparams, progress=False)} if cps else {}
-            batch = []
-            for k, a in enumerate(answers):
-                c = crits[str(k)]
-                parsed = parse_critique(c.response, a.response)  # a truncated refinement is still used here
-                refined = parsed.refinement if parsed.ok else a.response
-                sampling = dict(a.sampling, self_refine=dict(cparams.to_dict(), format=self.fmt))
-                batch.append(Response(prompt_id=a.prompt_id, messages=a.messages, response=refined,
-                                      model=self.model_name, sample_index=a.sample_index, sampling=sampling,
-                                      finish_reason=c.finish_reason if parsed.ok else a.finish_reason,
-                                      num_tokens=(a.num_tokens or 0) + (c.num_tokens or 0),
-                                      meta={"original": a.response, "critique": c.response, "score": parsed.score,
-                                            "refine_status": parsed.reason or "refined",
-                                            "original_finish_reason": a.finish_reason}))
-            results.extend(batch)
-            if on_batch is not None:
-                on_batch(batch)
-        return results
-
-    def close(self) -> None:
-        self.inner.close()
-
-
-def self_refine(generator: Generator, prompts: Sequence[Prompt], params: SamplingParams,
-                critique_params: SamplingParams | None = None, fmt: str = "two_turn") -> list[Response]:
-    """Answer each prompt, have the same model critique and refine its answer, return the refined answers (the
-    original and the critique in `meta`). Resumable into a file with `generate_to_file(SelfRefineGenerator(...))`."""
-    return SelfRefineGenerator(generator, critique_params, fmt).generate(list(prompts), params)
 
 
 # ------------------------------------------------------------------------------------------------ stages

@@ -15,7 +15,7 @@ from __future__ import annotations
 from functools import lru_cache
 from importlib import resources
 
-from selfalign.critique import format_feedback_and_refinement
+from selfalign.critique.parse import format_feedback_and_refinement
 from selfalign.data import Conversation, Prompt
 from selfalign.judges.prompts import fill
 
