@@ -9,6 +9,7 @@ import argparse
 import json
 import os
 import sys
+from pathlib import Path
 
 from selfalign.errors import SelfalignError
 
@@ -53,6 +54,12 @@ def add_backend_flags(p: argparse.ArgumentParser) -> None:
 def generator_from_args(args):
     from selfalign.generation import make_generator
 
+    for flag, least in (("batch_size", 1), ("max_cache_gb", 1e-9), ("concurrency", 1), ("timeout", 1e-9),
+                        ("max_retries", 0)):
+        value = getattr(args, flag)
+        if value is not None and not value >= least:  # NaN fails too
+            bound = "at least 1" if least == 1 else ">= 0" if least == 0 else "above 0"
+            raise SelfalignError(f"--{flag.replace('_', '-')} must be {bound}, not {value}")
     if args.backend == "openai":
         if not args.base_url:
             raise SelfalignError("--backend openai needs --base-url")
@@ -66,13 +73,17 @@ def generator_from_args(args):
 def cmd_generate(args) -> int:
     from selfalign.data.loaders import load_prompts
     from selfalign.generation import SamplingParams, generate_to_file
-
+    from selfalign.generation.base import response_key
     from selfalign.runs import ResumableJsonl
 
     prompts = load_prompts(args.prompts, limit=args.limit)
-    ResumableJsonl.check_free(args.out)  # before the model loads: the same --out twice is refused at once
     params = SamplingParams(temperature=args.temperature, top_p=args.top_p, max_new_tokens=args.max_new_tokens,
                             n=args.n, seed=args.seed)
+    # before the model loads: the same --out twice, a folder, or a file that holds no answers is refused at once
+    if Path(args.out).exists():
+        ResumableJsonl(args.out, key=response_key).close()
+    else:
+        ResumableJsonl.check_free(args.out)
     gen = generator_from_args(args)
     if hasattr(gen, "encode"):  # validate every prompt against the context before generating anything
         gen.encode(prompts, params.max_new_tokens, source=args.prompts)

@@ -47,7 +47,11 @@ def test_bad_input_prints_one_line(tmp_path, capsys):
 @pytest.mark.parametrize("args,message", [
     (["--limit", "0"], "limit must be at least 1, not 0"),
     (["--n", "0"], "n (samples per prompt) must be >= 1, not 0"),
-    (["--temperature", "-1"], "temperature must be >= 0 (0 is greedy), not -1.0"),
+    (["--temperature", "-1"], "temperature must be a finite number >= 0 (0 is greedy), not -1.0"),
+    (["--temperature", "nan"], "temperature must be a finite number >= 0 (0 is greedy), not nan"),
+    (["--temperature", "inf"], "temperature must be a finite number >= 0 (0 is greedy), not inf"),
+    (["--batch-size", "0"], "--batch-size must be at least 1, not 0"),
+    (["--max-cache-gb", "-1"], "--max-cache-gb must be above 0, not -1.0"),
 ])
 def test_out_of_range_generate_settings_are_refused(args, message, tmp_path, prompts_file, capsys):
     out = tmp_path / "o.jsonl"
@@ -55,6 +59,20 @@ def test_out_of_range_generate_settings_are_refused(args, message, tmp_path, pro
     err = capsys.readouterr().err.strip()
     assert message in err and "\n" not in err
     assert not out.exists()
+
+
+def test_generate_refuses_an_out_file_that_holds_no_answers_before_loading_a_model(tmp_path, prompts_file, capsys,
+                                                                                   monkeypatch):
+    import selfalign.cli
+
+    monkeypatch.setattr(selfalign.cli, "generator_from_args", lambda args: pytest.fail("the model was loaded"))
+    before = prompts_file.read_text()
+    assert main(["generate", "--prompts", str(prompts_file), "--out", str(prompts_file), "--quiet"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "prompts.jsonl:1: not a file of records this command writes" in err and "\n" not in err
+    assert prompts_file.read_text() == before  # the prompts are not truncated or appended to
+    assert main(["generate", "--prompts", str(prompts_file), "--out", str(tmp_path), "--quiet"]) == 2
+    assert "is a folder; give a file path" in capsys.readouterr().err
 
 
 def test_mtbench_refuses_a_judge_that_cannot_grade_before_answering(tmp_path, capsys):

@@ -6,6 +6,7 @@ import abc
 import functools
 import hashlib
 import json
+import math
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterable, Sequence
@@ -33,10 +34,10 @@ class SamplingParams:
         self.stop = tuple(self.stop)
         if not all(isinstance(x, str) and x for x in self.stop):
             raise ConfigError("stop strings must be non-empty strings")
-        if not 0 < self.top_p <= 1:  # top_p <= 0 would keep no token at all
+        if not 0 < self.top_p <= 1:  # top_p <= 0 would keep no token at all (a NaN fails this test too)
             raise ConfigError(f"top_p must be in (0, 1], not {self.top_p}")
-        if self.temperature < 0:
-            raise ConfigError(f"temperature must be >= 0 (0 is greedy), not {self.temperature}")
+        if not 0 <= self.temperature < math.inf:  # NaN and inf sample garbage, and NaN is not valid JSON
+            raise ConfigError(f"temperature must be a finite number >= 0 (0 is greedy), not {self.temperature}")
         if self.max_new_tokens < 1:
             raise ConfigError(f"max_new_tokens must be >= 1, not {self.max_new_tokens}")
         if self.n < 1:
@@ -156,7 +157,7 @@ def generate_to_file(generator: Generator, prompts: Iterable[Prompt], params: Sa
 
     prompts = list(prompts)
     with ResumableJsonl(out, key=response_key) as sink:
-        _check_resumable(sink.rows, {p.id for p in prompts}, generator, params, out)
+        _check_resumable(sink.rows, {p.id: p.messages for p in prompts}, generator, params, out)
         missing = [p for p in prompts if any((p.id, i) not in sink.done for i in range(params.n))]
         if missing:
             # all prompts go in, with the done ones as `skip`: the backend then plans (and seeds) the same batches
@@ -172,9 +173,11 @@ def generate_to_file(generator: Generator, prompts: Iterable[Prompt], params: Sa
 RESUME_FIELDS = ("temperature", "top_p", "max_new_tokens", "seed", "stop")
 
 
-def _check_resumable(rows: list[dict], prompt_ids: set, generator: Generator, params: SamplingParams, out) -> None:
-    """Refuse to resume a file whose answers to these prompts came from another model or other sampling settings:
-    they would be kept as if they were this run's (a reused --out of an evaluation, say). Models are compared by
+def _check_resumable(rows: list[dict], prompts: dict[str, list], generator: Generator, params: SamplingParams,
+                     out) -> None:
+    """Refuse to resume a file whose answers to these prompt ids answer other prompts (another prompt file written
+    to the same --out, or a prompt edited since), or came from another model or other sampling settings: they would
+    be kept as if they were this run's (a reused --out of an evaluation, say). Models are compared by
     their record name (a folder's last component) and, where both the row and this generator have one, by the digest
     of the local weights, which tells apart two checkpoints of the same name; rows that record no model or no
     sampling settings (written by another tool) are taken as they are."""
@@ -183,8 +186,13 @@ def _check_resumable(rows: list[dict], prompt_ids: set, generator: Generator, pa
     fields = [k for k in RESUME_FIELDS if not (k == "seed" and params.greedy)]  # greedy answers ignore the seed
     model = None
     for line, row in enumerate(rows, 1):
-        if str(row.get("prompt_id")) not in prompt_ids:
+        asked = prompts.get(str(row.get("prompt_id")))
+        if asked is None:
             continue  # one file may hold several groups (MT-Bench answers each temperature group into one file)
+        if row.get("messages") is not None and row["messages"] != asked:
+            raise DataError(f"holds an answer to another prompt with id '{row['prompt_id']}' (its messages differ); "
+                            "resume with the same prompts or write to a new file", path=str(out), line=line,
+                            field="messages")
         if model is None:  # read only when needed: an endpoint's model name may cost a request
             model = generator.model_name
         # a name without the parent folder is the same model, recorded before checkpoint folders were named with

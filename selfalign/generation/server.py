@@ -48,7 +48,7 @@ def _number(body: dict, name: str, default, kind=(int, float), low=None, high=No
         return default
     if isinstance(value, bool) or not isinstance(value, kind):
         raise BadRequest(f"'{name}' must be a {'integer' if kind is int else 'number'}, got {json.dumps(value)[:40]}")
-    if (low is not None and value < low) or (high is not None and value > high):
+    if value != value or (low is not None and value < low) or (high is not None and value > high):  # NaN too
         raise BadRequest(f"'{name}' must be between {low} and {high}, got {value}")
     return value
 

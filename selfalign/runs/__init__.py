@@ -40,14 +40,21 @@ class ResumableJsonl:
     Each record is one line written with a single `write` and flushed (fsync per batch), so after a crash
     the file holds complete lines plus at most one partial last line, with no newline after it; opening the
     file drops that partial line. A complete line that is not JSON cannot come from a crash (someone edited
-    the file): opening refuses it, naming the line, rather than drop it and the good records after it.
+    the file): opening refuses it, naming the line, rather than drop it and the good records after it. So is a
+    file that is not this writer's (lines without the key fields, a JSON array given as the output): refused,
+    never truncated.
     `done` holds the keys of the complete records, so a resumed stage skips them: nothing lost, nothing
     duplicated.
     """
 
     def __init__(self, path: str | Path, key: Callable[[dict], Any]):
         self.path = Path(path)
-        self.path.parent.mkdir(parents=True, exist_ok=True)
+        if self.path.is_dir():
+            raise DataError("is a folder; give a file path", str(self.path))
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+        except OSError as e:  # a parent that is a file, or a place this user cannot write
+            raise DataError(f"cannot create its folder ({e.strerror})", str(self.path)) from None
         self._lock = self.lock_path(self.path)
         check_unlocked(self._lock, str(self.path))  # one writer at a time (the same --out given twice, say)
         self._key = key
@@ -84,16 +91,47 @@ class ResumableJsonl:
                 try:
                     row = json.loads(line)
                 except json.JSONDecodeError as err:
+                    if not self.rows:  # not one record before it: not a file of JSON lines at all
+                        raise DataError(self._foreign("it does not hold JSON lines"), str(self.path), lineno) from None
                     raise DataError(f"not a JSON record: {err.msg} (column {err.colno}); a crash leaves only an "
                                     f"unfinished last line, so this file was changed by hand: fix or remove that "
                                     f"line, nothing was deleted", str(self.path), lineno) from None
-                self.rows.append(row)
-                self.done.add(self._key(row))
+                self._add_row(row, lineno)
             good_end = nl + 1
             pos = nl + 1
+        tail = data[good_end:]
+        if tail.strip():
+            # a crash mid-append leaves a cut record: the start of a JSON object that does not parse. Anything else
+            # after the last newline is not this writer's (a JSON array, a text file given as the output): refused,
+            # never truncated
+            try:
+                row = json.loads(tail)
+            except (json.JSONDecodeError, UnicodeDecodeError):
+                row = None
+                if not tail.lstrip().startswith(b"{"):
+                    raise DataError(self._foreign("it does not hold JSON lines"), str(self.path), lineno + 1) from None
+            if row is not None and not isinstance(row, dict):
+                raise DataError(self._foreign("it does not hold JSON lines"), str(self.path), lineno + 1)
+            if row is not None:  # a whole record that lost only its newline: kept
+                self._add_row(row, lineno + 1)
+                with open(self.path, "ab") as f:
+                    f.write(b"\n")
+                return
         if good_end != len(data):
             with open(self.path, "r+b") as f:
                 f.truncate(good_end)
+
+    def _foreign(self, why: str) -> str:
+        return (f"not a file of records this command writes ({why}); nothing was changed: give another output path "
+                f"or remove this file")
+
+    def _add_row(self, row, lineno: int) -> None:
+        try:
+            key = self._key(row)
+        except (KeyError, TypeError, ValueError, AttributeError):  # another tool's records, or not an object
+            raise DataError(self._foreign("a line without this file's key fields"), str(self.path), lineno) from None
+        self.rows.append(row)
+        self.done.add(key)
 
     def append(self, records: Iterable[Any]) -> int:
         n = 0

@@ -77,6 +77,34 @@ def test_resumable_jsonl_refuses_a_bad_line_before_good_ones(tmp_path):
     assert path.read_text() == '{"k": 1}\n\n{"k": 3}\n'
 
 
+@pytest.mark.parametrize("content, line, why", [
+    ('[{"id": 1, "prompt": "a"}]', 1, "it does not hold JSON lines"),  # a JSON array given as the output
+    ('{"id": 1, "prompt": "a"}\n', 1, "a line without this file's key fields"),  # another tool's JSONL
+    ('{"id": 1, "prompt": "a"}', 1, "a line without this file's key fields"),  # ...without a final newline
+    ("some notes", 1, "it does not hold JSON lines"),
+])
+def test_resumable_jsonl_refuses_a_file_that_is_not_its_own_and_changes_nothing(tmp_path, content, line, why):
+    path = tmp_path / "prompts.json"
+    path.write_text(content)
+    with pytest.raises(SelfalignError, match=rf"prompts.json:{line}: not a file of records this command writes "
+                                             rf"\({why}\); nothing was changed"):
+        ResumableJsonl(path, key=lambda r: r["k"])
+    assert path.read_text() == content
+    with pytest.raises(SelfalignError, match="is a folder; give a file path"):
+        ResumableJsonl(tmp_path, key=lambda r: r["k"])
+    with pytest.raises(SelfalignError, match="cannot create its folder"):
+        ResumableJsonl(path / "under_a_file.jsonl", key=lambda r: r["k"])
+
+
+def test_resumable_jsonl_keeps_a_whole_last_record_that_lost_only_its_newline(tmp_path):
+    path = tmp_path / "x.jsonl"
+    path.write_text('{"k": 1}\n{"k": 2}')
+    with ResumableJsonl(path, key=lambda r: r["k"]) as w:
+        assert w.done == {1, 2}
+        w.append([{"k": 3}])
+    assert path.read_text() == '{"k": 1}\n{"k": 2}\n{"k": 3}\n'
+
+
 def test_run_stages_skip_when_done_and_refuse_changed_config(tmp_path):
     calls = []
     run = Run(tmp_path / "run", {"a": 1}, recipe="test", seed=0)
@@ -131,6 +159,12 @@ def test_a_file_is_resumed_only_with_its_own_model_and_sampling(tmp_path, real_p
     # greedy answers do not depend on the seed, so a greedy resume under another seed is the same run
     assert len(generate_to_file(Echo("model-b"), other, SamplingParams(temperature=0, seed=5), out,
                                 progress=False)) == 1
+    # another prompt under an id the file already answered (another prompt file, or an edited prompt) is refused:
+    # keeping the old answer would give it another question's answer
+    edited = [Prompt(id=prompts[0].id, messages=[{"role": "user", "content": "What is 2+2?"}])]
+    with pytest.raises(DataError, match=rf"answers\.jsonl:1: field 'messages': holds an answer to another prompt "
+                                        rf"with id '{prompts[0].id}'"):
+        generate_to_file(Echo("model-a"), edited, params, out, progress=False)
 
 
 def test_a_model_fingerprint_needs_weights_and_covers_an_adapters_base(tmp_path, embedded_model_dir):
