@@ -320,7 +320,8 @@ def register(subparsers) -> None:
         "network is trusted.")
     p.add_argument("--model", default=None, help="short name (smollm2-135m, the default), model folder, .gguf file")
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (default %(default)s)")
-    p.add_argument("--port", type=int, default=8000, help="port to listen on; 0 picks a free one (default %(default)s)")
+    p.add_argument("--port", type=int, default=8000, choices=range(0, 65536), metavar="PORT",
+                   help="port to listen on, 0-65535; 0 picks a free one (default %(default)s)")
     p.add_argument("--batch-size", type=int, default=16, help="sequences per forward batch for n > 1 "
                    "(default %(default)s)")
     p.add_argument("--dtype", default="auto", help="auto (bf16 on GPU, fp32 on CPU), float32, bfloat16")

@@ -15,9 +15,13 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")  # nothing is ever downloaded at ru
 def pick_device(device: str = "auto") -> str:
     import torch
 
-    if device != "auto":
-        return device
-    return "cuda" if torch.cuda.is_available() else "cpu"
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        from selfalign.errors import ConfigError
+
+        raise ConfigError(f"device '{device}' asked for, but this torch sees no CUDA GPU (use auto or cpu)")
+    return device
 
 
 def pick_dtype(dtype: str = "auto", device: str = "cpu"):
@@ -26,8 +30,13 @@ def pick_dtype(dtype: str = "auto", device: str = "cpu"):
 
     if dtype == "auto":
         return torch.bfloat16 if device.startswith("cuda") else torch.float32
-    return {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
-            "float16": torch.float16, "fp16": torch.float16}[dtype]
+    dtypes = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+              "float16": torch.float16, "fp16": torch.float16}
+    if dtype not in dtypes:
+        from selfalign.errors import ConfigError
+
+        raise ConfigError(f"unknown dtype '{dtype}' (auto, {', '.join(dtypes)})")
+    return dtypes[dtype]
 
 
 def load_tokenizer(spec: str | None = None, padding_side: str = "left", trust_remote_code: bool = False):

@@ -157,6 +157,9 @@ def convert_gguf(gguf: Path, out: Path) -> Path:
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(out.name + f".{os.getpid()}.tmp")
     shutil.rmtree(tmp, ignore_errors=True)
+    with open(gguf, "rb") as f:  # checked here: the GGUF reader's own error is a traceback about magic bytes
+        if f.read(4) != b"GGUF":
+            raise ModelNotFoundError(f"{gguf}: not a GGUF file (it does not start with the GGUF magic bytes)")
     tok = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
     model = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32)
     # The GGUF loader attaches a quantizer that refuses to serialise, although the weights are already plain
@@ -181,13 +184,14 @@ def resolve_model(spec: str | os.PathLike | None) -> Path:
         out = _converted_dir(gguf, spec)
         return out if out.exists() else convert_gguf(gguf, out)
     path = Path(spec).expanduser()
-    if path.is_file() and path.suffix == ".gguf":
+    if path.is_file() and path.suffix.lower() == ".gguf":
         out = _converted_dir(path)
         return out if out.exists() else convert_gguf(path, out)
     if path.is_dir():
-        if not (path / "config.json").exists():
-            raise ModelNotFoundError(f"{path}: not a model folder (no config.json)")
-        if not _has_safetensors(path) and not (path / "adapter_config.json").exists():
+        adapter = (path / "adapter_config.json").exists()  # a LoRA adapter (peft) needs no config.json
+        if not adapter and not (path / "config.json").exists():
+            raise ModelNotFoundError(f"{path}: not a model folder (no config.json or adapter_config.json)")
+        if not _has_safetensors(path):  # an adapter too: peft would torch.load an adapter_model.bin
             raise ModelNotFoundError(f"{path}: no *.safetensors weights (pickle checkpoints are not loaded, "
                                      "for safety; convert them to safetensors first)")
         return path

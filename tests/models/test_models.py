@@ -35,6 +35,32 @@ def test_pickle_only_folder_is_refused(tmp_path):
         resolve_model(str(tmp_path))
 
 
+def test_a_lora_adapter_folder_needs_safetensors_weights_but_no_config_json(tmp_path):
+    (tmp_path / "adapter_config.json").write_text('{"base_model_name_or_path": "smollm2-135m"}')
+    (tmp_path / "adapter_model.bin").write_bytes(b"pickle")  # peft would torch.load it
+    with pytest.raises(ModelNotFoundError, match="pickle checkpoints are not loaded"):
+        resolve_model(str(tmp_path))
+    (tmp_path / "adapter_model.safetensors").write_bytes(b"")  # what peft and selfalign save
+    assert resolve_model(str(tmp_path)) == tmp_path
+
+
+def test_a_file_named_gguf_that_is_not_one_and_bad_dtype_or_device_are_one_line_errors(tmp_path):
+    from selfalign.errors import ConfigError
+    from selfalign.models.loading import pick_device, pick_dtype
+
+    fake = tmp_path / "model.GGUF"  # the suffix in any case
+    fake.write_bytes(b"not a gguf")
+    with pytest.raises(ModelNotFoundError, match="model.GGUF: not a GGUF file"):
+        resolve_model(str(fake))
+    with pytest.raises(ConfigError, match="unknown dtype 'float64x'"):
+        pick_dtype("float64x")
+    import torch
+
+    if not torch.cuda.is_available():
+        with pytest.raises(ConfigError, match="this torch sees no CUDA GPU"):
+            pick_device("cuda")
+
+
 def test_unknown_model_message_lists_options():
     with pytest.raises(ModelNotFoundError, match="smollm2-135m"):
         resolve_model("no-such-model-anywhere")
