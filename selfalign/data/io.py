@@ -78,8 +78,9 @@ def check_limit(limit: int | None, path) -> None:
         raise DataError(f"limit must be at least 1, not {limit}", path=str(path))
 
 
-def read_records(source: Any, cls: type[T], limit: int | None = None) -> list[T]:
-    """Read typed records from a .jsonl/.json/.parquet path or a `datasets.Dataset`."""
+def read_records(source: Any, cls: type[T], limit: int | None = None, default_id: bool = False) -> list[T]:
+    """Read typed records from a .jsonl/.json/.parquet path or a `datasets.Dataset`. `default_id`: a row without an
+    `id` gets its record number - 1 (alpaca_eval's own instruction files have no ids)."""
     rows: Iterable[tuple[int, dict]]
     name = str(source)
     if hasattr(source, "column_names") and hasattr(source, "__iter__"):  # a datasets.Dataset
@@ -99,7 +100,9 @@ def read_records(source: Any, cls: type[T], limit: int | None = None) -> list[T]
         rows = iter_json_rows(source)
     check_limit(limit, name)
     out = []
-    for line, row in rows:
+    for n, (line, row) in enumerate(rows):
+        if default_id and isinstance(row, dict) and row.get("id") is None:
+            row = {**row, "id": str(n)}
         out.append(_parse(cls, row, name, line))
         if limit is not None and len(out) >= limit:
             break

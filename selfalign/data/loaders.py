@@ -37,21 +37,26 @@ def shared_data_dir() -> Path:
 def load_prompts(path: str | Path, limit: int | None = None, exclude_ids: set | None = None) -> list[Prompt]:
     """Prompts from any supported file. Duplicate ids are an error (they would collide in resumable outputs)."""
     check_limit(limit, path)
-    prompts = read_records(path, Prompt)
-    seen: dict[str, int] = {}
     out = []
-    for p in prompts:
-        _, line = getattr(p, "_source", (None, None))
-        if p.id in seen:
-            raise DataError(f"duplicate id '{p.id}' (first seen on line {seen[p.id]})", path=str(path), line=line,
-                            field="id")
-        seen[p.id] = line
+    for p in _unique_ids(read_records(path, Prompt), path):
         if exclude_ids and p.id in exclude_ids:
             continue
         out.append(p)
         if limit is not None and len(out) >= limit:
             break
     return out
+
+
+def _unique_ids(prompts: list[Prompt], path) -> list[Prompt]:
+    """`prompts`, refused if two share an id: answers are matched to prompts by id."""
+    seen: dict[str, int] = {}
+    for p in prompts:
+        _, line = getattr(p, "_source", (None, None))
+        if p.id in seen:
+            raise DataError(f"duplicate id '{p.id}' (first seen on line {seen[p.id]})", path=str(path), line=line,
+                            field="id")
+        seen[p.id] = line
+    return prompts
 
 
 def load_preference_pairs(path: str | Path, limit: int | None = None, drop_identical: bool = True) -> list[PreferencePair]:
@@ -146,20 +151,20 @@ def load_mt_bench(question_file: str | Path | None = None, reference_file: str |
 
 
 def load_alpaca_eval_set(path: str | Path | None = None, limit: int | None = None, seed: int | None = None) -> list[Prompt]:
-    """AlpacaEval instructions as prompts (id = index in the 805-row set); a seeded random subset when `limit` and
-    `seed` are given, else the first `limit`."""
+    """AlpacaEval instructions as prompts (id = index in the 805-row set; alpaca_eval's own files have no ids, so a
+    row without one gets its index); a seeded random subset when `limit` and `seed` are given, else the first
+    `limit`. Duplicate ids are refused: answers are matched to instructions by id."""
     import random
 
     path = Path(path or shared_data_dir() / "alpaca_eval" / "eval_set.jsonl")
-    prompts = read_records(path, Prompt)
-    for i, p in enumerate(prompts):
+    check_limit(limit, path)
+    prompts = _unique_ids(read_records(path, Prompt, default_id=True), path)
+    for p in prompts:
         if p.meta.get("dataset") is None:
             p.meta["dataset"] = "unknown"
-        if p.id is None:
-            p.id = str(i)
-    if limit is not None and seed is not None:
-        prompts = sorted(random.Random(seed).sample(prompts, min(limit, len(prompts))), key=lambda p: int(p.id)
-                         if p.id.isdigit() else p.id)
+    if limit is not None and seed is not None:  # numeric ids in number order, then the others by text
+        prompts = sorted(random.Random(seed).sample(prompts, min(limit, len(prompts))),
+                         key=lambda p: (0, int(p.id), "") if p.id.isdigit() else (1, 0, p.id))
     elif limit is not None:
         prompts = prompts[:limit]
     return prompts

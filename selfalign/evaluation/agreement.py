@@ -209,7 +209,7 @@ def add_agreement_command(eval_sub) -> None:
 
 
 def cmd_agreement(args) -> int:
-    from selfalign.judges import make_judge
+    from selfalign.judges import check_judge, make_judge
 
     if args.limit is not None and args.limit < 1:
         raise SelfalignError("--limit must be at least 1")
@@ -220,7 +220,12 @@ def cmd_agreement(args) -> int:
         options["model"] = args.model
     if args.base_url is not None:
         options["base_url"] = args.base_url
+    for flag in ("out", "cache"):  # files: a folder given by mistake is said now, not after all the judging
+        path = getattr(args, flag)
+        if path is not None and Path(path).is_dir():
+            raise SelfalignError(f"--{flag} {path}: is a folder; give a file path")
     pairs = load_labeled_pairs(args.pairs, args.limit, args.offset)
+    check_judge(args.judge, options)
     judge = make_judge(args.judge, cache=False if args.no_cache else (args.cache or True), **options)
     metrics, verdicts = run_agreement(judge, pairs, progress=not args.quiet and not args.json)
     metrics.update({"pairs": str(args.pairs), "offset": args.offset})

@@ -29,6 +29,7 @@ from selfalign.data.records import Prompt
 from selfalign.errors import DataError
 from selfalign.generation import Generator, SamplingParams, generate_to_file
 from selfalign.judges.base import PairwiseItem, PairwiseJudge
+from selfalign.judges.cache import judge_id
 from selfalign.runs import ResumableJsonl
 
 # AlpacaEval leaves decoding to each model's config; greedy keeps a local evaluation deterministic.
@@ -53,17 +54,17 @@ def annotate(outputs: Sequence[dict], references: dict[str, dict], judge: Pairwi
     unreadable verdict (`parsed` False) gets preference None (dropped, as alpaca_eval does), or 1.5 with
     `unparsed_as_tie`; applied when annotations.json is written, so resumed rows follow the current setting."""
     out_dir = Path(out_dir)
-    missing = [o["instruction"] for o in outputs if o["instruction"] not in references]
-    if missing:
-        raise DataError(f"no reference output for {len(missing)} instruction(s), e.g. {missing[0][:80]!r}",
-                        field="instruction")
-    # keyed by what was judged and who judged it: a reused out dir with other outputs or another judge re-judges
-    # instead of keeping verdicts about something else
+    check_references([o["instruction"] for o in outputs], references)
+    # keyed by what was judged and by whom: the judge's id is its name and a hash of its config (model weights,
+    # options), so a reused out dir with other outputs, another reference or a changed judge re-judges instead of
+    # keeping verdicts about something else (rows written before the id was recorded are judged again)
+    jid = judge_id(judge)
+
     def key(r):
-        return r["instruction"], r["output_2"], r["annotator"]
+        return r["instruction"], r["output_1"], r["output_2"], r.get("annotator_id")
 
     def key_of(o):
-        return o["instruction"], o["output"], judge.name
+        return o["instruction"], references[o["instruction"]]["output"], o["output"], jid
 
     with ResumableJsonl(out_dir / "annotations.jsonl", key=key) as sink:
         todo = [o for o in outputs if key_of(o) not in sink.done]
@@ -83,6 +84,7 @@ def annotate(outputs: Sequence[dict], references: dict[str, dict], judge: Pairwi
                 "generator_2": o["generator"],
                 "dataset": o.get("dataset"),
                 "annotator": judge.name,
+                "annotator_id": jid,
                 # an unreadable verdict has no preference (set below: dropped, or a tie when asked for)
                 "preference": v.preference if v.parsed else None,
                 "parsed": v.parsed,
@@ -92,10 +94,20 @@ def annotate(outputs: Sequence[dict], references: dict[str, dict], judge: Pairwi
         bar.close()
         by_key = {key(r): r for r in sink.rows}
     unparsed = 1.5 if unparsed_as_tie else None
-    rows = [dict(r, preference=unparsed) if r.get("parsed") is False else r
-            for r in (by_key[key_of(o)] for o in outputs)]
+    # a verdict is about the texts, so one kept from an earlier run serves under this run's generator name
+    rows = [dict(r, generator_2=o["generator"], dataset=o.get("dataset"))
+            for r, o in ((by_key[key_of(o)], o) for o in outputs)]
+    rows = [dict(r, preference=unparsed) if r.get("parsed") is False else r for r in rows]
     write_json(out_dir / "annotations.json", rows)
     return rows
+
+
+def check_references(instructions: Sequence[str], references: dict[str, dict], source: str | None = None) -> None:
+    """Every instruction has a reference output to be judged against (said before any answer is generated)."""
+    missing = [text for text in instructions if text not in references]
+    if missing:
+        raise DataError(f"no reference output for {len(missing)} instruction(s), e.g. {missing[0][:80]!r}; give "
+                        f"--reference with their outputs", path=source, field="instruction")
 
 
 def metrics_of(annotations_path: str | Path, rows: Sequence[dict]) -> dict:
@@ -106,6 +118,7 @@ def metrics_of(annotations_path: str | Path, rows: Sequence[dict]) -> dict:
     consistent = [r["position_consistent"] for r in rows if r.get("position_consistent") is not None]
     m["position_consistency"] = sum(consistent) / len(consistent) if consistent else None
     m["annotator"] = rows[0]["annotator"] if rows else None
+    m["annotator_id"] = rows[0].get("annotator_id") if rows else None  # the name + a hash of the judge's config
     return m
 
 
@@ -148,6 +161,11 @@ def load_model_outputs(path: str | Path) -> list[dict]:
                      "dataset": row.get("dataset", "user")})
     if not rows:
         raise DataError("no model outputs", path=str(path))
+    first = rows[0]["generator"]
+    other = next((n for n, r in enumerate(rows, 1) if r["generator"] != first), None)
+    if other is not None:  # one file, one model, as alpaca_eval's annotations and LC fit assume
+        raise DataError(f"'{rows[other - 1]['generator']}' after '{first}': one model's outputs per file",
+                        path=str(path), line=other, field="generator")
     return rows
 
 

@@ -55,6 +55,13 @@ def cmd_lc(args) -> int:
     glm = args.glm or ("v1" if args.gamed else "v1_surrogate")
     if args.gamed and glm != "v1":
         raise SelfalignError("--gamed is only used by --glm v1")
+    for path in args.gamed:  # the adversarial entry would fit the length term to answers cut to ten characters
+        from selfalign.data.io import iter_json_rows
+
+        first = next((row for _, row in iter_json_rows(path)), {})
+        if Path(path).stem == "gpt4_gamed" or (isinstance(first, dict) and first.get("generator_2") == "gpt4_gamed"):
+            raise SelfalignError(f"--gamed {path}: gpt4_gamed is AlpacaEval's adversarial entry, not a gamed "
+                                 "baseline; give gpt4_1106_preview_verbose and gpt4_1106_preview_concise")
     m = evaluate_annotations(args.annotations, args.difficulty, glm=glm, gamed_paths=args.gamed)
     if args.json:
         print(json.dumps(m))
@@ -88,15 +95,33 @@ def _add_model_and_judge_flags(p, default_judge: str, why: str,
 
 
 def _judge_from_args(args):
+    """The judge, checked (unknown option, bad value, a model not on this machine) before any model loads."""
     from selfalign.config import parse_override
-    from selfalign.judges import make_judge
+    from selfalign.judges import check_judge, make_judge
 
     options = {}
     for text in args.judge_option:
         keys, value = parse_override(text)
         options[".".join(keys)] = value
+    try:
+        check_judge(args.judge, options)
+    except SelfalignError as e:
+        raise SelfalignError(f"--judge {args.judge}" + (" --judge-option ..." if options else "") + f": {e}") from None
     # the cache lives in the output folder: a re-run or a resumed run never pays for a judgement twice
     return make_judge(args.judge, cache=str(Path(args.out) / f"judge_cache.{args.judge}.jsonl"), **options)
+
+
+def _check_out_dir(args) -> None:
+    """--out must be a folder (made here), so a file given by mistake is said at once, before any model loads."""
+    out = Path(args.out)
+    if out.exists() and not out.is_dir():
+        raise SelfalignError(f"--out {out}: is a file; give a folder (created if missing)")
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise SelfalignError(f"--out {out}: cannot create the folder ({e.strerror})") from None
+    if args.limit is not None and args.limit < 1:
+        raise SelfalignError(f"--limit must be at least 1, not {args.limit}")
 
 
 def _add_alpaca(eval_sub) -> None:
@@ -126,20 +151,24 @@ def _add_alpaca(eval_sub) -> None:
 def cmd_alpaca(args) -> int:
     from selfalign.cli import generator_from_args
     from selfalign.data.loaders import load_alpaca_eval_set, load_reference_outputs
-    from selfalign.evaluation.alpaca import evaluate_alpaca
+    from selfalign.evaluation.alpaca import check_references, evaluate_alpaca
     from selfalign.generation import SamplingParams
 
+    if args.outputs and (args.limit is not None or args.instructions):
+        raise SelfalignError("--outputs judges the given answers: drop --limit / --instructions")
+    _check_out_dir(args)
     references = load_reference_outputs(args.reference)
     judge = _judge_from_args(args)
     if args.outputs:
         from selfalign.evaluation.alpaca import evaluate_outputs, load_model_outputs
 
-        if args.limit is not None or args.instructions:
-            raise SelfalignError("--outputs judges the given answers: drop --limit / --instructions")
-        m = evaluate_outputs(load_model_outputs(args.outputs), judge, args.out, references, progress=not args.quiet,
+        outputs = load_model_outputs(args.outputs)
+        check_references([o["instruction"] for o in outputs], references, args.outputs)
+        m = evaluate_outputs(outputs, judge, args.out, references, progress=not args.quiet,
                              unparsed_as_tie=args.unparsed_as_tie)
     else:
         instructions = load_alpaca_eval_set(args.instructions, limit=args.limit, seed=args.seed)
+        check_references([p.text for p in instructions], references, args.instructions or "AlpacaEval's eval set")
         gen = generator_from_args(args)
         m = evaluate_alpaca(gen, judge, args.out, instructions=instructions, references=references,
                             params=SamplingParams(temperature=0.0, max_new_tokens=args.max_new_tokens,
@@ -177,6 +206,7 @@ def cmd_mtbench(args) -> int:
     from selfalign.cli import generator_from_args
     from selfalign.evaluation.mtbench import evaluate_mtbench, require_grading_judge
 
+    _check_out_dir(args)
     judge = _judge_from_args(args)
     require_grading_judge(judge)  # said before the model loads, not after the answers
     m = evaluate_mtbench(generator_from_args(args), judge, args.out, limit=args.limit,

@@ -118,9 +118,9 @@ def load_lc_model(path: str | Path | None = None) -> LCModel:
     """Read the difficulty table (`index`, `key`, `instruction_difficulty`) and its sidecar JSON (how it was fitted,
     the slope prior). Default: the table shipped with the package."""
     path = Path(path) if path is not None else DIFFICULTY_CSV
-    if not path.exists():
-        raise DataError("instruction difficulty table not found (rebuild it: python -m selfalign.evaluation.lc "
-                        "fit-difficulty ...)", path=str(path))
+    if not path.is_file():
+        raise DataError("instruction difficulty table not found, or not a file (rebuild it: python -m "
+                        "selfalign.evaluation.lc fit-difficulty ...)", path=str(path))
     try:
         table = pd.read_csv(path, dtype={"key": str})
     except (ValueError, pd.errors.ParserError) as e:

@@ -24,6 +24,7 @@ from selfalign.data.loaders import MTBenchQuestion, load_mt_bench
 from selfalign.data.records import Prompt
 from selfalign.generation import Generator, SamplingParams, generate_to_file
 from selfalign.judges.base import GradeItem, GradingJudge
+from selfalign.judges.cache import judge_id
 from selfalign.runs import ResumableJsonl
 
 # FastChat's llm_judge/common.py temperature_config
@@ -78,25 +79,28 @@ def grade_items(q: MTBenchQuestion, answers: list[str]) -> list[GradeItem]:
 def grade_answers(questions: Sequence[MTBenchQuestion], answers: dict[int, list[str]], judge: GradingJudge,
                   out_dir: str | Path, model: str, progress: bool = True) -> list[dict]:
     """Grade both turns of every question, resumably; returns this model's and judge's grades of `questions`.
-    Grades are keyed by (question, turn, model, judge), so a reused out dir with another model or judge grades
-    afresh, and a smaller --limit later does not count the earlier run's extra questions."""
+    Grades are keyed by (question, turn, model, judge id: its name and a hash of its config), so a reused out dir
+    with another model, judge or judge option grades afresh, and a smaller --limit later does not count the earlier
+    run's extra questions."""
     out_dir = Path(out_dir)
+    jid = judge_id(judge)
 
     def key(r):
-        return r["question_id"], r["turn"], r["model"], r["judge"]
+        return r["question_id"], r["turn"], r["model"], r.get("judge_id")
 
     with ResumableJsonl(out_dir / "judgments.jsonl", key=key) as sink:
         for q in questions:
             items = [it for it in grade_items(q, answers[q.question_id])
-                     if (q.question_id, it.turn, model, judge.name) not in sink.done]
+                     if (q.question_id, it.turn, model, jid) not in sink.done]
             if not items:
                 continue
             grades = judge.grade(items, progress=False)
             sink.append({"question_id": q.question_id, "category": q.category, "model": model, "judge": judge.name,
-                         "turn": it.turn, "score": g.score, "judgment": g.raw, "attempts": g.attempts,
-                         "tstamp": time.time()} for it, g in zip(items, grades))
+                         "judge_id": jid, "turn": it.turn, "score": g.score, "judgment": g.raw,
+                         "attempts": g.attempts, "details": g.details, "tstamp": time.time()}
+                        for it, g in zip(items, grades))
         by_key = {key(r): r for r in sink.rows}
-    return [by_key[(q.question_id, turn, model, judge.name)] for q in questions for turn in (1, 2)]
+    return [by_key[(q.question_id, turn, model, jid)] for q in questions for turn in (1, 2)]
 
 
 def summarize(judgments: Sequence[dict]) -> dict:
@@ -141,7 +145,8 @@ def evaluate_mtbench(generator: Generator, judge: GradingJudge, out_dir: str | P
     answers = answer_questions(generator, questions, out_dir, max_new_tokens, seed, progress)
     judgments = grade_answers(questions, answers, judge, out_dir, generator.model_name, progress)
     metrics = summarize(judgments)
-    metrics.update(model=generator.model_name, judge=judge.name, n_questions=len(questions),
+    metrics.update(model=generator.model_name, judge=judge.name, judge_id=judge_id(judge),
+                   n_questions=len(questions),
                    max_new_tokens=max_new_tokens)
     write_json(out_dir / "metrics.json", metrics)
     return metrics

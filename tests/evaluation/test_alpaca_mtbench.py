@@ -155,6 +155,17 @@ def test_a_reused_out_dir_never_keeps_verdicts_about_other_answers(gen, tmp_path
     evaluate_mtbench(gen, grader, mt, questions=questions[:1], max_new_tokens=6, progress=False)
     assert len(grader.items) == 2, "another judge grades afresh"
 
+    class Reconfigured(WordCountGrader):  # same name, another option (e.g. --judge-option max_answer_tokens=2)
+        def config(self):
+            return {"max_answer_tokens": 2}
+
+    grader = Reconfigured()
+    m = evaluate_mtbench(gen, grader, mt, questions=questions[:1], max_new_tokens=6, progress=False)
+    assert len(grader.items) == 2, "a judge with other options grades afresh"
+    assert m["judge"] == "test-grader" and m["judge_id"].startswith("test-grader-")
+    rows = [json.loads(line) for line in (mt / "judgments.jsonl").read_text().splitlines()]
+    assert all("details" in r and r["judge_id"] for r in rows)
+
 
 def test_summary_counts_unparsed_and_fastchat_temperatures():
     s = summarize([{"category": "math", "turn": 1, "score": 8.0}, {"category": "math", "turn": 2, "score": None},
@@ -193,6 +204,94 @@ def test_existing_outputs_are_judged_without_a_model(tmp_path, data_dir, capsys)
     bad.write_text(json.dumps([outputs[0], {"instruction": "x"}]))
     with pytest.raises(DataError, match=r"bad.json:2: field 'output': missing or not a string"):
         load_model_outputs(bad)
+
+
+class Configured(LongerWins):
+    """A judge whose option changes its verdicts (as a reward model's weights or a local judge's budget do)."""
+
+    name = "test-configured"
+
+    def __init__(self, flip: bool):
+        super().__init__()
+        self.flip = flip
+
+    def config(self):
+        return {"flip": self.flip}
+
+    def compare(self, items, progress=False):
+        verdicts = super().compare(items, progress)
+        return [PairwiseVerdict(p_a=1 - v.p_a, consistent=True) for v in verdicts] if self.flip else verdicts
+
+
+def test_a_reused_out_dir_rejudges_under_a_changed_judge_config_or_reference(tmp_path):
+    """Verdicts are kept only for the same answer, reference and judge configuration (name + config hash); a
+    verdict kept from an earlier run is reported under this run's generator name."""
+    from selfalign.evaluation.alpaca import evaluate_outputs
+
+    instructions = load_alpaca_eval_set(limit=12, seed=4)
+    outputs = [{"instruction": p.text, "output": "x" * 40 * (i % 3), "generator": "a"}
+               for i, p in enumerate(instructions)]
+    first = evaluate_outputs(outputs, Configured(flip=False), tmp_path, progress=False)
+    flipped_judge = Configured(flip=True)
+    flipped = evaluate_outputs(outputs, flipped_judge, tmp_path, progress=False)
+    assert flipped_judge.items_seen == 12 and flipped["win_rate"] == pytest.approx(100 - first["win_rate"])
+    assert flipped["annotator_id"] != first["annotator_id"]
+    same = Configured(flip=False)
+    renamed = [dict(o, generator="b") for o in outputs]
+    again = evaluate_outputs(renamed, same, tmp_path, progress=False)
+    assert same.items_seen == 0 and again["win_rate"] == first["win_rate"]  # resumed, under the new name
+    assert {a["generator_2"] for a in json.loads((tmp_path / "annotations.json").read_text())} == {"b"}
+    short = {p.text: {"output": "ok", "generator": "tiny"} for p in instructions}  # another reference
+    judge = Configured(flip=False)
+    assert evaluate_outputs(outputs, judge, tmp_path, short, progress=False)["win_rate"] > first["win_rate"]
+    assert judge.items_seen == 12
+
+
+def test_eval_input_mistakes_are_said_before_any_model_loads(tmp_path, data_dir, monkeypatch, capsys):
+    import selfalign.cli
+    from selfalign.cli import main
+
+    monkeypatch.setattr(selfalign.cli, "generator_from_args", lambda args: pytest.fail("a model was loaded"))
+
+    def error(*argv):
+        assert main(["eval", *argv] + (["--quiet"] if argv[0] != "lc" else [])) == 2
+        err = capsys.readouterr().err.strip()
+        assert "\n" not in err
+        return err
+
+    a_file = tmp_path / "file"
+    a_file.write_text("x")
+    assert "--out " + str(a_file) + ": is a file; give a folder" in error("alpaca", "--judge", "length", "--limit",
+                                                                          "2", "--out", str(a_file))
+    assert "is a file; give a folder" in error("mtbench", "--judge", "local", "--out", str(a_file))
+    assert "--limit must be at least 1, not 0" in error("mtbench", "--limit", "0", "--out", str(tmp_path / "m"))
+    assert "limit must be at least 1, not -3" in error("alpaca", "--judge", "length", "--limit", "-3", "--out",
+                                                       str(tmp_path / "a"))
+    err = error("alpaca", "--judge", "local", "--judge-option", "model=nosuch", "--limit", "2", "--out",
+                str(tmp_path / "a"))
+    assert err.startswith("selfalign: error: --judge local --judge-option ...: ") and "model 'nosuch' not found" in err
+    # instructions: alpaca_eval's own format (no ids) is read; a repeated id is refused; a missing reference is said
+    rows = [json.loads(line) for line in (data_dir / "alpaca_eval" / "eval_set.jsonl").read_text().splitlines()[:3]]
+    dup = tmp_path / "dup.jsonl"
+    dup.write_text("".join(json.dumps(dict(r, id="1")) + "\n" for r in rows))
+    assert f"{dup}:2: field 'id': duplicate id '1' (first seen on line 1)" in error(
+        "alpaca", "--judge", "length", "--instructions", str(dup), "--out", str(tmp_path / "a"))
+    plain = tmp_path / "plain.jsonl"
+    plain.write_text("".join(json.dumps({"instruction": r["instruction"]}) + "\n" for r in rows) +
+                     json.dumps({"instruction": "Not in AlpacaEval."}) + "\n")
+    assert [p.id for p in load_alpaca_eval_set(plain)] == ["0", "1", "2", "3"]
+    assert f"{plain}: field 'instruction': no reference output for 1 instruction(s), e.g. 'Not in AlpacaEval.'" in \
+        error("alpaca", "--judge", "length", "--instructions", str(plain), "--out", str(tmp_path / "a"))
+    # existing outputs of two models in one file: refused at the line where the second starts
+    mixed = tmp_path / "mixed.json"
+    mixed.write_text(json.dumps([{"instruction": r["instruction"], "output": "o", "generator": g}
+                                 for r, g in zip(rows, ("m1", "m1", "m2"))]))
+    assert f"{mixed}:3: field 'generator': 'm2' after 'm1': one model's outputs per file" in error(
+        "alpaca", "--judge", "length", "--outputs", str(mixed), "--out", str(tmp_path / "o"))
+    gamed = data_dir / "alpaca_eval" / "annotations" / "gpt4_gamed.json"
+    assert "gpt4_gamed is AlpacaEval's adversarial entry" in error(
+        "lc", "--annotations", str(data_dir / "alpaca_eval" / "annotations" / "alpaca-7b.json"), "--gamed", str(gamed))
+    assert "not a file" in error("lc", "--annotations", str(gamed), "--difficulty", str(tmp_path))
 
 
 def test_default_alpaca_judge_is_the_crossfit_reward_judge(tmp_path, monkeypatch, capsys):
