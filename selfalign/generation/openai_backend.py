@@ -21,6 +21,7 @@ from typing import Sequence
 import httpx
 from tqdm.auto import tqdm
 
+from selfalign.data.io import source_of
 from selfalign.data.records import Prompt, Response
 from selfalign.errors import SelfalignError
 from selfalign.generation.base import Generator, OnBatch, SamplingParams, cut_at_stop
@@ -214,23 +215,28 @@ class OpenAIGenerator(Generator):
                 done, not_done = wait(not_done, timeout=2.0, return_when=FIRST_COMPLETED)
                 for fut in done:
                     p, wanted = futures[fut]
+                    if fut.cancelled():
+                        continue
                     if fut.exception() is not None:
-                        error = error or fut.exception()
+                        if error is None:  # the first failure: name its prompt; queued requests are not sent
+                            error = _for_prompt(fut.exception(), p)
+                            for other in not_done:
+                                other.cancel()
                         continue
                     out = fut.result()
                     for s in wanted:
                         pending_batch.append(self._response(p, out["text"], params, s, out["finish_reason"],
                                                             out["num_tokens"], self.backend))
                     bar.update(len(wanted))
-                if error is not None:
-                    break
+                # after a failure the requests already in flight are still awaited: they are paid for, and their
+                # answers are kept so that a rerun resumes after them
                 if pending_batch and (len(pending_batch) >= flush_every or not done or not not_done):
                     results.extend(pending_batch)
                     if on_batch is not None:
                         on_batch(pending_batch)
                     pending_batch = []
-            clean = error is None
-        finally:  # on a failure or Ctrl-C, drop queued requests and do not wait for those in flight
+            clean = True
+        finally:  # on Ctrl-C (or a bug here), drop queued requests and do not wait for those in flight
             pool.shutdown(wait=clean, cancel_futures=True)
             bar.close()
             if pending_batch:  # keep what finished before a failure, so a rerun resumes after it
@@ -244,3 +250,12 @@ class OpenAIGenerator(Generator):
 
     def close(self) -> None:
         self._client.close()
+
+
+def _for_prompt(error: BaseException, prompt: Prompt) -> BaseException:
+    """`error` with the prompt it came from (its id, and its file and line when it was read from one)."""
+    if not isinstance(error, SelfalignError):
+        return error
+    path, line = source_of(prompt)
+    where = f"{path}:{line}: " if path else ""
+    return SelfalignError(f"{where}prompt '{prompt.id}': {error}")

@@ -4,6 +4,7 @@ flaky proxy that injects 503/429/400/hangs to exercise retries."""
 from __future__ import annotations
 
 import json
+import re
 import math
 import threading
 import time
@@ -305,6 +306,23 @@ def test_400_is_not_retried(server, proxy):
     with pytest.raises(SelfalignError, match="HTTP 400.*last message"):
         gen.generate([bad], SHORT, progress=False)
     assert p.posts == 2
+    gen.close()
+
+
+def test_a_failed_prompt_is_named_and_answers_already_in_flight_are_kept(server, proxy, prompts, tmp_path):
+    """A request refused with a 400 (a prompt too long for the endpoint, say) stops the run and names its prompt's
+    file and line; the requests already in flight are awaited and their answers written (an API call is paid for),
+    so a rerun resumes after them. Requests not yet sent are not sent."""
+    from selfalign.generation import generate_to_file
+
+    p = proxy([400])  # the first request to arrive is refused; the other in flight is answered by the server
+    gen = client(p.url, concurrency=2, max_retries=0)
+    out = tmp_path / "answers.jsonl"
+    with pytest.raises(SelfalignError, match=r"unlabelled_pool\.jsonl:\d+: prompt '[^']+': .*HTTP 400") as err:
+        generate_to_file(gen, prompts[:3], SamplingParams(temperature=0, max_new_tokens=24), out, progress=False)
+    refused = re.search(r"prompt '([^']+)'", str(err.value)).group(1)
+    kept = [json.loads(line)["prompt_id"] for line in out.read_text().splitlines()]
+    assert len(kept) >= 1 and refused not in kept and p.posts <= 3
     gen.close()
 
 
