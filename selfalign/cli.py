@@ -24,6 +24,8 @@ def add_sampling_flags(p: argparse.ArgumentParser, temperature: float = 0.7) -> 
     p.add_argument("--max-new-tokens", type=int, default=256, help="tokens to generate at most (default %(default)s)")
     p.add_argument("--n", type=int, default=1, help="samples per prompt (default %(default)s)")
     p.add_argument("--seed", type=int, default=0, help="sampling seed (default %(default)s)")
+    p.add_argument("--stop", action="append", default=[], metavar="TEXT",
+                   help="stop string: an answer ends before its first one (repeatable; OpenAI's `stop`)")
 
 
 def add_backend_flags(p: argparse.ArgumentParser) -> None:
@@ -78,7 +80,10 @@ def cmd_generate(args) -> int:
 
     prompts = load_prompts(args.prompts, limit=args.limit)
     params = SamplingParams(temperature=args.temperature, top_p=args.top_p, max_new_tokens=args.max_new_tokens,
-                            n=args.n, seed=args.seed)
+                            n=args.n, seed=args.seed, stop=tuple(args.stop))
+    if params.greedy and params.n > 1:
+        print(f"note: --temperature 0 is greedy: the {params.n} samples per prompt will be identical",
+              file=sys.stderr)
     # before the model loads: the same --out twice, a folder, or a file that holds no answers is refused at once
     if Path(args.out).exists():
         ResumableJsonl(args.out, key=response_key).close()

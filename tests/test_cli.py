@@ -34,13 +34,27 @@ def test_generate_writes_records(tmp_path, prompts_file, capsys):
     assert "Loading weights" not in err  # --quiet silences transformers' bars too
 
 
+def test_generate_stop_strings_and_the_greedy_samples_note(tmp_path, prompts_file, capsys):
+    plain, cut = tmp_path / "plain.jsonl", tmp_path / "cut.jsonl"
+    common = ["generate", "--prompts", str(prompts_file), "--max-new-tokens", "24", "--temperature", "0", "--quiet",
+              "--limit", "1"]
+    assert main(common + ["--out", str(plain)]) == 0
+    text = json.loads(plain.read_text())["response"]
+    stop = text.split()[3]  # a word inside the greedy answer
+    assert main(common + ["--out", str(cut), "--stop", stop, "--n", "2"]) == 0
+    rows = [json.loads(line) for line in cut.read_text().splitlines()]
+    assert [r["response"] for r in rows] == [text[:text.index(stop)]] * 2
+    assert rows[0]["sampling"]["stop"] == [stop] and rows[0]["meta"]["stop_string"] is True
+    assert "the 2 samples per prompt will be identical" in capsys.readouterr().err
+
+
 def test_bad_input_prints_one_line(tmp_path, capsys):
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"id": "a", "prompt": "fine"}\n{"id": "b", "promt": "typo"}\n')
     assert main(["generate", "--prompts", str(bad), "--out", str(tmp_path / "o.jsonl")]) == 2
     err = capsys.readouterr().err.strip()
     assert err == f"selfalign: error: {bad}:2: field 'prompt': missing required field " \
-                  "(give 'prompt' text or a 'messages' list)"
+                  "(give 'prompt' or 'instruction' text, or a 'messages' list)"
     assert not (tmp_path / "o.jsonl").exists()
 
 

@@ -20,7 +20,7 @@ def iter_json_rows(path: str | Path) -> Iterator[tuple[int, dict]]:
     """Yield (line number, object) for a .jsonl file, or (index+1, object) for a .json file holding an array."""
     path = Path(path)
     _check_file(path)
-    if path.suffix == ".json":
+    if path.suffix.lower() == ".json":
         try:
             data = json.loads(path.read_text(encoding="utf-8"))
         except json.JSONDecodeError as e:
@@ -86,7 +86,7 @@ def read_records(source: Any, cls: type[T], limit: int | None = None, default_id
     if hasattr(source, "column_names") and hasattr(source, "__iter__"):  # a datasets.Dataset
         name = f"<dataset {getattr(source, 'info', None) and source.info.dataset_name or 'in memory'}>"
         rows = ((i, dict(r)) for i, r in enumerate(source, start=1))
-    elif str(source).endswith(".parquet"):
+    elif str(source).lower().endswith(".parquet"):
         import pandas as pd
 
         _check_file(Path(source))

@@ -97,7 +97,8 @@ def _prompt_messages(d: dict) -> list[Message]:
             history = d.get("history") or []
             history = validate_messages(history, "history") if history else []
             return history + [{"role": "user", "content": text}]
-    raise DataError("missing required field (give 'prompt' text or a 'messages' list)", field="prompt")
+    raise DataError("missing required field (give 'prompt' or 'instruction' text, or a 'messages' list)",
+                    field="prompt")
 
 
 class Record:

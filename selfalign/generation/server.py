@@ -42,6 +42,12 @@ class ModelNotServed(BadRequest):
     status = 404
 
 
+# OpenAI parameters this server does not implement, with the values that mean "not used"
+UNSUPPORTED = {"presence_penalty": (None, 0, 0.0), "frequency_penalty": (None, 0, 0.0), "logit_bias": (None, {}),
+               "response_format": (None, {"type": "text"}), "tools": (None, []), "tool_choice": (None, "none"),
+               "functions": (None, []), "function_call": (None, "none")}
+
+
 def _number(body: dict, name: str, default, kind=(int, float), low=None, high=None):
     value = body.get(name)
     if value is None:
@@ -138,6 +144,10 @@ class ChatServer(ThreadingHTTPServer):
             raise BadRequest("the request body must be a JSON object")
         if body.get("stream"):
             raise BadRequest("streaming is not supported; send \"stream\": false")
+        # parameters this server cannot honour are refused, not ignored: the caller would believe they took effect
+        ignored = [k for k, neutral in UNSUPPORTED.items() if body.get(k) not in neutral]
+        if ignored:
+            raise BadRequest(f"not supported by this server: {', '.join(ignored)} (leave them out)")
         requested = body.get("model")
         if requested is not None and not isinstance(requested, str):
             raise BadRequest("'model' must be a string")

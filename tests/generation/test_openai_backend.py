@@ -228,13 +228,19 @@ def test_server_endpoints_and_bad_requests(server):
     user = [{"role": "user", "content": "hi"}]
     bad = [b"{not json", {"messages": []}, {"messages": user, "temperature": "hot"}, {"messages": user, "n": 0},
            {"messages": user, "stream": True}, {"messages": user + [{"role": "assistant", "content": "x"}]},
-           {"messages": user, "top_logprobs": 3}, {"messages": user, "model": ["a", "list"]}]
+           {"messages": user, "top_logprobs": 3}, {"messages": user, "model": ["a", "list"]},
+           {"messages": user, "temperature": float("nan")}, {"messages": user, "presence_penalty": 0.5},
+           {"messages": user, "logit_bias": {"42": 5}}, {"messages": user, "response_format": {"type": "json_object"}}]
     for body in bad:
         r = httpx.post(base + "/chat/completions", **({"content": body} if isinstance(body, bytes) else {"json": body}))
         assert r.status_code == 400, body
         message = r.json()["error"]["message"]
         assert message and "\n" not in message
     assert httpx.post(base + "/nope", json={}).status_code == 404
+    # the neutral values of parameters the server does not implement are accepted (clients send them by default)
+    ok = httpx.post(base + "/chat/completions", json={"messages": user, "max_tokens": 2, "presence_penalty": 0,
+                                                       "frequency_penalty": 0.0, "logit_bias": {}, "tools": []})
+    assert ok.status_code == 200
 
 
 def test_a_request_for_another_model_is_refused(server, tmp_path, prompts):
