@@ -191,23 +191,23 @@ def _check_resumable(rows: list[dict], prompts: dict[str, list], generator: Gene
             continue  # one file may hold several groups (MT-Bench answers each temperature group into one file)
         if row.get("messages") is not None and row["messages"] != asked:
             raise DataError(f"holds an answer to another prompt with id '{row['prompt_id']}' (its messages differ); "
-                            "resume with the same prompts or write to a new file", path=str(out), line=line,
-                            field="messages")
+                            "resume with the same prompts or write elsewhere (another --out)", path=str(out),
+                            line=line, field="messages")
         if model is None:  # read only when needed: an endpoint's model name may cost a request
             model = generator.model_name
         # a name without the parent folder is the same model, recorded before checkpoint folders were named with
         # their parent's ("final", now "spa/final"); the weights' digest below still tells checkpoints apart
         if row.get("model") is not None and row.get("model") != model and not model.endswith(f"/{row['model']}"):
             raise DataError(f"holds answers by model '{row.get('model')}', not '{model}'; resume with the same model "
-                            f"or write to a new file", path=str(out), line=line, field="model")
+                            f"or write elsewhere (another --out)", path=str(out), line=line, field="model")
         if row.get("model_sha256") and generator.model_sha256 and row["model_sha256"] != generator.model_sha256:
             raise DataError(f"holds answers by other weights named '{model}' (sha256 {row['model_sha256']}, this "
-                            f"model's is {generator.model_sha256}); write to a new file", path=str(out), line=line,
-                            field="model_sha256")
+                            f"model's is {generator.model_sha256}); write elsewhere (another --out)", path=str(out),
+                            line=line, field="model_sha256")
         got = row.get("sampling")
         if not got:  # written by hand or another tool, without its settings: nothing to compare
             continue
         for k in fields:
             if got.get(k) != want[k]:
                 raise DataError(f"was sampled with {k}={got.get(k)!r}, not {want[k]!r}; resume with the same settings "
-                                f"or write to a new file", path=str(out), line=line, field=f"sampling.{k}")
+                                f"or write elsewhere (another --out)", path=str(out), line=line, field=f"sampling.{k}")
