@@ -197,8 +197,9 @@ def add_agreement_command(eval_sub) -> None:
                    "api: served model name)")
     p.add_argument("--base-url", default=None, help="api judge: OpenAI-compatible endpoint, e.g. "
                    "http://127.0.0.1:8000/v1")
-    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                   help="judge option, e.g. --set prompt=pair_v2 --set max_answer_tokens=384 (repeatable)")
+    p.add_argument("--judge-option", "--set", dest="set", action="append", default=[], metavar="KEY=VALUE",
+                   help="judge option, as `eval alpaca` takes it, e.g. --judge-option prompt=pair_v2 --judge-option "
+                   "max_answer_tokens=384 (repeatable; --set is the same)")
     p.add_argument("--cache", default=None, help="judgement cache JSONL (default: ~/.cache/selfalign/judgements/"
                    "<judge>-<config hash>.jsonl)")
     p.add_argument("--no-cache", action="store_true", help="do not read or write a judgement cache")
