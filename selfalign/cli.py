@@ -9,7 +9,6 @@ import argparse
 import json
 import os
 import sys
-from pathlib import Path
 
 from selfalign.errors import SelfalignError
 
@@ -56,11 +55,12 @@ def add_backend_flags(p: argparse.ArgumentParser) -> None:
 def generator_from_args(args):
     from selfalign.generation import make_generator
 
-    for flag, least in (("batch_size", 1), ("max_cache_gb", 1e-9), ("concurrency", 1), ("timeout", 1e-9),
-                        ("max_retries", 0)):
+    checks = (("batch_size", lambda v: v >= 1, "at least 1"), ("max_cache_gb", lambda v: v > 0, "above 0"),
+              ("concurrency", lambda v: v >= 1, "at least 1"), ("timeout", lambda v: v > 0, "above 0"),
+              ("max_retries", lambda v: v >= 0, ">= 0"))
+    for flag, ok, bound in checks:
         value = getattr(args, flag)
-        if value is not None and not value >= least:  # NaN fails too
-            bound = "at least 1" if least == 1 else ">= 0" if least == 0 else "above 0"
+        if value is not None and not ok(value):  # NaN fails too
             raise SelfalignError(f"--{flag.replace('_', '-')} must be {bound}, not {value}")
     if args.backend == "openai":
         if not args.base_url:
@@ -74,9 +74,7 @@ def generator_from_args(args):
 
 def cmd_generate(args) -> int:
     from selfalign.data.loaders import load_prompts
-    from selfalign.generation import SamplingParams, generate_to_file
-    from selfalign.generation.base import response_key
-    from selfalign.runs import ResumableJsonl
+    from selfalign.generation import SamplingParams, check_output_file, generate_to_file
 
     prompts = load_prompts(args.prompts, limit=args.limit)
     params = SamplingParams(temperature=args.temperature, top_p=args.top_p, max_new_tokens=args.max_new_tokens,
@@ -84,11 +82,7 @@ def cmd_generate(args) -> int:
     if params.greedy and params.n > 1:
         print(f"note: --temperature 0 is greedy: the {params.n} samples per prompt will be identical",
               file=sys.stderr)
-    # before the model loads: the same --out twice, a folder, or a file that holds no answers is refused at once
-    if Path(args.out).exists():
-        ResumableJsonl(args.out, key=response_key).close()
-    else:
-        ResumableJsonl.check_free(args.out)
+    check_output_file(args.out)  # before the model loads: a folder, a file of no answers, the same --out twice
     gen = generator_from_args(args)
     if hasattr(gen, "encode"):  # validate every prompt against the context before generating anything
         gen.encode(prompts, params.max_new_tokens, source=args.prompts)

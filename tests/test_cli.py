@@ -89,6 +89,14 @@ def test_generate_refuses_an_out_file_that_holds_no_answers_before_loading_a_mod
     assert "is a folder; give a file path" in capsys.readouterr().err
 
 
+def test_serve_refuses_a_port_out_of_range_in_one_short_line(capsys):
+    with pytest.raises(SystemExit) as e:
+        main(["serve", "--port", "70000"])
+    assert e.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert err.endswith("argument --port: 70000 is not a port number (0-65535)") and len(err) < 200
+
+
 def test_mtbench_refuses_a_judge_that_cannot_grade_before_answering(tmp_path, capsys):
     assert main(["eval", "mtbench", "--judge", "length", "--limit", "8", "--out", str(tmp_path / "ev")]) == 2
     err = capsys.readouterr().err.strip()

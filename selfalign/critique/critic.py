@@ -43,8 +43,8 @@ class CritiqueConfig:
     def __post_init__(self):
         check_sampling_section(self)
         at_least(self, 0, "retries")
-        if self.retry_temperature < 0:
-            raise ValueError(f"retry_temperature must be >= 0, not {self.retry_temperature}")
+        if not 0 <= self.retry_temperature < float("inf"):  # NaN fails too
+            raise ValueError(f"retry_temperature must be a finite number >= 0, not {self.retry_temperature}")
 
 
 RESCORE_STOP = "### Improved Response"  # the heading after the score line in the Table-1 format

@@ -42,7 +42,8 @@ def answer_instructions(generator: Generator, instructions: Sequence[Prompt], ou
     out_dir = Path(out_dir)
     responses = generate_to_file(generator, instructions, params, out_dir / "responses.jsonl", progress=progress)
     by_id = {r.prompt_id: r for r in responses if r.sample_index == 0}
-    rows = [{"instruction": p.text, "output": by_id[p.id].response, "generator": by_id[p.id].model,
+    # one name for every row, this generator's (answers resumed from an older version may record the model otherwise)
+    rows = [{"instruction": p.text, "output": by_id[p.id].response, "generator": generator.model_name,
              "dataset": p.meta.get("dataset", "user")} for p in instructions]
     write_json(out_dir / "model_outputs.json", rows)
     return rows
@@ -55,10 +56,11 @@ def annotate(outputs: Sequence[dict], references: dict[str, dict], judge: Pairwi
     `unparsed_as_tie`; applied when annotations.json is written, so resumed rows follow the current setting."""
     out_dir = Path(out_dir)
     check_references([o["instruction"] for o in outputs], references)
-    # keyed by what was judged and by whom: the judge's id is its name and a hash of its config (model weights,
-    # options), so a reused out dir with other outputs, another reference or a changed judge re-judges instead of
-    # keeping verdicts about something else (rows written before the id was recorded are judged again)
-    jid = judge_id(judge)
+    # keyed by what was judged and by whom: the judge's id is its name and a hash of its config (its options and
+    # model: a reward judge's weights digest, a local or API judge's model name), so a reused out dir with other
+    # outputs, another reference or a changed judge re-judges instead of keeping verdicts about something else (rows
+    # written before the id was recorded are judged again; the judge cache makes that cheap)
+    jid = getattr(judge, "id", None) or judge_id(judge)  # a cached judge has it already (no weights re-hashed)
 
     def key(r):
         return r["instruction"], r["output_1"], r["output_2"], r.get("annotator_id")
@@ -159,13 +161,11 @@ def load_model_outputs(path: str | Path) -> list[dict]:
         rows.append({"instruction": row["instruction"], "output": row["output"],
                      "generator": str(row.get("generator") or Path(path).stem),
                      "dataset": row.get("dataset", "user")})
+        if rows[-1]["generator"] != rows[0]["generator"]:  # one model per file, as annotations and LC assume
+            raise DataError(f"'{rows[-1]['generator']}' after '{rows[0]['generator']}': one model's outputs per "
+                            "file", path=str(path), line=line, field="generator")
     if not rows:
         raise DataError("no model outputs", path=str(path))
-    first = rows[0]["generator"]
-    other = next((n for n, r in enumerate(rows, 1) if r["generator"] != first), None)
-    if other is not None:  # one file, one model, as alpaca_eval's annotations and LC fit assume
-        raise DataError(f"'{rows[other - 1]['generator']}' after '{first}': one model's outputs per file",
-                        path=str(path), line=other, field="generator")
     return rows
 
 

@@ -105,23 +105,27 @@ def _judge_from_args(args):
         options[".".join(keys)] = value
     try:
         check_judge(args.judge, options)
-    except SelfalignError as e:
-        raise SelfalignError(f"--judge {args.judge}" + (" --judge-option ..." if options else "") + f": {e}") from None
+    except SelfalignError as e:  # said with the flags that chose the judge
+        flags = " ".join(f"--judge-option {text}" for text in args.judge_option) or f"--judge {args.judge}"
+        raise SelfalignError(f"{flags}: {e}") from None
     # the cache lives in the output folder: a re-run or a resumed run never pays for a judgement twice
     return make_judge(args.judge, cache=str(Path(args.out) / f"judge_cache.{args.judge}.jsonl"), **options)
 
 
-def _check_out_dir(args) -> None:
-    """--out must be a folder (made here), so a file given by mistake is said at once, before any model loads."""
-    out = Path(args.out)
-    if out.exists() and not out.is_dir():
-        raise SelfalignError(f"--out {out}: is a file; give a folder (created if missing)")
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-    except OSError as e:
-        raise SelfalignError(f"--out {out}: cannot create the folder ({e.strerror})") from None
+def _check_out_and_limit(args) -> None:
+    """Said at once, before any model loads: --out must be a folder (not a file), --limit at least 1."""
+    if Path(args.out).exists() and not Path(args.out).is_dir():
+        raise SelfalignError(f"--out {args.out}: is a file; give a folder (created if missing)")
     if args.limit is not None and args.limit < 1:
         raise SelfalignError(f"--limit must be at least 1, not {args.limit}")
+
+
+def _make_out_dir(args) -> None:
+    """The --out folder, made once every input is checked (a refused command leaves no empty folder)."""
+    try:
+        Path(args.out).mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise SelfalignError(f"--out {args.out}: cannot create the folder ({e.strerror})") from None
 
 
 def _add_alpaca(eval_sub) -> None:
@@ -156,7 +160,7 @@ def cmd_alpaca(args) -> int:
 
     if args.outputs and (args.limit is not None or args.instructions):
         raise SelfalignError("--outputs judges the given answers: drop --limit / --instructions")
-    _check_out_dir(args)
+    _check_out_and_limit(args)
     references = load_reference_outputs(args.reference)
     judge = _judge_from_args(args)
     if args.outputs:
@@ -164,11 +168,13 @@ def cmd_alpaca(args) -> int:
 
         outputs = load_model_outputs(args.outputs)
         check_references([o["instruction"] for o in outputs], references, args.outputs)
+        _make_out_dir(args)
         m = evaluate_outputs(outputs, judge, args.out, references, progress=not args.quiet,
                              unparsed_as_tie=args.unparsed_as_tie)
     else:
         instructions = load_alpaca_eval_set(args.instructions, limit=args.limit, seed=args.seed)
         check_references([p.text for p in instructions], references, args.instructions or "AlpacaEval's eval set")
+        _make_out_dir(args)
         gen = generator_from_args(args)
         m = evaluate_alpaca(gen, judge, args.out, instructions=instructions, references=references,
                             params=SamplingParams(temperature=0.0, max_new_tokens=args.max_new_tokens,
@@ -206,9 +212,10 @@ def cmd_mtbench(args) -> int:
     from selfalign.cli import generator_from_args
     from selfalign.evaluation.mtbench import evaluate_mtbench, require_grading_judge
 
-    _check_out_dir(args)
+    _check_out_and_limit(args)
     judge = _judge_from_args(args)
     require_grading_judge(judge)  # said before the model loads, not after the answers
+    _make_out_dir(args)
     m = evaluate_mtbench(generator_from_args(args), judge, args.out, limit=args.limit,
                          max_new_tokens=args.max_new_tokens, seed=args.seed, progress=not args.quiet)
     if args.json:

@@ -83,7 +83,7 @@ def grade_answers(questions: Sequence[MTBenchQuestion], answers: dict[int, list[
     with another model, judge or judge option grades afresh, and a smaller --limit later does not count the earlier
     run's extra questions."""
     out_dir = Path(out_dir)
-    jid = judge_id(judge)
+    jid = getattr(judge, "id", None) or judge_id(judge)  # a cached judge has it already (no weights re-hashed)
 
     def key(r):
         return r["question_id"], r["turn"], r["model"], r.get("judge_id")
@@ -145,8 +145,8 @@ def evaluate_mtbench(generator: Generator, judge: GradingJudge, out_dir: str | P
     answers = answer_questions(generator, questions, out_dir, max_new_tokens, seed, progress)
     judgments = grade_answers(questions, answers, judge, out_dir, generator.model_name, progress)
     metrics = summarize(judgments)
-    metrics.update(model=generator.model_name, judge=judge.name, judge_id=judge_id(judge),
-                   n_questions=len(questions),
+    metrics.update(model=generator.model_name, judge=judge.name,
+                   judge_id=judgments[0]["judge_id"] if judgments else None, n_questions=len(questions),
                    max_new_tokens=max_new_tokens)
     write_json(out_dir / "metrics.json", metrics)
     return metrics

@@ -145,6 +145,17 @@ def response_key(row: dict) -> tuple[str, int]:
     return (str(row["prompt_id"]), int(row.get("sample_index", 0)))
 
 
+def check_output_file(out: str | Path) -> None:
+    """Refuse now, before a model loads, an output that `generate_to_file` would refuse: a folder, a file that holds
+    no answers (never truncated), a file another live process is writing."""
+    from selfalign.runs import ResumableJsonl
+
+    if Path(out).exists():
+        ResumableJsonl(out, key=response_key).close()
+    else:
+        ResumableJsonl.check_free(out)
+
+
 def generate_to_file(generator: Generator, prompts: Iterable[Prompt], params: SamplingParams, out: str | Path,
                      progress: bool = True) -> list[Response]:
     """Answer `prompts` into the JSONL file `out`, resuming after its last complete record.
@@ -191,8 +202,8 @@ def _check_resumable(rows: list[dict], prompts: dict[str, list], generator: Gene
             continue  # one file may hold several groups (MT-Bench answers each temperature group into one file)
         if row.get("messages") is not None and row["messages"] != asked:
             raise DataError(f"holds an answer to another prompt with id '{row['prompt_id']}' (its messages differ); "
-                            "resume with the same prompts or write elsewhere (another --out)", path=str(out),
-                            line=line, field="messages")
+                            "resume with the same prompts, or write elsewhere (another --out or --run-dir)",
+                            path=str(out), line=line, field="messages")
         if model is None:  # read only when needed: an endpoint's model name may cost a request
             model = generator.model_name
         # a name without the parent folder is the same model, recorded before checkpoint folders were named with

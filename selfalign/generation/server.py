@@ -14,6 +14,7 @@ exactly the model's next-token distribution after the prompt, which is what verd
 
 from __future__ import annotations
 
+import argparse
 import functools
 import json
 import secrets
@@ -40,6 +41,14 @@ class ModelNotServed(BadRequest):
     """A request for another model than the one served (OpenAI and vLLM answer 404): answering it anyway would label
     this model's answers with the requested name on the client's side."""
     status = 404
+
+
+def _port(text: str) -> int:
+    """argparse type: a TCP port number (choices=range(65536) would list all 65,536 in its error message)."""
+    port = int(text)
+    if not 0 <= port <= 65535:
+        raise argparse.ArgumentTypeError(f"{port} is not a port number (0-65535)")
+    return port
 
 
 # OpenAI parameters this server does not implement, with the values that mean "not used"
@@ -330,8 +339,8 @@ def register(subparsers) -> None:
         "network is trusted.")
     p.add_argument("--model", default=None, help="short name (smollm2-135m, the default), model folder, .gguf file")
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (default %(default)s)")
-    p.add_argument("--port", type=int, default=8000, choices=range(0, 65536), metavar="PORT",
-                   help="port to listen on, 0-65535; 0 picks a free one (default %(default)s)")
+    p.add_argument("--port", type=_port, default=8000, help="port to listen on, 0-65535; 0 picks a free one "
+                   "(default %(default)s)")
     p.add_argument("--batch-size", type=int, default=16, help="sequences per forward batch for n > 1 "
                    "(default %(default)s)")
     p.add_argument("--dtype", default="auto", help="auto (bf16 on GPU, fp32 on CPU), float32, bfloat16")

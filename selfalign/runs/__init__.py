@@ -34,6 +34,18 @@ class _Holder:
     """What a lock lives as long as (a ResumableJsonl drops it on close)."""
 
 
+def _records_follow(rest: bytes) -> bool:
+    """Whether a complete JSON object line comes later in `rest`: then a bad line before it is a hand edit of this
+    writer's file (to fix), not a sign that the file is someone else's."""
+    for line in rest.split(b"\n")[:-1]:  # complete lines only
+        try:
+            if isinstance(json.loads(line), dict):
+                return True
+        except ValueError:  # JSONDecodeError and UnicodeDecodeError
+            continue
+    return False
+
+
 class ResumableJsonl:
     """An append-only JSONL file that survives kill -9.
 
@@ -91,7 +103,7 @@ class ResumableJsonl:
                 try:
                     row = json.loads(line)
                 except json.JSONDecodeError as err:
-                    if not self.rows:  # not one record before it: not a file of JSON lines at all
+                    if not self.rows and not _records_follow(data[nl + 1:]):  # not a file of JSON lines at all
                         raise DataError(self._foreign("it does not hold JSON lines"), str(self.path), lineno) from None
                     raise DataError(f"not a JSON record: {err.msg} (column {err.colno}); a crash leaves only an "
                                     f"unfinished last line, so this file was changed by hand: fix or remove that "
@@ -108,7 +120,7 @@ class ResumableJsonl:
                 row = json.loads(tail)
             except (json.JSONDecodeError, UnicodeDecodeError):
                 row = None
-                if not tail.lstrip().startswith(b"{"):
+                if not tail.startswith(b'{"'):  # every record this writer appends starts so
                     raise DataError(self._foreign("it does not hold JSON lines"), str(self.path), lineno + 1) from None
             if row is not None and not isinstance(row, dict):
                 raise DataError(self._foreign("it does not hold JSON lines"), str(self.path), lineno + 1)

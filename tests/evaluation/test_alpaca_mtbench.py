@@ -269,7 +269,8 @@ def test_eval_input_mistakes_are_said_before_any_model_loads(tmp_path, data_dir,
                                                        str(tmp_path / "a"))
     err = error("alpaca", "--judge", "local", "--judge-option", "model=nosuch", "--limit", "2", "--out",
                 str(tmp_path / "a"))
-    assert err.startswith("selfalign: error: --judge local --judge-option ...: ") and "model 'nosuch' not found" in err
+    assert err.startswith("selfalign: error: --judge-option model=nosuch: ") and "model 'nosuch' not found" in err
+    assert not (tmp_path / "a").exists()  # a refused command leaves no empty --out folder
     # instructions: alpaca_eval's own format (no ids) is read; a repeated id is refused; a missing reference is said
     rows = [json.loads(line) for line in (data_dir / "alpaca_eval" / "eval_set.jsonl").read_text().splitlines()[:3]]
     dup = tmp_path / "dup.jsonl"

@@ -71,6 +71,9 @@ def test_resumable_jsonl_refuses_a_bad_line_before_good_ones(tmp_path):
     with pytest.raises(SelfalignError, match=r"x.jsonl:2: not a JSON record: .*nothing was deleted"):
         ResumableJsonl(path, key=lambda r: r["k"])
     assert path.read_bytes() == before
+    path.write_text('{"k": 1\n{"k": 2}\n')  # a hand edit broke the first line: fix it (the records after it count)
+    with pytest.raises(SelfalignError, match=r"x.jsonl:1: not a JSON record: .*changed by hand"):
+        ResumableJsonl(path, key=lambda r: r["k"])
     path.write_text('{"k": 1}\n\n{"k": 3}\n{"k": 4, "torn')  # a blank line is skipped; the torn tail is dropped
     with ResumableJsonl(path, key=lambda r: r["k"]) as w:
         assert w.done == {1, 3}
@@ -82,6 +85,7 @@ def test_resumable_jsonl_refuses_a_bad_line_before_good_ones(tmp_path):
     ('{"id": 1, "prompt": "a"}\n', 1, "a line without this file's key fields"),  # another tool's JSONL
     ('{"id": 1, "prompt": "a"}', 1, "a line without this file's key fields"),  # ...without a final newline
     ("some notes", 1, "it does not hold JSON lines"),
+    ("{draft notes", 1, "it does not hold JSON lines"),  # a cut record of this writer would start with {"
 ])
 def test_resumable_jsonl_refuses_a_file_that_is_not_its_own_and_changes_nothing(tmp_path, content, line, why):
     path = tmp_path / "prompts.json"
