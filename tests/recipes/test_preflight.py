@@ -53,7 +53,7 @@ def test_data_problems_fail_before_the_run_folder_exists(tmp_path, capsys, data_
     bad.write_text("\n".join(rows) + '\n{"id": "no-text"}\n')
     rc, err = run_cli("spa", smoke("spa"), tmp_path / "a", f"prompts={bad}", capsys=capsys)
     assert rc == 2 and err == f"selfalign: error: {bad}:4: field 'prompt': missing required field (give 'prompt' " \
-                              "text or a 'messages' list)"
+                              "or 'instruction' text, or a 'messages' list)"
     rc, err = run_cli("srt", smoke("srt"), tmp_path / "b", "prompts=nope.jsonl", capsys=capsys)
     assert rc == 2 and err.startswith("selfalign: error: --set prompts=nope.jsonl: prompts: data file 'nope.jsonl' "
                                       "not found")
