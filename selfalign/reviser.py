@@ -1,4 +1,5 @@
-"""The SEFT reviser (METHODS.md §4): decision tags, prompt formatting, labels from pairs, adaptive revision.
+"""The SEFT reviser (METHODS.md §4): decision tags, prompt formatting, labels from pairs, adaptive revision, and
+its quality on held-out pairs.
 
     [NO REVISION] | [MINOR REVISION] | [MAJOR REVISION]      the reviser's first output, then the response
 
@@ -296,3 +297,64 @@ def revision_stats(revisions: Sequence[Revision], total: int | None = None) -> d
         "mean_words_original": mean([len(_words(r.original)) for r in revisions]),
         "mean_words_revised": mean([len(_words(r.revised)) for r in revisions]),
     }
+
+
+# ------------------------------------------------------------------------------------------------ quality
+def quality_inputs(pairs: Sequence[PreferencePair], source: str) -> list[Response]:
+    """Both answers of each held-out pair as revision inputs, ids `{pair id}:rejected` / `:chosen`, `meta.origin` the
+    side: the rejected (weaker) answer should come back improved, the chosen (stronger) one verbatim."""
+    return [Response(prompt_id=f"{p.id}:{side}", messages=p.messages, response=getattr(p, side),
+                     model=f"{source}:{side}", meta={"origin": side})
+            for p in pairs for side in ("rejected", "chosen")]
+
+
+def _share(hits: int, n: int) -> dict:
+    p = hits / n if n else None
+    return {"n": n, "count": hits, "share": p, "se": (p * (1 - p) / n) ** 0.5 if n else None}
+
+
+def judge_revisions(revisions: Sequence[Revision], judge) -> tuple[list[dict], dict]:
+    """How well a reviser did on `quality_inputs`: `judge` (a pairwise judge) compares each changed revision with
+    its original; an unchanged answer is by definition not better than itself and is not judged. Returns (one row per
+    revision: side, decision, changed, p_revised_better) and, per side, the decision statistics, the unchanged share,
+    the share judged better (of all and of the changed ones, with standard errors) and the truncated revisions."""
+    from selfalign.judges.base import PairwiseItem
+
+    changed = [r for r in revisions if r.revised != r.original]
+    verdicts = judge.compare([PairwiseItem(r.messages, r.revised, r.original) for r in changed]) if changed else []
+    p_better = {r.prompt_id: v.p_a for r, v in zip(changed, verdicts)}
+    rows = [{"id": r.prompt_id, "side": r.meta["origin"], "decision": r.decision, "changed": r.revised != r.original,
+             "p_revised_better": p_better.get(r.prompt_id)} for r in revisions]
+
+    def side_summary(side: str) -> dict:
+        revs = [r for r in revisions if r.meta["origin"] == side]
+        judged = [p_better[r.prompt_id] for r in revs if r.prompt_id in p_better]
+        return {"decisions": revision_stats(revs),
+                "unchanged": _share(sum(r.revised == r.original for r in revs), len(revs)),
+                "judged_better": _share(sum(p > 0.5 for p in judged), len(revs)),  # over all pairs of the side
+                "judged_better_of_changed": _share(sum(p > 0.5 for p in judged), len(judged)),
+                "mean_p_revised_better_of_changed": sum(judged) / len(judged) if judged else None,
+                "truncated_revisions": sum(r.meta.get("finish_reason") == "length" for r in revs)}
+
+    return rows, {"rejected": side_summary("rejected"), "chosen": side_summary("chosen")}
+
+
+def quality_markdown(title: str, q: dict) -> str:
+    """`judge_revisions`' summary (with `judge`) as markdown: the two headline shares with standard errors, and the
+    decisions per input side."""
+    def fmt(s: dict) -> str:
+        return "n/a" if s["share"] is None else f"{s['share']:.3f} ± {s['se']:.3f} ({s['count']}/{s['n']})"
+
+    rej, cho = q["rejected"], q["chosen"]
+    lines = [f"# {title}", "",
+             f"- weaker (rejected) answer revised, judged better than the original by `{q['judge']}`: "
+             f"{fmt(rej['judged_better'])}; of the changed ones {fmt(rej['judged_better_of_changed'])}",
+             f"- stronger (chosen) answer returned verbatim: {fmt(cho['unchanged'])}; changed ones judged better "
+             f"than the chosen: {fmt(cho['judged_better_of_changed'])}", "",
+             "| input | no | minor | major | tag fallbacks | unchanged | truncated revisions |",
+             "|---|---:|---:|---:|---:|---:|---:|"]
+    for side, s in (("rejected", rej), ("chosen", cho)):
+        d = s["decisions"]
+        lines.append(f"| {side} | {d['count_none']} | {d['count_minor']} | {d['count_major']} | "
+                     f"{d['tag_fallbacks']} | {s['unchanged']['count']} | {s['truncated_revisions']} |")
+    return "\n".join(lines) + "\n"

@@ -271,3 +271,44 @@ def test_tag_fallbacks(tmp_path, fallback, expected):
     with pytest.raises(ConfigError):
         revise_adaptive(stub, [], load_template("adaptive_prompt.txt"), 8, 64, tmp_path / "a", tmp_path / "b",
                         fallback="keep")
+
+
+def test_reviser_quality_judges_only_changed_answers_and_counts_each_side(data_dir):
+    """Held-out pairs: the rejected answer should come back better (by the judge), the chosen one verbatim."""
+    from selfalign.data import Revision
+    from selfalign.judges.base import PairwiseJudge, PairwiseVerdict
+    from selfalign.reviser import judge_revisions, quality_inputs, quality_markdown
+
+    pairs = load_preference_pairs(data_dir / "preferences" / "ultrafeedback_binarized_train_1k.jsonl", limit=3)
+    inputs = quality_inputs(pairs, "uf")
+    assert [r.meta["origin"] for r in inputs] == ["rejected", "chosen"] * 3
+    assert inputs[0].prompt_id == f"{pairs[0].id}:rejected" and inputs[1].response == pairs[0].chosen
+
+    class LongerWins(PairwiseJudge):
+        name = "longer"
+        seen = 0
+
+        def compare(self, items, progress=False):
+            LongerWins.seen += len(items)
+            return [PairwiseVerdict(p_a=1.0 if len(it.answer_a) > len(it.answer_b) else 0.0, consistent=True)
+                    for it in items]
+
+    # the reviser lengthens the 3 rejected answers, returns 2 chosen verbatim and shortens the third
+    revisions = []
+    for k, r in enumerate(inputs):
+        if r.meta["origin"] == "rejected":
+            revised, decision = r.response + " More.", "minor"
+        else:
+            revised, decision = (r.response, "none") if k < 4 else (r.response[:5], "major")
+        revisions.append(Revision(prompt_id=r.prompt_id, messages=r.messages, original=r.response, revised=revised,
+                                  decision=decision, meta=dict(r.meta)))
+    rows, sides = judge_revisions(revisions, LongerWins())
+    assert LongerWins.seen == 4  # the two verbatim answers are not judged
+    assert [row["p_revised_better"] for row in rows if row["side"] == "chosen"] == [None, None, 0.0]
+    rej, cho = sides["rejected"], sides["chosen"]
+    assert rej["judged_better"]["count"] == 3 and rej["judged_better"]["share"] == 1.0
+    assert cho["unchanged"]["count"] == 2 and cho["judged_better_of_changed"]["n"] == 1
+    assert cho["decisions"]["count_none"] == 2 and cho["decisions"]["count_major"] == 1
+    text = quality_markdown("t", {"judge": "longer", **sides})
+    assert "judged better than the original by `longer`: 1.000 ± 0.000 (3/3)" in text
+    assert "returned verbatim: 0.667 ± 0.272 (2/3)" in text and "| chosen | 2 | 0 | 1 | 0 | 2 | 0 |" in text

@@ -278,71 +278,27 @@ def held_out_pairs(config: Config, trained: list[PreferencePair]) -> list[Prefer
     return pairs[:qc.pairs]
 
 
-def _share(hits: int, n: int) -> dict:
-    p = hits / n if n else None
-    return {"n": n, "count": hits, "share": p, "se": (p * (1 - p) / n) ** 0.5 if n else None}
-
-
 def reviser_quality(config: Config, run: Run, reviser: str) -> dict:
-    """Revise both answers of held-out pairs. The rejected (weaker) one should come back better by the run's eval
-    judge; the chosen (stronger) one should come back verbatim ([NO REVISION])."""
+    """Revise both answers of held-out pairs (reviser.quality_inputs); the run's eval judge says whether a revised
+    rejected answer is better than the original, and a chosen one should come back verbatim (reviser.judge_revisions).
+    Written to reviser/quality/ (pairs, revisions, verdicts) and reviser/quality.json / quality.md."""
     from selfalign.judges import make_judge
-    from selfalign.judges.base import PairwiseItem
-    from selfalign.reviser import revision_stats
+    from selfalign.reviser import judge_revisions, quality_inputs, quality_markdown
 
+    folder = run.path("reviser", "quality")
     pairs = held_out_pairs(config, read_records(run.path("data", "reviser_pairs.jsonl"), PreferencePair))
-    write_jsonl(run.path("reviser", "quality", "pairs.jsonl"), pairs)
-    inputs = [Response(prompt_id=f"{p.id}:{side}", messages=p.messages, response=getattr(p, side),
-                       model=f"{config.reviser_eval.data}:{side}", meta={"origin": side})
-              for p in pairs for side in ("rejected", "chosen")]
-    revisions, _ = run_reviser(config, reviser, inputs, run.path("reviser", "quality"), config.sampling.seed)
-    write_jsonl(run.path("reviser", "quality", "revisions.jsonl"), revisions)
-    by_side = {side: [r for r in revisions if r.meta["origin"] == side] for side in ("rejected", "chosen")}
-
-    # only changed answers go to the judge: an unchanged one is by definition not better than itself
-    changed = [r for r in revisions if r.revised != r.original]
-    judge = make_judge(config.eval.judge, cache=str(run.path("reviser", "quality", "judge_cache.jsonl")),
-                       **config.eval.judge_options)
-    verdicts = judge.compare([PairwiseItem(r.messages, r.revised, r.original) for r in changed]) if changed else []
-    p_better = {r.prompt_id: v.p_a for r, v in zip(changed, verdicts)}
-    rows = [{"id": r.prompt_id, "side": r.meta["origin"], "decision": r.decision, "changed": r.revised != r.original,
-             "p_revised_better": p_better.get(r.prompt_id)} for r in revisions]
-    write_jsonl(run.path("reviser", "quality", "verdicts.jsonl"), rows)
-
-    def side_summary(side: str) -> dict:
-        revs, judged = by_side[side], [p_better[r.prompt_id] for r in by_side[side] if r.prompt_id in p_better]
-        return {"decisions": revision_stats(revs),
-                "unchanged": _share(sum(r.revised == r.original for r in revs), len(revs)),
-                "judged_better": _share(sum(p > 0.5 for p in judged), len(revs)),  # over all pairs of the side
-                "judged_better_of_changed": _share(sum(p > 0.5 for p in judged), len(judged)),
-                "mean_p_revised_better_of_changed": sum(judged) / len(judged) if judged else None,
-                "truncated_revisions": sum(r.meta.get("finish_reason") == "length" for r in revs)}
-
-    result = {"data": config.reviser_eval.data, "pairs": len(pairs), "judge": config.eval.judge,
-              "rejected": side_summary("rejected"), "chosen": side_summary("chosen")}
+    write_jsonl(folder / "pairs.jsonl", pairs)
+    revisions, _ = run_reviser(config, reviser, quality_inputs(pairs, config.reviser_eval.data), folder,
+                               config.sampling.seed)
+    write_jsonl(folder / "revisions.jsonl", revisions)
+    judge = make_judge(config.eval.judge, cache=str(folder / "judge_cache.jsonl"), **config.eval.judge_options)
+    rows, sides = judge_revisions(revisions, judge)
+    write_jsonl(folder / "verdicts.jsonl", rows)
+    result = {"data": config.reviser_eval.data, "pairs": len(pairs), "judge": config.eval.judge, **sides}
     run.path("reviser", "quality.json").write_text(json.dumps(result, indent=1))
-    write_quality_summary(run, result)
+    run.path("reviser", "quality.md").write_text(quality_markdown(
+        f"SEFT run {run.root.name}: reviser quality on {len(pairs)} held-out pairs ({result['data']})", result))
     return result
-
-
-def write_quality_summary(run: Run, q: dict) -> None:
-    """reviser/quality.md: the two headline shares with standard errors, and the decisions per input side."""
-    def fmt(s: dict) -> str:
-        return "n/a" if s["share"] is None else f"{s['share']:.3f} ± {s['se']:.3f} ({s['count']}/{s['n']})"
-
-    rej, cho = q["rejected"], q["chosen"]
-    lines = [f"# SEFT run {run.root.name}: reviser quality on {q['pairs']} held-out pairs ({q['data']})", "",
-             f"- weaker (rejected) answer revised, judged better than the original by `{q['judge']}`: "
-             f"{fmt(rej['judged_better'])}; of the changed ones {fmt(rej['judged_better_of_changed'])}",
-             f"- stronger (chosen) answer returned verbatim: {fmt(cho['unchanged'])}; changed ones judged better "
-             f"than the chosen: {fmt(cho['judged_better_of_changed'])}", "",
-             "| input | no | minor | major | tag fallbacks | unchanged | truncated revisions |",
-             "|---|---:|---:|---:|---:|---:|---:|"]
-    for side, s in (("rejected", rej), ("chosen", cho)):
-        d = s["decisions"]
-        lines.append(f"| {side} | {d['count_none']} | {d['count_minor']} | {d['count_major']} | "
-                     f"{d['tag_fallbacks']} | {s['unchanged']['count']} | {s['truncated_revisions']} |")
-    run.path("reviser", "quality.md").write_text("\n".join(lines) + "\n")
 
 
 # ------------------------------------------------------------------------------------------------ rounds
