@@ -196,7 +196,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"selfalign: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print("selfalign: interrupted; run the same command again to resume", file=sys.stderr)
+        again = ("run the same command again to resume" if getattr(args, "resumable", True)
+                 else "nothing was saved; run the same command again to start over")
+        print(f"selfalign: interrupted; {again}", file=sys.stderr)
         return 130
     except BrokenPipeError:  # `selfalign status DIR | head`: the reader left; say nothing more
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())

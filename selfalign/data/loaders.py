@@ -80,7 +80,8 @@ def _is_annotation_file(path) -> bool:
     if not isinstance(path, (str, Path)) or not str(path).endswith((".json", ".jsonl")) or not Path(path).exists():
         return False
     for _, row in iter_json_rows(path):
-        return "chosen" not in row and all(k in row for k in ("output_1", "output_2", "preference"))
+        # output_1 / output_2 mark the format: a missing `preference` is then said as such, not as a missing 'id'
+        return isinstance(row, dict) and "chosen" not in row and all(k in row for k in ("output_1", "output_2"))
     return False
 
 

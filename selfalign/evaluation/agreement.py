@@ -194,7 +194,7 @@ def add_agreement_command(eval_sub) -> None:
     p.add_argument("--limit", type=int, default=None, help="judge only N pairs")
     p.add_argument("--offset", type=int, default=0, help="skip the first N pairs (default %(default)s)")
     p.add_argument("--model", default=None, help="judge model (local: model spec; reward: trained folder; "
-                   "api: served model name)")
+                   "reward-crossfit: the folder of fold models; api: served model name)")
     p.add_argument("--base-url", default=None, help="api judge: OpenAI-compatible endpoint, e.g. "
                    "http://127.0.0.1:8000/v1")
     p.add_argument("--judge-option", "--set", dest="set", action="append", default=[], metavar="KEY=VALUE",
@@ -217,8 +217,8 @@ def cmd_agreement(args) -> int:
     if args.offset < 0:
         raise SelfalignError("--offset must be >= 0")
     options = _parse_options(args.set)
-    if args.model is not None:
-        options["model"] = args.model
+    if args.model is not None:  # reward-crossfit's models are a folder of folds, its option `models`
+        options["models" if args.judge == "reward-crossfit" else "model"] = args.model
     if args.base_url is not None:
         options["base_url"] = args.base_url
     for flag in ("out", "cache"):  # files: a folder given by mistake is said now, not after all the judging

@@ -18,6 +18,7 @@ import argparse
 import functools
 import json
 import secrets
+import socket
 import sys
 import threading
 import time
@@ -309,9 +310,22 @@ def make_server(generator, host: str = "127.0.0.1", port: int = 8000, quiet: boo
 
 
 # ------------------------------------------------------------------------------------------------ CLI
+def _check_port_free(host: str, port: int) -> None:
+    """Bind and release (host, port) as the server will (address reuse on), so a port in use fails at once."""
+    if port == 0:
+        return
+    try:
+        with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as probe:
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            probe.bind((host, port))
+    except OSError as e:
+        raise SelfalignError(f"cannot listen on {host}:{port}: {e.strerror or e}") from None
+
+
 def cmd_serve(args) -> int:
     from selfalign.generation.transformers_backend import TransformersGenerator
 
+    _check_port_free(args.host, args.port)  # a busy port is said now, not after the model has loaded
     gen = TransformersGenerator(model=args.model, batch_size=args.batch_size, dtype=args.dtype, device=args.device,
                                 trust_remote_code=args.trust_remote_code)
     try:

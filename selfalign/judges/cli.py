@@ -4,15 +4,31 @@ from __future__ import annotations
 
 import argparse
 import json
+from pathlib import Path
 
 from selfalign.errors import SelfalignError
+
+
+def _check_training_flags(args) -> None:
+    """Said before the backbone loads (an untrained model must never be saved over a trained one)."""
+    if args.epochs < 1:
+        raise SelfalignError(f"--epochs must be at least 1, not {args.epochs}")
+    if args.max_length < 16:
+        raise SelfalignError(f"--max-length must be at least 16 tokens, not {args.max_length}")
+    if args.train_layers < 0:
+        raise SelfalignError(f"--train-layers must be >= 0 (0: the head alone), not {args.train_layers}")
+    if args.out is not None and Path(args.out).exists() and not Path(args.out).is_dir():
+        raise SelfalignError(f"--out {args.out}: is a file; give a folder")
 
 
 def cmd_train_reward(args) -> int:
     from selfalign.judges.reward import default_reward_dir, train_reward_model
 
+    _check_training_flags(args)
     if args.n_pairs < 0 or args.n_pairs == 1:
         raise SelfalignError("--n-pairs must be 0 (all) or at least 2")
+    if args.n_eval < -1:
+        raise SelfalignError(f"--n-eval must be -1 (all), 0 (none) or a count, not {args.n_eval}")
     out = args.out or default_reward_dir()
     cfg = train_reward_model(out, base=args.base, train_data=args.pairs, eval_data=args.eval_pairs,
                              n_pairs=args.n_pairs, n_eval=None if args.n_eval < 0 else args.n_eval,
@@ -27,6 +43,7 @@ def cmd_train_reward(args) -> int:
 def cmd_train_crossfit(args) -> int:
     from selfalign.judges.reward import default_crossfit_dir, train_crossfit_reward_models
 
+    _check_training_flags(args)
     summary = train_crossfit_reward_models(args.out, pairs=args.pairs, folds=args.folds, base=args.base,
                                            max_length=args.max_length, train_layers=args.train_layers,
                                            epochs=args.epochs, seed=args.seed, progress=not args.quiet)
@@ -48,7 +65,8 @@ def _add_model_flags(p) -> None:
 def register(subparsers) -> argparse._SubParsersAction:
     p = subparsers.add_parser("judges", help="judge utilities: train the Bradley-Terry reward-model judges",
                               description="Judge utilities. Judges themselves are used through `selfalign eval "
-                              "agreement --judge length|local|reward|api` and by the recipes.")
+                              "agreement --judge length|local|reward|reward-crossfit|api`, `selfalign eval alpaca` "
+                              "and `eval mtbench`, and by the recipes.")
     sub = p.add_subparsers(dest="judges_command", required=True, metavar="JUDGES_COMMAND")
     t = sub.add_parser(
         "train-reward", help="train the reward-model judge on real preference pairs",
@@ -71,7 +89,7 @@ def register(subparsers) -> argparse._SubParsersAction:
                    help="train on AlpacaEval / MT-Bench prompts too (e.g. on GPT-4's AlpacaEval annotations); hold "
                    "out by instruction when you measure agreement")
     t.add_argument("--quiet", action="store_true", help="no progress output")
-    t.set_defaults(fn=cmd_train_reward)
+    t.set_defaults(fn=cmd_train_reward, resumable=False)  # one short training: a rerun starts over
 
     c = sub.add_parser(
         "train-crossfit", help="train the default AlpacaEval judge: reward models on GPT-4's own preferences, "

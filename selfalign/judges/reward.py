@@ -24,6 +24,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import os
 import random
 import re
 import time
@@ -216,6 +217,8 @@ def train_reward_model(out: str | Path, base: str = "smollm2-135m", train_data: 
     t_start = time.time()
     prefs = shared_data_dir() / "preferences"
     train_data = Path(train_data or prefs / "ultrafeedback_binarized_train_1k.jsonl")
+    if eval_data is not None and not Path(eval_data).exists():  # asked for: never silently skipped
+        raise SelfalignError(f"{eval_data}: no such file (--eval-pairs)")
     eval_data = Path(eval_data) if eval_data else prefs / "ultrafeedback_binarized_eval_200.jsonl"
     exclude = set() if allow_eval_instructions else evaluation_instructions()
     train = _pairs(train_data, n_pairs, seed, exclude)
@@ -223,7 +226,11 @@ def train_reward_model(out: str | Path, base: str = "smollm2-135m", train_data: 
     train_prompts = {_norm_text(p.prompt) for p in train}
     held = [p for p in held if _norm_text(p.prompt) not in train_prompts]
     if len(train) < 2:
-        raise SelfalignError(f"{train_data}: fewer than 2 usable preference pairs")
+        left_out = len(_pairs(train_data, None, seed, set())) - len(_pairs(train_data, None, seed, exclude))
+        why = (f"; {left_out} were left out because their prompt is an AlpacaEval / MT-Bench instruction: pass "
+               "--allow-eval-instructions to train on them (then hold out by instruction when you measure "
+               "agreement)" if left_out else "")
+        raise SelfalignError(f"{train_data}: fewer than 2 usable preference pairs{why}")
 
     trainer = _RewardTrainer(base, train_layers, max_length, max_prompt_tokens, seed)
     t0 = time.time()
@@ -255,7 +262,10 @@ class _RewardTrainer:
         self.tok = load_tokenizer(base, padding_side="left")
         self.backbone = load_model(base, dtype="float32", device="cpu").model
         self.n_layers = len(self.backbone.layers)
-        self.k = max(0, min(int(train_layers), self.n_layers))
+        if not 0 <= train_layers <= self.n_layers:
+            raise SelfalignError(f"--train-layers must be between 0 and {self.n_layers} ({base} has {self.n_layers} "
+                                 f"layers), not {train_layers}")
+        self.k = int(train_layers)
         for p in self.backbone.parameters():
             p.requires_grad_(False)
         self._initial_top = {n: t.detach().clone() for n, t in self._top_state().items()}
@@ -349,7 +359,9 @@ class _RewardTrainer:
         out.mkdir(parents=True, exist_ok=True)
         tensors = {f"head.{n}": p.detach().contiguous() for n, p in self.head.named_parameters()}
         tensors.update({n: p.detach().contiguous() for n, p in self._top_state().items()})
-        save_file(tensors, str(out / WEIGHTS_FILE))
+        # both files are written aside and renamed into place (weights, then config): a kill leaves the old model
+        # whole, or the new weights beside the config that still describes the old run, never a torn file
+        save_file(tensors, str(out / f"{WEIGHTS_FILE}.tmp"))
         ids_hash = hashlib.sha256("\n".join(p.id for p in train).encode()).hexdigest()[:16]
         config = {
             "kind": "selfalign-bradley-terry-reward-model",
@@ -368,7 +380,9 @@ class _RewardTrainer:
             "seconds": seconds,
             "created_at": time.strftime("%Y-%m-%dT%H:%M:%S"),
         }
-        (out / CONFIG_FILE).write_text(json.dumps(config, indent=2))
+        (out / f"{CONFIG_FILE}.tmp").write_text(json.dumps(config, indent=2))
+        os.replace(out / f"{WEIGHTS_FILE}.tmp", out / WEIGHTS_FILE)
+        os.replace(out / f"{CONFIG_FILE}.tmp", out / CONFIG_FILE)
         return config
 
 
@@ -391,7 +405,16 @@ class RewardJudge(PairwiseJudge):
         if not cfg_path.exists():
             raise SelfalignError(f"{self.path}: no trained reward model ({CONFIG_FILE} missing); train one with "
                                  f"`selfalign judges train-reward --out {self.path}`")
-        self.cfg = json.loads(cfg_path.read_text())
+        try:
+            self.cfg = json.loads(cfg_path.read_text())
+        except ValueError as e:
+            raise SelfalignError(f"{cfg_path}: not a readable reward-model config ({e}); retrain it") from None
+        missing = [k for k in ("base_model", "max_length", "max_prompt_tokens", "train_layers")
+                   if not isinstance(self.cfg, dict) or k not in self.cfg]
+        if missing or not (self.path / WEIGHTS_FILE).is_file():
+            what = f"its config lacks {', '.join(missing)}" if missing else f"{WEIGHTS_FILE} is missing"
+            raise SelfalignError(f"{self.path}: an incomplete reward model ({what}); retrain it with `selfalign "
+                                 f"judges train-reward --out {self.path}`")
         self.batch_size = max(1, int(batch_size))
         self.device = device
         self._backbone = self._head = self._tok = None
@@ -416,7 +439,11 @@ class RewardJudge(PairwiseJudge):
             lm = load_model(spec, dtype="float32", device=self.device)
             self._tok = load_tokenizer(spec, padding_side="left")
             backbone = lm.model
-            weights = load_file(str(self.path / WEIGHTS_FILE))
+            try:
+                weights = load_file(str(self.path / WEIGHTS_FILE))
+            except Exception as e:  # safetensors' own error types (a truncated or foreign file)
+                raise SelfalignError(f"{self.path / WEIGHTS_FILE}: not readable safetensors weights "
+                                     f"({str(e).splitlines()[0][:120]}); retrain the reward model") from None
             n, k = len(backbone.layers), int(self.cfg["train_layers"])
             for i, layer in enumerate(backbone.layers[n - k:]):
                 layer.load_state_dict({key.split(".", 2)[2]: v for key, v in weights.items()
@@ -529,6 +556,13 @@ def train_crossfit_reward_models(out: str | Path | None = None, pairs: str | Pat
         splits.append((train, held))
 
     hyper = {"epochs": epochs, "batch_size": batch_size, "lr": lr, "head_lr": head_lr}
+    from selfalign.runs import file_sha256
+
+    pairs_sha = file_sha256(pairs_file)
+    want = {"pairs_sha256": pairs_sha, "folds": folds, "base": base, "max_length": max_length,
+            "max_prompt_tokens": max_prompt_tokens, "train_layers": train_layers, "seed": seed, **hyper}
+    for k in range(max(folds, _fold_count(out))):  # a finished fold is kept only if this command would make it
+        _check_fold_settings(out / f"fold{k}", want, pairs_file)
     pending = [k for k in range(folds) if not (out / f"fold{k}" / CONFIG_FILE).exists()]
     if pending:
         trainer = _RewardTrainer(base, train_layers, max_length, max_prompt_tokens, seed)
@@ -552,6 +586,7 @@ def train_crossfit_reward_models(out: str | Path | None = None, pairs: str | Pat
                           "total": round(time.time() - t_start, 1)},
                          allow_eval_instructions=True,
                          crossfit={"fold": k, "folds": folds, "pairs_file": str(pairs_file),
+                                   "pairs_sha256": pairs_sha,
                                    "split": "sha256 of the normalised instruction mod folds"})
     rows, hits = [], 0.0
     for k in range(folds):
@@ -568,6 +603,35 @@ def train_crossfit_reward_models(out: str | Path | None = None, pairs: str | Pat
                "seconds": round(time.time() - t_start, 1)}
     (out / SUMMARY_FILE).write_text(json.dumps(summary, indent=2))
     return summary
+
+
+def _fold_count(root: Path) -> int:
+    """How many fold<k>/ folders with a config `root` holds (0 if none)."""
+    return sum(1 for d in root.glob("fold*") if (d / CONFIG_FILE).exists()) if root.is_dir() else 0
+
+
+def _check_fold_settings(folder: Path, want: dict, pairs_file: Path) -> None:
+    """Refuse a finished fold trained otherwise than `want` (other pairs, folds or hyperparameters): kept as it is,
+    it would judge instructions it trained on, or mix two trainings in one judge (a fold beyond this command's
+    count differs in `folds`)."""
+    path = folder / CONFIG_FILE
+    if not path.exists():
+        return
+    cfg = json.loads(path.read_text())
+    cross, hp = cfg.get("crossfit") or {}, cfg.get("hyperparameters") or {}
+    have = {"folds": cross.get("folds"), "base": cfg.get("base_model"), "max_length": cfg.get("max_length"),
+            "max_prompt_tokens": cfg.get("max_prompt_tokens"), "train_layers": cfg.get("train_layers"),
+            "seed": (cfg.get("train_data") or {}).get("seed"), **{h: hp.get(h) for h in ("epochs", "batch_size", "lr",
+                                                                                          "head_lr")}}
+    if "pairs_sha256" in cross:
+        have["pairs_sha256"] = cross["pairs_sha256"]
+    else:  # written before the digest was recorded: the file's name stands in for it
+        same = Path(str(cross.get("pairs_file"))).name == pairs_file.name
+        have["pairs_sha256"] = want["pairs_sha256"] if same else f"of {cross.get('pairs_file')}"
+    diffs = [f"{key} {have.get(key)!r}, not {value!r}" for key, value in want.items() if have.get(key) != value]
+    if diffs:
+        raise SelfalignError(f"{folder}: trained with other settings ({'; '.join(diffs[:3])}); give another --out, "
+                             "or remove that folder's parent to retrain every fold")
 
 
 class CrossFitRewardJudge(PairwiseJudge):
@@ -590,6 +654,10 @@ class CrossFitRewardJudge(PairwiseJudge):
                                  f"{[d.name for d in dirs] or 'none'}; train them once with "
                                  f"`selfalign judges train-crossfit --out {root}` (~40 min on 2 CPU cores)")
         self.judges = [RewardJudge(d, batch_size=batch_size, device=device) for d in dirs]
+        trained_for = {j.cfg.get("crossfit", {}).get("folds") for j in self.judges} - {None}  # None: assembled by hand
+        if trained_for - {len(dirs)}:  # instructions are routed by the fold count: every model must share it
+            raise SelfalignError(f"{root}: holds {len(dirs)} fold models trained for {sorted(map(str, trained_for))} "
+                                 f"folds; retrain them together with `selfalign judges train-crossfit --out {root}`")
         self.batch_size = batch_size
 
     def config(self) -> dict:

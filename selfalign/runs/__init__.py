@@ -377,7 +377,14 @@ class Run:
         entry.update(status="running", started_at=time.strftime("%Y-%m-%dT%H:%M:%S"))
         self.save()
         t0 = time.time()
-        result = fn()
+        try:
+            result = fn()
+        except Exception as e:  # recorded for `selfalign status` (a kill, or Ctrl-C, leaves "running": no owner)
+            entry.update(status="failed", seconds=round(time.time() - t0, 2),
+                         error=f"{type(e).__name__}: {(str(e).splitlines() or [''])[0][:300]}")
+            self.save()
+            raise
+        entry.pop("error", None)
         entry.update(status="done", seconds=round(time.time() - t0, 2))
         if summary is not None:
             entry["result"] = summary(result)

@@ -37,16 +37,28 @@ def _brief(result, width: int) -> str:
     return text if len(text) <= width else text[:width - 3] + "..."
 
 
+def stage_statuses(manifest: dict, owner: dict | None) -> dict[str, str]:
+    """Each stage's status as it stands: a stage recorded "running" with no live process running the folder was
+    stopped (killed, or Ctrl-C); "failed" stages recorded their error."""
+    return {name: "stopped" if s.get("status") == "running" and owner is None else s.get("status", "?")
+            for name, s in manifest["stages"].items()}
+
+
 def run_state(manifest: dict, owner: dict | None) -> str:
-    running = [name for name, s in manifest["stages"].items() if s.get("status") == "running"]
+    statuses = stage_statuses(manifest, owner)
+    running = [name for name, s in statuses.items() if s == "running"]
     if owner is not None:
         return f"running now (pid {owner['pid']}" + (f", stage {running[-1]})" if running else ")")
-    if running:
-        return (f"stopped during stage {running[-1]} (killed, or failed: see its error): the same command resumes "
-                f"it")
+    failed = [name for name, s in statuses.items() if s == "failed"]
+    if failed:
+        error = manifest["stages"][failed[-1]].get("error", "no error recorded")
+        return f"failed in stage {failed[-1]} ({error}); fix the cause, then the same command resumes it"
+    stopped = [name for name, s in statuses.items() if s == "stopped"]
+    if stopped:
+        return f"stopped during stage {stopped[-1]} (killed or interrupted): the same command resumes it"
     if "final" in manifest.get("models", {}):
         return "finished"
-    return "stopped between stages (killed, or failed: see its error): the same command resumes it"
+    return "stopped between stages (killed or interrupted): the same command resumes it"
 
 
 def cmd_status(args) -> int:
@@ -54,6 +66,8 @@ def cmd_status(args) -> int:
 
     root = Path(args.run_dir)
     path = root / "manifest.json"
+    if root.exists() and not root.is_dir():
+        raise SelfalignError(f"{root}: a file, not a run folder")
     if not root.is_dir():
         raise SelfalignError(f"{root}: no such folder")
     if not path.exists():
@@ -61,9 +75,11 @@ def cmd_status(args) -> int:
     manifest = read_manifest(path)
     owner = lock_owner(root)
     state = run_state(manifest, owner)
-    if args.json:
-        print(json.dumps({"run_dir": str(root), "recipe": manifest.get("recipe"), "state": state,
-                          "stages": manifest["stages"], "models": manifest.get("models", {})}, indent=2))
+    statuses = stage_statuses(manifest, owner)
+    if args.json:  # the same statuses as the table below, with the full results
+        stages = {name: dict(s, status=statuses[name]) for name, s in manifest["stages"].items()}
+        print(json.dumps({"run_dir": str(root), "recipe": manifest.get("recipe"), "state": state, "owner": owner,
+                          "stages": stages, "models": manifest.get("models", {})}, indent=2))
         return 0
     resumed = len(manifest.get("resumed_at", []))
     print(f"{root}: {manifest.get('recipe')} run, started {manifest.get('created_at')}"
@@ -72,8 +88,8 @@ def cmd_status(args) -> int:
     command = manifest.get("command") or []
     if command:
         print(f"command: {shlex.join(['selfalign'] + list(command[1:]))}  (in {manifest.get('cwd')})")
-    rows = [(name, "stopped" if s.get("status") == "running" and owner is None else s.get("status", "?"),
-             _duration(s.get("seconds")), s.get("result")) for name, s in manifest["stages"].items()]
+    rows = [(name, statuses[name], _duration(s.get("seconds")), s.get("result") or s.get("error"))
+            for name, s in manifest["stages"].items()]
     width = max([len("stage")] + [len(r[0]) for r in rows])
     print(f"\n{'stage':<{width}}  {'status':<8} {'time':>9}  result")
     for name, status, took, result in rows:

@@ -160,3 +160,14 @@ def test_unreadable_sources_are_one_line_errors(tmp_path, real_prompts):
     fake.write_text("not parquet")
     with pytest.raises(DataError, match=rf"^{fake}: not a readable parquet file \("):
         read_records(fake, Prompt)
+
+
+def test_annotations_without_a_preference_are_said_as_such(tmp_path, data_dir):
+    from selfalign.data.loaders import load_preference_pairs
+
+    rows = json.loads((data_dir / "alpaca_eval" / "balanced_pairs_dev.json").read_text())[:3]
+    rows[1].pop("preference")
+    path = tmp_path / "ann.json"
+    path.write_text(json.dumps(rows))
+    with pytest.raises(DataError, match=r"ann.json:2: field 'preference': expected a number in \[1, 2\]"):
+        load_preference_pairs(path)

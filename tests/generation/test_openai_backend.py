@@ -266,6 +266,15 @@ def test_serve_is_a_cli_command():
     assert args.fn is cmd_serve and args.host == "127.0.0.1" and args.port == 0 and args.model is None
 
 
+def test_serve_says_a_busy_port_before_loading_the_model(server, monkeypatch):
+    import selfalign.generation.transformers_backend as tb
+    from selfalign.cli import main
+
+    monkeypatch.setattr(tb, "TransformersGenerator", lambda **kw: pytest.fail("the model was loaded"))
+    port = int(server.url.rsplit(":", 1)[1].split("/")[0])  # the module's server listens there
+    assert main(["serve", "--port", str(port)]) == 2
+
+
 # ------------------------------------------------------------------------------------------ through a flaky proxy
 def test_retries_503_and_429_then_succeeds_with_bearer_key(server, proxy, prompts, tmp_path, monkeypatch):
     monkeypatch.setenv(KEY_ENV, SECRET)

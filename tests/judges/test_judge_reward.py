@@ -134,6 +134,29 @@ def test_crossfit_judge_routes_each_instruction_to_its_fold_model(trained, tmp_p
         make_judge("reward-crossfit", models=str(tmp_path))
 
 
+def test_an_incomplete_or_damaged_reward_folder_is_a_one_line_error(trained, tmp_path):
+    import shutil
+
+    from selfalign.errors import SelfalignError
+
+    out, _ = trained
+    broken = tmp_path / "rm"
+    shutil.copytree(out, broken)
+    (broken / WEIGHTS_FILE).unlink()
+    with pytest.raises(SelfalignError, match=f"an incomplete reward model \\({WEIGHTS_FILE} is missing\\)"):
+        RewardJudge(broken)
+    (broken / WEIGHTS_FILE).write_bytes((out / WEIGHTS_FILE).read_bytes()[:100])  # truncated
+    judge = RewardJudge(broken)
+    with pytest.raises(SelfalignError, match="not readable safetensors weights"):
+        judge.compare([PairwiseItem([{"role": "user", "content": "hi"}], "a", "b")])
+    (broken / CONFIG_FILE).write_text("{not json")
+    with pytest.raises(SelfalignError, match="not a readable reward-model config"):
+        RewardJudge(broken)
+    (broken / CONFIG_FILE).write_text(json.dumps({"base_model": "smollm2-135m"}))
+    with pytest.raises(SelfalignError, match="its config lacks max_length, max_prompt_tokens, train_layers"):
+        RewardJudge(broken)
+
+
 def test_crossfit_training_holds_out_each_instruction_and_resumes(tmp_path, data_dir, embedded_model_dir):
     """`train_crossfit_reward_models` on a real slice of the balanced pairs: fold k's model never trains on a fold-k
     instruction and is scored on exactly those; the pooled agreement is the held-out accuracies weighted by size;
@@ -168,3 +191,51 @@ def test_crossfit_training_holds_out_each_instruction_and_resumes(tmp_path, data
                                          epochs=1, batch_size=4, progress=False)
     assert (out / "fold0" / WEIGHTS_FILE).stat().st_mtime_ns == mtime
     assert again["pooled_agreement"] == summary["pooled_agreement"]
+    # other settings into the same folder are refused, not answered with the old folds (before any model loads)
+    from selfalign.errors import SelfalignError
+
+    with pytest.raises(SelfalignError, match=r"fold0: trained with other settings \(epochs 1, not 2\)"):
+        train_crossfit_reward_models(out, pairs=pairs, max_length=64, max_prompt_tokens=24, train_layers=1,
+                                     epochs=2, batch_size=4, progress=False)
+    with pytest.raises(SelfalignError, match=r"fold0: trained with other settings \(folds 2, not 3\)"):
+        train_crossfit_reward_models(out, pairs=pairs, folds=3, max_length=64, max_prompt_tokens=24, train_layers=1,
+                                     epochs=1, batch_size=4, progress=False)
+    other = tmp_path / "other.json"
+    other.write_text(json.dumps(rows[:10]))
+    with pytest.raises(SelfalignError, match=r"trained with other settings \(pairs_sha256"):
+        train_crossfit_reward_models(out, pairs=other, max_length=64, max_prompt_tokens=24, train_layers=1,
+                                     epochs=1, batch_size=4, progress=False)
+    assert (out / "fold0" / WEIGHTS_FILE).stat().st_mtime_ns == mtime
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--epochs", "0"], "--epochs must be at least 1, not 0"),
+    (["--max-length", "-5"], "--max-length must be at least 16 tokens, not -5"),
+    (["--train-layers", "-1"], "--train-layers must be >= 0 (0: the head alone), not -1"),
+    (["--n-eval", "-5"], "--n-eval must be -1 (all), 0 (none) or a count, not -5"),
+    (["--eval-pairs", "nonexist.jsonl"], "nonexist.jsonl: no such file (--eval-pairs)"),
+])
+def test_train_reward_refuses_bad_settings_before_loading_the_backbone(args, message, tmp_path, capsys, monkeypatch):
+    import selfalign.judges.reward as reward
+    from selfalign.cli import main
+
+    monkeypatch.setattr(reward, "_RewardTrainer", lambda *a, **k: pytest.fail("the backbone was loaded"))
+    assert main(["judges", "train-reward", "--out", str(tmp_path / "rm"), "--quiet", *args]) == 2
+    err = capsys.readouterr().err.strip()
+    assert message in err and "\n" not in err
+    assert not (tmp_path / "rm").exists()  # nothing saved, so no untrained model replaces a trained one
+    a_file = tmp_path / "f"
+    a_file.write_text("x")
+    assert main(["judges", "train-crossfit", "--out", str(a_file), "--quiet"]) == 2
+    assert "is a file; give a folder" in capsys.readouterr().err
+
+
+def test_pairs_left_out_as_evaluation_instructions_are_explained(tmp_path, data_dir):
+    from selfalign.errors import SelfalignError
+
+    rows = json.loads((data_dir / "alpaca_eval" / "balanced_pairs_dev.json").read_text())[:6]
+    pairs = tmp_path / "ann.json"
+    pairs.write_text(json.dumps(rows))
+    with pytest.raises(SelfalignError, match="6 were left out because their prompt is an AlpacaEval / MT-Bench "
+                                             "instruction: pass --allow-eval-instructions"):
+        train_reward_model(tmp_path / "rm", train_data=pairs, n_eval=0, progress=False)

@@ -47,11 +47,35 @@ def test_a_second_process_is_refused_while_the_first_runs_and_takes_over_once_it
     assert (root / LOCK_FILE).exists()
     main(["status", str(root)])
     out = capsys.readouterr().out
-    assert "state: stopped during stage round1/generate (killed, or failed: see its error): the same command " \
-           "resumes it" in out
+    assert "state: stopped during stage round1/generate (killed or interrupted): the same command resumes it" in out
     assert "round1/generate  stopped" in out
+    main(["status", str(root), "--json"])  # the same status as the table (the manifest still says "running")
+    status = json.loads(capsys.readouterr().out)
+    assert status["stages"]["round1/generate"]["status"] == "stopped" and status["owner"] is None
     run = Run(root, {"a": 1}, recipe="test")  # the same command resumes: this process takes the folder over
     assert lock_owner(root)["pid"] != holder.pid and run.is_done("data")
+
+
+def test_a_stage_that_raises_is_recorded_failed_with_its_error_and_reruns_on_resume(tmp_path, capsys):
+    root = tmp_path / "run"
+    run = Run(root, {"a": 1}, recipe="test")
+    run.stage("data", lambda: {"rows": 3})
+
+    def broken():
+        raise ValueError("the critic's endpoint said 401\nsecond line")
+
+    with pytest.raises(ValueError):
+        run.stage("critique", broken)
+    del run
+    assert main(["status", str(root)]) == 0
+    out = capsys.readouterr().out
+    assert "state: failed in stage critique (ValueError: the critic's endpoint said 401); fix the cause" in out
+    assert "critique  failed" in out
+    run = Run(root, {"a": 1}, recipe="test")
+    assert run.stage("critique", lambda: {"ok": 1}) == {"ok": 1}  # a failed stage runs again
+    assert "error" not in run.manifest["stages"]["critique"]
+    assert main(["status", str(tmp_path / "run" / "manifest.json")]) == 2
+    assert "a file, not a run folder" in capsys.readouterr().err
 
 
 def test_the_lock_is_released_with_the_run_and_a_reused_pid_is_not_an_owner(tmp_path):
