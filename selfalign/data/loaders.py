@@ -86,7 +86,8 @@ def _is_annotation_file(path) -> bool:
 
 
 def load_annotated_pairs(path: str | Path, min_margin: float = 0.0) -> list[PreferencePair]:
-    """Judge annotations in alpaca_eval's format as preference pairs: `preference` in [1, 2] (1 = output_1 better),
+    """Judge annotations in alpaca_eval's format as preference pairs: `preference` (or a human `label`) in [1, 2]
+    (1 = output_1 better),
     chosen = the preferred output. Ties (preference 1.5), and preferences closer to 1.5 than `min_margin`, carry no
     direction and are skipped. The id is the row's `id` if it has one, else `<file stem>:<line>`; the preference and
     generators are kept in `meta`."""
@@ -95,15 +96,21 @@ def load_annotated_pairs(path: str | Path, min_margin: float = 0.0) -> list[Pref
         try:
             messages = [{"role": "user", "content": _required_text(row, "instruction")}]
             first, second = _required_text(row, "output_1", True), _required_text(row, "output_2", True)
-            pref = row.get("preference")
+            # `label` (1 or 2): LLMBar's and MT-Bench's human pairs, which `eval agreement` reads too
+            name = "preference" if row.get("preference") is not None or row.get("label") is None else "label"
+            pref = row.get(name)
+            if pref is None:
+                raise DataError("missing: give 'preference' in [1, 2] (or a human 'label', 1 or 2)", field=name)
+            if name == "label" and pref not in (1, 2):
+                raise DataError(f"expected 1 or 2, got {pref!r}", field=name)
             if isinstance(pref, bool) or not isinstance(pref, (int, float)) or not 1.0 <= pref <= 2.0:
-                raise DataError(f"expected a number in [1, 2], got {pref!r}", field="preference")
+                raise DataError(f"expected a number in [1, 2], got {pref!r}", field=name)
         except DataError as e:
             raise DataError(e.reason, path=str(path), line=line, field=e.field) from None
         if pref == 1.5 or abs(pref - 1.5) < min_margin:
             continue
         chosen, rejected = (first, second) if pref < 1.5 else (second, first)
-        meta = {k: row[k] for k in ("preference", "generator_1", "generator_2", "dataset") if k in row}
+        meta = {k: row[k] for k in ("preference", "label", "generator_1", "generator_2", "dataset") if k in row}
         out.append(PreferencePair(id=str(row.get("id", f"{Path(path).stem}:{line}")), messages=messages,
                                   chosen=chosen, rejected=rejected, meta=meta))
     if not out:

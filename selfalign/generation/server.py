@@ -315,7 +315,7 @@ def _check_port_free(host: str, port: int) -> None:
     if port == 0:
         return
     try:
-        with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as probe:
+        with socket.socket(socket.AF_INET) as probe:  # as ChatServer listens (IPv4)
             probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
             probe.bind((host, port))
     except OSError as e:

@@ -360,7 +360,7 @@ class _RewardTrainer:
         tensors = {f"head.{n}": p.detach().contiguous() for n, p in self.head.named_parameters()}
         tensors.update({n: p.detach().contiguous() for n, p in self._top_state().items()})
         # both files are written aside and renamed into place (weights, then config): a kill leaves the old model
-        # whole, or the new weights beside the config that still describes the old run, never a torn file
+        # whole, or the new weights without a config (the judge then says so), never a torn file or a mix
         save_file(tensors, str(out / f"{WEIGHTS_FILE}.tmp"))
         ids_hash = hashlib.sha256("\n".join(p.id for p in train).encode()).hexdigest()[:16]
         config = {
@@ -381,6 +381,7 @@ class _RewardTrainer:
             "created_at": time.strftime("%Y-%m-%dT%H:%M:%S"),
         }
         (out / f"{CONFIG_FILE}.tmp").write_text(json.dumps(config, indent=2))
+        (out / CONFIG_FILE).unlink(missing_ok=True)  # so a kill between the renames is "config missing", never a mix
         os.replace(out / f"{WEIGHTS_FILE}.tmp", out / WEIGHTS_FILE)
         os.replace(out / f"{CONFIG_FILE}.tmp", out / CONFIG_FILE)
         return config
@@ -561,8 +562,12 @@ def train_crossfit_reward_models(out: str | Path | None = None, pairs: str | Pat
     pairs_sha = file_sha256(pairs_file)
     want = {"pairs_sha256": pairs_sha, "folds": folds, "base": base, "max_length": max_length,
             "max_prompt_tokens": max_prompt_tokens, "train_layers": train_layers, "seed": seed, **hyper}
-    for k in range(max(folds, _fold_count(out))):  # a finished fold is kept only if this command would make it
-        _check_fold_settings(out / f"fold{k}", want, pairs_file)
+    # a finished fold is kept only if this command would make it: every fold folder, by name (one beyond this
+    # command's count differs in `folds`)
+    for folder in sorted(out.glob("fold*")) if out.is_dir() else []:
+        k = int(folder.name[4:]) if folder.name[4:].isdigit() else None
+        train_ids = [p.id for p in splits[k][0]] if k is not None and k < folds else None
+        _check_fold_settings(folder, want, pairs_file, train_ids)
     pending = [k for k in range(folds) if not (out / f"fold{k}" / CONFIG_FILE).exists()]
     if pending:
         trainer = _RewardTrainer(base, train_layers, max_length, max_prompt_tokens, seed)
@@ -590,7 +595,7 @@ def train_crossfit_reward_models(out: str | Path | None = None, pairs: str | Pat
                                    "split": "sha256 of the normalised instruction mod folds"})
     rows, hits = [], 0.0
     for k in range(folds):
-        cfg = json.loads((out / f"fold{k}" / CONFIG_FILE).read_text())
+        cfg = _read_fold_config(out / f"fold{k}")
         last, n = cfg["history"][-1], cfg["eval_data"]["n_pairs"]
         rows.append({"fold": k, "train_pairs": cfg["train_data"]["n_pairs"], "heldout_pairs": n,
                      "agreement": last["heldout_accuracy"], "train_accuracy": last["train_accuracy"],
@@ -605,19 +610,21 @@ def train_crossfit_reward_models(out: str | Path | None = None, pairs: str | Pat
     return summary
 
 
-def _fold_count(root: Path) -> int:
-    """How many fold<k>/ folders with a config `root` holds (0 if none)."""
-    return sum(1 for d in root.glob("fold*") if (d / CONFIG_FILE).exists()) if root.is_dir() else 0
+def _read_fold_config(folder: Path) -> dict:
+    try:
+        return json.loads((folder / CONFIG_FILE).read_text())
+    except ValueError as e:  # a fold killed while an older version wrote its config
+        raise SelfalignError(f"{folder / CONFIG_FILE}: not readable ({e}); remove {folder} to train that fold "
+                             "again") from None
 
 
-def _check_fold_settings(folder: Path, want: dict, pairs_file: Path) -> None:
+def _check_fold_settings(folder: Path, want: dict, pairs_file: Path, train_ids: list[str] | None) -> None:
     """Refuse a finished fold trained otherwise than `want` (other pairs, folds or hyperparameters): kept as it is,
-    it would judge instructions it trained on, or mix two trainings in one judge (a fold beyond this command's
-    count differs in `folds`)."""
-    path = folder / CONFIG_FILE
-    if not path.exists():
+    it would judge instructions it trained on, or mix two trainings in one judge. `train_ids`: the pair ids this
+    command would train the fold on (None for a fold it would not make)."""
+    if not (folder / CONFIG_FILE).exists():
         return
-    cfg = json.loads(path.read_text())
+    cfg = _read_fold_config(folder)
     cross, hp = cfg.get("crossfit") or {}, cfg.get("hyperparameters") or {}
     have = {"folds": cross.get("folds"), "base": cfg.get("base_model"), "max_length": cfg.get("max_length"),
             "max_prompt_tokens": cfg.get("max_prompt_tokens"), "train_layers": cfg.get("train_layers"),
@@ -625,8 +632,8 @@ def _check_fold_settings(folder: Path, want: dict, pairs_file: Path) -> None:
                                                                                           "head_lr")}}
     if "pairs_sha256" in cross:
         have["pairs_sha256"] = cross["pairs_sha256"]
-    else:  # written before the digest was recorded: the file's name stands in for it
-        same = Path(str(cross.get("pairs_file"))).name == pairs_file.name
+    else:  # written before the digest was recorded: the pairs it trained on stand in for it
+        same = train_ids is not None and (cfg.get("train_data") or {}).get("ids") == train_ids
         have["pairs_sha256"] = want["pairs_sha256"] if same else f"of {cross.get('pairs_file')}"
     diffs = [f"{key} {have.get(key)!r}, not {value!r}" for key, value in want.items() if have.get(key) != value]
     if diffs:
@@ -656,8 +663,9 @@ class CrossFitRewardJudge(PairwiseJudge):
         self.judges = [RewardJudge(d, batch_size=batch_size, device=device) for d in dirs]
         trained_for = {j.cfg.get("crossfit", {}).get("folds") for j in self.judges} - {None}  # None: assembled by hand
         if trained_for - {len(dirs)}:  # instructions are routed by the fold count: every model must share it
-            raise SelfalignError(f"{root}: holds {len(dirs)} fold models trained for {sorted(map(str, trained_for))} "
-                                 f"folds; retrain them together with `selfalign judges train-crossfit --out {root}`")
+            raise SelfalignError(f"{root}: holds {len(dirs)} fold models trained for "
+                                 f"{' and '.join(map(str, sorted(trained_for)))} folds; retrain them together with "
+                                 f"`selfalign judges train-crossfit --out {root}`")
         self.batch_size = batch_size
 
     def config(self) -> dict:

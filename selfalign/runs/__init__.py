@@ -374,6 +374,7 @@ class Run:
         if self.is_done(name):
             return self.manifest["stages"][name].get("result")
         entry = self.manifest["stages"].setdefault(name, {})
+        entry.pop("error", None)  # an earlier attempt's failure is not this attempt's
         entry.update(status="running", started_at=time.strftime("%Y-%m-%dT%H:%M:%S"))
         self.save()
         t0 = time.time()
@@ -382,9 +383,11 @@ class Run:
         except Exception as e:  # recorded for `selfalign status` (a kill, or Ctrl-C, leaves "running": no owner)
             entry.update(status="failed", seconds=round(time.time() - t0, 2),
                          error=f"{type(e).__name__}: {(str(e).splitlines() or [''])[0][:300]}")
-            self.save()
+            try:
+                self.save()
+            except OSError:  # (a full disk, say) the stage's own error is the one to report
+                pass
             raise
-        entry.pop("error", None)
         entry.update(status="done", seconds=round(time.time() - t0, 2))
         if summary is not None:
             entry["result"] = summary(result)

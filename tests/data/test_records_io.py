@@ -169,5 +169,9 @@ def test_annotations_without_a_preference_are_said_as_such(tmp_path, data_dir):
     rows[1].pop("preference")
     path = tmp_path / "ann.json"
     path.write_text(json.dumps(rows))
-    with pytest.raises(DataError, match=r"ann.json:2: field 'preference': expected a number in \[1, 2\]"):
+    with pytest.raises(DataError, match=r"ann.json:2: field 'preference': missing: give 'preference' in \[1, 2\]"):
         load_preference_pairs(path)
+    # human pairs with a `label` (LLMBar, MT-Bench) read as pairs too, as `eval agreement` reads them
+    llmbar = load_preference_pairs(data_dir / "judge_sets" / "llmbar_dev.jsonl")
+    first = json.loads((data_dir / "judge_sets" / "llmbar_dev.jsonl").read_text().splitlines()[0])
+    assert llmbar[0].chosen == first[f"output_{first['label']}"] and llmbar[0].meta["label"] == first["label"]

@@ -206,6 +206,17 @@ def test_crossfit_training_holds_out_each_instruction_and_resumes(tmp_path, data
         train_crossfit_reward_models(out, pairs=other, max_length=64, max_prompt_tokens=24, train_layers=1,
                                      epochs=1, batch_size=4, progress=False)
     assert (out / "fold0" / WEIGHTS_FILE).stat().st_mtime_ns == mtime
+    # a leftover fold beyond this command's count is checked by its name too (not missed by counting folders)
+    import shutil
+
+    shutil.copytree(out / "fold1", out / "fold2")
+    cfg = json.loads((out / "fold2" / CONFIG_FILE).read_text())
+    cfg["crossfit"]["folds"] = 3
+    (out / "fold2" / CONFIG_FILE).write_text(json.dumps(cfg))
+    shutil.rmtree(out / "fold1")
+    with pytest.raises(SelfalignError, match=r"fold2: trained with other settings \(folds 3, not 2\)"):
+        train_crossfit_reward_models(out, pairs=pairs, max_length=64, max_prompt_tokens=24, train_layers=1,
+                                     epochs=1, batch_size=4, progress=False)
 
 
 @pytest.mark.parametrize("args, message", [
