@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import functools
 import time
+from pathlib import Path
 
 from tqdm.auto import tqdm
 
@@ -115,6 +116,12 @@ class LocalJudge(PairwiseJudge, GradingJudge):
     def config(self) -> dict:
         common = {"model": self.model_spec, "dtype": self.dtype, "max_answer_tokens": self.max_answer_tokens,
                   "max_instruction_tokens": self.max_instruction_tokens}
+        if self.model_spec and Path(str(self.model_spec)).expanduser().exists():
+            # a folder or file is a checkpoint that can be retrained in place: its weights' digest is part of the
+            # judge's identity, so verdicts cached by the old weights are not reused (short names are fixed weights)
+            from selfalign.runs import model_fingerprint
+
+            common["weights"] = model_fingerprint(Path(str(self.model_spec)).expanduser())
         pairwise = {"prompts": {p.name: p.sha256[:16] for p in self.prompts}, "both_orders": self.both_orders,
                     "method": "verdict-token-probability"}
         grading = {"grade_prompts": {n: load_prompt(n).sha256[:16] for n in sorted(set(GRADE_PROMPTS.values()))},

@@ -83,6 +83,20 @@ def test_key_includes_judge_config_and_reference(tmp_path):
     assert a.pair_calls == 6
 
 
+def test_a_local_judge_given_a_folder_is_identified_by_its_weights(tmp_path):
+    """A checkpoint folder can be retrained in place: its verdicts must not be reused for the new weights."""
+    from selfalign.judges.local import LocalJudge
+
+    folder = tmp_path / "ckpt"
+    folder.mkdir()
+    (folder / "model.safetensors").write_bytes(b"first weights")
+    before = judge_id(LocalJudge(model=str(folder)))
+    time.sleep(1.1)  # the digest cache is keyed by size and mtime (seconds)
+    (folder / "model.safetensors").write_bytes(b"other weights")
+    assert judge_id(LocalJudge(model=str(folder))) != before
+    assert "weights" not in LocalJudge(model="smollm2-135m").config()  # a short name is fixed weights
+
+
 def test_grades_are_cached_too(tmp_path):
     inner = CountingJudge()
     judge = CachedJudge(inner, tmp_path / "c.jsonl")
