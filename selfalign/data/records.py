@@ -134,6 +134,9 @@ class Prompt(Record):
 
     @classmethod
     def from_dict(cls, d: dict) -> "Prompt":
+        if isinstance(d, dict) and "id" not in d and "question_id" in d and "turns" in d:  # said, not "missing id"
+            raise DataError("an MT-Bench question (question_id, turns), not a prompt: answer and grade MT-Bench with "
+                            "`selfalign eval mtbench`", field="id")
         known = {"id", "messages", "prompt", "instruction", "history", "meta"}
         meta = dict(_mapping(d, "meta"))
         meta.update({k: v for k, v in d.items() if k not in known})

@@ -175,3 +175,12 @@ def test_annotations_without_a_preference_are_said_as_such(tmp_path, data_dir):
     llmbar = load_preference_pairs(data_dir / "judge_sets" / "llmbar_dev.jsonl")
     first = json.loads((data_dir / "judge_sets" / "llmbar_dev.jsonl").read_text().splitlines()[0])
     assert llmbar[0].chosen == first[f"output_{first['label']}"] and llmbar[0].meta["label"] == first["label"]
+
+
+def test_an_mt_bench_question_file_given_as_prompts_points_to_eval_mtbench(data_dir):
+    from selfalign.data.loaders import load_prompts
+
+    with pytest.raises(DataError, match=r"question.jsonl:1: field 'id': an MT-Bench question .* `selfalign eval "
+                                        r"mtbench`"):
+        load_prompts(data_dir / "mt_bench" / "question.jsonl")
+
