@@ -85,9 +85,12 @@ def cmd_status(args) -> int:
     print(f"{root}: {manifest.get('recipe')} run, started {manifest.get('created_at')}"
           + (f", resumed {resumed}x" if resumed else ""))
     print(f"state: {state}")
-    command = manifest.get("command") or []
-    if command:
-        print(f"command: {shlex.join(['selfalign'] + list(command[1:]))}  (in {manifest.get('cwd')})")
+    command = [str(c) for c in manifest.get("command") or []]
+    if len(command) > 1 and Path(command[0]).name in ("selfalign", "cli.py", "__main__.py") and command[1] == "run":
+        print(f"command: {shlex.join(['selfalign'] + command[1:])}  (in {manifest.get('cwd')})")
+    elif command:  # started from Python (a script or a notebook): its own command line, as it was
+        print(f"started by: {shlex.join(command)}  (in {manifest.get('cwd')}; not the selfalign CLI: resume it the "
+              "way it was started)")
     rows = [(name, statuses[name], _duration(s.get("seconds")), s.get("result") or s.get("error"))
             for name, s in manifest["stages"].items()]
     width = max([len("stage")] + [len(r[0]) for r in rows])

@@ -107,11 +107,17 @@ def test_status_of_a_finished_run_shows_results_and_the_evaluation_table(tmp_pat
     assert main(["status", str(root)]) == 0
     out = capsys.readouterr().out
     assert "state: finished" in out
+    assert "started by: " in out and "not the selfalign CLI" in out  # made from Python (here: pytest's argv)
     assert "win_rate=42.5 n_total=48 annotator=reward" in out and "nested" not in out
     assert f"final model: {embedded_model_dir.resolve()}" in out and "| initial | 42.50 |" in out
     assert main(["status", str(root), "--json"]) == 0
     data = json.loads(capsys.readouterr().out)
     assert data["stages"]["eval/initial"]["result"]["nested"] == {"x": 1}
+    manifest = json.loads((root / "manifest.json").read_text())
+    manifest["command"] = ["/usr/bin/selfalign", "run", "spa", "spa-smoke", "--run-dir", "runs/x"]
+    (root / "manifest.json").write_text(json.dumps(manifest))
+    main(["status", str(root)])
+    assert "command: selfalign run spa spa-smoke --run-dir runs/x  (in " in capsys.readouterr().out
     assert main(["status", str(tmp_path)]) == 2
     assert capsys.readouterr().err.strip() == f"selfalign: error: {tmp_path}: not a run folder (no manifest.json)"
 
