@@ -112,13 +112,15 @@ def read_records(source: Any, cls: type[T], limit: int | None = None, default_id
 
 
 def _unnumpy(v: Any) -> Any:
-    """parquet gives numpy arrays for list columns; records want plain lists and dicts."""
+    """parquet gives numpy arrays for list columns and NaN for nulls; records want plain lists, dicts and None."""
     if hasattr(v, "tolist"):
         v = v.tolist()
     if isinstance(v, list):
         return [_unnumpy(x) for x in v]
     if isinstance(v, dict):
         return {k: _unnumpy(x) for k, x in v.items()}
+    if isinstance(v, float) and v != v:  # pandas reads a null cell of a text column as NaN: it is a missing value
+        return None
     return v
 
 

@@ -92,6 +92,11 @@ def test_parquet_and_datasets_sources(tmp_path, data_dir):
     ds.to_parquet(str(tmp_path / "pairs.parquet"))
     pairs = read_records(tmp_path / "pairs.parquet", PreferencePair)
     assert pairs[0].chosen == rows[0]["chosen"]
+    import pandas as pd  # a null text cell (NaN in pandas) is a missing field, not "expected a string, got float"
+
+    pd.DataFrame({"id": ["a", "b"], "prompt": ["Hello there", None]}).to_parquet(tmp_path / "p.parquet")
+    with pytest.raises(DataError, match=r"p.parquet:2: field 'prompt': missing required field"):
+        read_records(tmp_path / "p.parquet", Prompt)
 
 
 def test_roundtrip(tmp_path, real_prompts):
