@@ -60,7 +60,7 @@ def annotate(outputs: Sequence[dict], references: dict[str, dict], judge: Pairwi
     # model: a reward judge's weights digest, a local or API judge's model name), so a reused out dir with other
     # outputs, another reference or a changed judge re-judges instead of keeping verdicts about something else (rows
     # written before the id was recorded are judged again; the judge cache makes that cheap)
-    jid = getattr(judge, "id", None) or judge_id(judge)  # a cached judge has it already (no weights re-hashed)
+    jid = judge_id(judge)
 
     def key(r):
         return r["instruction"], r["output_1"], r["output_2"], r.get("annotator_id")

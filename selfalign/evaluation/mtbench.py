@@ -83,7 +83,7 @@ def grade_answers(questions: Sequence[MTBenchQuestion], answers: dict[int, list[
     with another model, judge or judge option grades afresh, and a smaller --limit later does not count the earlier
     run's extra questions."""
     out_dir = Path(out_dir)
-    jid = getattr(judge, "id", None) or judge_id(judge)  # a cached judge has it already (no weights re-hashed)
+    jid = judge_id(judge)
 
     def key(r):
         return r["question_id"], r["turn"], r["model"], r.get("judge_id")

@@ -26,7 +26,10 @@ def _digest(obj) -> str:
 
 
 def judge_id(judge) -> str:
-    """`name-<12 hex>`: the judge's name and a hash of its config."""
+    """`name-<12 hex>`: the judge's name and a hash of its config. A cached judge's was computed when it was wrapped
+    (hashing a reward judge's config reads its weights), so it is returned as it is."""
+    if isinstance(getattr(judge, "id", None), str):
+        return judge.id
     config = judge.config() if hasattr(judge, "config") else {}
     return f"{judge.name}-{_digest(config)[:12]}"
 

@@ -26,6 +26,7 @@ the [NO REVISION] target (a copy of the response), the tag fallback (keep the re
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import random
@@ -135,13 +136,24 @@ class Config:
 
 
 # ------------------------------------------------------------------------------------------------ data
-def _fits(tok, p: PreferencePair, limit: int) -> bool:
-    """Both reviser examples of the pair fit: (x, chosen) -> tag + chosen and (x, rejected) -> tag + chosen, i.e.
-    history + instruction + chosen + max(chosen, rejected) tokens (the template and chat headers come on top)."""
+def _fitting(pairs: list[PreferencePair], rc: ReviserConfig) -> list[PreferencePair]:
+    """The pairs whose two reviser examples fit `rc.max_pair_tokens` (all of them when it is unset): (x, chosen) ->
+    tag + chosen and (x, rejected) -> tag + chosen, i.e. history + instruction + chosen + max(chosen, rejected)
+    tokens (the template and chat headers come on top)."""
+    if not rc.max_pair_tokens:
+        return pairs
+    tok = _tokenizer(rc.model)
     count = lambda t: len(tok(t, add_special_tokens=False)["input_ids"])  # noqa: E731
-    n = count(p.prompt) + count(p.chosen) + max(count(p.chosen), count(p.rejected))
-    n += sum(count(m["content"]) for m in p.messages[:-1])
-    return n <= limit
+    return [p for p in pairs if count(p.prompt) + count(p.chosen) + max(count(p.chosen), count(p.rejected))
+            + sum(count(m["content"]) for m in p.messages[:-1]) <= rc.max_pair_tokens]
+
+
+@functools.lru_cache(maxsize=2)
+def _tokenizer(spec: str):
+    """The reviser's tokenizer, loaded once: prepare_data filters both the training and the held-out pairs."""
+    from selfalign.models import load_tokenizer
+
+    return load_tokenizer(spec)
 
 
 def check_inputs(config: Config) -> None:
@@ -170,11 +182,7 @@ def prepare_data(config: Config) -> tuple[dict[str, list], dict]:
     files: dict[str, list] = {}
     all_pairs = load_preference_pairs(data_file(rc.data, "reviser.data"))
     usable = [p for p in all_pairs if p.chosen.strip()]  # an empty chosen answer is no revision target
-    if rc.max_pair_tokens:
-        from selfalign.models import load_tokenizer
-
-        tok = load_tokenizer(rc.model)
-        usable = [p for p in usable if _fits(tok, p, rc.max_pair_tokens)]
+    usable = _fitting(usable, rc)
     random.Random(config.shuffle_seed).shuffle(usable)
     pairs = usable[:rc.limit] if rc.limit is not None else usable
     if not pairs:
@@ -266,11 +274,7 @@ def held_out_pairs(config: Config, trained: list[PreferencePair]) -> list[Prefer
     pairs = [p for p in load_preference_pairs(data_file(qc.data, "reviser_eval.data"))
              if p.prompt.strip() not in trained_prompts
              and p.chosen.strip() and p.rejected.strip() and p.chosen.strip() != p.rejected.strip()]
-    if rc.max_pair_tokens:
-        from selfalign.models import load_tokenizer
-
-        tok = load_tokenizer(rc.model)
-        pairs = [p for p in pairs if _fits(tok, p, rc.max_pair_tokens)]
+    pairs = _fitting(pairs, rc)
     random.Random(config.shuffle_seed + 2).shuffle(pairs)  # + 2: not the reviser's or the external shuffle
     if len(pairs) < qc.pairs:
         raise config_error("reviser_eval.pairs", f"{qc.pairs} held-out pairs asked for; {qc.data} has {len(pairs)} "
