@@ -134,6 +134,10 @@ def _build(cls: type[T], data: dict, where: str) -> T:
     try:
         return cls(**kwargs)
     except (TypeError, ValueError) as e:  # a __post_init__ check; its message starts with the field it is about
+        if isinstance(e, ConfigError) and getattr(e, "key", None) is not None:  # or it named its key (config_error)
+            if where:
+                e.key = f"{where}.{e.key}"
+            raise
         first = str(e).split(" ", 1)[0]
         key = (f"{where}.{first}" if where else first) if first in fields else where
         raise _keyed(ConfigError(f"{where + ': ' if where else ''}{e}"), key) from None
@@ -154,10 +158,14 @@ def at_least(section: Any, minimum: int, *names: str) -> None:
             raise ValueError(f"{name} must be >= {minimum}, not {value}")
 
 
-def config_error(key: str, problem: str | Exception) -> ConfigError:
+def config_error(key: str, problem: str | Exception, also: tuple[str, ...] = ()) -> ConfigError:
     """An error about the value of config key `key` (dotted), found after loading (e.g. a model that is not on this
-    machine): `locate_error` points it at the file line or --set override that gave the value."""
-    return _keyed(ConfigError(f"{key}: {problem}"), key)
+    machine): `locate_error` points it at the file line or --set override that gave the value. `also`: other keys
+    whose values share the blame (a data size too large for a filtered pool): an --set of one of them is named
+    when `key` itself was not overridden."""
+    error = _keyed(ConfigError(f"{key}: {problem}"), key)
+    error.also = tuple(also)
+    return error
 
 
 def _key_lines(text: str, name: str = "config") -> dict[str, int]:
@@ -227,6 +235,8 @@ def _blame(error: ConfigError, name: str, lines: dict[str, int], overridden: dic
         section = ".".join(parts[:-1]) + "."  # that was set (--set critic.backend=openai -> critic.base_url)
         siblings = [text for k, text in overridden.items() if k.startswith(section) and k.count(".") == key.count(".")]
         override = siblings[0] if len(siblings) == 1 else None
+    if override is None:  # a value that is fine alone, too large for what another key chose
+        override = next((overridden[k] for k in getattr(error, "also", ()) if k in overridden), None)
     if override is not None:
         return ConfigError(f"--set {override}: {error}")
     line = next((lines[k] for k in prefixes if k in lines), None)

@@ -56,10 +56,13 @@ def _retry_after(response: httpx.Response | None) -> float | None:
         return None
 
 
+DEFAULT_KEY_ENV = "OPENAI_API_KEY"
+
+
 class OpenAIGenerator(Generator):
     backend = "openai"
 
-    def __init__(self, model: str | None = None, base_url: str | None = None, api_key_env: str = "OPENAI_API_KEY",
+    def __init__(self, model: str | None = None, base_url: str | None = None, api_key_env: str = DEFAULT_KEY_ENV,
                  concurrency: int = 8, timeout: float = 600.0, max_retries: int = 6, backoff_base: float = 0.5,
                  backoff_max: float = 30.0, max_retry_after: float = 120.0):
         if not base_url or not re.match(r"^https?://", base_url):
@@ -71,6 +74,10 @@ class OpenAIGenerator(Generator):
         self.backoff_base, self.backoff_max, self.max_retry_after = backoff_base, backoff_max, max_retry_after
         headers = {"Content-Type": "application/json"}
         key = os.environ.get(api_key_env) if api_key_env else None
+        if api_key_env and api_key_env != DEFAULT_KEY_ENV and not key:
+            # the default variable may be unset (a local server needs no key); one the user named must not be
+            raise SelfalignError(f"the environment variable {api_key_env} (named by api_key_env) is not set")
+        self.api_key_env = api_key_env
         if key:
             headers["Authorization"] = f"Bearer {key}"
         self._secret = key or None  # only to scrub it from error text; never logged or written
@@ -102,6 +109,18 @@ class OpenAIGenerator(Generator):
     @model_name.setter
     def model_name(self, value: str) -> None:
         self._model = value
+
+    def check_reachable(self, timeout: float = 15.0) -> None:
+        """One GET /models, not retried: a run checks its endpoint before it starts, so a server that is down or
+        refuses the key fails the command, not a stage hours in. Any other reply counts as reachable (a server
+        without /models answers 404 or 501 and may still serve chat completions)."""
+        try:
+            response = self._client.get(self.base_url + "/models", timeout=timeout)
+        except httpx.TransportError as e:  # timeouts included
+            raise self._fail("/models", f"endpoint not reachable ({type(e).__name__}: {_excerpt(str(e), 120)})", 1)
+        if response.status_code in (401, 403):
+            key = f"${self.api_key_env} is {'set' if self._secret else 'not set'}" if self.api_key_env else "no key"
+            raise self._fail("/models", f"HTTP {response.status_code}: the endpoint refuses the request ({key})", 1)
 
     def _scrub(self, text: str) -> str:
         return text.replace(self._secret, "***") if self._secret else text

@@ -67,8 +67,8 @@ def make_judge(name: str, cache: bool | str | None = None, **options):
 
 def check_judge(name: str, options: dict | None = None) -> None:
     """Fail now, not hours into a run, on a judge that cannot work here: an unknown name or option, a reward model
-    never trained, an API judge without base_url, a local judge whose model is not on this machine. Judges load their
-    weights on first use, so this builds one and loads nothing."""
+    never trained, an API judge without base_url or whose endpoint does not answer, a local judge whose model is not
+    on this machine. Judges load their weights on first use, so this builds one and loads nothing."""
     try:
         judge = make_judge(name, **(options or {}))
     except (TypeError, ValueError) as e:  # a constructor's own check of an option's value
@@ -79,6 +79,10 @@ def check_judge(name: str, options: dict | None = None) -> None:
         from selfalign.models import resolve_model
 
         resolve_model(judge.model_spec)
+    from selfalign.judges.api import APIJudge
+
+    if isinstance(judge, APIJudge):  # an endpoint that is down or refuses the key fails now
+        judge.check_reachable()
 
 
 __all__ = ["JUDGES", "Grade", "GradeItem", "GradingJudge", "PairwiseItem", "PairwiseJudge", "PairwiseVerdict",

@@ -97,6 +97,12 @@ class APIJudge(PairwiseJudge, GradingJudge):
         self._logprobs_ok = True
         self.requests = 0
 
+    def check_reachable(self) -> None:
+        """One request to the endpoint (OpenAIGenerator.check_reachable); a stand-in generator without it passes."""
+        check = getattr(self.gen, "check_reachable", None)
+        if check is not None:
+            check()
+
     def config(self) -> dict:
         model = self.model or getattr(self.gen, "_model", None) or getattr(self.gen, "model_name", None)
         return {"base_url": self.base_url, "model": model, "prompt": self.prompt.name,

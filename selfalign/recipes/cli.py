@@ -47,7 +47,8 @@ def _recipe_help(name: str, module) -> tuple[str, str]:
     doc = (module.__doc__ or "").strip()
     shipped = ", ".join(recipes.shipped_configs(name)) or "none"
     epilog = (f"shipped configs (give the name as CONFIG): {shipped}\n\n"
-              f"config keys with their defaults (the paper's constants; [R] = reconstructed, see METHODS.md), as a "
+              f"config keys with their defaults (the paper's constants where it states them; a note marked [R] is "
+              f"a reconstruction, not the paper's setting, see METHODS.md), as a "
               f"YAML file;\nset them in CONFIG or with --set KEY=VALUE (dotted for sections):\n\n"
               + annotated_yaml(module.Config()))
     return doc, epilog

@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Any, Callable
 
 from selfalign.config import config_error, config_to_dict
-from selfalign.data import write_jsonl
-from selfalign.data.loaders import shared_data_dir
+from selfalign.data import Prompt, write_jsonl
+from selfalign.data.loaders import load_prompts, shared_data_dir
 from selfalign.errors import ConfigError
 from selfalign.runs import Run, stage_done
 
@@ -24,6 +25,31 @@ def data_file(path: str, key: str | None = None) -> Path:
     raise config_error(key, problem) if key else ConfigError(problem)
 
 
+def prompt_pool(path: str, sources: list[str], exclude: set[str] = frozenset(),
+                single_turn: bool = False) -> list[Prompt]:
+    """The unlabelled prompts a recipe samples from (config keys `prompts` and `prompt_sources`): those whose
+    `source` is listed (all when none is), minus the texts in `exclude` (the seed's or the reviser's prompts).
+    A listed source that no prompt has is refused: it would only shrink the pool, and the size error that follows
+    would not say why."""
+    file = data_file(path, "prompts")
+    prompts = load_prompts(file)
+    missing = [s for s in sources if s not in {p.meta.get("source") for p in prompts}]
+    if missing:
+        known = sorted({str(p.meta["source"]) for p in prompts if p.meta.get("source") is not None})
+        raise config_error("prompt_sources", f"{', '.join(map(repr, missing))}: no prompt in {file} has this "
+                           f"source (its sources: {', '.join(known) or 'none, no prompt has a source field'})")
+    return [p for p in prompts if p.text.strip() not in exclude and (not sources or p.meta.get("source") in sources)
+            and (not single_turn or len(p.messages) == 1)]
+
+
+def too_few_prompts(key: str, need: int, available: int, what: str = "prompts", also: tuple[str, ...] = (),
+                    asked: str = "") -> ConfigError:
+    """The size error for `prompt_pool`'s result, blamed on `key` or on whichever of `also`, `prompt_sources` and
+    `prompts` an --set changed."""
+    return config_error(key, f"{need} prompts asked for{f' ({asked})' if asked else ''}; only {available} {what} "
+                             "are available", also=(*also, "prompt_sources", "prompts"))
+
+
 def start_run(run_dir: str, config: Any, recipe: str, seed: int | None, check_inputs: Callable[[Any], None],
               prepare_data: Callable[[Any], tuple[dict[str, list], dict]]) -> Run:
     """A recipe's run folder, made only once its inputs are known to be good, with its data stage done.
@@ -38,6 +64,25 @@ def start_run(run_dir: str, config: Any, recipe: str, seed: int | None, check_in
     run = Run(run_dir, config_to_dict(config), recipe, seed=seed)
     run.stage("data", lambda: write_data(run, *prepared))
     return run
+
+
+def link_final(run: Run, model: str | Path) -> Path:
+    """DIR/final: a link to the run's final model (the last round's folder, or the starting model when every
+    training stage was skipped), recorded in the manifest. A link left by an earlier finish is renewed, so a rerun
+    after the model cache was cleared (the starting model re-converted) or with another end point does not fail on
+    it; a model inside the run that has gone missing is refused by `record_model`."""
+    from selfalign.models import resolve_model
+
+    final = run.root / "final"
+    target = Path(model)
+    inside = target.absolute().is_relative_to(run.root.absolute())
+    dest = os.path.relpath(target.absolute(), run.root.absolute()) if inside else str(resolve_model(str(model)))
+    if os.path.islink(final) and os.readlink(final) != dest:
+        final.unlink()
+    if not os.path.lexists(final):
+        os.symlink(dest, final)
+    run.record_model("final", final)
+    return final
 
 
 def write_data(run: Run, files: dict[str, list], summary: dict) -> dict:

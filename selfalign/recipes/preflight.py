@@ -63,8 +63,9 @@ def evaluation(key: str, config: EvalConfig) -> None:
 
 def generator(key: str, backend_name: str, model_spec: str, options: dict, base_url: str | None = None,
               api_key_env: str | None = None) -> None:
-    """A model that only generates (a critic): local, or any OpenAI-compatible endpoint (built here, which checks
-    its URL and contacts nothing; without a model name it asks for the endpoint's first model)."""
+    """A model that only generates (a critic): local, or any OpenAI-compatible endpoint, which must answer one
+    GET /models now (a critic that is down would otherwise fail the run after its first stages, with the folder
+    locked to this config). A base_url or api_key_env given to a local backend is refused: it would be ignored."""
     from selfalign.generation import check_backend_options, make_generator
 
     backend(f"{key}.backend", backend_name, LOCAL_BACKENDS + (API_BACKEND,))
@@ -73,13 +74,22 @@ def generator(key: str, backend_name: str, model_spec: str, options: dict, base_
     except SelfalignError as e:
         raise config_error(f"{key}.options", e) from None
     if backend_name != API_BACKEND:
+        if base_url:
+            raise config_error(f"{key}.base_url", f"set, but {key}.backend is '{backend_name}', a local backend "
+                                                  f"that would ignore it (use backend: openai for an endpoint)")
         model(f"{key}.model", model_spec)
         return
     try:
-        make_generator(API_BACKEND, model=model_spec or None, base_url=base_url, api_key_env=api_key_env,
-                       **options).close()
+        endpoint = make_generator(API_BACKEND, model=model_spec or None, base_url=base_url, api_key_env=api_key_env,
+                                  **options)
+    except SelfalignError as e:
+        raise config_error(f"{key}.api_key_env" if "named by api_key_env" in str(e) else f"{key}.base_url", e) from None
+    try:
+        endpoint.check_reachable()
     except SelfalignError as e:
         raise config_error(f"{key}.base_url", e) from None
+    finally:
+        endpoint.close()
 
 
 def template(key: str, name: str, load: Callable[[str], str]) -> None:

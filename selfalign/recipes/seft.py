@@ -28,20 +28,19 @@ from __future__ import annotations
 
 import functools
 import json
-import os
 import random
 from dataclasses import dataclass, field
 from typing import Literal
 
 from selfalign.config import at_least, config_error
 from selfalign.data import Conversation, PreferencePair, Prompt, Response, Revision, read_records, write_jsonl
-from selfalign.data.loaders import load_preference_pairs, load_prompts
+from selfalign.data.loaders import load_preference_pairs
 from selfalign.errors import ConfigError
 from selfalign.evaluation.stage import EvalConfig, evaluate_checkpoint, write_summary
 from selfalign.generation import SamplingParams, check_sampling_section, generate_to_file, make_generator
 from selfalign.models import DEFAULT_MODEL
 from selfalign.recipes import preflight
-from selfalign.recipes.common import data_file, start_run
+from selfalign.recipes.common import data_file, link_final, prompt_pool, start_run, too_few_prompts
 from selfalign.runs import Run
 from selfalign.training import SFTTrainConfig, train_sft
 
@@ -133,6 +132,10 @@ class Config:
     def __post_init__(self):
         if not self.round_sizes or min(self.round_sizes) < 1:
             raise ValueError(f"round_sizes must list at least one round, each of >= 1 prompts, not {self.round_sizes}")
+        beyond = [i for i in self.external.rounds if not 1 <= i <= len(self.round_sizes)]
+        if beyond:  # a round that never runs would silently get no external answers
+            raise config_error("external.rounds", f"round(s) {beyond} do not exist: round_sizes lists "
+                               f"{len(self.round_sizes)} round(s), numbered from 1")
 
 
 # ------------------------------------------------------------------------------------------------ data
@@ -209,13 +212,12 @@ def prepare_data(config: Config) -> tuple[dict[str, list], dict]:
                 exclude.update(m["content"].strip() for m in p.messages if m["role"] == "user")
             n_ext += len(chunk)
 
-    pool = [p for p in load_prompts(data_file(config.prompts, "prompts"))
-            if p.text.strip() not in exclude and (not config.prompt_sources or p.meta.get("source")
-                                                  in config.prompt_sources)]
+    pool = prompt_pool(config.prompts, config.prompt_sources, exclude=exclude)
     random.Random(config.shuffle_seed).shuffle(pool)
     if sum(config.round_sizes) > len(pool):
-        raise config_error("round_sizes", f"they ask for {sum(config.round_sizes)} prompts; only {len(pool)} are "
-                           "available")
+        raise too_few_prompts("round_sizes", sum(config.round_sizes), len(pool),
+                              "prompts not in the reviser's or external data", also=("reviser.data", "external.size"),
+                              asked="the sum of round_sizes")
     start = 0
     for i, size in enumerate(config.round_sizes, start=1):
         files[f"round{i}_prompts.jsonl"] = pool[start:start + size]
@@ -462,9 +464,6 @@ def run(config: Config, run_dir: str) -> dict:
     if config.baseline_unrevised:
         run.stage("baseline/train", lambda: train_baseline(config, run))
         evaluate("sft_unrevised", str(run.path("baseline", "final")))
-    final = run.root / "final"
-    if not final.exists():  # the last round's model, under the name every recipe uses
-        os.symlink(f"round{len(config.round_sizes)}/final", final)
-    run.record_model("final", final)
+    final = link_final(run, run.root / f"round{len(config.round_sizes)}" / "final")  # the name every recipe uses
     return {"run_dir": str(run.root), "final": str(final), "stages": run.manifest["stages"], "eval": results,
             "revisions": stats}

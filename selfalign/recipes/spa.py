@@ -24,18 +24,17 @@ rejected.
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass, field
 from typing import Literal
 
 from selfalign.config import at_least, config_error
 from selfalign.data import PreferencePair, Prompt, read_records, write_jsonl
-from selfalign.data.loaders import load_preference_pairs, load_prompts
+from selfalign.data.loaders import load_preference_pairs
 from selfalign.evaluation.stage import EvalConfig, evaluate_checkpoint, write_summary
 from selfalign.generation import SamplingParams, check_sampling_section, generate_to_file, make_generator
 from selfalign.models import DEFAULT_MODEL
 from selfalign.recipes import preflight
-from selfalign.recipes.common import data_file, start_run
+from selfalign.recipes.common import data_file, link_final, prompt_pool, start_run, too_few_prompts
 from selfalign.runs import Run
 from selfalign.training import DPOTrainConfig, train_dpo
 from selfalign.training.implicit_reward import label_samples_by_implicit_reward
@@ -125,15 +124,13 @@ def prepare_data(config: Config) -> tuple[dict[str, list], dict]:
     """The labelled seed, and disjoint slices of the unlabelled prompts (none of the seed's) for the rounds."""
     seed = load_preference_pairs(data_file(config.seed_data, "seed_data"), limit=config.seed_limit)
     seed_texts = {p.prompt.strip() for p in seed}
-    pool = [p for p in load_prompts(data_file(config.prompts, "prompts"))
-            if p.text.strip() not in seed_texts and (not config.prompt_sources or p.meta.get("source")
-                                                      in config.prompt_sources)]
+    pool = prompt_pool(config.prompts, config.prompt_sources, exclude=seed_texts)
     import random
 
     random.Random(config.shuffle_seed).shuffle(pool)
     if sum(config.round_sizes) > len(pool):
-        raise config_error("round_sizes", f"they ask for {sum(config.round_sizes)} prompts; only {len(pool)} are "
-                           "available")
+        raise too_few_prompts("round_sizes", sum(config.round_sizes), len(pool), "prompts not in the seed",
+                              also=("seed_limit", "seed_data"), asked="the sum of round_sizes")
     files, start = {"seed.jsonl": seed}, 0
     for i, size in enumerate(config.round_sizes, start=1):
         files[f"round{i}_prompts.jsonl"] = pool[start:start + size]
@@ -273,8 +270,5 @@ def run(config: Config, run_dir: str) -> dict:
         run.stage(f"round{i}/train", lambda: train_round(config, run, i, policy))
         references.append(policy)
         evaluate(f"round{i}", str(run.path(f"round{i}", "final")))
-    final = run.root / "final"
-    if not final.exists():  # the last round's model, under the name every recipe uses
-        os.symlink(f"round{len(config.round_sizes)}/final", final)
-    run.record_model("final", final)
+    final = link_final(run, run.root / f"round{len(config.round_sizes)}" / "final")  # the name every recipe uses
     return {"run_dir": str(run.root), "final": str(final), "stages": run.manifest["stages"], "eval": results}

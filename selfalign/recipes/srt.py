@@ -33,24 +33,22 @@ inference in the self-refined mode is its `self_refine(generator, prompts, param
 
 from __future__ import annotations
 
-import os
 import random
 from collections import Counter
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Literal
 
-from selfalign.config import at_least, config_error
+from selfalign.config import at_least
 from selfalign.critique import (CritiqueConfig, SelfRefineGenerator, critique_responses, filter_critiques,
                                 preference_pairs, training_conversation)
 from selfalign.data import Critique, PreferencePair, Prompt, Response, read_records, write_jsonl
-from selfalign.data.loaders import load_prompts
 from selfalign.evaluation.stage import EvalConfig, eval_judge, evaluate_checkpoint, write_summary
 from selfalign.generation import (Generator, SamplingParams, check_sampling_section, generate_to_file,
                                   make_generator)
 from selfalign.models import DEFAULT_MODEL
 from selfalign.recipes import preflight
-from selfalign.recipes.common import data_file, start_run
+from selfalign.recipes.common import link_final, prompt_pool, start_run, too_few_prompts
 from selfalign.runs import Run
 from selfalign.training import DPOTrainConfig, SFTTrainConfig, train_dpo, train_sft
 
@@ -127,8 +125,7 @@ def check_inputs(config: Config) -> None:
 
 def prepare_data(config: Config) -> tuple[dict[str, list], dict]:
     """Disjoint single-turn prompt sets for stage 1 (critic) and stage 2 (self-refinement)."""
-    pool = [p for p in load_prompts(data_file(config.prompts, "prompts"))
-            if len(p.messages) == 1 and (not config.prompt_sources or p.meta.get("source") in config.prompt_sources)]
+    pool = prompt_pool(config.prompts, config.prompt_sources, single_turn=True)
     seen, unique = set(), []
     for p in pool:  # stage-2 prompts must be disjoint from stage 1's (§3.7 item 5): dedupe by text
         key = " ".join(p.text.split())
@@ -138,8 +135,8 @@ def prepare_data(config: Config) -> tuple[dict[str, list], dict]:
     random.Random(config.shuffle_seed).shuffle(unique)
     need = config.stage1_size + config.stage2_size
     if need > len(unique):
-        raise config_error("stage2_size", f"stage1_size + stage2_size = {need} prompts; only {len(unique)} "
-                           "single-turn are available")
+        raise too_few_prompts("stage1_size", need, len(unique), "distinct single-turn prompts",
+                              also=("stage2_size",), asked="stage1_size + stage2_size")
     files = {"stage1_prompts.jsonl": unique[:config.stage1_size],
              "stage2_prompts.jsonl": unique[config.stage1_size:need]}
     return files, {"pool_single_turn_unique": len(unique), "stage1": config.stage1_size, "stage2": config.stage2_size}
@@ -319,22 +316,20 @@ def run(config: Config, run_dir: str) -> dict:
     evaluate("base", config.model)
     run.stage("stage1/generate", lambda: answer(config, run, "stage1", config.model, "base"))
     run.stage("stage1/critique", lambda: critique_stage1(config, run))
-    run.stage("stage1/train", lambda: train_stage1(config, run))
-    m_self = str(run.path("stage1", "final")) if (run.root / "stage1" / "final").exists() else config.model
+    # a stage skipped for want of data (on_empty: skip) passes its starting model through; a trained one's folder
+    # must be there (a deleted one fails its first use, rather than silently standing in the starting model)
+    stage1 = run.stage("stage1/train", lambda: train_stage1(config, run))
+    m_self = config.model if (stage1 or {}).get("skipped") else str(run.path("stage1", "final"))
     evaluate("stage1", m_self, refined=True)
     run.stage("stage2/generate", lambda: answer(config, run, "stage2", m_self, "stage1"))
     run.stage("stage2/critique", lambda: critique_stage2(config, run, m_self))
-    run.stage("stage2/train", lambda: train_stage2(config, run, m_self))
-    m_final = str(run.path("stage2", "final")) if (run.root / "stage2" / "final").exists() else m_self
+    stage2 = run.stage("stage2/train", lambda: train_stage2(config, run, m_self))
+    m_final = m_self if (stage2 or {}).get("skipped") else str(run.path("stage2", "final"))
     evaluate("stage2", m_final, refined=True)
-    if config.baseline_refinements and (run.root / "stage1" / "final").exists():
+    if config.baseline_refinements and (stage1 or {}).get("skipped"):  # recorded: status shows why it has no model
+        run.stage("baseline/train", lambda: {"skipped": "stage 1 had no valid critiques: no refinements to train on"})
+    elif config.baseline_refinements:
         run.stage("baseline/train", lambda: train_baseline(config, run))
         evaluate("sft_refinements", str(run.path("baseline", "final")))
-    final = run.root / "final"
-    if not final.exists() and not os.path.islink(final):
-        from selfalign.models import resolve_model
-
-        inside = Path(m_final).is_relative_to(run.root)  # a skipped stage passes the starting model through
-        os.symlink(os.path.relpath(m_final, run.root) if inside else str(resolve_model(m_final)), final)
-    run.record_model("final", final)
+    final = link_final(run, m_final)  # a skipped stage passes the starting model through
     return {"run_dir": str(run.root), "final": str(final), "stages": run.manifest["stages"], "eval": results}

@@ -179,6 +179,18 @@ def file_sha256(path: str | Path, chunk: int = 1 << 24) -> str:
     return h.hexdigest()
 
 
+def config_changes(old: dict, new: dict, prefix: str = "") -> list[tuple[str, Any, Any]]:
+    """(dotted key, old value, new value) for each leaf that differs between two config dicts."""
+    out = []
+    for k in sorted(set(old) | set(new), key=str):
+        a, b = old.get(k), new.get(k)
+        if isinstance(a, dict) and isinstance(b, dict):
+            out += config_changes(a, b, f"{prefix}{k}.")
+        elif a != b:
+            out.append((f"{prefix}{k}", a, b))
+    return out
+
+
 def model_fingerprint(path: str | Path) -> dict:
     """sha256 of a model's weight files (cached next to them by size and mtime, since hashing costs ~1 s/GB); for a
     LoRA adapter folder, its base model's fingerprint too (under "base_model"), since the adapter alone does not
@@ -330,11 +342,10 @@ class Run:
                 raise SelfalignError(f"{self.root}: run folder belongs to recipe "
                                      f"'{self.manifest.get('recipe')}', not '{recipe}'")
             if self.manifest.get("config") != config:
-                changed = sorted(k for k in set(config) | set(self.manifest["config"])
-                                 if config.get(k) != self.manifest["config"].get(k))
+                changed = "; ".join(f"{k}: {old!r} -> {new!r}" if len(repr(old) + repr(new)) < 80 else k
+                                    for k, old, new in config_changes(self.manifest["config"], config))
                 raise SelfalignError(f"{self.root}: config differs from the one this run started with "
-                                     f"(fields {', '.join(changed)}); use a new --run-dir, or the "
-                                     f"same config to resume")
+                                     f"({changed}); use a new --run-dir, or the same config to resume")
             self.manifest.setdefault("resumed_at", []).append(time.strftime("%Y-%m-%dT%H:%M:%S"))
             started_in = self.manifest.get("cwd")
             if started_in and Path(started_in).resolve() != Path.cwd().resolve():
@@ -397,5 +408,8 @@ class Run:
         return result
 
     def record_model(self, role: str, path: str | Path) -> None:
+        if not Path(path).exists():  # a finished stage's model, moved or deleted since (or a dangling link to it)
+            raise SelfalignError(f"{path}: the {role} model of this run is missing (moved or deleted after its "
+                                 "stage finished); put it back, or start again with a new --run-dir")
         self.manifest["models"][role] = {"path": str(Path(path).resolve()), "sha256": model_fingerprint(path)}
         self.save()

@@ -57,6 +57,9 @@ def run_state(manifest: dict, owner: dict | None) -> str:
     if stopped:
         return f"stopped during stage {stopped[-1]} (killed or interrupted): the same command resumes it"
     if "final" in manifest.get("models", {}):
+        path = manifest["models"]["final"].get("path")
+        if path and not Path(path).exists():
+            return f"finished, but its final model {path} is missing (moved or deleted since)"
         return "finished"
     return "stopped between stages (killed or interrupted): the same command resumes it"
 
@@ -98,7 +101,8 @@ def cmd_status(args) -> int:
     for name, status, took, result in rows:
         print(f"{name:<{width}}  {status:<8} {took:>9}  {_brief(result, 118 - width - 21)}")
     for role, m in manifest.get("models", {}).items():
-        print(f"\n{role} model: {m.get('path')}")
+        missing = "  (missing: moved or deleted since)" if m.get("path") and not Path(m["path"]).exists() else ""
+        print(f"\n{role} model: {m.get('path')}{missing}")
     summary = root / "eval" / "summary.md"
     if summary.exists():
         print("\n" + summary.read_text().rstrip())

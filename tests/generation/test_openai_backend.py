@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import re
 import math
+import os
 import threading
 import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -46,8 +47,9 @@ def prompts():
 
 def client(base_url: str, **kw) -> OpenAIGenerator:
     kw.setdefault("backoff_base", 0.01)
-    return OpenAIGenerator(model=kw.pop("model", MODEL), base_url=base_url, api_key_env=kw.pop("api_key_env", KEY_ENV),
-                           **kw)
+    # the key variable is named only where a test set it: a named variable that is unset is refused
+    key_env = kw.pop("api_key_env", KEY_ENV if KEY_ENV in os.environ else None)
+    return OpenAIGenerator(model=kw.pop("model", MODEL), base_url=base_url, api_key_env=key_env, **kw)
 
 
 class FlakyProxy:

@@ -5,6 +5,8 @@ with, so an input the run cannot use must fail before the manifest is written, o
 from __future__ import annotations
 
 import json
+import threading
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import pytest
@@ -59,10 +61,21 @@ def test_data_problems_fail_before_the_run_folder_exists(tmp_path, capsys, data_
                                       "not found")
     # a size the data cannot give is found before the folder exists too (it used to fail in the data stage)
     rc, err = run_cli("spa", smoke("spa"), tmp_path / "c", "round_sizes=[6000, 6000]", capsys=capsys)
-    assert rc == 2 and "round_sizes: they ask for 12000 prompts; only" in err
-    rc, err = run_cli("srt", smoke("srt"), tmp_path / "d", "stage2_size=20000", capsys=capsys)
-    assert rc == 2 and "stage2_size: stage1_size + stage2_size =" in err
-    assert not any((tmp_path / d).exists() for d in "abcd")
+    assert rc == 2 and "round_sizes=[6000, 6000]: round_sizes: 12000 prompts asked for (the sum of round_sizes); " \
+                       "only" in err and "prompts not in the seed are available" in err
+    # the size check names whichever of the keys that decide it an --set changed
+    for i, override in enumerate(["stage1_size=20000", "stage2_size=20000"]):
+        rc, err = run_cli("srt", smoke("srt"), tmp_path / f"d{i}", override, capsys=capsys)
+        assert rc == 2 and f"--set {override}: stage1_size: 20006 prompts asked for (stage1_size + stage2_size); " \
+                           "only" in err, err
+    # a prompt_sources value no prompt has is named (it used to surface as "only 0 prompts are available")
+    rc, err = run_cli("seft", smoke("seft"), tmp_path / "f", "prompt_sources=[nosuchsource]", capsys=capsys)
+    assert rc == 2 and "--set prompt_sources=[nosuchsource]: prompt_sources: 'nosuchsource': no prompt in " in err
+    assert "has this source (its sources: " in err and len(err.splitlines()) == 1
+    rc, err = run_cli("spa", smoke("spa"), tmp_path / "g", "prompt_sources=[self-instruct/seed_tasks]",
+                      "round_sizes=[1000]", capsys=capsys)
+    assert rc == 2 and "--set round_sizes=[1000]: round_sizes: 1000 prompts asked for" in err, err
+    assert not any((tmp_path / d).exists() for d in ["a", "b", "c", "d0", "d1", "f", "g"])
 
 
 def test_backends_judges_and_critics_are_checked_without_loading_weights(tmp_path, capsys):
@@ -92,14 +105,60 @@ def test_backends_judges_and_critics_are_checked_without_loading_weights(tmp_pat
     rc, err = run_cli("srt", smoke("srt"), tmp_path / "z", "critic.backend=openai", "critic.base_url=http://h/v1",
                       "critic.options={concurency: 4}", capsys=capsys)
     assert rc == 2 and "critic.options: backend 'openai' has no option concurency (options: api_key_env," in err
-    # an API critic that is spelled right passes its checks without contacting the endpoint (none listens there)
-    config = load_config(srt.Config, smoke("srt"), ["critic.backend=openai", "critic.base_url=http://127.0.0.1:9/v1",
-                                                   "critic.options={concurrency: 2}"])
-    srt.check_inputs(config)
+    # a critic endpoint that is down is found now, not after the first stages (the folder would be locked to it)
+    rc, err = run_cli("srt", smoke("srt"), tmp_path / "w", "critic.backend=openai",
+                      "critic.base_url=http://127.0.0.1:9/v1", capsys=capsys)
+    assert rc == 2 and "--set critic.base_url=http://127.0.0.1:9/v1: critic.base_url: http://127.0.0.1:9/v1/models: " \
+                       "endpoint not reachable (ConnectError" in err and len(err.splitlines()) == 1, err
+    # a key variable the config names must be set; a base_url for a local critic would be ignored
+    rc, err = run_cli("srt", smoke("srt"), tmp_path / "w", "critic.backend=openai", "critic.base_url=http://h/v1",
+                      "critic.api_key_env=SELFALIGN_NO_SUCH_KEY", capsys=capsys)
+    assert rc == 2 and "critic.api_key_env: the environment variable SELFALIGN_NO_SUCH_KEY (named by api_key_env) " \
+                       "is not set" in err, err
+    rc, err = run_cli("srt", smoke("srt"), tmp_path / "w", "critic.base_url=http://127.0.0.1:8000/v1", capsys=capsys)
+    assert rc == 2 and "critic.base_url: set, but critic.backend is 'auto', a local backend that would ignore it" in err
+    # SEFT's external answers go to rounds that exist
+    rc, err = run_cli("seft", smoke("seft"), tmp_path / "w", "external.rounds=[3]", capsys=capsys)
+    assert rc == 2 and "--set external.rounds=[3]: external.rounds: round(s) [3] do not exist: round_sizes lists 2" \
+                       in err, err
     # the reviser's quality stage comes after hours of reviser training: its pair count is checked up front
     rc, err = run_cli("seft", smoke("seft"), tmp_path / "q", "reviser_eval.pairs=500", capsys=capsys)
     assert rc == 2 and "--set reviser_eval.pairs=500: reviser_eval.pairs: 500 held-out pairs asked for;" in err
     assert not list(tmp_path.iterdir())
+
+
+class _Endpoint(BaseHTTPRequestHandler):
+    """GET /models answers `status` (a server without /models answers 404 or 501 and still counts as up)."""
+    status = 200
+
+    def do_GET(self):  # noqa: N802
+        body = json.dumps({"data": [{"id": "stand-in"}]}).encode()
+        self.send_response(self.status)
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def log_message(self, *a):
+        pass
+
+
+def test_an_api_critic_endpoint_is_contacted_once_before_the_run(tmp_path, capsys):
+    server = ThreadingHTTPServer(("127.0.0.1", 0), _Endpoint)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    url = f"http://127.0.0.1:{server.server_address[1]}/v1"
+    try:
+        for status in (200, 404, 501):  # up
+            _Endpoint.status = status
+            srt.check_inputs(load_config(srt.Config, smoke("srt"), ["critic.backend=openai", f"critic.base_url={url}",
+                                                                   "critic.options={concurrency: 2}"]))
+        _Endpoint.status = 401
+        rc, err = run_cli("srt", smoke("srt"), tmp_path / "r", "critic.backend=openai", f"critic.base_url={url}",
+                          capsys=capsys)
+        assert rc == 2 and "critic.base_url: " in err and "/models: HTTP 401: the endpoint refuses the request " \
+                           "($OPENAI_API_KEY is" in err, err
+        assert not (tmp_path / "r").exists()
+    finally:
+        server.shutdown()
 
 
 def test_a_resume_from_elsewhere_does_not_read_the_data_files_again(tmp_path, capsys, monkeypatch, data_dir):

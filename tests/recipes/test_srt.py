@@ -167,6 +167,28 @@ def test_stage2_dpo_starts_from_m_self_with_beta_0_01(tmp_path, monkeypatch, cri
     assert srt.train_stage2(config, run, "/models/m_self")["skipped"]
 
 
+def test_skipped_stages_pass_their_model_through_and_the_control_says_why_it_has_none(tmp_path, monkeypatch):
+    """on_empty: skip with no valid critique in either stage: M_self = M_final = M_base, DIR/final links to it, and
+    the control stage is recorded as skipped (it used to vanish from the manifest and from status)."""
+    from selfalign.config import load_config
+    from selfalign.models import resolve_model
+    from selfalign.recipes import srt
+
+    config = load_config(srt.Config, "configs/srt-smoke.yaml", ["eval.instructions=0"])
+    seen = {}
+    monkeypatch.setattr(srt, "answer", lambda config, run, stage, model, label: seen.setdefault(stage, model) and {})
+    monkeypatch.setattr(srt, "critique_stage1", lambda config, run: {"kept": 0})
+    monkeypatch.setattr(srt, "critique_stage2", lambda config, run, m_self: {"pairs": 0})
+    monkeypatch.setattr(srt, "train_stage1", lambda config, run: {"skipped": "no valid critiques", "examples": 0})
+    monkeypatch.setattr(srt, "train_stage2", lambda config, run, m_self: {"skipped": "no pairs", "pairs": 0})
+    monkeypatch.setattr(srt, "train_baseline", lambda config, run: pytest.fail("the control trained on nothing"))
+    out = srt.run(config, str(tmp_path / "srt"))
+    assert seen == {"stage1": config.model, "stage2": config.model}
+    assert out["stages"]["baseline/train"]["result"] == {
+        "skipped": "stage 1 had no valid critiques: no refinements to train on"}
+    assert (tmp_path / "srt" / "final").resolve() == resolve_model(config.model).resolve()
+
+
 def test_generate_self_refine_cli(tmp_path, critic_url, prompts_file):
     from selfalign.cli import main
 

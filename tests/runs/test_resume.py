@@ -120,6 +120,11 @@ def test_run_stages_skip_when_done_and_refuse_changed_config(tmp_path):
     assert manifest["stages"]["one"]["status"] == "done" and manifest["versions"]["torch"]
     with pytest.raises(SelfalignError, match="config differs"):
         Run(tmp_path / "run", {"a": 2}, recipe="test")
+    # the message names each changed key, dotted, with both values
+    Run(tmp_path / "nested", {"sampling": {"batch_size": 8, "seed": 1}, "b": [1]}, recipe="test")
+    with pytest.raises(SelfalignError) as err:
+        Run(tmp_path / "nested", {"sampling": {"batch_size": 4, "seed": 1}, "b": [1]}, recipe="test")
+    assert "(sampling.batch_size: 8 -> 4); use a new --run-dir" in str(err.value)
 
 
 def test_a_file_is_resumed_only_with_its_own_model_and_sampling(tmp_path, real_prompts):
