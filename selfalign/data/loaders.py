@@ -47,8 +47,9 @@ def load_prompts(path: str | Path, limit: int | None = None, exclude_ids: set | 
     return out
 
 
-def _unique_ids(prompts: list[Prompt], path) -> list[Prompt]:
-    """`prompts`, refused if two share an id: answers are matched to prompts by id."""
+def _unique_ids(prompts: list, path) -> list:
+    """`prompts` (or pairs), refused if two share an id: answers are matched to prompts by id, and caches (reference
+    log-probs, labels) key pairs by it."""
     seen: dict[str, int] = {}
     for p in prompts:
         _, line = getattr(p, "_source", (None, None))
@@ -59,20 +60,31 @@ def _unique_ids(prompts: list[Prompt], path) -> list[Prompt]:
     return prompts
 
 
-def load_preference_pairs(path: str | Path, limit: int | None = None, drop_identical: bool = True) -> list[PreferencePair]:
+def load_preference_pairs(path: str | Path, limit: int | None = None, drop_identical: bool = True,
+                          drop_empty: tuple[str, ...] = (), counts: dict | None = None) -> list[PreferencePair]:
     """Preference pairs; pairs whose chosen == rejected (an upstream quirk of UltraFeedback) carry no signal for
-    DPO and are dropped unless `drop_identical=False`. An alpaca_eval annotations file (`instruction`, `output_1`,
-    `output_2`, `preference`) is read as pairs too: see `load_annotated_pairs`."""
+    DPO and are dropped unless `drop_identical=False`; so are pairs whose answer named in `drop_empty` ("chosen",
+    "rejected") is empty (real files have a few: UltraFeedback's train_1k one of each, HH helpful four empty
+    rejected ones), which training should not take as a target or a preference. `counts`, when given, receives
+    how many pairs the file held, how many of each kind were dropped, and how many are returned (after `limit`).
+    Duplicate ids are an error, as for prompts. An alpaca_eval annotations file (`instruction`, `output_1`, `output_2`, `preference`)
+    is read as pairs too: see `load_annotated_pairs`."""
     check_limit(limit, path)
     if _is_annotation_file(path):
         pairs = load_annotated_pairs(path)
-        if drop_identical:
-            pairs = [p for p in pairs if p.chosen.strip() != p.rejected.strip()]
-        return pairs[:limit] if limit is not None else pairs
-    pairs = read_records(path, PreferencePair)
+    else:
+        pairs = _unique_ids(read_records(path, PreferencePair), path)
+    tally = {"in_file": len(pairs), "identical_dropped": 0, "empty_dropped": 0}
     if drop_identical:
-        pairs = [p for p in pairs if p.chosen.strip() != p.rejected.strip()]
-    return pairs[:limit] if limit is not None else pairs
+        kept = [p for p in pairs if p.chosen.strip() != p.rejected.strip()]
+        tally["identical_dropped"], pairs = len(pairs) - len(kept), kept
+    if drop_empty:
+        kept = [p for p in pairs if all(getattr(p, name).strip() for name in drop_empty)]
+        tally["empty_dropped"], pairs = len(pairs) - len(kept), kept
+    pairs = pairs[:limit] if limit is not None else pairs
+    if counts is not None:
+        counts.update(tally, used=len(pairs))
+    return pairs
 
 
 def _is_annotation_file(path) -> bool:

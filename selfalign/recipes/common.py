@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import os
+import sys
 from pathlib import Path
 from typing import Any, Callable
 
 from selfalign.config import config_error, config_to_dict
-from selfalign.data import Prompt, write_jsonl
-from selfalign.data.loaders import load_prompts, shared_data_dir
+from selfalign.data import PreferencePair, Prompt, write_jsonl
+from selfalign.data.loaders import load_preference_pairs, load_prompts, shared_data_dir
 from selfalign.errors import ConfigError
 from selfalign.runs import Run, stage_done
 
@@ -17,6 +18,9 @@ def data_file(path: str, key: str | None = None) -> Path:
     """A data path from a config: absolute, relative to the working directory, or relative to the shared real-data
     folder (`preferences/ultrafeedback_binarized_train_1k.jsonl`), in that order. `key`: the config key that named
     it, so that the CLI can point at the line that gave it."""
+    if not str(path).strip():  # Path("") is ".", which exists
+        problem = "empty path (give a data file)"
+        raise config_error(key, problem) if key else ConfigError(problem)
     p = Path(path)
     for cand in (p, shared_data_dir() / p):
         if cand.exists():
@@ -48,6 +52,28 @@ def too_few_prompts(key: str, need: int, available: int, what: str = "prompts", 
     `prompts` an --set changed."""
     return config_error(key, f"{need} prompts asked for{f' ({asked})' if asked else ''}; only {available} {what} "
                              "are available", also=(*also, "prompt_sources", "prompts"))
+
+
+def load_pairs(path: str, key: str, limit: int | None, limit_key: str, need: tuple[str, ...],
+               drop_identical: bool = True) -> tuple[list[PreferencePair], dict]:
+    """A recipe's preference pairs (config key `key`) and their account for the data stage's summary: pairs in
+    the file, dropped (identical answers; an empty answer among `need`), used. Unless a `limit` was met, what was
+    dropped, and a limit the file could not fill, are also said on stderr when the run starts (not only in the
+    manifest)."""
+    counts: dict = {}
+    file = data_file(path, key)
+    pairs = load_preference_pairs(file, limit=limit, drop_identical=drop_identical, drop_empty=need, counts=counts)
+    dropped = [f"{counts[k]} with {what}" for k, what in (("identical_dropped", "identical answers"),
+                                                          ("empty_dropped", f"an empty {' or '.join(need)}"))
+               if counts[k]]
+    filled = limit is not None and counts["used"] >= limit  # a limit met: what was dropped changed nothing used
+    notes = [f"dropped {', '.join(dropped)}"] if dropped and not filled else []
+    if limit is not None and not filled:
+        notes.append(f"{limit_key} {limit} is more than the {counts['used']} usable")
+    if notes:
+        print(f"selfalign: note: {key}: {file} has {counts['in_file']} pairs; {'; '.join(notes)}; using "
+              f"{counts['used']}", file=sys.stderr)
+    return pairs, counts
 
 
 def start_run(run_dir: str, config: Any, recipe: str, seed: int | None, check_inputs: Callable[[Any], None],

@@ -3,21 +3,23 @@ initial model.
 
     selfalign run dpo dpo --run-dir runs/dpo
 
-Pipeline: data (-> DIR/data/{train,eval}.jsonl) -> train (reference log-probs cached in DIR/train, curve of loss,
-margins, chosen/rejected rewards and accuracy in DIR/train/log.jsonl) -> DIR/final -> eval (held-out reward
-accuracy and margins vs. the reference, DIR/eval/metrics.json).
+Pipeline: data (-> DIR/data/{train,eval}.jsonl; pairs with identical or empty answers are dropped, held-out pairs
+whose instruction is a training pair's too are dropped, all counted in the stage's summary) -> train (reference
+log-probs cached in DIR/train, curve of loss, margins, chosen/rejected rewards and accuracy in DIR/train/log.jsonl)
+-> DIR/final -> eval (held-out reward accuracy and margins vs. the reference, DIR/eval/metrics.json).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from selfalign.config import at_least
+import sys
+
+from selfalign.config import at_least, config_error
 from selfalign.data import PreferencePair, read_records, write_json
-from selfalign.data.loaders import load_preference_pairs
 from selfalign.models import DEFAULT_MODEL
 from selfalign.recipes import preflight
-from selfalign.recipes.common import data_file, start_run
+from selfalign.recipes.common import load_pairs, start_run
 from selfalign.runs import Run
 from selfalign.training import DPOTrainConfig, train_dpo
 from selfalign.training.evaluate import preference_metrics
@@ -43,10 +45,26 @@ def check_inputs(config: Config) -> None:
 
 
 def prepare_data(config: Config) -> tuple[dict[str, list], dict]:
-    train = load_preference_pairs(data_file(config.data, "data"), limit=config.limit)
-    held_out = (load_preference_pairs(data_file(config.eval_data, "eval_data"), limit=config.eval_limit)
-                if config.eval_limit else [])
-    return {"train.jsonl": train, "eval.jsonl": held_out}, {"train_pairs": len(train), "eval_pairs": len(held_out)}
+    """Training pairs, and held-out pairs whose instructions the training pairs do not have (the same file given as
+    both, or overlapping files, would report training accuracy as held-out)."""
+    train, train_counts = load_pairs(config.data, "data", config.limit, "limit", need=("chosen", "rejected"))
+    summary = {"train_pairs": len(train), "train_data": train_counts}
+    held_out: list[PreferencePair] = []
+    if config.eval_limit:
+        seen = {p.prompt.strip() for p in train}
+        candidates, eval_counts = load_pairs(config.eval_data, "eval_data", None, "eval_limit",
+                                             need=("chosen", "rejected"))
+        held_out = [p for p in candidates if p.prompt.strip() not in seen]
+        if not held_out:
+            raise config_error("eval_data", f"every pair's instruction in {config.eval_data} is also in the "
+                               f"training pairs ({config.data}): nothing is held out", also=("data",))
+        eval_counts["in_training_dropped"] = len(candidates) - len(held_out)
+        if eval_counts["in_training_dropped"]:
+            print(f"selfalign: note: eval_data: dropped {eval_counts['in_training_dropped']} pairs whose instruction "
+                  "is in the training pairs", file=sys.stderr)
+        held_out = held_out[:config.eval_limit]
+        summary.update(eval_pairs=len(held_out), eval_data=dict(eval_counts, used=len(held_out)))
+    return {"train.jsonl": train, "eval.jsonl": held_out}, summary
 
 
 def evaluate(config: Config, run: Run) -> dict:

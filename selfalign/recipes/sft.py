@@ -2,7 +2,7 @@
 
     selfalign run sft sft --run-dir runs/sft
 
-Pipeline: data (-> DIR/data/sft.jsonl) -> train (prompt-masked token cross-entropy; curve in DIR/train/log.jsonl,
+Pipeline: data (-> DIR/data/sft.jsonl; a pair with an empty chosen answer is dropped and counted) -> train (prompt-masked token cross-entropy; curve in DIR/train/log.jsonl,
 checkpoints in DIR/train/checkpoints) -> DIR/final (safetensors + tokenizer + chat template).
 """
 
@@ -13,10 +13,9 @@ from typing import Literal
 
 from selfalign.config import at_least
 from selfalign.data import Conversation, read_records
-from selfalign.data.loaders import load_preference_pairs
 from selfalign.models import DEFAULT_MODEL
 from selfalign.recipes import preflight
-from selfalign.recipes.common import data_file, start_run
+from selfalign.recipes.common import data_file, load_pairs, start_run
 from selfalign.training import SFTTrainConfig, train_sft
 
 
@@ -39,10 +38,11 @@ def check_inputs(config: Config) -> None:
 
 def prepare_data(config: Config) -> tuple[dict[str, list], dict]:
     if config.data_format == "pairs":
-        pairs = load_preference_pairs(data_file(config.data, "data"), limit=config.limit)
+        # only the chosen answer is trained on: identical pairs are kept, an empty target is not
+        pairs, counts = load_pairs(config.data, "data", config.limit, "limit", need=("chosen",), drop_identical=False)
         convs = [Conversation(p.id, p.messages + [{"role": "assistant", "content": p.chosen}]) for p in pairs]
-    else:
-        convs = read_records(data_file(config.data, "data"), Conversation, limit=config.limit)
+        return {"sft.jsonl": convs}, {"examples": len(convs), "data": counts}
+    convs = read_records(data_file(config.data, "data"), Conversation, limit=config.limit)
     return {"sft.jsonl": convs}, {"examples": len(convs)}
 
 

@@ -29,12 +29,11 @@ from typing import Literal
 
 from selfalign.config import at_least, config_error
 from selfalign.data import PreferencePair, Prompt, read_records, write_jsonl
-from selfalign.data.loaders import load_preference_pairs
 from selfalign.evaluation.stage import EvalConfig, evaluate_checkpoint, write_summary
 from selfalign.generation import SamplingParams, check_sampling_section, generate_to_file, make_generator
 from selfalign.models import DEFAULT_MODEL
 from selfalign.recipes import preflight
-from selfalign.recipes.common import data_file, link_final, prompt_pool, start_run, too_few_prompts
+from selfalign.recipes.common import link_final, load_pairs, prompt_pool, start_run, too_few_prompts
 from selfalign.runs import Run
 from selfalign.training import DPOTrainConfig, train_dpo
 from selfalign.training.implicit_reward import label_samples_by_implicit_reward
@@ -122,7 +121,8 @@ def check_inputs(config: Config) -> None:
 
 def prepare_data(config: Config) -> tuple[dict[str, list], dict]:
     """The labelled seed, and disjoint slices of the unlabelled prompts (none of the seed's) for the rounds."""
-    seed = load_preference_pairs(data_file(config.seed_data, "seed_data"), limit=config.seed_limit)
+    seed, seed_counts = load_pairs(config.seed_data, "seed_data", config.seed_limit, "seed_limit",
+                                   need=("chosen", "rejected"))
     seed_texts = {p.prompt.strip() for p in seed}
     pool = prompt_pool(config.prompts, config.prompt_sources, exclude=seed_texts)
     import random
@@ -135,7 +135,8 @@ def prepare_data(config: Config) -> tuple[dict[str, list], dict]:
     for i, size in enumerate(config.round_sizes, start=1):
         files[f"round{i}_prompts.jsonl"] = pool[start:start + size]
         start += size
-    return files, {"seed_pairs": len(seed), "pool": len(pool), "round_sizes": config.round_sizes}
+    return files, {"seed_pairs": len(seed), "seed_data": seed_counts, "pool": len(pool),
+                   "round_sizes": config.round_sizes}
 
 
 def generate(config: Config, run: Run, i: int, policy: str) -> dict:

@@ -179,6 +179,10 @@ def file_sha256(path: str | Path, chunk: int = 1 << 24) -> str:
     return h.hexdigest()
 
 
+# config keys that change only how progress is printed, not what a run computes: a resume may change them
+PROGRESS_ONLY_KEYS = ("log_steps",)
+
+
 def config_changes(old: dict, new: dict, prefix: str = "") -> list[tuple[str, Any, Any]]:
     """(dotted key, old value, new value) for each leaf that differs between two config dicts."""
     out = []
@@ -341,9 +345,12 @@ class Run:
             if self.manifest.get("recipe") != recipe:
                 raise SelfalignError(f"{self.root}: run folder belongs to recipe "
                                      f"'{self.manifest.get('recipe')}', not '{recipe}'")
-            if self.manifest.get("config") != config:
+            changes = config_changes(self.manifest.get("config") or {}, config)
+            if changes and all(k.rsplit(".", 1)[-1] in PROGRESS_ONLY_KEYS for k, _, _ in changes):
+                self.manifest["config"] = config  # only how progress is printed changed: take the new value
+            elif changes:
                 changed = "; ".join(f"{k}: {old!r} -> {new!r}" if len(repr(old) + repr(new)) < 80 else k
-                                    for k, old, new in config_changes(self.manifest["config"], config))
+                                    for k, old, new in changes if k.rsplit(".", 1)[-1] not in PROGRESS_ONLY_KEYS)
                 raise SelfalignError(f"{self.root}: config differs from the one this run started with "
                                      f"({changed}); use a new --run-dir, or the same config to resume")
             self.manifest.setdefault("resumed_at", []).append(time.strftime("%Y-%m-%dT%H:%M:%S"))

@@ -30,6 +30,12 @@ def test_preference_pairs_load_and_drop_identical(data_dir):
     assert len(pairs) == 996  # 4 upstream rows have chosen == rejected
     assert len(load_preference_pairs(path, drop_identical=False)) == 1000
     assert all(isinstance(p, PreferencePair) and p.chosen != p.rejected for p in pairs)
+    # the real file's one empty chosen and one empty rejected answer are dropped on request, and counted
+    counts: dict = {}
+    both = load_preference_pairs(path, limit=2000, drop_empty=("chosen", "rejected"), counts=counts)
+    assert counts == {"in_file": 1000, "identical_dropped": 4, "empty_dropped": 2, "used": 994} and len(both) == 994
+    assert all(p.chosen.strip() and p.rejected.strip() for p in both)
+    assert len(load_preference_pairs(path, drop_identical=False, drop_empty=("chosen",))) == 999
 
 
 def test_alpaca_eval_annotations_load_as_pairs(data_dir):
@@ -144,6 +150,10 @@ def test_duplicate_ids_and_missing_file(tmp_path):
         load_prompts(path)
     with pytest.raises(DataError, match="file not found"):
         load_prompts(tmp_path / "nope.jsonl")
+    pairs = write_lines(tmp_path / "dup_pairs.jsonl", ['{"id": "y", "prompt": "a", "chosen": "b", "rejected": "c"}',
+                                                       '{"id": "y", "prompt": "d", "chosen": "e", "rejected": "f"}'])
+    with pytest.raises(DataError, match=r"dup_pairs.jsonl:2: field 'id': duplicate id 'y' \(first seen on line 1\)"):
+        load_preference_pairs(pairs)
 
 
 def test_empty_file_is_an_error(tmp_path):

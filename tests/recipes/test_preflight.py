@@ -13,7 +13,7 @@ import pytest
 
 from selfalign.cli import main
 from selfalign.config import config_error, load_config, locate_error
-from selfalign.recipes import dpo, preflight, seft, spa, srt
+from selfalign.recipes import dpo, preflight, seft, sft, spa, srt
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -75,7 +75,37 @@ def test_data_problems_fail_before_the_run_folder_exists(tmp_path, capsys, data_
     rc, err = run_cli("spa", smoke("spa"), tmp_path / "g", "prompt_sources=[self-instruct/seed_tasks]",
                       "round_sizes=[1000]", capsys=capsys)
     assert rc == 2 and "--set round_sizes=[1000]: round_sizes: 1000 prompts asked for" in err, err
-    assert not any((tmp_path / d).exists() for d in ["a", "b", "c", "d0", "d1", "f", "g"])
+    # DPO's held-out pairs are not its training pairs; an empty --set value is named as such
+    train_1k = "preferences/ultrafeedback_binarized_train_1k.jsonl"
+    rc, err = run_cli("dpo", smoke("dpo"), tmp_path / "h", f"data={train_1k}", f"eval_data={train_1k}", "limit=1000",
+                      capsys=capsys)
+    assert rc == 2 and err.endswith("eval_data: every pair's instruction in preferences/ultrafeedback_binarized_"
+                                    "train_1k.jsonl is also in the training pairs (preferences/ultrafeedback_"
+                                    "binarized_train_1k.jsonl): nothing is held out"), err
+    rc, err = run_cli("dpo", smoke("dpo"), tmp_path / "i", "data=", capsys=capsys)
+    assert rc == 2 and err == "selfalign: error: --set data=: data: empty path (give a data file)", err
+    assert not any((tmp_path / d).exists() for d in ["a", "b", "c", "d0", "d1", "f", "g", "h", "i"])
+
+
+def test_the_data_stage_says_what_it_dropped_and_a_limit_it_could_not_fill(capsys, data_dir):
+    sft_config = load_config(sft.Config, smoke("sft"), ["limit=5000"])
+    files, summary = sft.prepare_data(sft_config)
+    # SFT trains on chosen answers only: identical pairs stay, the one empty chosen answer goes
+    assert summary["examples"] == 999 and summary["data"]["empty_dropped"] == 1
+    assert all(c.messages[-1]["content"].strip() for c in files["sft.jsonl"])
+    err = capsys.readouterr().err
+    assert "selfalign: note: data: " in err and "has 1000 pairs; dropped 1 with an empty chosen; limit 5000 is more " \
+                                                "than the 999 usable; using 999" in err, err
+    # DPO: the training file's identical and empty pairs go; held-out pairs sharing a training instruction go
+    train = data_dir / "preferences" / "ultrafeedback_binarized_train_1k.jsonl"
+    dpo_config = load_config(dpo.Config, smoke("dpo"), [f"data={train}", "limit=30", f"eval_data={train}",
+                                                        "eval_limit=5"])
+    files, summary = dpo.prepare_data(dpo_config)
+    assert summary["train_data"]["used"] == 30 and summary["eval_data"]["in_training_dropped"] == 30
+    train_prompts = {p.prompt for p in files["train.jsonl"]}
+    assert len(files["eval.jsonl"]) == 5 and not train_prompts & {p.prompt for p in files["eval.jsonl"]}
+    assert all(p.chosen.strip() and p.rejected.strip() and p.chosen != p.rejected for p in files["train.jsonl"])
+    assert "dropped 30 pairs whose instruction is in the training pairs" in capsys.readouterr().err
 
 
 def test_backends_judges_and_critics_are_checked_without_loading_weights(tmp_path, capsys):
@@ -90,6 +120,11 @@ def test_backends_judges_and_critics_are_checked_without_loading_weights(tmp_pat
         # base_url is set nowhere: the --set of its section that made it needed is named
         ("srt", ["critic.backend=openai"], "--set critic.backend=openai: critic.base_url: the openai backend needs"),
         ("srt", ["critic.model=nope-critic"], "--set critic.model=nope-critic: critic.model: model 'nope-critic'"),
+        # an API labeler or judge that is down is found before the run, not at its first judging stage
+        ("spa", ["labeler=api", "labeler_options={base_url: 'http://127.0.0.1:9/v1'}"],
+         "labeler: http://127.0.0.1:9/v1/models: endpoint not reachable (ConnectError"),
+        ("seft", ["eval.judge=api", "eval.judge_options={base_url: 'http://127.0.0.1:9/v1'}"],
+         "eval.judge: http://127.0.0.1:9/v1/models: endpoint not reachable (ConnectError"),
     ]
     for i, (recipe, overrides, expected) in enumerate(cases):
         rc, err = run_cli(recipe, smoke(recipe), tmp_path / str(i), *overrides, capsys=capsys)

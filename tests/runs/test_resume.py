@@ -125,6 +125,12 @@ def test_run_stages_skip_when_done_and_refuse_changed_config(tmp_path):
     with pytest.raises(SelfalignError) as err:
         Run(tmp_path / "nested", {"sampling": {"batch_size": 4, "seed": 1}, "b": [1]}, recipe="test")
     assert "(sampling.batch_size: 8 -> 4); use a new --run-dir" in str(err.value)
+    # how often progress is printed changes nothing a run computes: a resume may change it, and it is recorded
+    Run(tmp_path / "logging", {"train": {"log_steps": 1, "lr": 1.0}}, recipe="test")
+    run = Run(tmp_path / "logging", {"train": {"log_steps": 5, "lr": 1.0}}, recipe="test")
+    assert json.loads(run.manifest_path.read_text())["config"]["train"]["log_steps"] == 5
+    with pytest.raises(SelfalignError, match=r"\(train.lr: 1.0 -> 2.0\)"):
+        Run(tmp_path / "logging", {"train": {"log_steps": 1, "lr": 2.0}}, recipe="test")
 
 
 def test_a_file_is_resumed_only_with_its_own_model_and_sampling(tmp_path, real_prompts):
