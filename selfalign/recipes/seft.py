@@ -29,6 +29,7 @@ from __future__ import annotations
 import functools
 import json
 import random
+import sys
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -190,6 +191,10 @@ def prepare_data(config: Config) -> tuple[dict[str, list], dict]:
     pairs = usable[:rc.limit] if rc.limit is not None else usable
     if not pairs:
         raise config_error("reviser.max_pair_tokens", "no reviser pairs left after filtering (too small?)")
+    if rc.limit is not None and len(pairs) < rc.limit:  # said now, not only in the data stage's summary
+        print(f"selfalign: note: reviser.limit: {rc.limit} is more than the {len(usable)} usable pairs of "
+              f"{len(all_pairs)} in {rc.data} (non-empty chosen answer, within reviser.max_pair_tokens); using "
+              f"{len(pairs)}", file=sys.stderr)
     files["reviser_pairs.jsonl"] = pairs
     if config.reviser_eval.pairs:  # the reviser's quality stage comes after its training: count its pairs now
         held_out_pairs(config, pairs)

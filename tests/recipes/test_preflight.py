@@ -106,6 +106,11 @@ def test_the_data_stage_says_what_it_dropped_and_a_limit_it_could_not_fill(capsy
     assert len(files["eval.jsonl"]) == 5 and not train_prompts & {p.prompt for p in files["eval.jsonl"]}
     assert all(p.chosen.strip() and p.rejected.strip() and p.chosen != p.rejected for p in files["train.jsonl"])
     assert "dropped 30 pairs whose instruction is in the training pairs" in capsys.readouterr().err
+    # SEFT's reviser pairs: a limit the filtered file cannot fill is said too
+    files, summary = seft.prepare_data(load_config(seft.Config, smoke("seft"), ["reviser.limit=100000"]))
+    assert summary["reviser_pairs"] == summary["usable_pairs"] < 1000
+    assert f"selfalign: note: reviser.limit: 100000 is more than the {summary['usable_pairs']} usable pairs of 996 " \
+           in capsys.readouterr().err
 
 
 def test_backends_judges_and_critics_are_checked_without_loading_weights(tmp_path, capsys):
