@@ -61,19 +61,21 @@ def _unique_ids(prompts: list, path) -> list:
 
 
 def load_preference_pairs(path: str | Path, limit: int | None = None, drop_identical: bool = True,
-                          drop_empty: tuple[str, ...] = (), counts: dict | None = None) -> list[PreferencePair]:
+                          drop_empty: tuple[str, ...] = (), counts: dict | None = None,
+                          unique_ids: bool = False) -> list[PreferencePair]:
     """Preference pairs; pairs whose chosen == rejected (an upstream quirk of UltraFeedback) carry no signal for
     DPO and are dropped unless `drop_identical=False`; so are pairs whose answer named in `drop_empty` ("chosen",
     "rejected") is empty (real files have a few: UltraFeedback's train_1k one of each, HH helpful four empty
     rejected ones), which training should not take as a target or a preference. `counts`, when given, receives
     how many pairs the file held, how many of each kind were dropped, and how many are returned (after `limit`).
-    Duplicate ids are an error, as for prompts. An alpaca_eval annotations file (`instruction`, `output_1`, `output_2`, `preference`)
+    With `unique_ids`, duplicate ids are an error, as for prompts (a recipe's files and logs key pairs by id). An alpaca_eval annotations file (`instruction`, `output_1`, `output_2`, `preference`)
     is read as pairs too: see `load_annotated_pairs`."""
     check_limit(limit, path)
     if _is_annotation_file(path):
         pairs = load_annotated_pairs(path)
     else:
-        pairs = _unique_ids(read_records(path, PreferencePair), path)
+        pairs = read_records(path, PreferencePair)
+        pairs = _unique_ids(pairs, path) if unique_ids else pairs
     tally = {"in_file": len(pairs), "identical_dropped": 0, "empty_dropped": 0}
     if drop_identical:
         kept = [p for p in pairs if p.chosen.strip() != p.rejected.strip()]

@@ -226,7 +226,7 @@ def cmd_agreement(args) -> int:
         if path is not None and Path(path).is_dir():
             raise SelfalignError(f"--{flag} {path}: is a folder; give a file path")
     pairs = load_labeled_pairs(args.pairs, args.limit, args.offset)
-    check_judge(args.judge, options)
+    check_judge(args.judge, options, endpoint="warn")  # its verdicts may all be cached
     judge = make_judge(args.judge, cache=False if args.no_cache else (args.cache or True), **options)
     metrics, verdicts = run_agreement(judge, pairs, progress=not args.quiet and not args.json)
     metrics.update({"pairs": str(args.pairs), "offset": args.offset})

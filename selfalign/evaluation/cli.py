@@ -104,7 +104,7 @@ def _judge_from_args(args):
         keys, value = parse_override(text)
         options[".".join(keys)] = value
     try:
-        check_judge(args.judge, options)
+        check_judge(args.judge, options, endpoint="warn")  # its verdicts may all be cached
     except SelfalignError as e:  # said with the flags that chose the judge
         flags = " ".join(f"--judge-option {text}" for text in args.judge_option) or f"--judge {args.judge}"
         raise SelfalignError(f"{flags}: {e}") from None

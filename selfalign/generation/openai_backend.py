@@ -113,14 +113,26 @@ class OpenAIGenerator(Generator):
     def check_reachable(self, timeout: float = 15.0) -> None:
         """One GET /models, not retried: a run checks its endpoint before it starts, so a server that is down or
         refuses the key fails the command, not a stage hours in. Any other reply counts as reachable (a server
-        without /models answers 404 or 501 and may still serve chat completions)."""
+        without /models answers 404 or 501 and may still serve chat completions). A 401/403 there is confirmed with
+        a one-token chat request when the model is known."""
         try:
             response = self._client.get(self.base_url + "/models", timeout=timeout)
         except httpx.TransportError as e:  # timeouts included
             raise self._fail("/models", f"endpoint not reachable ({type(e).__name__}: {_excerpt(str(e), 120)})", 1)
+        path = "/models"
+        if response.status_code in (401, 403) and self._model:
+            # some keys may chat but not list models (OpenAI's restricted project keys; gateways that expose only
+            # chat): the question is whether chat is refused, asked with the smallest request there is
+            path = "/chat/completions"
+            try:
+                response = self._client.post(self.base_url + path, timeout=timeout, json={
+                    "model": self._model, "max_tokens": 1, "messages": [{"role": "user", "content": "Hi"}]})
+            except httpx.TransportError as e:
+                raise self._fail(path, f"endpoint not reachable ({type(e).__name__}: {_excerpt(str(e), 120)})", 1)
         if response.status_code in (401, 403):
             key = f"${self.api_key_env} is {'set' if self._secret else 'not set'}" if self.api_key_env else "no key"
-            raise self._fail("/models", f"HTTP {response.status_code}: the endpoint refuses the request ({key})", 1)
+            raise self._fail(path, f"HTTP {response.status_code}: the endpoint refuses the request ({key}): "
+                                   f"{_excerpt(response.text, 120) or response.reason_phrase}", 1)
 
     def _scrub(self, text: str) -> str:
         return text.replace(self._secret, "***") if self._secret else text

@@ -65,10 +65,12 @@ def make_judge(name: str, cache: bool | str | None = None, **options):
     return judge
 
 
-def check_judge(name: str, options: dict | None = None) -> None:
+def check_judge(name: str, options: dict | None = None, endpoint: str = "refuse") -> None:
     """Fail now, not hours into a run, on a judge that cannot work here: an unknown name or option, a reward model
-    never trained, an API judge without base_url or whose endpoint does not answer, a local judge whose model is not
-    on this machine. Judges load their weights on first use, so this builds one and loads nothing."""
+    never trained, an API judge without base_url, a local judge whose model is not on this machine. Judges load
+    their weights on first use, so this builds one and loads nothing. An API judge's endpoint gets one request
+    (`APIJudge.check_reachable`); `endpoint`: "refuse" raises if it is down or refuses the key, "warn" says so on
+    stderr (a rerun whose verdicts are all cached needs no endpoint), "skip" sends nothing."""
     try:
         judge = make_judge(name, **(options or {}))
     except (TypeError, ValueError) as e:  # a constructor's own check of an option's value
@@ -81,8 +83,17 @@ def check_judge(name: str, options: dict | None = None) -> None:
         resolve_model(judge.model_spec)
     from selfalign.judges.api import APIJudge
 
-    if isinstance(judge, APIJudge):  # an endpoint that is down or refuses the key fails now
-        judge.check_reachable()
+    if isinstance(judge, APIJudge) and endpoint != "skip":  # one request: is the endpoint up, is the key taken?
+        try:
+            judge.check_reachable()
+        except SelfalignError as e:
+            if endpoint == "refuse":
+                raise
+            import sys
+
+            print(f"selfalign: note: {e} (verdicts not already cached will fail until it answers)", file=sys.stderr)
+        finally:
+            judge.close()
 
 
 __all__ = ["JUDGES", "Grade", "GradeItem", "GradingJudge", "PairwiseItem", "PairwiseJudge", "PairwiseVerdict",

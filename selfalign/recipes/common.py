@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import sys
 from pathlib import Path
@@ -11,6 +12,7 @@ from selfalign.config import config_error, config_to_dict
 from selfalign.data import PreferencePair, Prompt, write_jsonl
 from selfalign.data.loaders import load_preference_pairs, load_prompts, shared_data_dir
 from selfalign.errors import ConfigError
+from selfalign.recipes import preflight
 from selfalign.runs import Run, stage_done
 
 
@@ -55,14 +57,16 @@ def too_few_prompts(key: str, need: int, available: int, what: str = "prompts", 
 
 
 def load_pairs(path: str, key: str, limit: int | None, limit_key: str, need: tuple[str, ...],
-               drop_identical: bool = True) -> tuple[list[PreferencePair], dict]:
+               drop_identical: bool = True, note: bool = True) -> tuple[list[PreferencePair], dict]:
     """A recipe's preference pairs (config key `key`) and their account for the data stage's summary: pairs in
     the file, dropped (identical answers; an empty answer among `need`), used. Unless a `limit` was met, what was
     dropped, and a limit the file could not fill, are also said on stderr when the run starts (not only in the
-    manifest)."""
+    manifest; `note=False` leaves that to the caller). Pair ids must be unique: the run's files and logs key pairs
+    by id."""
     counts: dict = {}
     file = data_file(path, key)
-    pairs = load_preference_pairs(file, limit=limit, drop_identical=drop_identical, drop_empty=need, counts=counts)
+    pairs = load_preference_pairs(file, limit=limit, drop_identical=drop_identical, drop_empty=need, counts=counts,
+                                  unique_ids=True)
     dropped = [f"{counts[k]} with {what}" for k, what in (("identical_dropped", "identical answers"),
                                                           ("empty_dropped", f"an empty {' or '.join(need)}"))
                if counts[k]]
@@ -70,7 +74,7 @@ def load_pairs(path: str, key: str, limit: int | None, limit_key: str, need: tup
     notes = [f"dropped {', '.join(dropped)}"] if dropped and not filled else []
     if limit is not None and not filled:
         notes.append(f"{limit_key} {limit} is more than the {counts['used']} usable")
-    if notes:
+    if notes and note:
         print(f"selfalign: note: {key}: {file} has {counts['in_file']} pairs; {'; '.join(notes)}; using "
               f"{counts['used']}", file=sys.stderr)
     return pairs, counts
@@ -85,7 +89,9 @@ def start_run(run_dir: str, config: Any, recipe: str, seed: int | None, check_in
     the bad config. A resumed run whose data stage is done skips `prepare_data`: its splits are on disk, and data
     paths relative to where it started need not resolve from where it resumes. The data stage then writes each split
     (file name -> records) under DIR/data/."""
-    check_inputs(config)
+    resuming = (Path(run_dir) / "manifest.json").exists()
+    with preflight.endpoints_not_contacted() if resuming else contextlib.nullcontext():
+        check_inputs(config)
     prepared = None if stage_done(run_dir, "data") else prepare_data(config)
     run = Run(run_dir, config_to_dict(config), recipe, seed=seed)
     run.stage("data", lambda: write_data(run, *prepared))
@@ -102,7 +108,8 @@ def link_final(run: Run, model: str | Path) -> Path:
     final = run.root / "final"
     target = Path(model)
     inside = target.absolute().is_relative_to(run.root.absolute())
-    dest = os.path.relpath(target.absolute(), run.root.absolute()) if inside else str(resolve_model(str(model)))
+    dest = (os.path.relpath(target.absolute(), run.root.absolute()) if inside
+            else str(resolve_model(str(model)).absolute()))  # a relative model folder would dangle from DIR/
     if os.path.islink(final) and os.readlink(final) != dest:
         final.unlink()
     if not os.path.lexists(final):

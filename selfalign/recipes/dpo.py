@@ -52,18 +52,25 @@ def prepare_data(config: Config) -> tuple[dict[str, list], dict]:
     held_out: list[PreferencePair] = []
     if config.eval_limit:
         seen = {p.prompt.strip() for p in train}
-        candidates, eval_counts = load_pairs(config.eval_data, "eval_data", None, "eval_limit",
-                                             need=("chosen", "rejected"))
+        candidates, counts = load_pairs(config.eval_data, "eval_data", None, "eval_limit",
+                                        need=("chosen", "rejected"), note=False)
         held_out = [p for p in candidates if p.prompt.strip() not in seen]
-        if not held_out:
+        counts["in_training_dropped"] = len(candidates) - len(held_out)
+        if candidates and not held_out:
             raise config_error("eval_data", f"every pair's instruction in {config.eval_data} is also in the "
                                f"training pairs ({config.data}): nothing is held out", also=("data",))
-        eval_counts["in_training_dropped"] = len(candidates) - len(held_out)
-        if eval_counts["in_training_dropped"]:
-            print(f"selfalign: note: eval_data: dropped {eval_counts['in_training_dropped']} pairs whose instruction "
-                  "is in the training pairs", file=sys.stderr)
+        if not held_out:
+            raise config_error("eval_data", f"{config.eval_data}: no pair with two different, non-empty answers")
         held_out = held_out[:config.eval_limit]
-        summary.update(eval_pairs=len(held_out), eval_data=dict(eval_counts, used=len(held_out)))
+        counts["used"] = len(held_out)
+        if len(held_out) < config.eval_limit:
+            dropped = ", ".join(f"{counts[k]} {what}" for k, what in (
+                ("identical_dropped", "with identical answers"), ("empty_dropped", "with an empty answer"),
+                ("in_training_dropped", "sharing an instruction with a training pair")) if counts[k])
+            print(f"selfalign: note: eval_data: eval_limit {config.eval_limit} is more than the {len(held_out)} "
+                  f"usable held-out pairs of {counts['in_file']} in {config.eval_data}"
+                  f"{f' (dropped {dropped})' if dropped else ''}", file=sys.stderr)
+        summary.update(eval_pairs=len(held_out), eval_data=counts)
     return {"train.jsonl": train, "eval.jsonl": held_out}, summary
 
 

@@ -13,6 +13,8 @@ also before the folder exists (`common.start_run`); their own errors already nam
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import importlib.util
 from typing import Callable
 
@@ -44,14 +46,38 @@ def backend(key: str, name: str, allowed: tuple[str, ...] = LOCAL_BACKENDS) -> N
         raise config_error(key, "backend 'vllm' needs the vllm package (pip install vllm, on a CUDA machine)")
 
 
+# Whether an API endpoint (critic, labeler, judge) is sent one request: yes before a run folder is made, no when a
+# run resumes. A resumed run's config is locked anyway, and its endpoint may be down while stages that do not use it
+# (training, local evaluation) run; a stage that needs it fails then, and the same command resumes once it answers.
+_probe_endpoints: contextvars.ContextVar[bool] = contextvars.ContextVar("probe_endpoints", default=True)
+
+
+@contextlib.contextmanager
+def endpoints_not_contacted():
+    token = _probe_endpoints.set(False)
+    try:
+        yield
+    finally:
+        _probe_endpoints.reset(token)
+
+
 def judge(key: str, name: str, options: dict) -> None:
     """A judge by name with its options; `key` names the judge, and its options sit under `key`_options."""
     from selfalign.judges import check_judge
 
     try:
-        check_judge(name, options)
+        check_judge(name, options, endpoint="refuse" if _probe_endpoints.get() else "skip")
     except SelfalignError as e:
-        raise config_error(f"{key}_options" if "has no option" in str(e) else key, e) from None
+        text = str(e)
+        if "named by api_key_env" in text:
+            where = f"{key}_options.api_key_env"
+        elif "/models: " in text and "base_url" in options:  # the endpoint's answer: blame the URL that was given
+            where = f"{key}_options.base_url"
+        elif "has no option" in text:
+            where = f"{key}_options"
+        else:
+            where = key
+        raise config_error(where, e) from None
 
 
 def evaluation(key: str, config: EvalConfig) -> None:
@@ -64,8 +90,9 @@ def evaluation(key: str, config: EvalConfig) -> None:
 def generator(key: str, backend_name: str, model_spec: str, options: dict, base_url: str | None = None,
               api_key_env: str | None = None) -> None:
     """A model that only generates (a critic): local, or any OpenAI-compatible endpoint, which must answer one
-    GET /models now (a critic that is down would otherwise fail the run after its first stages, with the folder
-    locked to this config). A base_url or api_key_env given to a local backend is refused: it would be ignored."""
+    GET /models before a new run folder is made (a critic that is down would otherwise fail the run after its first
+    stages, with the folder locked to this config). A base_url given to a local backend is refused: it would be
+    ignored."""
     from selfalign.generation import check_backend_options, make_generator
 
     backend(f"{key}.backend", backend_name, LOCAL_BACKENDS + (API_BACKEND,))
@@ -85,7 +112,8 @@ def generator(key: str, backend_name: str, model_spec: str, options: dict, base_
     except SelfalignError as e:
         raise config_error(f"{key}.api_key_env" if "named by api_key_env" in str(e) else f"{key}.base_url", e) from None
     try:
-        endpoint.check_reachable()
+        if _probe_endpoints.get():
+            endpoint.check_reachable()
     except SelfalignError as e:
         raise config_error(f"{key}.base_url", e) from None
     finally:

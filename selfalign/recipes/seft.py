@@ -134,9 +134,9 @@ class Config:
         if not self.round_sizes or min(self.round_sizes) < 1:
             raise ValueError(f"round_sizes must list at least one round, each of >= 1 prompts, not {self.round_sizes}")
         beyond = [i for i in self.external.rounds if not 1 <= i <= len(self.round_sizes)]
-        if beyond:  # a round that never runs would silently get no external answers
+        if beyond and self.external.size > 0:  # a round that never runs would silently get no external answers
             raise config_error("external.rounds", f"round(s) {beyond} do not exist: round_sizes lists "
-                               f"{len(self.round_sizes)} round(s), numbered from 1")
+                               f"{len(self.round_sizes)} round(s), numbered from 1", also=("round_sizes",))
 
 
 # ------------------------------------------------------------------------------------------------ data

@@ -44,7 +44,7 @@ def stage_statuses(manifest: dict, owner: dict | None) -> dict[str, str]:
             for name, s in manifest["stages"].items()}
 
 
-def run_state(manifest: dict, owner: dict | None) -> str:
+def run_state(manifest: dict, owner: dict | None, root: Path | None = None) -> str:
     statuses = stage_statuses(manifest, owner)
     running = [name for name, s in statuses.items() if s == "running"]
     if owner is not None:
@@ -58,10 +58,16 @@ def run_state(manifest: dict, owner: dict | None) -> str:
         return f"stopped during stage {stopped[-1]} (killed or interrupted): the same command resumes it"
     if "final" in manifest.get("models", {}):
         path = manifest["models"]["final"].get("path")
-        if path and not Path(path).exists():
+        if root is not None and not _model_present(root, "final", path):
             return f"finished, but its final model {path} is missing (moved or deleted since)"
         return "finished"
     return "stopped between stages (killed or interrupted): the same command resumes it"
+
+
+def _model_present(root: Path, role: str, recorded: str | None) -> bool:
+    """DIR/<role> (the run's own link, which survives moving the run folder), else the path recorded when it was
+    made."""
+    return (root / role).exists() or not recorded or Path(recorded).exists()
 
 
 def cmd_status(args) -> int:
@@ -77,7 +83,7 @@ def cmd_status(args) -> int:
         raise SelfalignError(f"{root}: not a run folder (no manifest.json)")
     manifest = read_manifest(path)
     owner = lock_owner(root)
-    state = run_state(manifest, owner)
+    state = run_state(manifest, owner, root)
     statuses = stage_statuses(manifest, owner)
     if args.json:  # the same statuses as the table below, with the full results
         stages = {name: dict(s, status=statuses[name]) for name, s in manifest["stages"].items()}
@@ -101,7 +107,7 @@ def cmd_status(args) -> int:
     for name, status, took, result in rows:
         print(f"{name:<{width}}  {status:<8} {took:>9}  {_brief(result, 118 - width - 21)}")
     for role, m in manifest.get("models", {}).items():
-        missing = "  (missing: moved or deleted since)" if m.get("path") and not Path(m["path"]).exists() else ""
+        missing = "" if _model_present(root, role, m.get("path")) else "  (missing: moved or deleted since)"
         print(f"\n{role} model: {m.get('path')}{missing}")
     summary = root / "eval" / "summary.md"
     if summary.exists():

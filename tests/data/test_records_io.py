@@ -153,7 +153,8 @@ def test_duplicate_ids_and_missing_file(tmp_path):
     pairs = write_lines(tmp_path / "dup_pairs.jsonl", ['{"id": "y", "prompt": "a", "chosen": "b", "rejected": "c"}',
                                                        '{"id": "y", "prompt": "d", "chosen": "e", "rejected": "f"}'])
     with pytest.raises(DataError, match=r"dup_pairs.jsonl:2: field 'id': duplicate id 'y' \(first seen on line 1\)"):
-        load_preference_pairs(pairs)
+        load_preference_pairs(pairs, unique_ids=True)
+    assert len(load_preference_pairs(pairs)) == 2  # a reward model's training pairs need no unique ids
 
 
 def test_empty_file_is_an_error(tmp_path):

@@ -37,3 +37,16 @@ def test_a_final_model_that_went_missing_is_named_by_status_and_refused_on_rerun
     # a link left by an earlier finish that points elsewhere (the starting model re-resolved) is renewed
     other = fake_model(root / "round2" / "final")
     assert os.readlink(link_final(run, other)) == os.path.join("round2", "final")
+    del run
+    # a finished run folder moved elsewhere keeps its relative link: status finds the model through it
+    moved = tmp_path / "moved"
+    root.rename(moved)
+    assert main(["status", str(moved)]) == 0 and "state: finished\n" in capsys.readouterr().out
+
+
+def test_a_model_outside_the_run_given_as_a_relative_folder_is_linked_absolutely(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    (fake_model(tmp_path / "mymodel") / "config.json").write_text("{}")
+    run = Run(tmp_path / "run", {"a": 1}, recipe="srt")
+    final = link_final(run, "mymodel")  # a skipped SRT stage passes its starting model through
+    assert os.readlink(final) == str(tmp_path / "mymodel") and final.resolve() == (tmp_path / "mymodel").resolve()

@@ -105,7 +105,13 @@ def test_the_data_stage_says_what_it_dropped_and_a_limit_it_could_not_fill(capsy
     train_prompts = {p.prompt for p in files["train.jsonl"]}
     assert len(files["eval.jsonl"]) == 5 and not train_prompts & {p.prompt for p in files["eval.jsonl"]}
     assert all(p.chosen.strip() and p.rejected.strip() and p.chosen != p.rejected for p in files["train.jsonl"])
-    assert "dropped 30 pairs whose instruction is in the training pairs" in capsys.readouterr().err
+    assert capsys.readouterr().err == ""  # both limits were met
+    files, summary = dpo.prepare_data(load_config(dpo.Config, smoke("dpo"), [f"data={train}", "limit=30",
+                                                                             f"eval_data={train}", "eval_limit=2000"]))
+    assert summary["eval_pairs"] == len(files["eval.jsonl"]) == 1000 - 4 - 2 - 30
+    assert "selfalign: note: eval_data: eval_limit 2000 is more than the 964 usable held-out pairs of 1000 in " \
+           f"{train} (dropped 4 with identical answers, 2 with an empty answer, 30 sharing an instruction with a " \
+           "training pair)" in capsys.readouterr().err
     # SEFT's reviser pairs: a limit the filtered file cannot fill is said too
     files, summary = seft.prepare_data(load_config(seft.Config, smoke("seft"), ["reviser.limit=100000"]))
     assert summary["reviser_pairs"] == summary["usable_pairs"] < 1000
@@ -127,9 +133,12 @@ def test_backends_judges_and_critics_are_checked_without_loading_weights(tmp_pat
         ("srt", ["critic.model=nope-critic"], "--set critic.model=nope-critic: critic.model: model 'nope-critic'"),
         # an API labeler or judge that is down is found before the run, not at its first judging stage
         ("spa", ["labeler=api", "labeler_options={base_url: 'http://127.0.0.1:9/v1'}"],
-         "labeler: http://127.0.0.1:9/v1/models: endpoint not reachable (ConnectError"),
+         "--set labeler_options={base_url: 'http://127.0.0.1:9/v1'}: labeler_options.base_url: "
+         "http://127.0.0.1:9/v1/models: endpoint not reachable (ConnectError"),
         ("seft", ["eval.judge=api", "eval.judge_options={base_url: 'http://127.0.0.1:9/v1'}"],
-         "eval.judge: http://127.0.0.1:9/v1/models: endpoint not reachable (ConnectError"),
+         "eval.judge_options.base_url: http://127.0.0.1:9/v1/models: endpoint not reachable (ConnectError"),
+        # external answers for a round that does not exist (round_sizes was shortened): the --set is named
+        ("seft", ["round_sizes=[5]"], "--set round_sizes=[5]: external.rounds: round(s) [2] do not exist"),
     ]
     for i, (recipe, overrides, expected) in enumerate(cases):
         rc, err = run_cli(recipe, smoke(recipe), tmp_path / str(i), *overrides, capsys=capsys)
@@ -168,15 +177,24 @@ def test_backends_judges_and_critics_are_checked_without_loading_weights(tmp_pat
 
 
 class _Endpoint(BaseHTTPRequestHandler):
-    """GET /models answers `status` (a server without /models answers 404 or 501 and still counts as up)."""
-    status = 200
+    """GET /models answers `status` (a server without /models answers 404 or 501 and still counts as up); a chat
+    request answers `chat_status`."""
+    status, chat_status, chats = 200, 200, 0
 
-    def do_GET(self):  # noqa: N802
+    def _answer(self, status):
         body = json.dumps({"data": [{"id": "stand-in"}]}).encode()
-        self.send_response(self.status)
+        self.send_response(status)
         self.send_header("Content-Length", str(len(body)))
         self.end_headers()
         self.wfile.write(body)
+
+    def do_GET(self):  # noqa: N802
+        self._answer(self.status)
+
+    def do_POST(self):  # noqa: N802
+        self.rfile.read(int(self.headers["Content-Length"]))
+        _Endpoint.chats += 1
+        self._answer(self.chat_status)
 
     def log_message(self, *a):
         pass
@@ -191,14 +209,41 @@ def test_an_api_critic_endpoint_is_contacted_once_before_the_run(tmp_path, capsy
             _Endpoint.status = status
             srt.check_inputs(load_config(srt.Config, smoke("srt"), ["critic.backend=openai", f"critic.base_url={url}",
                                                                    "critic.options={concurrency: 2}"]))
-        _Endpoint.status = 401
+        # a key refused: without a model name the listing decides; with one (the smoke config names
+        # smollm2-135m), one chat request confirms it, since some keys may chat but not list models
+        _Endpoint.status, _Endpoint.chat_status = 401, 403
         rc, err = run_cli("srt", smoke("srt"), tmp_path / "r", "critic.backend=openai", f"critic.base_url={url}",
-                          capsys=capsys)
+                          "critic.model=", capsys=capsys)
         assert rc == 2 and "critic.base_url: " in err and "/models: HTTP 401: the endpoint refuses the request " \
                            "($OPENAI_API_KEY is" in err, err
-        assert not (tmp_path / "r").exists()
+        chats = _Endpoint.chats
+        rc, err = run_cli("srt", smoke("srt"), tmp_path / "r", "critic.backend=openai", f"critic.base_url={url}",
+                          capsys=capsys)
+        assert rc == 2 and "/chat/completions: HTTP 403: the endpoint refuses the request" in err, err
+        assert _Endpoint.chats == chats + 1 and not (tmp_path / "r").exists()
+        _Endpoint.chat_status = 200
+        srt.check_inputs(load_config(srt.Config, smoke("srt"), ["critic.backend=openai", f"critic.base_url={url}"]))
+        assert _Endpoint.chats == chats + 2
     finally:
+        _Endpoint.status, _Endpoint.chat_status = 200, 200
         server.shutdown()
+
+
+def test_a_resumed_run_does_not_need_its_endpoint_up(tmp_path):
+    """The endpoint is checked before a new run folder only: a killed run resumes its training while the critic
+    server is down (a stage that needs the critic fails then, and the same command resumes once it is back)."""
+    from selfalign.config import config_to_dict
+    from selfalign.errors import ConfigError
+    from selfalign.recipes.common import start_run
+    from selfalign.runs import Run
+
+    config = load_config(srt.Config, smoke("srt"), ["critic.backend=openai", "critic.base_url=http://127.0.0.1:9/v1"])
+    with pytest.raises(ConfigError, match="endpoint not reachable"):
+        start_run(str(tmp_path / "run"), config, "srt", 0, srt.check_inputs, srt.prepare_data)
+    assert not (tmp_path / "run").exists()
+    Run(tmp_path / "run", config_to_dict(config), "srt", seed=0)  # as a run that was started when it was up
+    run = start_run(str(tmp_path / "run"), config, "srt", 0, srt.check_inputs, srt.prepare_data)
+    assert run.is_done("data")
 
 
 def test_a_resume_from_elsewhere_does_not_read_the_data_files_again(tmp_path, capsys, monkeypatch, data_dir):
