@@ -200,3 +200,20 @@ def test_api_grading_reasks_only_when_opted_in():
     g, = APIJudge(generator=fake, max_retries=2).grade([GradeItem([{"role": "user", "content": "q"}], "a")])
     assert g.score is None and g.attempts == 3 and len(fake.requests) == 3 and g.raw == "no rating"
     assert [r["temperature"] for r in fake.requests] == [0.0, 0.7, 0.7]
+
+
+def test_check_judge_asks_the_endpoint_once_and_the_eval_commands_only_warn(server, capsys):
+    """Recipes refuse a judge endpoint that is down before their run folder exists; `eval` commands only warn, since
+    a rerun whose verdicts are all cached needs no endpoint; `skip` (a resumed run) sends nothing."""
+    from selfalign.judges import check_judge
+
+    check_judge("api", {"base_url": server.url, "model": MODEL})  # `selfalign serve` lists its model: up
+    down = {"base_url": "http://127.0.0.1:9/v1", "model": "gpt-4"}
+    with pytest.raises(SelfalignError, match=r"127.0.0.1:9/v1/models: endpoint not reachable \(ConnectError"):
+        check_judge("api", down)
+    check_judge("api", down, endpoint="skip")
+    assert capsys.readouterr().err == ""
+    check_judge("api", down, endpoint="warn")
+    err = capsys.readouterr().err
+    assert err.startswith("selfalign: note: http://127.0.0.1:9/v1/models: endpoint not reachable") and \
+        err.rstrip().endswith("(verdicts not already cached will fail until it answers)")
