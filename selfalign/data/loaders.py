@@ -68,8 +68,9 @@ def load_preference_pairs(path: str | Path, limit: int | None = None, drop_ident
     "rejected") is empty (real files have a few: UltraFeedback's train_1k one of each, HH helpful four empty
     rejected ones), which training should not take as a target or a preference. `counts`, when given, receives
     how many pairs the file held, how many of each kind were dropped, and how many are returned (after `limit`).
-    With `unique_ids`, duplicate ids are an error, as for prompts (a recipe's files and logs key pairs by id). An alpaca_eval annotations file (`instruction`, `output_1`, `output_2`, `preference`)
-    is read as pairs too: see `load_annotated_pairs`."""
+    With `unique_ids`, duplicate ids are an error, as for prompts (a recipe's files and logs key pairs by id). An
+    alpaca_eval annotations file (`instruction`, `output_1`, `output_2`, `preference`) is read as pairs too: see
+    `load_annotated_pairs`."""
     check_limit(limit, path)
     if _is_annotation_file(path):
         pairs = load_annotated_pairs(path)

@@ -2,8 +2,9 @@
 
     selfalign run sft sft --run-dir runs/sft
 
-Pipeline: data (-> DIR/data/sft.jsonl; a pair with an empty chosen answer is dropped and counted) -> train (prompt-masked token cross-entropy; curve in DIR/train/log.jsonl,
-checkpoints in DIR/train/checkpoints) -> DIR/final (safetensors + tokenizer + chat template).
+Pipeline: data (-> DIR/data/sft.jsonl; a pair with an empty chosen answer is dropped and counted) -> train
+(prompt-masked token cross-entropy; curve in DIR/train/log.jsonl, checkpoints in DIR/train/checkpoints) ->
+DIR/final (safetensors + tokenizer + chat template).
 """
 
 from __future__ import annotations
