@@ -104,12 +104,15 @@ def _judge_from_args(args):
         keys, value = parse_override(text)
         options[".".join(keys)] = value
     try:
-        check_judge(args.judge, options, endpoint="warn")  # its verdicts may all be cached
+        # an endpoint that is down or refuses the key: refused on a first run (all answers would be generated before
+        # the first verdict fails), a note on a rerun, whose verdicts may all be cached
+        cache = Path(args.out) / f"judge_cache.{args.judge}.jsonl"
+        check_judge(args.judge, options, endpoint="warn" if cache.exists() else "refuse")
     except SelfalignError as e:  # said with the flags that chose the judge
         flags = " ".join(f"--judge-option {text}" for text in args.judge_option) or f"--judge {args.judge}"
         raise SelfalignError(f"{flags}: {e}") from None
     # the cache lives in the output folder: a re-run or a resumed run never pays for a judgement twice
-    return make_judge(args.judge, cache=str(Path(args.out) / f"judge_cache.{args.judge}.jsonl"), **options)
+    return make_judge(args.judge, cache=str(cache), **options)
 
 
 def _check_out_and_limit(args) -> None:

@@ -113,16 +113,17 @@ class OpenAIGenerator(Generator):
     def check_reachable(self, timeout: float = 15.0) -> None:
         """One GET /models, not retried: a run checks its endpoint before it starts, so a server that is down or
         refuses the key fails the command, not a stage hours in. Any other reply counts as reachable (a server
-        without /models answers 404 or 501 and may still serve chat completions). A 401/403 there is confirmed with
-        a one-token chat request when the model is known."""
+        without /models answers 404 or 501 and may still serve chat completions). When the model is known and the
+        listing does not show it, a one-token chat request decides: refused (401/403) or not found (404) fails."""
         try:
             response = self._client.get(self.base_url + "/models", timeout=timeout)
         except httpx.TransportError as e:  # timeouts included
             raise self._fail("/models", f"endpoint not reachable ({type(e).__name__}: {_excerpt(str(e), 120)})", 1)
         path = "/models"
-        if response.status_code in (401, 403) and self._model:
-            # some keys may chat but not list models (OpenAI's restricted project keys; gateways that expose only
-            # chat): the question is whether chat is refused, asked with the smallest request there is
+        if self._model and (response.status_code != 200 or not self._lists_model(response)):
+            # the listing does not settle it: a key that may chat but not list models (OpenAI's restricted project
+            # keys), a server without /models, a model not listed (a wrong path or name, or an alias). The smallest
+            # chat request there is does: it is what the run will send
             path = "/chat/completions"
             try:
                 response = self._client.post(self.base_url + path, timeout=timeout, json={
@@ -133,6 +134,16 @@ class OpenAIGenerator(Generator):
             key = f"${self.api_key_env} is {'set' if self._secret else 'not set'}" if self.api_key_env else "no key"
             raise self._fail(path, f"HTTP {response.status_code}: the endpoint refuses the request ({key}): "
                                    f"{_excerpt(response.text, 120) or response.reason_phrase}", 1)
+        if path == "/chat/completions" and response.status_code == 404:  # no such path, or no such model
+            raise self._fail(path, f"HTTP 404 for model '{self._model}': {_excerpt(response.text, 160) or 'not found'}"
+                                   " (check base_url, usually ending in /v1, and the model name)", 1)
+
+    def _lists_model(self, response: httpx.Response) -> bool:
+        try:
+            data = response.json().get("data")
+            return any(isinstance(m, dict) and m.get("id") == self._model for m in data)
+        except (ValueError, AttributeError, TypeError):
+            return False
 
     def _scrub(self, text: str) -> str:
         return text.replace(self._secret, "***") if self._secret else text
@@ -231,7 +242,8 @@ class OpenAIGenerator(Generator):
         if not jobs:
             return []
         model = self.model_name  # resolve once, before the threads start
-        flush_every = flush_every or max(8, self.concurrency)
+        # every answer is written as it arrives: each one is paid for, and a kill -9 must not lose it
+        flush_every = flush_every or 1
         results: list[Response] = []
         pending_batch: list[Response] = []
         bar = tqdm(total=sum(len(w) for _, w in jobs), desc=f"generate ({model})", unit="answer",

@@ -179,8 +179,10 @@ def file_sha256(path: str | Path, chunk: int = 1 << 24) -> str:
     return h.hexdigest()
 
 
-# config keys that change only how progress is printed, not what a run computes: a resume may change them
-PROGRESS_ONLY_KEYS = ("log_steps",)
+# config keys that change how a run reaches things or prints progress, not what it computes: a resume may change
+# them. `base_url`: an API critic or judge that moved to another host or port, or a wrong URL found only once a stage
+# used it (the model name, which says what answers, stays locked)
+PROGRESS_ONLY_KEYS = ("log_steps", "base_url")
 
 
 def config_changes(old: dict, new: dict, prefix: str = "") -> list[tuple[str, Any, Any]]:
@@ -347,7 +349,7 @@ class Run:
                                      f"'{self.manifest.get('recipe')}', not '{recipe}'")
             changes = config_changes(self.manifest.get("config") or {}, config)
             if changes and all(k.rsplit(".", 1)[-1] in PROGRESS_ONLY_KEYS for k, _, _ in changes):
-                self.manifest["config"] = config  # only how progress is printed changed: take the new value
+                self.manifest["config"] = config  # only how it reaches things or prints progress: the new value
             elif changes:
                 changed = "; ".join(f"{k}: {old!r} -> {new!r}" if len(repr(old) + repr(new)) < 80 else k
                                     for k, old, new in changes if k.rsplit(".", 1)[-1] not in PROGRESS_ONLY_KEYS)

@@ -307,3 +307,28 @@ def test_default_alpaca_judge_is_the_crossfit_reward_judge(tmp_path, monkeypatch
     assert code == 2 and len(err) == 1
     assert "alpaca-gpt4-crossfit" in err[0] and "selfalign judges train-crossfit" in err[0]
     assert not (tmp_path / "ev" / "model_outputs.json").exists()
+
+
+def test_an_api_judge_that_is_down_is_refused_on_a_first_run_and_noted_on_a_rerun(tmp_path, data_dir, capsys):
+    """A first `eval alpaca` would generate every answer before its first verdict failed; a rerun's verdicts may
+    all be in the --out folder's judge cache, so there a judge endpoint that is down is only noted."""
+    from selfalign.cli import main
+
+    rows = json.loads((data_dir / "alpaca_eval" / "annotations" / "alpaca-7b.json").read_text())[:2]
+    path = tmp_path / "model_outputs.json"
+    path.write_text(json.dumps([{"instruction": r["instruction"], "output": r["output_2"], "generator": "alpaca-7b"}
+                                for r in rows]))
+    args = ["eval", "alpaca", "--outputs", str(path), "--judge", "api", "--judge-option",
+            "base_url=http://127.0.0.1:9/v1", "--judge-option", "model=gpt-4", "--out", str(tmp_path / "ev"),
+            "--quiet"]
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    assert "--judge-option model=gpt-4: http://127.0.0.1:9/v1/models: endpoint not reachable" in err, err
+    (tmp_path / "ev").mkdir()
+    (tmp_path / "ev" / "judge_cache.api.jsonl").write_text("")  # as an earlier run leaves it
+    from selfalign.evaluation import cli as eval_cli
+
+    class Args:
+        judge, judge_option, out = "api", ["base_url=http://127.0.0.1:9/v1", "model=gpt-4"], str(tmp_path / "ev")
+    eval_cli._judge_from_args(Args)
+    assert "selfalign: note: http://127.0.0.1:9/v1/models: endpoint not reachable" in capsys.readouterr().err

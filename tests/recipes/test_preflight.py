@@ -224,6 +224,16 @@ def test_an_api_critic_endpoint_is_contacted_once_before_the_run(tmp_path, capsy
         _Endpoint.chat_status = 200
         srt.check_inputs(load_config(srt.Config, smoke("srt"), ["critic.backend=openai", f"critic.base_url={url}"]))
         assert _Endpoint.chats == chats + 2
+        # a model the endpoint does not list, and that chat does not find (a wrong name or path): refused now
+        _Endpoint.status, _Endpoint.chat_status = 200, 404
+        rc, err = run_cli("srt", smoke("srt"), tmp_path / "r", "critic.backend=openai", f"critic.base_url={url}",
+                          "critic.model=gpt-4", capsys=capsys)
+        assert rc == 2 and "/chat/completions: HTTP 404 for model 'gpt-4'" in err and "check base_url" in err, err
+        assert not (tmp_path / "r").exists()
+        chats = _Endpoint.chats
+        srt.check_inputs(load_config(srt.Config, smoke("srt"), ["critic.backend=openai", f"critic.base_url={url}",
+                                                               "critic.model=stand-in"]))
+        assert _Endpoint.chats == chats  # listed: no chat request
     finally:
         _Endpoint.status, _Endpoint.chat_status = 200, 200
         server.shutdown()

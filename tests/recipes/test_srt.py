@@ -82,8 +82,11 @@ def test_two_stage_srt_run_end_to_end_and_resume(tmp_path, critic_url, monkeypat
                  "eval/stage1+self-refine", "stage2/generate", "stage2/critique", "stage2/train", "eval/stage2",
                  "eval/stage2+self-refine", "baseline/train", "eval/sft_refinements"):
         assert stages[name]["status"] == "done", name
+    # before the run folder was made, one one-token chat request checked the endpoint (it has no GET /models)
+    probe = StandInCritic.requests[0]
+    assert probe["body"]["max_tokens"] == 1 and probe["auth"] == "Bearer sk-test"
     # the API critic got the Table-1 prompt at T = 0 with the key as a Bearer header
-    first = StandInCritic.requests[0]
+    first = StandInCritic.requests[1]
     assert first["auth"] == "Bearer sk-test" and first["body"]["temperature"] == 0
     assert "### Requirements" in first["body"]["messages"][-1]["content"]
     # rescoring a refinement needs only its score: those requests stop at the improved-response heading

@@ -131,6 +131,11 @@ def test_run_stages_skip_when_done_and_refuse_changed_config(tmp_path):
     assert json.loads(run.manifest_path.read_text())["config"]["train"]["log_steps"] == 5
     with pytest.raises(SelfalignError, match=r"\(train.lr: 1.0 -> 2.0\)"):
         Run(tmp_path / "logging", {"train": {"log_steps": 1, "lr": 2.0}}, recipe="test")
+    # an API critic that moved (another port or host) is reached at its new address; its model name stays locked
+    Run(tmp_path / "moved", {"critic": {"base_url": "http://127.0.0.1:8000/v1", "model": "m"}}, recipe="test")
+    Run(tmp_path / "moved", {"critic": {"base_url": "http://10.0.0.2:8000/v1", "model": "m"}}, recipe="test")
+    with pytest.raises(SelfalignError, match=r"\(critic.model: 'm' -> 'n'\)"):
+        Run(tmp_path / "moved", {"critic": {"base_url": "http://10.0.0.2:8000/v1", "model": "n"}}, recipe="test")
 
 
 def test_a_file_is_resumed_only_with_its_own_model_and_sampling(tmp_path, real_prompts):
