@@ -88,7 +88,8 @@ def start_run(run_dir: str, config: Any, recipe: str, seed: int | None, check_in
     exists: a run folder is locked to the config it started with, so a failure after it was made would lock it to
     the bad config. A resumed run whose data stage is done skips `prepare_data`: its splits are on disk, and data
     paths relative to where it started need not resolve from where it resumes. The data stage then writes each split
-    (file name -> records) under DIR/data/."""
+    (file name -> records) under DIR/data/. API endpoints get their one request (preflight) only for a new folder:
+    a resumed run may run its local stages while its critic or judge server is down."""
     resuming = (Path(run_dir) / "manifest.json").exists()
     with preflight.endpoints_not_contacted() if resuming else contextlib.nullcontext():
         check_inputs(config)
