@@ -115,21 +115,15 @@ class OpenAIGenerator(Generator):
         refuses the key fails the command, not a stage hours in. Any other reply counts as reachable (a server
         without /models answers 404 or 501 and may still serve chat completions). When the model is known and the
         listing does not show it, a one-token chat request decides: refused (401/403) or not found (404) fails."""
-        try:
-            response = self._client.get(self.base_url + "/models", timeout=timeout)
-        except httpx.TransportError as e:  # timeouts included
-            raise self._fail("/models", f"endpoint not reachable ({type(e).__name__}: {_excerpt(str(e), 120)})", 1)
         path = "/models"
+        response = self._probe("GET", path, timeout)
         if self._model and (response.status_code != 200 or not self._lists_model(response)):
             # the listing does not settle it: a key that may chat but not list models (OpenAI's restricted project
             # keys), a server without /models, a model not listed (a wrong path or name, or an alias). The smallest
             # chat request there is does: it is what the run will send
             path = "/chat/completions"
-            try:
-                response = self._client.post(self.base_url + path, timeout=timeout, json={
-                    "model": self._model, "max_tokens": 1, "messages": [{"role": "user", "content": "Hi"}]})
-            except httpx.TransportError as e:
-                raise self._fail(path, f"endpoint not reachable ({type(e).__name__}: {_excerpt(str(e), 120)})", 1)
+            response = self._probe("POST", path, timeout, json={
+                "model": self._model, "max_tokens": 1, "messages": [{"role": "user", "content": "Hi"}]})
         if response.status_code in (401, 403):
             key = f"${self.api_key_env} is {'set' if self._secret else 'not set'}" if self.api_key_env else "no key"
             raise self._fail(path, f"HTTP {response.status_code}: the endpoint refuses the request ({key}): "
@@ -137,6 +131,13 @@ class OpenAIGenerator(Generator):
         if path == "/chat/completions" and response.status_code == 404:  # no such path, or no such model
             raise self._fail(path, f"HTTP 404 for model '{self._model}': {_excerpt(response.text, 160) or 'not found'}"
                                    " (check base_url, usually ending in /v1, and the model name)", 1)
+
+    def _probe(self, method: str, path: str, timeout: float, **kw) -> httpx.Response:
+        """One request, not retried; a connection that fails (timeouts included) is a one-line error."""
+        try:
+            return self._client.request(method, self.base_url + path, timeout=timeout, **kw)
+        except httpx.TransportError as e:
+            raise self._fail(path, f"endpoint not reachable ({type(e).__name__}: {_excerpt(str(e), 120)})", 1)
 
     def _lists_model(self, response: httpx.Response) -> bool:
         try:

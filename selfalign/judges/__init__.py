@@ -16,6 +16,7 @@
 from __future__ import annotations
 
 import inspect
+import sys
 
 from selfalign.errors import SelfalignError
 from selfalign.judges.base import (Grade, GradeItem, GradingJudge, PairwiseItem, PairwiseJudge,
@@ -89,8 +90,6 @@ def check_judge(name: str, options: dict | None = None, endpoint: str = "refuse"
         except SelfalignError as e:
             if endpoint == "refuse":
                 raise
-            import sys
-
             print(f"selfalign: note: {e} (verdicts not already cached will fail until it answers)", file=sys.stderr)
         finally:
             judge.close()

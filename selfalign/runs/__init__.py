@@ -182,7 +182,7 @@ def file_sha256(path: str | Path, chunk: int = 1 << 24) -> str:
 # config keys that change how a run reaches things or prints progress, not what it computes: a resume may change
 # them. `base_url`: an API critic or judge that moved to another host or port, or a wrong URL found only once a stage
 # used it (the model name, which says what answers, stays locked)
-PROGRESS_ONLY_KEYS = ("log_steps", "base_url")
+RESUMABLE_KEYS = ("log_steps", "base_url")
 
 
 def config_changes(old: dict, new: dict, prefix: str = "") -> list[tuple[str, Any, Any]]:
@@ -348,13 +348,13 @@ class Run:
                 raise SelfalignError(f"{self.root}: run folder belongs to recipe "
                                      f"'{self.manifest.get('recipe')}', not '{recipe}'")
             changes = config_changes(self.manifest.get("config") or {}, config)
-            if changes and all(k.rsplit(".", 1)[-1] in PROGRESS_ONLY_KEYS for k, _, _ in changes):
-                self.manifest["config"] = config  # only how it reaches things or prints progress: the new value
-            elif changes:
+            locked = [(k, old, new) for k, old, new in changes if k.rsplit(".", 1)[-1] not in RESUMABLE_KEYS]
+            if locked:
                 changed = "; ".join(f"{k}: {old!r} -> {new!r}" if len(repr(old) + repr(new)) < 80 else k
-                                    for k, old, new in changes if k.rsplit(".", 1)[-1] not in PROGRESS_ONLY_KEYS)
+                                    for k, old, new in locked)
                 raise SelfalignError(f"{self.root}: config differs from the one this run started with "
                                      f"({changed}); use a new --run-dir, or the same config to resume")
+            self.manifest["config"] = config  # equal, or only how it reaches things or prints progress changed
             self.manifest.setdefault("resumed_at", []).append(time.strftime("%Y-%m-%dT%H:%M:%S"))
             started_in = self.manifest.get("cwd")
             if started_in and Path(started_in).resolve() != Path.cwd().resolve():
