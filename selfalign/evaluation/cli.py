@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 from pathlib import Path
 
 from selfalign.errors import SelfalignError
@@ -176,6 +177,9 @@ def cmd_alpaca(args) -> int:
                              unparsed_as_tie=args.unparsed_as_tie)
     else:
         instructions = load_alpaca_eval_set(args.instructions, limit=args.limit, seed=args.seed)
+        if args.limit is not None and args.limit > len(instructions):  # the table's n says it too, after hours
+            print(f"selfalign: note: --limit {args.limit} is more than the {len(instructions)} instructions of "
+                  f"{args.instructions or 'AlpacaEval'}: answering all of them", file=sys.stderr)
         check_references([p.text for p in instructions], references, args.instructions or "AlpacaEval's eval set")
         _make_out_dir(args)
         gen = generator_from_args(args)

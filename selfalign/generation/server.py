@@ -2,7 +2,7 @@
 
 Standard library only (`http.server`), one request on the model at a time. Endpoints:
 
-    GET  /v1/models              the served model
+    GET  /v1/models              the served model (also without /v1, as is POST /chat/completions)
     POST /v1/chat/completions    messages, temperature (0 = greedy), top_p, max_tokens, n, seed, stop,
                                  logprobs + top_logprobs (per generated token, OpenAI shape)
     GET  /health                 {"status": "ok"}
@@ -269,7 +269,7 @@ class _Handler(BaseHTTPRequestHandler):
         path = self.path.split("?", 1)[0].rstrip("/")
         if path in ("/health", "/v1/health"):
             self._send(200, {"status": "ok", "model": self.server.generator.model_name})
-        elif path == "/v1/models":
+        elif path in ("/v1/models", "/models"):  # as POST accepts /chat/completions without /v1
             self._send(200, {"object": "list", "data": [{"id": self.server.generator.model_name, "object": "model",
                                                          "created": 0, "owned_by": "selfalign"}]})
         else:

@@ -83,6 +83,12 @@ def judge(key: str, name: str, options: dict) -> None:
 def evaluation(key: str, config: EvalConfig) -> None:
     """An `eval:` section: its backend and judge (nothing to check when it evaluates no instruction)."""
     if config.instructions:
+        from selfalign.data.loaders import load_alpaca_eval_set
+
+        available = len(load_alpaca_eval_set())
+        if config.instructions > available:  # a seeded subset larger than the set would silently be all of it
+            raise config_error(f"{key}.instructions", f"{config.instructions} is more than the {available} "
+                               "AlpacaEval instructions")
         backend(f"{key}.backend", config.backend)
         judge(f"{key}.judge", config.judge, config.judge_options)
 

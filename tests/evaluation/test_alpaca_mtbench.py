@@ -7,6 +7,7 @@ import json
 import pytest
 
 from selfalign.data.loaders import load_alpaca_eval_set, load_mt_bench
+from selfalign.errors import SelfalignError
 from selfalign.evaluation.alpaca import evaluate_alpaca
 from selfalign.evaluation.mtbench import CATEGORY_TEMPERATURE, evaluate_mtbench, grade_items, summarize
 from selfalign.generation import SamplingParams
@@ -293,6 +294,25 @@ def test_eval_input_mistakes_are_said_before_any_model_loads(tmp_path, data_dir,
     assert "gpt4_gamed is AlpacaEval's adversarial entry" in error(
         "lc", "--annotations", str(data_dir / "alpaca_eval" / "annotations" / "alpaca-7b.json"), "--gamed", str(gamed))
     assert "not a file" in error("lc", "--annotations", str(gamed), "--difficulty", str(tmp_path))
+
+
+def test_a_limit_above_the_instructions_is_said(tmp_path, data_dir, monkeypatch, capsys):
+    import selfalign.cli
+    from selfalign.cli import main
+
+    def stop(args):
+        raise SelfalignError("stopped before the model loads")
+
+    monkeypatch.setattr(selfalign.cli, "generator_from_args", stop)
+    rows = (data_dir / "alpaca_eval" / "eval_set.jsonl").read_text().splitlines()[:3]
+    three = tmp_path / "three.jsonl"
+    three.write_text("\n".join(rows) + "\n")
+    argv = ["eval", "alpaca", "--judge", "length", "--instructions", str(three), "--out", str(tmp_path / "a")]
+    assert main(argv + ["--limit", "5"]) == 2
+    assert f"selfalign: note: --limit 5 is more than the 3 instructions of {three}: answering all of them" in \
+        capsys.readouterr().err
+    assert main(argv + ["--limit", "3"]) == 2
+    assert "note" not in capsys.readouterr().err
 
 
 def test_default_alpaca_judge_is_the_crossfit_reward_judge(tmp_path, monkeypatch, capsys):

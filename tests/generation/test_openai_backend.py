@@ -227,6 +227,8 @@ def test_server_endpoints_and_bad_requests(server):
     base = server.url
     assert httpx.get(base.removesuffix("/v1") + "/health").json()["status"] == "ok"
     assert httpx.get(base + "/models").json()["data"][0]["id"] == MODEL
+    # without /v1, as POST /chat/completions is: a client whose base_url lacks it lists the model too
+    assert httpx.get(base.removesuffix("/v1") + "/models").json()["data"][0]["id"] == MODEL
     user = [{"role": "user", "content": "hi"}]
     bad = [b"{not json", {"messages": []}, {"messages": user, "temperature": "hot"}, {"messages": user, "n": 0},
            {"messages": user, "stream": True}, {"messages": user + [{"role": "assistant", "content": "x"}]},

@@ -293,6 +293,10 @@ def test_an_evaluation_of_no_instructions_checks_no_judge():
     preflight.evaluation("eval", spa.EvalConfig(instructions=0, judge="no-such-judge"))
     with pytest.raises(Exception, match="eval.judge: unknown judge 'no-such-judge'"):
         preflight.evaluation("eval", spa.EvalConfig(instructions=1, judge="no-such-judge"))
+    # a seeded subset larger than AlpacaEval's 805 instructions would silently be all of them
+    with pytest.raises(Exception, match="eval.instructions: 900 is more than the 805 AlpacaEval instructions"):
+        preflight.evaluation("eval", spa.EvalConfig(instructions=900, judge="length"))
+    preflight.evaluation("eval", spa.EvalConfig(instructions=805, judge="length"))
 
 
 def test_locate_error_places_a_keyed_error_like_load_config(tmp_path):
