@@ -29,11 +29,26 @@ def parse_override(text: str) -> tuple[list[str], Any]:
     key, sep, value = text.partition("=")
     if not sep or not key.strip():
         raise ConfigError(f"override '{text}': expected key=value (e.g. train.beta=0.1)")
+    # a command-line value has no comments: YAML would cut "a #b" to "a" and read "#1" as null, so '#' is parsed
+    # as a stand-in character and put back
     try:
-        parsed = yaml.safe_load(value) if value.strip() else ""
+        parsed = _restore_hash(yaml.safe_load(value.replace("#", _HASH))) if value.strip() else ""
     except yaml.YAMLError:
         parsed = value
     return key.strip().split("."), parsed
+
+
+_HASH = "\ue000"  # a private-use character: never in a real value
+
+
+def _restore_hash(value: Any) -> Any:
+    if isinstance(value, str):
+        return value.replace(_HASH, "#")
+    if isinstance(value, list):
+        return [_restore_hash(v) for v in value]
+    if isinstance(value, dict):
+        return {_restore_hash(k): _restore_hash(v) for k, v in value.items()}
+    return value
 
 
 def _set(d: dict, keys: list[str], value: Any) -> None:

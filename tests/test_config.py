@@ -38,6 +38,16 @@ def test_unknown_keys_and_bad_values_name_the_file_line_and_key_or_the_override(
         load_config(spa.Config, path, ["seed_train.learning_rate=-1"])
 
 
+def test_a_hash_in_an_override_is_part_of_the_value_not_a_comment():
+    from selfalign.config import parse_override
+
+    assert parse_override("critic.system_prompt=Rank answers #1 to #3") == (["critic", "system_prompt"],
+                                                                           "Rank answers #1 to #3")
+    assert parse_override("x=#1") == (["x"], "#1")  # YAML alone reads a null here
+    assert parse_override("x=[a#b, 'c #d']") == (["x"], ["a#b", "c #d"])
+    assert parse_override("train.beta=0.1") == (["train", "beta"], 0.1)
+
+
 def test_annotated_yaml_reads_back_to_the_same_config_with_each_fields_note(tmp_path):
     from selfalign.config import annotated_yaml, field_comments
 
