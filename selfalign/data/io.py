@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from pathlib import Path
 from typing import Any, Iterable, Iterator, TypeVar
 
@@ -17,22 +18,25 @@ T = TypeVar("T")
 
 
 def iter_json_rows(path: str | Path) -> Iterator[tuple[int, dict]]:
-    """Yield (line number, object) for a .jsonl file, or (index+1, object) for a .json file holding an array."""
+    """Yield (line number, object) for a .jsonl file, or for a .json file holding an array (a RecordLine: the line
+    the object starts on, and its record number)."""
     path = Path(path)
     _check_file(path)
     if path.suffix.lower() == ".json":
         try:
-            data = json.loads(path.read_text(encoding="utf-8"))
+            text = path.read_text(encoding="utf-8")
+            data = json.loads(text)
         except json.JSONDecodeError as e:
             raise DataError(f"malformed JSON: {e.msg} (column {e.colno})", path=str(path), line=e.lineno) from None
         except UnicodeDecodeError as e:
             raise DataError(f"not UTF-8 text (byte {e.start})", path=str(path)) from None
         if not isinstance(data, list):
             raise DataError("expected a JSON array of objects", path=str(path))
-        for i, row in enumerate(data, start=1):
+        for (i, row), line in zip(enumerate(data, start=1), _array_element_lines(text)):
+            line = RecordLine(line, i)
             if not isinstance(row, dict):
-                raise DataError(f"expected an object, got {type(row).__name__}", path=str(path), line=i)
-            yield i, row
+                raise DataError(f"expected an object, got {type(row).__name__}", path=str(path), line=line)
+            yield line, row
         return
     with open(path, "rb") as f:  # bytes, decoded per line: a bad byte is then placed on its line
         for lineno, raw in enumerate(f, start=1):
@@ -49,6 +53,37 @@ def iter_json_rows(path: str | Path) -> Iterator[tuple[int, dict]]:
             if not isinstance(row, dict):
                 raise DataError(f"expected a JSON object, got {type(row).__name__}", path=str(path), line=lineno)
             yield lineno, row
+
+
+class RecordLine(int):
+    """The line a JSON array's element starts on, with its record number: errors say both ("file:20 (record 3)"),
+    since several elements of a compact array share a line."""
+
+    def __new__(cls, line: int, record: int):
+        self = super().__new__(cls, line)
+        self.record = record
+        return self
+
+    def __str__(self) -> str:
+        return f"{int(self)} (record {self.record})"
+
+
+def _array_element_lines(text: str) -> Iterator[int]:
+    """The line each element of the JSON array `text` starts on (`text` is known to parse), so an error names the
+    line an editor jumps to, as for JSONL (alpaca_eval's files put one key per line: record 3 starts near line 20).
+    The json module reports no positions for what it parses, hence this walk over the array with raw_decode."""
+    decoder = json.JSONDecoder()
+    ws = re.compile(r"[ \t\n\r]*")
+    pos = ws.match(text, text.index("[") + 1).end()
+    line, counted = 1, 0
+    while pos < len(text) and text[pos] != "]":
+        line += text.count("\n", counted, pos)
+        counted = pos
+        yield line
+        _, pos = decoder.raw_decode(text, pos)
+        pos = ws.match(text, pos).end()
+        if text.startswith(",", pos):
+            pos = ws.match(text, pos + 1).end()
 
 
 def _check_file(path: Path) -> None:

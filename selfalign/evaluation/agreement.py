@@ -231,7 +231,9 @@ def cmd_agreement(args) -> int:
     metrics, verdicts = run_agreement(judge, pairs, progress=not args.quiet and not args.json)
     metrics.update({"pairs": str(args.pairs), "offset": args.offset})
     if args.out:
-        write_jsonl(args.out, [{"line": p.line, "gold": p.gold, **p.meta, "p_a": v.p_a, "consistent": v.consistent,
+        # a JSON array's pairs are also numbered: several pairs of a compact array start on one line
+        write_jsonl(args.out, [{"line": int(p.line), **({"record": p.line.record} if hasattr(p.line, "record") else {}),
+                                "gold": p.gold, **p.meta, "p_a": v.p_a, "consistent": v.consistent,
                                 "parsed": v.parsed, "details": v.details} for p, v in zip(pairs, verdicts)])
     if args.json:
         print(json.dumps(metrics))

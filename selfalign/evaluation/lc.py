@@ -152,7 +152,7 @@ def eval_set_keys(eval_set_path: str | Path) -> pd.DataFrame:
 
 # ------------------------------------------------------------------------------------------------ annotations
 def read_annotations(path: str | Path) -> pd.DataFrame:
-    """An alpaca_eval annotations file (.json array or .jsonl) as one row per annotation: `line` (record number),
+    """An alpaca_eval annotations file (.json array or .jsonl) as one row per annotation: `line` (where it starts),
     `instruction`, `len_1` (baseline, output_1, in characters), `len_2` (model, output_2), `preference` (in [1, 2]; a
     legacy 0 becomes 1.5; null / NaN stays NaN: no preference, dropped from the win rate as alpaca_eval drops it),
     `generator_1`, `generator_2`. A bad record raises DataError naming file, record and field."""
@@ -162,7 +162,8 @@ def read_annotations(path: str | Path) -> pd.DataFrame:
     rows = [_parse_annotation(rec, path, line) for line, rec in iter_json_rows(path)]
     if not rows:
         raise DataError("no annotations", path=path)
-    return pd.DataFrame(rows)
+    # `line` as objects: a JSON array's RecordLine (line and record number) would become a bare int64
+    return pd.DataFrame(rows).assign(line=pd.Series([r["line"] for r in rows], dtype=object))
 
 
 def annotations_frame(records: Sequence[dict], source: str = "<annotations>") -> pd.DataFrame:
@@ -205,7 +206,7 @@ def attach_index(frame: pd.DataFrame, keys: pd.DataFrame, source: str = "<annota
         k = instruction_key(instr)
         if k not in by_key:
             raise DataError(f"not an AlpacaEval instruction, so it has no difficulty (starts {instr[:50]!r})",
-                            path=source, line=int(line), field="instruction")
+                            path=source, line=line, field="instruction")
         idx.append(int(by_key[k]))
     return frame.assign(index=idx)
 

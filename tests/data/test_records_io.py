@@ -184,8 +184,14 @@ def test_annotations_without_a_preference_are_said_as_such(tmp_path, data_dir):
     rows = json.loads((data_dir / "alpaca_eval" / "balanced_pairs_dev.json").read_text())[:3]
     rows[1].pop("preference")
     path = tmp_path / "ann.json"
-    path.write_text(json.dumps(rows))
-    with pytest.raises(DataError, match=r"ann.json:2: field 'preference': missing: give 'preference' in \[1, 2\]"):
+    path.write_text(json.dumps(rows, indent=2))  # alpaca_eval's layout: one key per line
+    line = path.read_text().splitlines().index("  {", 2) + 1  # where the second record starts, as an editor counts
+    assert line > 5
+    with pytest.raises(DataError, match=rf"ann.json:{line} \(record 2\): field 'preference': missing: give "
+                                        r"'preference' in \[1, 2\]"):
+        load_preference_pairs(path)
+    path.write_text(json.dumps(rows[:1] + [7]))  # compact: every record is on line 1, so the record is named
+    with pytest.raises(DataError, match=r"ann.json:1 \(record 2\): expected an object, got int"):
         load_preference_pairs(path)
     # human pairs with a `label` (LLMBar, MT-Bench) read as pairs too, as `eval agreement` reads them
     llmbar = load_preference_pairs(data_dir / "judge_sets" / "llmbar_dev.jsonl")

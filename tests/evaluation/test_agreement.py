@@ -33,6 +33,9 @@ def test_cli_json_on_balanced_prefix_with_length_judge(capsys, data_dir, tmp_pat
     assert out["n_judged"] == 20 and out["n_cached"] == 0 and out["seconds_per_judgement"] is not None
     rows = [json.loads(line) for line in (tmp_path / "v.jsonl").read_text().splitlines()]
     assert len(rows) == 20 and rows[0]["generator_1"] == "gpt4_1106_preview" and "p_a" in rows[0]
+    # each pair's record number, and the line it starts on in the (one key a line) file
+    assert [r["record"] for r in rows] == list(range(1, 21))
+    assert open(pairs).read().splitlines()[rows[1]["line"] - 1].strip() == "{"
     again = run_json(capsys, "--judge", "length", "--pairs", pairs, "--limit", "20")
     assert again["n_cached"] == 20 and again["n_judged"] == 0 and again["agreement"] == 0.5
 

@@ -202,8 +202,10 @@ def test_existing_outputs_are_judged_without_a_model(tmp_path, data_dir, capsys)
     assert [a["output_2"] for a in annotations] == [o["output"] for o in outputs]
 
     bad = tmp_path / "bad.json"
-    bad.write_text(json.dumps([outputs[0], {"instruction": "x"}]))
-    with pytest.raises(DataError, match=r"bad.json:2: field 'output': missing or not a string"):
+    bad.write_text(json.dumps([outputs[0], {"instruction": "x"}], indent=1))  # alpaca_eval's layout: a key a line
+    # the line the bad record starts on (as for JSONL), not its record number
+    line = bad.read_text().splitlines().index(' {', 2) + 1
+    with pytest.raises(DataError, match=rf"bad.json:{line} \(record 2\): field 'output': missing or not a string"):
         load_model_outputs(bad)
 
 
@@ -288,7 +290,7 @@ def test_eval_input_mistakes_are_said_before_any_model_loads(tmp_path, data_dir,
     mixed = tmp_path / "mixed.json"
     mixed.write_text(json.dumps([{"instruction": r["instruction"], "output": "o", "generator": g}
                                  for r, g in zip(rows, ("m1", "m1", "m2"))]))
-    assert f"{mixed}:3: field 'generator': 'm2' after 'm1': one model's outputs per file" in error(
+    assert f"{mixed}:1 (record 3): field 'generator': 'm2' after 'm1': one model's outputs per file" in error(
         "alpaca", "--judge", "length", "--outputs", str(mixed), "--out", str(tmp_path / "o"))
     gamed = data_dir / "alpaca_eval" / "annotations" / "gpt4_gamed.json"
     assert "gpt4_gamed is AlpacaEval's adversarial entry" in error(

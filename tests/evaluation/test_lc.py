@@ -115,12 +115,13 @@ def test_winrate_on_hand_made_annotations(instructions, tmp_path, capsys):
 
 @pytest.mark.parametrize("content, line, field", [
     ('[{"instruction": "x", "output_1": "a", "output_2": "b", "preference": 1.2},'
-     ' {"instruction": "x", "output_1": "a", "output_2": "b"}]', 2, "preference"),
-    ('[{"instruction": "x", "output_1": "a", "output_2": "b", "preference": 3}]', 1, "preference"),
-    ('[{"instruction": "x", "output_1": "a", "output_2": "b", "preference": "2"}]', 1, "preference"),
-    ('[{"instruction": "x", "output_1": "a", "output_2": "b", "preference": true}]', 1, "preference"),
-    ('[{"instruction": "x", "output_2": "b", "preference": 1.0}]', 1, "output_1"),
-    ('[{"instruction": "x", "output_1": "a", "output_2": "b", "preference": 1.0},', 1, None),  # malformed JSON
+     ' {"instruction": "x", "output_1": "a", "output_2": "b"}]', "1 (record 2)", "preference"),
+    ('[{"instruction": "x", "output_1": "a", "output_2": "b", "preference": 3}]', "1 (record 1)", "preference"),
+    ('[\n{"instruction": "x", "output_1": "a", "output_2": "b", "preference": 3}]', "2 (record 1)", "preference"),
+    ('[{"instruction": "x", "output_1": "a", "output_2": "b", "preference": "2"}]', "1 (record 1)", "preference"),
+    ('[{"instruction": "x", "output_1": "a", "output_2": "b", "preference": true}]', "1 (record 1)", "preference"),
+    ('[{"instruction": "x", "output_2": "b", "preference": 1.0}]', "1 (record 1)", "output_1"),
+    ('[{"instruction": "x", "output_1": "a", "output_2": "b", "preference": 1.0},', "1", None),  # malformed JSON
 ])
 def test_bad_file_raises_data_error_naming_file(tmp_path, content, line, field):
     path = tmp_path / "bad_annotations.json"
@@ -128,7 +129,8 @@ def test_bad_file_raises_data_error_naming_file(tmp_path, content, line, field):
     with pytest.raises(DataError) as err:
         lc.read_annotations(path)
     assert str(path) in str(err.value)
-    assert err.value.path == str(path) and err.value.line == line and err.value.field == field
+    # the line the record starts on, as an editor counts, and the record's number (a compact array is one line)
+    assert err.value.path == str(path) and str(err.value.line) == line and err.value.field == field
 
 
 def test_unknown_instruction_and_missing_file(alpaca, lc_model, tmp_path, capsys):
@@ -136,7 +138,7 @@ def test_unknown_instruction_and_missing_file(alpaca, lc_model, tmp_path, capsys
     records[7]["instruction"] = "Not an AlpacaEval instruction at all."
     path = tmp_path / "unknown.json"
     path.write_text(json.dumps(records))
-    with pytest.raises(DataError, match=r"unknown\.json:8: field 'instruction'"):
+    with pytest.raises(DataError, match=r"unknown\.json:1 \(record 8\): field 'instruction'"):
         lc.evaluate_annotations(path, lc_model)
     assert main(["eval", "lc", "--annotations", str(tmp_path / "missing.json")]) == 2
     err = capsys.readouterr().err
