@@ -3,19 +3,17 @@
     python benchmarks/paired_winrate.py runs/spa-evidence/eval round0=initial round1=round0
 
 Each `A=B` names two evaluation folders under the first argument (each with alpaca_eval's annotations.json); prints
-the mean per-instruction difference of the preferences, in win-rate points, with its paired standard error.
+the mean per-instruction difference of the preferences (A - B), in win-rate points, with its paired standard error.
+The package does the computation (`selfalign eval compare B A` prints the same difference with its CI and p-value;
+a run's eval/summary.md has it against the first row); this script keeps RESULTS.md's earlier commands working.
 """
 
 from __future__ import annotations
 
-import json
-import math
 import sys
 from pathlib import Path
 
-
-def preferences(folder: Path) -> dict[str, float]:
-    return {r["instruction"]: r["preference"] for r in json.loads((folder / "annotations.json").read_text())}
+from selfalign.evaluation.compare import paired_difference
 
 
 def main(argv: list[str]) -> int:
@@ -25,12 +23,8 @@ def main(argv: list[str]) -> int:
     root = Path(argv[0])
     for spec in argv[1:]:
         a, _, b = spec.partition("=")
-        pa, pb = preferences(root / a), preferences(root / b)
-        # an unreadable verdict has no preference (null): the instruction leaves the comparison for both
-        diffs = [100 * (pa[i] - pb[i]) for i in pa if pb.get(i) is not None and pa[i] is not None]
-        mean = sum(diffs) / len(diffs)
-        se = math.sqrt(sum((d - mean) ** 2 for d in diffs) / (len(diffs) - 1) / len(diffs))
-        print(f"{a} - {b}: {mean:+.2f} ± {se:.2f} (n = {len(diffs)})")
+        result = paired_difference(root / b, root / a)  # A's win rate minus B's
+        print(f"{a} - {b}: {result['difference']:+.2f} ± {result['standard_error']:.2f} (n = {result['n']})")
     return 0
 
 

@@ -22,6 +22,7 @@ def register(subparsers) -> argparse._SubParsersAction:
     _add_lc(eval_sub)
     _add_alpaca(eval_sub)
     _add_mtbench(eval_sub)
+    _add_compare(eval_sub)
     from selfalign.evaluation.agreement import add_agreement_command
 
     add_agreement_command(eval_sub)
@@ -196,6 +197,29 @@ def cmd_alpaca(args) -> int:
           f"{m['n_unparsed']} unparsed verdicts ({how})")
     print(f"win rate     {m['win_rate']:.2f} ± {m['standard_error'] or 0:.2f}")
     print(f"LC win rate  {lc:.2f}" if lc is not None else f"LC win rate  n/a ({m.get('lc_note', 'not computed')})")
+    return 0
+
+
+# ------------------------------------------------------------------------------------------------ eval compare
+def _add_compare(eval_sub) -> None:
+    p = eval_sub.add_parser(
+        "compare", help="did model B beat model A? the paired win-rate difference of two AlpacaEval-style evaluations",
+        description="B's win rate minus A's over the instructions both evaluations judged, paired by instruction, "
+        "with its standard error, 95%% CI and p-value (normal approximation). Far tighter than comparing the two "
+        "win rates' own error bars: both share the draw of instructions. Both must be judged by the same judge "
+        "against the same reference. A and B: `eval alpaca --out` folders, a run's eval/<label> folders, or "
+        "annotations files.")
+    p.add_argument("a", metavar="A", help="the evaluation to compare against (e.g. the initial model's)")
+    p.add_argument("b", metavar="B", help="the evaluation of the model that should be better")
+    p.add_argument("--json", action="store_true", help="print one JSON object")
+    p.set_defaults(fn=cmd_compare)
+
+
+def cmd_compare(args) -> int:
+    from selfalign.evaluation.compare import describe, paired_difference
+
+    result = paired_difference(args.a, args.b)
+    print(json.dumps(result) if args.json else describe(result))
     return 0
 
 

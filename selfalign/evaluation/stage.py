@@ -58,19 +58,43 @@ def evaluate_checkpoint(model_dir: str | Path, label: str, config: EvalConfig, e
 
 
 def write_summary(eval_root: str | Path, rows: dict[str, dict], title: str) -> Path:
-    """One table per run: every evaluated checkpoint, in the order given."""
+    """One table per run: every evaluated checkpoint, in the order given, each after the first with its paired
+    win-rate difference from the first (the starting model): the two rows' own error bars overlap even when the
+    change is clear, since both share the draw of instructions (selfalign.evaluation.compare)."""
     eval_root = Path(eval_root)
-    write_json(eval_root / "summary.json", rows)
-    lines = [f"# {title}", "", "| model | win rate | s.e. | LC win rate | n | unparsed | avg length | judge |",
-             "|---|---:|---:|---:|---:|---:|---:|---|"]
+    first = next(iter(rows), None)
+    paired = {label: _paired_vs(eval_root, first, label) for label in rows if label != first}
+    write_json(eval_root / "summary.json", {label: dict(m, **({f"vs_{first}": paired[label]} if paired.get(label)
+                                                              else {})) for label, m in rows.items()})
+    lines = [f"# {title}", "", f"| model | win rate | s.e. | Δ vs {first} (paired) | LC win rate | n | unparsed | "
+             "avg length | judge |", "|---|---:|---:|---:|---:|---:|---:|---:|---|"]
     fmt = lambda v: "n/a" if v is None else f"{v:.2f}"  # noqa: E731
     for label, m in rows.items():
-        lines.append(f"| {label} | {fmt(m.get('win_rate'))} | {fmt(m.get('standard_error'))} | "
+        vs = paired.get(label)
+        delta = "" if label == first else "n/a" if vs is None else \
+            f"{vs['difference']:+.2f} ± {vs['standard_error']:.2f}"
+        lines.append(f"| {label} | {fmt(m.get('win_rate'))} | {fmt(m.get('standard_error'))} | {delta} | "
                      f"{fmt(m.get('length_controlled_winrate'))} | {m.get('n_total')} | {m.get('n_unparsed')} | "
                      f"{m.get('avg_length')} | {m.get('annotator')} |")
+    if paired:
+        lines += ["", f"Δ: the row's win rate minus {first}'s over the instructions both had judged, paired by "
+                  "instruction, ± its standard error; within about two standard errors of 0 it shows no change."]
     path = eval_root / "summary.md"
     path.write_text("\n".join(lines) + "\n")
     return path
+
+
+def _paired_vs(eval_root: Path, first: str, label: str) -> dict | None:
+    """`label`'s paired difference from `first` (difference, standard_error, n, p_value), or None when the two
+    cannot be paired (annotations missing, another judge, no shared instructions)."""
+    from selfalign.errors import DataError
+    from selfalign.evaluation.compare import paired_difference
+
+    try:
+        result = paired_difference(eval_root / first, eval_root / label)
+    except DataError:
+        return None
+    return {k: result[k] for k in ("difference", "standard_error", "n", "p_value")}
 
 
 def read_summary(eval_root: str | Path) -> dict:
