@@ -35,19 +35,11 @@ def annotations_file(path: str | Path) -> Path:
 def _judged(path: Path) -> tuple[dict[str, float], dict]:
     """{instruction: preference for output_2 in [0, 1]} of an annotations file (unjudged rows left out), and who
     made it: {"model", "judge", "reference"}."""
-    from selfalign.data.io import iter_json_rows
-    from selfalign.evaluation.lc import read_annotations
+    from selfalign.evaluation.lc import annotation_judge, read_annotations
 
     frame = read_annotations(path)  # validates instruction, outputs and preference, naming file and line
-    first_line: dict[str, int] = {}
-    for line, instruction in zip(frame["line"], frame["instruction"]):
-        if instruction in first_line:
-            raise DataError(f"instruction judged twice (first on line {first_line[instruction]})", path=str(path),
-                            line=line, field="instruction")
-        first_line[instruction] = line
-    judges = {str(row.get("annotator_id") or row.get("annotator")) for _, row in iter_json_rows(path)}
-    who = {"model": _one(frame["generator_2"]), "reference": _one(frame["generator_1"]),
-           "judge": judges.pop() if len(judges) == 1 else f"{len(judges)} judges"}
+    judge = annotation_judge(path, frame)  # one judge, one verdict per instruction
+    who = {"model": _one(frame["generator_2"]), "reference": _one(frame["generator_1"]), "judge": str(judge)}
     wins = {i: float(p) - 1.0 for i, p in zip(frame["instruction"], frame["preference"]) if not math.isnan(p)}
     return wins, who
 

@@ -94,6 +94,10 @@ REG_LAMBDA = 0.2
 FEATURES = ("np.tanh(std_delta_len)", "instruction_difficulty", "not_gamed_baseline.astype(float)")  # alpaca_eval's
 GLMS = ("v1_surrogate", "noreg", "v1")
 MIN_LC_ROWS = 2 * N_SPLITS
+# a fitted weight beyond these is a diverged fit, not a measurement: the GLM weights alpaca_eval publishes for its
+# models (lc_glm_weights_baseline_gpt4_1106_preview.csv) stay within instruction_difficulty 0..1.21 and
+# not_gamed_baseline -6.8..1.9 (the length weight is left free: noreg's fit of a gamed entry is large by design)
+DIVERGED = {"instruction_difficulty": 5.0, "not_gamed_baseline.astype(float)": 15.0}
 
 
 # ------------------------------------------------------------------------------------------------ the fitted model
@@ -164,6 +168,32 @@ def read_annotations(path: str | Path) -> pd.DataFrame:
         raise DataError("no annotations", path=path)
     # `line` as objects: a JSON array's RecordLine (line and record number) would become a bare int64
     return pd.DataFrame(rows).assign(line=pd.Series([r["line"] for r in rows], dtype=object))
+
+
+def annotation_judge(path: str | Path, frame: pd.DataFrame) -> str | None:
+    """The one judge of annotations file `path` (read as `frame`), by `annotator_id` or alpaca_eval's `annotator`;
+    None when no row names one. Two judges, or an instruction judged twice, are refused: a win rate over them
+    would average two verdicts on one instruction (`eval alpaca`'s annotations.jsonl keeps every judge's verdicts
+    in one file; its annotations.json holds the last judge's)."""
+    from selfalign.data.io import iter_json_rows
+
+    first_line: dict[str, Any] = {}
+    for line, instruction in zip(frame["line"], frame["instruction"]):
+        if instruction in first_line:
+            raise DataError(f"instruction judged twice (first on line {first_line[instruction]}): one verdict per "
+                            "instruction", path=str(path), line=line, field="instruction")
+        first_line[instruction] = line
+    judges: dict[str, tuple[Any, str]] = {}  # judge -> (first line, the key that names it)
+    for line, row in iter_json_rows(path):
+        key = "annotator_id" if row.get("annotator_id") is not None else "annotator"
+        if row.get(key) is not None:
+            judges.setdefault(str(row[key]), (line, key))
+    if len(judges) > 1:
+        (first, _), (other, (line, key)) = list(judges.items())[:2]
+        raise DataError(f"verdicts of {len(judges)} judges ({first!r}, then {other!r} from here): one judge per "
+                        "file (eval alpaca's annotations.json holds one; its annotations.jsonl keeps every judge's)",
+                        path=str(path), line=line, field=key)
+    return next(iter(judges), None)
 
 
 def annotations_frame(records: Sequence[dict], source: str = "<annotations>") -> pd.DataFrame:
@@ -373,11 +403,20 @@ def length_controlled_winrate(frame: pd.DataFrame, model: LCModel, glm: str = "v
             w = np.concatenate([np.full(len(q), reg_lambda / len(gamed)) for _, q in parts] + [w])
         coef, C = fit_soft_logistic(X, p, w)
         out["glm_C"] = C
+    weights = {k: float(v) for k, v in zip(FEATURES, coef)}
+    wild = {k: v for k, v in weights.items() if abs(v) > DIVERGED.get(k, math.inf)}
+    if wild:  # separable preferences (few wins, all on the hardest instructions): any number it gives is noise
+        out.update(length_controlled_winrate=None, lc_standard_error=None, glm_weights=weights,
+                   lc_note="the GLM fit diverged (" + ", ".join(f"{k} weight {v:.3g}" for k, v in wild.items()) +
+                           "; the weights alpaca_eval publishes stay under 1.3 and 7 in size): the "
+                           f"{n_rated} preferences are nearly separable by instruction difficulty, so no LC win rate "
+                           "is given (the raw win rate stands)")
+        return out
     d = model.difficulty.reindex(frame["index"].to_numpy()).to_numpy(dtype=float)
     pred = _sigmoid(coef[1] * d + coef[2])  # std_delta_len = 0, not gamed
     out.update(length_controlled_winrate=float(pred.mean() * 100),
                lc_standard_error=float(pred.std(ddof=1) / math.sqrt(len(pred)) * 100),
-               glm_weights={k: float(v) for k, v in zip(FEATURES, coef)})
+               glm_weights=weights)
     return out
 
 
@@ -391,6 +430,7 @@ def evaluate_annotations(path: str | Path, model: LCModel | str | Path | None = 
     if len(gens) > 1:
         raise DataError(f"one model per file expected, found generator_2 values {gens[:4]}", path=path,
                         field="generator_2")
+    annotation_judge(path, frame)
     if frame["preference"].isna().all():
         raise DataError("no annotation has a preference (all null)", path=path, field="preference")
     metrics = winrate_metrics(frame["preference"])

@@ -145,6 +145,43 @@ def test_unknown_instruction_and_missing_file(alpaca, lc_model, tmp_path, capsys
     assert err.count("\n") == 1 and "missing.json: file not found" in err
 
 
+def test_a_diverged_fit_gives_no_lc_win_rate(alpaca, lc_model, tmp_path):
+    """One win, on the hardest of 40 instructions, and losses elsewhere: the preferences are separable by
+    difficulty, the unpenalised weights run off (to ~100), and whatever number they gave would be noise."""
+    records = json.loads((alpaca / "annotations" / "claude-2.json").read_text())[:40]
+    keyed = lc.attach_index(lc.annotations_frame(records), lc_model.keys)
+    hardest = int(np.argmax(lc_model.difficulty.reindex(keyed["index"].to_numpy()).to_numpy()))
+    path = tmp_path / "separable.json"
+    path.write_text(json.dumps([dict(r, preference=2.0 if i == hardest else 1.0) for i, r in enumerate(records)]))
+    m = lc.evaluate_annotations(path, lc_model)
+    assert m["win_rate"] == pytest.approx(2.5) and m["length_controlled_winrate"] is None
+    assert m["lc_note"].startswith("the GLM fit diverged (") and "nearly separable" in m["lc_note"]
+    assert abs(m["glm_weights"]["instruction_difficulty"]) > lc.DIVERGED["instruction_difficulty"]
+    # the same answers with GPT-4's real verdicts (a 12.9% win rate) fit normally, as a model's 805 do
+    real = tmp_path / "real.json"
+    real.write_text(json.dumps(records))
+    assert lc.evaluate_annotations(real, lc_model)["length_controlled_winrate"] == pytest.approx(23.47, abs=0.01)
+
+
+def test_two_judges_or_an_instruction_judged_twice_are_refused(alpaca, lc_model, tmp_path):
+    """A win rate over them would average two verdicts on one instruction (eval alpaca's annotations.jsonl keeps
+    every judge's verdicts; a file concatenated by hand repeats rows)."""
+    records = json.loads((alpaca / "annotations" / "claude-2.json").read_text())[:30]
+    path = tmp_path / "mixed.jsonl"
+    path.write_text("".join(json.dumps(dict(r, annotator_id=j)) + "\n"
+                            for j in ("length-1", "local-2") for r in records[:15]))
+    with pytest.raises(DataError, match=r"mixed.jsonl:16: field 'instruction': instruction judged twice \(first on "
+                                        r"line 1\)"):
+        lc.evaluate_annotations(path, lc_model)
+    path.write_text("".join(json.dumps(dict(r, annotator_id="length-1" if i < 15 else "local-2")) + "\n"
+                            for i, r in enumerate(records)))
+    with pytest.raises(DataError, match=r"mixed.jsonl:16: field 'annotator_id': verdicts of 2 judges \('length-1', "
+                                        r"then 'local-2' from here\): one judge per file"):
+        lc.evaluate_annotations(path, lc_model)
+    path.write_text("".join(json.dumps(dict(r, annotator_id="length-1")) + "\n" for r in records))
+    assert lc.evaluate_annotations(path, lc_model)["n_total"] == 30
+
+
 def test_cli_json_prints_one_object(alpaca, leaderboard, capsys):
     assert main(["eval", "lc", "--annotations", str(alpaca / "annotations" / "gemma-7b-it.json"), "--json"]) == 0
     out = capsys.readouterr().out
