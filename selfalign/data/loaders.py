@@ -104,8 +104,8 @@ def load_annotated_pairs(path: str | Path, min_margin: float = 0.0) -> list[Pref
     """Judge annotations in alpaca_eval's format as preference pairs: `preference` (or a human `label`) in [1, 2]
     (1 = output_1 better),
     chosen = the preferred output. Ties (preference 1.5), and preferences closer to 1.5 than `min_margin`, carry no
-    direction and are skipped. The id is the row's `id` if it has one, else `<file stem>:<line>`; the preference and
-    generators are kept in `meta`."""
+    direction and are skipped. The id is the row's `id` if it has one, else `<file stem>:<line>` (`<file stem>:
+    <record>` in a JSON array); the preference and generators are kept in `meta`."""
     out = []
     for line, row in iter_json_rows(path):
         try:
@@ -126,7 +126,10 @@ def load_annotated_pairs(path: str | Path, min_margin: float = 0.0) -> list[Pref
             continue
         chosen, rejected = (first, second) if pref < 1.5 else (second, first)
         meta = {k: row[k] for k in ("preference", "label", "generator_1", "generator_2", "dataset") if k in row}
-        out.append(PreferencePair(id=str(row.get("id", f"{Path(path).stem}:{line}")), messages=messages,
+        # a JSON array's pairs are numbered by record (several share a line in a compact file), as they always were:
+        # the id is in trained reward models' configs and run files
+        number = getattr(line, "record", line)
+        out.append(PreferencePair(id=str(row.get("id", f"{Path(path).stem}:{number}")), messages=messages,
                                   chosen=chosen, rejected=rejected, meta=meta))
     if not out:
         raise DataError("no annotated pairs with a preference", path=str(path))

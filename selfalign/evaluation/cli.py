@@ -118,11 +118,14 @@ def _judge_from_args(args):
 
 
 def _check_out_and_limit(args) -> None:
-    """Said at once, before any model loads: --out must be a folder (not a file), --limit at least 1."""
+    """Said at once, before any model loads: --out must be a folder (not a file), --limit and --max-new-tokens at
+    least 1."""
     if Path(args.out).exists() and not Path(args.out).is_dir():
         raise SelfalignError(f"--out {args.out}: is a file; give a folder (created if missing)")
     if args.limit is not None and args.limit < 1:
         raise SelfalignError(f"--limit must be at least 1, not {args.limit}")
+    if getattr(args, "outputs", None) is None and args.max_new_tokens < 1:  # answers are generated: said now
+        raise SelfalignError(f"--max-new-tokens must be at least 1, not {args.max_new_tokens}")
 
 
 def _make_out_dir(args) -> None:

@@ -61,6 +61,15 @@ def encode_for_reward(tokenizer, messages: list[dict], answer: str, max_length: 
     return full[:max_length]
 
 
+def min_reward_length(tokenizer, max_prompt_tokens: int) -> int:
+    """The smallest `max_length` that keeps 16 answer tokens after a prompt cut to `max_prompt_tokens` (the answer
+    and the end-of-turn token the reward is read from would otherwise be cut away)."""
+    from selfalign.models import encode_prompt
+
+    template = len(encode_prompt(tokenizer, [{"role": "user", "content": ""}]))
+    return max_prompt_tokens + template + 4 + 16
+
+
 def _pad_left(seqs, pad_id):
     import torch
 
@@ -260,6 +269,10 @@ class _RewardTrainer:
         self.max_length, self.max_prompt_tokens = max_length, max_prompt_tokens
         torch.manual_seed(seed)
         self.tok = load_tokenizer(base, padding_side="left")
+        need = min_reward_length(self.tok, max_prompt_tokens)
+        if max_length < need:  # else a long prompt fills every token: chosen and rejected encode the same
+            raise SelfalignError(f"--max-length {max_length} leaves no room for the answer: a prompt takes up to "
+                                 f"{max_prompt_tokens} tokens plus {base}'s chat template, so give at least {need}")
         self.backbone = load_model(base, dtype="float32", device="cpu").model
         self.n_layers = len(self.backbone.layers)
         if not 0 <= train_layers <= self.n_layers:

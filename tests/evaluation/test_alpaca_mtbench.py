@@ -268,6 +268,10 @@ def test_eval_input_mistakes_are_said_before_any_model_loads(tmp_path, data_dir,
                                                                           "2", "--out", str(a_file))
     assert "is a file; give a folder" in error("mtbench", "--judge", "local", "--out", str(a_file))
     assert "--limit must be at least 1, not 0" in error("mtbench", "--limit", "0", "--out", str(tmp_path / "m"))
+    assert "--max-new-tokens must be at least 1, not 0" in error("mtbench", "--max-new-tokens", "0", "--out",
+                                                                  str(tmp_path / "m"))
+    assert "--max-new-tokens must be at least 1, not -5" in error("alpaca", "--judge", "length", "--max-new-tokens",
+                                                                   "-5", "--out", str(tmp_path / "a"))
     assert "limit must be at least 1, not -3" in error("alpaca", "--judge", "length", "--limit", "-3", "--out",
                                                        str(tmp_path / "a"))
     err = error("alpaca", "--judge", "local", "--judge-option", "model=nosuch", "--limit", "2", "--out",

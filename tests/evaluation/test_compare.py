@@ -26,7 +26,8 @@ def test_the_paired_difference_of_two_real_models_is_their_win_rate_difference_w
     wb = winrate_metrics(read_annotations(b)["preference"])
     assert result["n"] == wa["n_total"] == wb["n_total"] == 805  # both judged every instruction
     assert result["difference"] == pytest.approx(wb["win_rate"] - wa["win_rate"])
-    assert result["win_rate_a"] == pytest.approx(wa["win_rate"]) and result["win_rate_b"] == pytest.approx(wb["win_rate"])
+    assert result["win_rate_a"] == pytest.approx(wa["win_rate"])
+    assert result["win_rate_b"] == pytest.approx(wb["win_rate"])
     # pairing removes the shared draw of instructions: tighter than the two rows' errors combined
     assert result["standard_error"] < math.hypot(wa["standard_error"], wb["standard_error"])
     assert result["b_better"] + result["a_better"] + result["same"] == 805 and result["b_better"] > result["a_better"]

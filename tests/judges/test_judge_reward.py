@@ -16,7 +16,7 @@ from selfalign.judges.reward import (CONFIG_FILE, WEIGHTS_FILE, RewardJudge, _bo
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory, embedded_model_dir):
     out = tmp_path_factory.mktemp("rm")
-    cfg = train_reward_model(out, n_pairs=6, n_eval=4, max_length=64, max_prompt_tokens=24, train_layers=1,
+    cfg = train_reward_model(out, n_pairs=6, n_eval=4, max_length=96, max_prompt_tokens=24, train_layers=1,
                              epochs=2, batch_size=4, progress=False)
     return out, cfg
 
@@ -51,7 +51,7 @@ def test_training_on_gpt4_annotations_needs_the_guard_lifted(tmp_path, data_dir,
     with pytest.raises(SelfalignError, match="fewer than 2 usable preference pairs"):
         train_reward_model(tmp_path / "rm", train_data=train, eval_data=held, n_pairs=0, progress=False)
     cfg = train_reward_model(tmp_path / "rm", train_data=train, eval_data=held, n_pairs=0, n_eval=None,
-                             max_length=64, max_prompt_tokens=24, train_layers=1, epochs=1, batch_size=4,
+                             max_length=96, max_prompt_tokens=24, train_layers=1, epochs=1, batch_size=4,
                              allow_eval_instructions=True, progress=False)
     assert cfg["allow_eval_instructions"] is True
     assert cfg["train_data"]["n_pairs"] == 6 and cfg["eval_data"]["n_pairs"] == 4
@@ -89,7 +89,7 @@ def test_each_answer_scored_once_and_order_invariant(trained):
     assert set(judge.config()) >= {"weights_sha256", "base", "max_length"}
 
 
-def test_long_inputs_are_cut_to_max_length(trained):
+def test_long_inputs_are_cut_to_max_length(trained, tmp_path):
     _, cfg = trained
     from selfalign.models import load_tokenizer
 
@@ -97,6 +97,21 @@ def test_long_inputs_are_cut_to_max_length(trained):
     ids = encode_for_reward(tok, [{"role": "user", "content": "word " * 500}], "answer " * 500, 96, 24)
     assert len(ids) <= 96
     assert tok.decode(ids).count("<|im_start|>assistant") == 1  # the turn markers survive the cut
+    # and so do some of the answer and the end of the turn, whose hidden state the reward is read from
+    answer = tok.decode(ids).split("<|im_start|>assistant")[1]
+    assert answer.count("answer") >= 8 and answer.rstrip().endswith("<|im_end|>")
+    # a max_length that leaves no room for the answer after a full prompt is refused before training
+    from selfalign.errors import SelfalignError
+    from selfalign.judges.reward import min_reward_length
+
+    need = min_reward_length(tok, 24)
+    assert 60 < need <= 96
+    with pytest.raises(SelfalignError, match=rf"--max-length {need - 1} leaves no room for the answer: a prompt takes "
+                                             rf"up to 24 tokens plus smollm2-135m's chat template, so give at least "
+                                             rf"{need}"):
+        train_reward_model(tmp_path / "rm", n_pairs=4, n_eval=0, max_length=need - 1, max_prompt_tokens=24,
+                           progress=False)
+    assert not (tmp_path / "rm").exists()
 
 
 def test_crossfit_judge_routes_each_instruction_to_its_fold_model(trained, tmp_path, data_dir):
@@ -167,7 +182,7 @@ def test_crossfit_training_holds_out_each_instruction_and_resumes(tmp_path, data
     pairs = tmp_path / "pairs.json"
     pairs.write_text(json.dumps(rows))
     out = tmp_path / "crossfit"
-    summary = train_crossfit_reward_models(out, pairs=pairs, max_length=64, max_prompt_tokens=24, train_layers=1,
+    summary = train_crossfit_reward_models(out, pairs=pairs, max_length=96, max_prompt_tokens=24, train_layers=1,
                                            epochs=1, batch_size=4, progress=False)
     by_id = {f"pairs:{i + 1}": r["instruction"] for i, r in enumerate(rows)}
     for k in (0, 1):
@@ -187,7 +202,7 @@ def test_crossfit_training_holds_out_each_instruction_and_resumes(tmp_path, data
     assert all(0.0 < v.p_a < 1.0 for v in judge.compare(items))
 
     mtime = (out / "fold0" / WEIGHTS_FILE).stat().st_mtime_ns
-    again = train_crossfit_reward_models(out, pairs=pairs, max_length=64, max_prompt_tokens=24, train_layers=1,
+    again = train_crossfit_reward_models(out, pairs=pairs, max_length=96, max_prompt_tokens=24, train_layers=1,
                                          epochs=1, batch_size=4, progress=False)
     assert (out / "fold0" / WEIGHTS_FILE).stat().st_mtime_ns == mtime
     assert again["pooled_agreement"] == summary["pooled_agreement"]
@@ -195,15 +210,15 @@ def test_crossfit_training_holds_out_each_instruction_and_resumes(tmp_path, data
     from selfalign.errors import SelfalignError
 
     with pytest.raises(SelfalignError, match=r"fold0: trained with other settings \(epochs 1, not 2\)"):
-        train_crossfit_reward_models(out, pairs=pairs, max_length=64, max_prompt_tokens=24, train_layers=1,
+        train_crossfit_reward_models(out, pairs=pairs, max_length=96, max_prompt_tokens=24, train_layers=1,
                                      epochs=2, batch_size=4, progress=False)
     with pytest.raises(SelfalignError, match=r"fold0: trained with other settings \(folds 2, not 3\)"):
-        train_crossfit_reward_models(out, pairs=pairs, folds=3, max_length=64, max_prompt_tokens=24, train_layers=1,
+        train_crossfit_reward_models(out, pairs=pairs, folds=3, max_length=96, max_prompt_tokens=24, train_layers=1,
                                      epochs=1, batch_size=4, progress=False)
     other = tmp_path / "other.json"
     other.write_text(json.dumps(rows[:10]))
     with pytest.raises(SelfalignError, match=r"trained with other settings \(pairs_sha256"):
-        train_crossfit_reward_models(out, pairs=other, max_length=64, max_prompt_tokens=24, train_layers=1,
+        train_crossfit_reward_models(out, pairs=other, max_length=96, max_prompt_tokens=24, train_layers=1,
                                      epochs=1, batch_size=4, progress=False)
     assert (out / "fold0" / WEIGHTS_FILE).stat().st_mtime_ns == mtime
     # a leftover fold beyond this command's count is checked by its name too (not missed by counting folders)
@@ -215,7 +230,7 @@ def test_crossfit_training_holds_out_each_instruction_and_resumes(tmp_path, data
     (out / "fold2" / CONFIG_FILE).write_text(json.dumps(cfg))
     shutil.rmtree(out / "fold1")
     with pytest.raises(SelfalignError, match=r"fold2: trained with other settings \(folds 3, not 2\)"):
-        train_crossfit_reward_models(out, pairs=pairs, max_length=64, max_prompt_tokens=24, train_layers=1,
+        train_crossfit_reward_models(out, pairs=pairs, max_length=96, max_prompt_tokens=24, train_layers=1,
                                      epochs=1, batch_size=4, progress=False)
 
 
