@@ -209,6 +209,22 @@ def add_agreement_command(eval_sub) -> None:
     p.set_defaults(fn=cmd_agreement)
 
 
+def _check_replaceable(path: Path) -> None:
+    """--out is rewritten whole: refuse a file that is not an earlier --out of this command (an annotations.json
+    given by mistake would be lost)."""
+    if not path.is_file() or path.stat().st_size == 0:
+        return
+    with open(path, "rb") as f:
+        first = f.readline(1 << 20)
+    try:
+        row = json.loads(first)
+    except ValueError:
+        row = None
+    if not (isinstance(row, dict) and {"line", "gold", "p_a"} <= set(row)):
+        raise SelfalignError(f"--out {path}: holds something other than this command's verdicts; nothing was "
+                             "changed: give a new file (or remove it)")
+
+
 def cmd_agreement(args) -> int:
     from selfalign.judges import check_judge, make_judge
 
@@ -225,6 +241,8 @@ def cmd_agreement(args) -> int:
         path = getattr(args, flag)
         if path is not None and Path(path).is_dir():
             raise SelfalignError(f"--{flag} {path}: is a folder; give a file path")
+    if args.out is not None:
+        _check_replaceable(Path(args.out))
     pairs = load_labeled_pairs(args.pairs, args.limit, args.offset)
     check_judge(args.judge, options, endpoint="warn")  # its verdicts may all be cached
     judge = make_judge(args.judge, cache=False if args.no_cache else (args.cache or True), **options)

@@ -73,11 +73,15 @@ def cmd_lc(args) -> int:
           f"{m['n_wins']} wins, {m['n_wins_base']} losses, {m['n_draws']} draws, avg length {m['avg_length']}"
           + (f"; {m['n_dropped']} without a preference dropped" if m.get("n_dropped") else ""))
     print(f"win rate     {m['win_rate']:.2f} ± {se}")
-    if m["length_controlled_winrate"] is None:
-        print(f"LC win rate  n/a ({m['lc_note']})")
+    _print_lc(m)
+    return 0
+
+
+def _print_lc(m: dict) -> None:
+    if m.get("length_controlled_winrate") is None:
+        print(f"LC win rate  n/a ({m.get('lc_note', 'not computed')})")
     else:
         print(f"LC win rate  {m['length_controlled_winrate']:.2f} ± {m['lc_standard_error']:.2f}  ({m['glm']})")
-    return 0
 
 
 # ------------------------------------------------------------------------------------------------ eval alpaca / mtbench
@@ -194,12 +198,11 @@ def cmd_alpaca(args) -> int:
     if args.json:
         print(json.dumps(m, default=str))
         return 0
-    lc = m.get("length_controlled_winrate")
     how = "counted as ties" if args.unparsed_as_tie else "dropped, as alpaca_eval drops them"
     print(f"{m['model']} vs reference, judge {m['annotator']}: {m['n_total']} instructions with a verdict, "
           f"{m['n_unparsed']} unparsed verdicts ({how})")
     print(f"win rate     {m['win_rate']:.2f} ± {m['standard_error'] or 0:.2f}")
-    print(f"LC win rate  {lc:.2f}" if lc is not None else f"LC win rate  n/a ({m.get('lc_note', 'not computed')})")
+    _print_lc(m)
     return 0
 
 

@@ -19,6 +19,8 @@ from collections import defaultdict
 from pathlib import Path
 from typing import Sequence
 
+from tqdm.auto import tqdm
+
 from selfalign.data.io import write_json, write_jsonl
 from selfalign.data.loaders import MTBenchQuestion, load_mt_bench
 from selfalign.data.records import Prompt
@@ -89,16 +91,22 @@ def grade_answers(questions: Sequence[MTBenchQuestion], answers: dict[int, list[
         return r["question_id"], r["turn"], r["model"], r.get("judge_id")
 
     with ResumableJsonl(out_dir / "judgments.jsonl", key=key) as sink:
+        todo = {q.question_id: [it for it in grade_items(q, answers[q.question_id])
+                                if (q.question_id, it.turn, model, jid) not in sink.done] for q in questions}
+        total = 2 * len(questions)
+        bar = tqdm(total=total, initial=total - sum(map(len, todo.values())), desc=f"grade ({judge.name})",
+                   unit="turn", disable=not progress)
         for q in questions:
-            items = [it for it in grade_items(q, answers[q.question_id])
-                     if (q.question_id, it.turn, model, jid) not in sink.done]
+            items = todo[q.question_id]
             if not items:
                 continue
             grades = judge.grade(items, progress=False)
+            bar.update(len(items))
             sink.append({"question_id": q.question_id, "category": q.category, "model": model, "judge": judge.name,
                          "judge_id": jid, "turn": it.turn, "score": g.score, "judgment": g.raw,
                          "attempts": g.attempts, "details": g.details, "tstamp": time.time()}
                         for it, g in zip(items, grades))
+        bar.close()
         by_key = {key(r): r for r in sink.rows}
     return [by_key[(q.question_id, turn, model, jid)] for q in questions for turn in (1, 2)]
 

@@ -38,6 +38,16 @@ def test_cli_json_on_balanced_prefix_with_length_judge(capsys, data_dir, tmp_pat
     assert open(pairs).read().splitlines()[rows[1]["line"] - 1].strip() == "{"
     again = run_json(capsys, "--judge", "length", "--pairs", pairs, "--limit", "20")
     assert again["n_cached"] == 20 and again["n_judged"] == 0 and again["agreement"] == 0.5
+    # --out is rewritten whole: its own earlier output may be, any other file is refused untouched
+    run_json(capsys, "--judge", "length", "--pairs", pairs, "--limit", "3", "--out", str(tmp_path / "v.jsonl"))
+    assert len((tmp_path / "v.jsonl").read_text().splitlines()) == 3
+    annotations = tmp_path / "annotations.json"
+    annotations.write_text((data_dir / "alpaca_eval" / "balanced_pairs_dev.json").read_text()[:5000])
+    before = annotations.read_text()
+    assert main(["eval", "agreement", "--judge", "length", "--pairs", pairs, "--limit", "3", "--out",
+                 str(annotations)]) == 2
+    assert f"--out {annotations}: holds something other than this command's verdicts" in capsys.readouterr().err
+    assert annotations.read_text() == before
 
 
 def test_raw_annotations_flatter_the_length_rule(capsys, data_dir):

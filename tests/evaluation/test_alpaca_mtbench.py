@@ -105,7 +105,7 @@ def test_alpaca_eval_pipeline_and_resume(gen, tmp_path):
     assert json.loads((tmp_path / "metrics.json").read_text())["win_rate"] == 0.0
 
 
-def test_mtbench_two_turns_references_and_unparsed(gen, tmp_path):
+def test_mtbench_two_turns_references_and_unparsed(gen, tmp_path, capsys):
     questions = [next(q for q in load_mt_bench() if q.category == c) for c in ("math", "writing")]
     judge = WordCountGrader()
     m = evaluate_mtbench(gen, judge, tmp_path, questions=questions, max_new_tokens=10, progress=False)
@@ -119,8 +119,11 @@ def test_mtbench_two_turns_references_and_unparsed(gen, tmp_path):
     assert math_items and all(it.reference for it in math_items)
     assert all(it.reference is None for it in judge.items if it.category == "writing")
     judge2 = WordCountGrader()
-    evaluate_mtbench(gen, judge2, tmp_path, questions=questions, max_new_tokens=10, progress=False)
+    capsys.readouterr()
+    evaluate_mtbench(gen, judge2, tmp_path, questions=questions, max_new_tokens=10, progress=True)
     assert judge2.items == [], "resumed grading must not grade again"
+    # grading shows its progress by turn, the resumed ones counted as done
+    assert f"grade ({judge2.name}): 100%" in capsys.readouterr().err
 
 
 def test_a_reused_out_dir_never_keeps_verdicts_about_other_answers(gen, tmp_path):
