@@ -32,7 +32,7 @@ def iter_json_rows(path: str | Path) -> Iterator[tuple[int, dict]]:
             raise DataError(f"not UTF-8 text (byte {e.start})", path=str(path)) from None
         if not isinstance(data, list):
             raise DataError("expected a JSON array of objects", path=str(path))
-        for (i, row), line in zip(enumerate(data, start=1), _array_element_lines(text)):
+        for (i, row), line in zip(enumerate(data, start=1), _array_element_lines(text), strict=True):
             line = RecordLine(line, i)
             if not isinstance(row, dict):
                 raise DataError(f"expected an object, got {type(row).__name__}", path=str(path), line=line)
@@ -66,6 +66,9 @@ class RecordLine(int):
 
     def __str__(self) -> str:
         return f"{int(self)} (record {self.record})"
+
+    def __getnewargs__(self):  # pickle and deepcopy: records carry it in their _source
+        return int(self), self.record
 
 
 def _array_element_lines(text: str) -> Iterator[int]:

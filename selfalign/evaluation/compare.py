@@ -38,9 +38,16 @@ def _judged(path: Path) -> tuple[dict[str, float], dict]:
     from selfalign.evaluation.lc import annotation_judge, read_annotations
 
     frame = read_annotations(path)  # validates instruction, outputs and preference, naming file and line
-    judge = annotation_judge(path, frame)  # one judge, one verdict per instruction
-    who = {"model": _one(frame["generator_2"]), "reference": _one(frame["generator_1"]), "judge": str(judge)}
-    wins = {i: float(p) - 1.0 for i, p in zip(frame["instruction"], frame["preference"]) if not math.isnan(p)}
+    who = {"model": _one(frame["generator_2"]), "reference": _one(frame["generator_1"]),
+           "judge": str(annotation_judge(path))}  # one judge per file
+    wins: dict[str, float] = {}
+    for line, instruction, p in zip(frame["line"], frame["instruction"], frame["preference"]):
+        if math.isnan(p):
+            continue
+        if instruction in wins and wins[instruction] != float(p) - 1.0:  # a repeat of the same verdict is one
+            raise DataError("instruction judged twice, with different verdicts: pairing needs one verdict per "
+                            "instruction", path=str(path), line=line, field="instruction")
+        wins[instruction] = float(p) - 1.0
     return wins, who
 
 
@@ -71,10 +78,10 @@ def paired_difference(a: str | Path, b: str | Path) -> dict:
     n = len(d)
     mean = sum(d) / n
     se = math.sqrt(sum((x - mean) ** 2 for x in d) / (n - 1) / n)
-    z = mean / se if se > 0 else (0.0 if mean == 0 else math.copysign(math.inf, mean))
+    z = mean / se if se > 0 else None  # every difference equal: no spread to test against (JSON has no inf)
     return {
         "difference": mean, "standard_error": se, "ci95": (mean - 1.96 * se, mean + 1.96 * se),
-        "z": z, "p_value": math.erfc(abs(z) / math.sqrt(2)),
+        "z": z, "p_value": None if z is None else math.erfc(abs(z) / math.sqrt(2)),
         "n": n, "b_better": sum(x > 0 for x in d), "a_better": sum(x < 0 for x in d), "same": sum(x == 0 for x in d),
         "win_rate_a": 100.0 * sum(wins_a[i] for i in shared) / n,
         "win_rate_b": 100.0 * sum(wins_b[i] for i in shared) / n,
@@ -91,7 +98,10 @@ def describe(result: dict) -> str:
              f"reference {result['a']['reference']}",
              f"win rate vs the reference   A {result['win_rate_a']:.2f}   B {result['win_rate_b']:.2f}",
              f"difference B - A            {result['difference']:+.2f} ± {result['standard_error']:.2f} "
-             f"(95% CI {lo:+.2f} .. {hi:+.2f}; z {result['z']:.2f}, p {result['p_value']:.3g}; paired by instruction)",
+             f"(95% CI {lo:+.2f} .. {hi:+.2f}; " + ("every instruction's difference is the same, so no test"
+                                                     if result["z"] is None else
+                                                     f"z {result['z']:.2f}, p {result['p_value']:.3g}")
+             + "; paired by instruction)",
              f"B judged better on {result['b_better']}, worse on {result['a_better']}, the same on {result['same']}"]
     if result["only_a"] or result["only_b"]:
         lines.append(f"left out: {result['only_a']} instruction(s) judged only for A, {result['only_b']} only for B")

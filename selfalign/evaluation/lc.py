@@ -95,9 +95,10 @@ FEATURES = ("np.tanh(std_delta_len)", "instruction_difficulty", "not_gamed_basel
 GLMS = ("v1_surrogate", "noreg", "v1")
 MIN_LC_ROWS = 2 * N_SPLITS
 # a fitted weight beyond these is a diverged fit, not a measurement: the GLM weights alpaca_eval publishes for its
-# models (lc_glm_weights_baseline_gpt4_1106_preview.csv) stay within instruction_difficulty 0..1.21 and
-# not_gamed_baseline -6.8..1.9 (the length weight is left free: noreg's fit of a gamed entry is large by design)
-DIVERGED = {"instruction_difficulty": 5.0, "not_gamed_baseline.astype(float)": 15.0}
+# models (lc_glm_weights_baseline_gpt4_1106_preview.csv) keep instruction_difficulty within 0..1.21. The intercept
+# may run off legitimately (a model that loses every instruction has LC 0), and the length weight too (noreg's fit
+# of a gamed entry is large by design)
+DIVERGED = {"instruction_difficulty": 5.0}
 
 
 # ------------------------------------------------------------------------------------------------ the fitted model
@@ -170,30 +171,27 @@ def read_annotations(path: str | Path) -> pd.DataFrame:
     return pd.DataFrame(rows).assign(line=pd.Series([r["line"] for r in rows], dtype=object))
 
 
-def annotation_judge(path: str | Path, frame: pd.DataFrame) -> str | None:
-    """The one judge of annotations file `path` (read as `frame`), by `annotator_id` or alpaca_eval's `annotator`;
-    None when no row names one. Two judges, or an instruction judged twice, are refused: a win rate over them
-    would average two verdicts on one instruction (`eval alpaca`'s annotations.jsonl keeps every judge's verdicts
-    in one file; its annotations.json holds the last judge's)."""
+def annotation_judge(path: str | Path) -> str | None:
+    """The one judge of annotations file `path` by selfalign's `annotator_id` (a judge's name and a hash of its
+    options), else alpaca_eval's `annotator` name of its first row; None when no row names one. Two `annotator_id`s
+    are refused: a win rate over them would average two judges' verdicts (`eval alpaca`'s annotations.jsonl keeps
+    every judge's verdicts in one file; its annotations.json holds the last judge's). alpaca_eval's `annotator`
+    may differ per row legitimately (a pool of annotators, as in its alpaca_farm config)."""
     from selfalign.data.io import iter_json_rows
 
-    first_line: dict[str, Any] = {}
-    for line, instruction in zip(frame["line"], frame["instruction"]):
-        if instruction in first_line:
-            raise DataError(f"instruction judged twice (first on line {first_line[instruction]}): one verdict per "
-                            "instruction", path=str(path), line=line, field="instruction")
-        first_line[instruction] = line
-    judges: dict[str, tuple[Any, str]] = {}  # judge -> (first line, the key that names it)
+    judges: dict[str, Any] = {}  # annotator_id -> its first line
+    named = None
     for line, row in iter_json_rows(path):
-        key = "annotator_id" if row.get("annotator_id") is not None else "annotator"
-        if row.get(key) is not None:
-            judges.setdefault(str(row[key]), (line, key))
+        if row.get("annotator_id") is not None:
+            judges.setdefault(str(row["annotator_id"]), line)
+        elif named is None and row.get("annotator") is not None:
+            named = str(row["annotator"])
     if len(judges) > 1:
-        (first, _), (other, (line, key)) = list(judges.items())[:2]
+        (first, _), (other, line) = list(judges.items())[:2]
         raise DataError(f"verdicts of {len(judges)} judges ({first!r}, then {other!r} from here): one judge per "
                         "file (eval alpaca's annotations.json holds one; its annotations.jsonl keeps every judge's)",
-                        path=str(path), line=line, field=key)
-    return next(iter(judges), None)
+                        path=str(path), line=line, field="annotator_id")
+    return next(iter(judges), named)
 
 
 def annotations_frame(records: Sequence[dict], source: str = "<annotations>") -> pd.DataFrame:
@@ -408,7 +406,7 @@ def length_controlled_winrate(frame: pd.DataFrame, model: LCModel, glm: str = "v
     if wild:  # separable preferences (few wins, all on the hardest instructions): any number it gives is noise
         out.update(length_controlled_winrate=None, lc_standard_error=None, glm_weights=weights,
                    lc_note="the GLM fit diverged (" + ", ".join(f"{k} weight {v:.3g}" for k, v in wild.items()) +
-                           "; the weights alpaca_eval publishes stay under 1.3 and 7 in size): the "
+                           "; the weights alpaca_eval publishes stay under 1.3): the "
                            f"{n_rated} preferences are nearly separable by instruction difficulty, so no LC win rate "
                            "is given (the raw win rate stands)")
         return out
@@ -430,7 +428,7 @@ def evaluate_annotations(path: str | Path, model: LCModel | str | Path | None = 
     if len(gens) > 1:
         raise DataError(f"one model per file expected, found generator_2 values {gens[:4]}", path=path,
                         field="generator_2")
-    annotation_judge(path, frame)
+    annotation_judge(path)
     if frame["preference"].isna().all():
         raise DataError("no annotation has a preference (all null)", path=path, field="preference")
     metrics = winrate_metrics(frame["preference"])

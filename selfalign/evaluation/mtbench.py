@@ -96,8 +96,8 @@ def grade_answers(questions: Sequence[MTBenchQuestion], answers: dict[int, list[
         total = 2 * len(questions)
         bar = tqdm(total=total, initial=total - sum(map(len, todo.values())), desc=f"grade ({judge.name})",
                    unit="turn", disable=not progress)
-        for q in questions:
-            items = todo[q.question_id]
+        for q in questions:  # (a repeated question id is graded once: the first grading marks it done)
+            items = [it for it in todo[q.question_id] if (q.question_id, it.turn, model, jid) not in sink.done]
             if not items:
                 continue
             grades = judge.grade(items, progress=False)

@@ -16,6 +16,7 @@ from __future__ import annotations
 import contextlib
 import contextvars
 import importlib.util
+import sys
 from typing import Callable
 
 from selfalign.config import config_error
@@ -87,8 +88,11 @@ def evaluation(key: str, config: EvalConfig) -> None:
 
         available = len(load_alpaca_eval_set())
         if config.instructions > available:  # a seeded subset larger than the set would silently be all of it
-            raise config_error(f"{key}.instructions", f"{config.instructions} is more than the {available} "
-                               "AlpacaEval instructions")
+            problem = f"{config.instructions} is more than the {available} AlpacaEval instructions"
+            if _probe_endpoints.get():  # a new run (see above); a run started before this check resumes, said
+                raise config_error(f"{key}.instructions", problem)
+            print(f"selfalign: note: {key}.instructions: {problem}: its evaluations use all {available}",
+                  file=sys.stderr)
         backend(f"{key}.backend", config.backend)
         judge(f"{key}.judge", config.judge, config.judge_options)
 

@@ -10,7 +10,7 @@ from pathlib import Path
 from selfalign.errors import SelfalignError
 
 
-def _duration(seconds: float | None) -> str:
+def format_duration(seconds: float | None) -> str:
     if seconds is None:
         return "-"
     if seconds < 60:
@@ -18,7 +18,7 @@ def _duration(seconds: float | None) -> str:
     return f"{seconds / 60:.1f} min" if seconds < 3600 else f"{seconds / 3600:.2f} h"
 
 
-def _brief(result, width: int) -> str:
+def brief_result(result, width: int) -> str:
     """A stage's result on one line: its top-level numbers and short strings (the rest: --json)."""
     if not isinstance(result, dict):
         text = "" if result is None else json.dumps(result, default=str)
@@ -100,18 +100,25 @@ def cmd_status(args) -> int:
     elif command:  # started from Python (a script or a notebook): its own command line, as it was
         print(f"started by: {shlex.join(command)}  (in {manifest.get('cwd')}; not the selfalign CLI: resume it the "
               "way it was started)")
-    rows = [(name, statuses[name], _duration(s.get("seconds")), s.get("result") or s.get("error"))
+    rows = [(name, statuses[name], format_duration(s.get("seconds")), s.get("result") or s.get("error"))
             for name, s in manifest["stages"].items()]
     width = max([len("stage")] + [len(r[0]) for r in rows])
     print(f"\n{'stage':<{width}}  {'status':<8} {'time':>9}  result")
     for name, status, took, result in rows:
-        print(f"{name:<{width}}  {status:<8} {took:>9}  {_brief(result, 118 - width - 21)}")
+        print(f"{name:<{width}}  {status:<8} {took:>9}  {brief_result(result, 118 - width - 21)}")
     for role, m in manifest.get("models", {}).items():
         missing = "" if _model_present(root, role, m.get("path")) else "  (missing: moved or deleted since)"
         print(f"\n{role} model: {m.get('path')}{missing}")
     summary = root / "eval" / "summary.md"
     if summary.exists():
         print("\n" + summary.read_text().rstrip())
+    return 0
+
+
+def cmd_report(args) -> int:
+    from selfalign.runs.report import write_report
+
+    print(write_report(args.run_dir, args.out))
     return 0
 
 
@@ -123,3 +130,11 @@ def register(sub) -> None:
     p.add_argument("run_dir", metavar="DIR", help="a run folder (made by `selfalign run`)")
     p.add_argument("--json", action="store_true", help="print the stages (with full results) as JSON")
     p.set_defaults(fn=cmd_status)
+    p = sub.add_parser("report", help="write a run folder's HTML report: evaluations, training curves, stages",
+                       description="Write one self-contained HTML page (inline charts, opens offline) for a run "
+                       "folder: each evaluation's win rate with its 95%% interval and its paired difference from the "
+                       "starting model, each training stage's loss (and DPO's chosen / rejected rewards, margin and "
+                       "accuracy) per step, every stage's status, time and result, and the config. Prints its path.")
+    p.add_argument("run_dir", metavar="DIR", help="a run folder (made by `selfalign run`)")
+    p.add_argument("--out", default=None, help="the HTML file to write (default DIR/report.html)")
+    p.set_defaults(fn=cmd_report)

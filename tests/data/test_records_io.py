@@ -190,6 +190,11 @@ def test_annotations_without_a_preference_are_said_as_such(tmp_path, data_dir):
     with pytest.raises(DataError, match=rf"ann.json:{line} \(record 2\): field 'preference': missing: give "
                                         r"'preference' in \[1, 2\]"):
         load_preference_pairs(path)
+    # pair ids in a JSON array stay <file stem>:<record> (trained reward models record them), whatever the layout
+    rows[1]["preference"] = 2
+    for layout in (2, None):
+        path.write_text(json.dumps(rows, indent=layout))
+        assert [p.id for p in load_preference_pairs(path)] == ["ann:1", "ann:2", "ann:3"]
     path.write_text(json.dumps(rows[:1] + [7]))  # compact: every record is on line 1, so the record is named
     with pytest.raises(DataError, match=r"ann.json:1 \(record 2\): expected an object, got int"):
         load_preference_pairs(path)

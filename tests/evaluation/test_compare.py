@@ -9,7 +9,7 @@ import pytest
 
 from selfalign.cli import main
 from selfalign.errors import DataError
-from selfalign.evaluation.compare import paired_difference
+from selfalign.evaluation.compare import describe, paired_difference
 from selfalign.evaluation.lc import read_annotations, winrate_metrics
 from selfalign.evaluation.stage import write_summary
 
@@ -60,11 +60,25 @@ def test_unpairable_evaluations_are_refused_with_the_reason(annotations, tmp_pat
     b.write_text(json.dumps(json.loads((annotations / "claude-2.json").read_text())[30:60], indent=1))
     with pytest.raises(DataError, match=r"only 0 judged instruction\(s\) in common"):
         paired_difference(a, b)
-    b.write_text(json.dumps(rows_b + rows_b[:1], indent=1))
-    with pytest.raises(DataError, match=r"b.json:\d+ \(record 31\): field 'instruction': instruction judged twice"):
+    b.write_text(json.dumps(rows_b + [dict(rows_b[0], preference=2.0 if rows_b[0]["preference"] < 1.5 else 1.0)],
+                            indent=1))
+    with pytest.raises(DataError, match=r"b.json:\d+ \(record 31\): field 'instruction': instruction judged twice, "
+                                        r"with different verdicts"):
         paired_difference(a, b)
+    # a repeated identical verdict (alpaca_eval's vicuna-*-v1.5 annotations hold every row twice) counts once
+    b.write_text(json.dumps(rows_b + rows_b[:1], indent=1))
+    assert paired_difference(a, b)["n"] == 30
     with pytest.raises(DataError, match="no annotations.json here"):
         paired_difference(tmp_path, a)
+    # every difference the same: no spread, so no z or p-value (JSON has no Infinity)
+    b.write_text(json.dumps([dict(r, output_2="x", preference=2.0) for r in rows_a], indent=1))
+    a.write_text(json.dumps([dict(r, preference=1.0) for r in rows_a], indent=1))
+    same = paired_difference(a, b)
+    assert same["difference"] == 100.0 and same["standard_error"] == 0.0 and same["z"] is None
+    assert "no test" in describe(same)
+    json.loads(json.dumps(same, allow_nan=False))
+    a.write_text(json.dumps(rows_a, indent=1))
+    b.write_text(json.dumps(rows_b, indent=1))
     # an unjudged instruction (no preference) is left out of both sides and counted
     b.write_text(json.dumps([dict(r, preference=None) if i == 3 else r for i, r in enumerate(rows_b)], indent=1))
     result = paired_difference(a, b)
@@ -89,7 +103,7 @@ def test_a_runs_table_shows_each_rows_paired_difference_from_the_first(annotatio
     assert f"| round2 | {rows['round2']['win_rate']:.2f} | {rows['round2']['standard_error']:.2f} | " \
            f"{expected['difference']:+.2f} ± {expected['standard_error']:.2f} |" in table
     assert f"| initial | {rows['initial']['win_rate']:.2f} | {rows['initial']['standard_error']:.2f} |  |" in table
-    assert "| round3 | " in table and " | n/a | " in table.split("| round3 |")[1]
+    assert f"| round3 | {rows['round3']['win_rate']:.2f} | {rows['round3']['standard_error']:.2f} | n/a |" in table
     summary = json.loads((eval_root / "summary.json").read_text())
     assert summary["round2"]["vs_initial"]["difference"] == pytest.approx(expected["difference"])
     assert "vs_initial" not in summary["initial"] and "vs_initial" not in summary["round3"]

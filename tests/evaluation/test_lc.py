@@ -157,29 +157,31 @@ def test_a_diverged_fit_gives_no_lc_win_rate(alpaca, lc_model, tmp_path):
     assert m["win_rate"] == pytest.approx(2.5) and m["length_controlled_winrate"] is None
     assert m["lc_note"].startswith("the GLM fit diverged (") and "nearly separable" in m["lc_note"]
     assert abs(m["glm_weights"]["instruction_difficulty"]) > lc.DIVERGED["instruction_difficulty"]
+    # a model that loses every instruction is no diverged fit: its LC win rate is ~0 (the intercept runs off)
+    lost = tmp_path / "lost.json"
+    lost.write_text(json.dumps([dict(r, preference=1.0) for r in records]))
+    assert lc.evaluate_annotations(lost, lc_model)["length_controlled_winrate"] == pytest.approx(0.0, abs=0.01)
     # the same answers with GPT-4's real verdicts (a 12.9% win rate) fit normally, as a model's 805 do
     real = tmp_path / "real.json"
     real.write_text(json.dumps(records))
     assert lc.evaluate_annotations(real, lc_model)["length_controlled_winrate"] == pytest.approx(23.47, abs=0.01)
 
 
-def test_two_judges_or_an_instruction_judged_twice_are_refused(alpaca, lc_model, tmp_path):
-    """A win rate over them would average two verdicts on one instruction (eval alpaca's annotations.jsonl keeps
-    every judge's verdicts; a file concatenated by hand repeats rows)."""
+def test_two_judges_in_one_file_are_refused(alpaca, lc_model, tmp_path):
+    """A win rate over them would average two judges' verdicts on one instruction (eval alpaca's annotations.jsonl
+    keeps every judge's verdicts). alpaca_eval's own `annotator` may differ per row (a pool of annotators)."""
     records = json.loads((alpaca / "annotations" / "claude-2.json").read_text())[:30]
     path = tmp_path / "mixed.jsonl"
     path.write_text("".join(json.dumps(dict(r, annotator_id=j)) + "\n"
                             for j in ("length-1", "local-2") for r in records[:15]))
-    with pytest.raises(DataError, match=r"mixed.jsonl:16: field 'instruction': instruction judged twice \(first on "
-                                        r"line 1\)"):
-        lc.evaluate_annotations(path, lc_model)
-    path.write_text("".join(json.dumps(dict(r, annotator_id="length-1" if i < 15 else "local-2")) + "\n"
-                            for i, r in enumerate(records)))
     with pytest.raises(DataError, match=r"mixed.jsonl:16: field 'annotator_id': verdicts of 2 judges \('length-1', "
                                         r"then 'local-2' from here\): one judge per file"):
         lc.evaluate_annotations(path, lc_model)
-    path.write_text("".join(json.dumps(dict(r, annotator_id="length-1")) + "\n" for r in records))
+    path.write_text("".join(json.dumps(dict(r, annotator=f"pool_{i % 3}")) + "\n" for i, r in enumerate(records)))
     assert lc.evaluate_annotations(path, lc_model)["n_total"] == 30
+    # an instruction given twice counts twice, as alpaca_eval counts it (its vicuna-*-v1.5 files repeat every row)
+    path.write_text("".join(json.dumps(r) + "\n" for r in records + records[:5]))
+    assert lc.evaluate_annotations(path, lc_model)["n_total"] == 35
 
 
 def test_cli_json_prints_one_object(alpaca, leaderboard, capsys):

@@ -289,7 +289,7 @@ def test_the_shipped_configs_pass_their_checks(data_dir):
         json.dumps(summary)  # it goes into the manifest
 
 
-def test_an_evaluation_of_no_instructions_checks_no_judge():
+def test_an_evaluation_of_no_instructions_checks_no_judge(capsys):
     preflight.evaluation("eval", spa.EvalConfig(instructions=0, judge="no-such-judge"))
     with pytest.raises(Exception, match="eval.judge: unknown judge 'no-such-judge'"):
         preflight.evaluation("eval", spa.EvalConfig(instructions=1, judge="no-such-judge"))
@@ -297,6 +297,10 @@ def test_an_evaluation_of_no_instructions_checks_no_judge():
     with pytest.raises(Exception, match="eval.instructions: 900 is more than the 805 AlpacaEval instructions"):
         preflight.evaluation("eval", spa.EvalConfig(instructions=900, judge="length"))
     preflight.evaluation("eval", spa.EvalConfig(instructions=805, judge="length"))
+    with preflight.endpoints_not_contacted():  # a resumed run started before the check: said, not refused
+        preflight.evaluation("eval", spa.EvalConfig(instructions=900, judge="length"))
+    assert "eval.instructions: 900 is more than the 805 AlpacaEval instructions: its evaluations use all 805" in \
+        capsys.readouterr().err
 
 
 def test_locate_error_places_a_keyed_error_like_load_config(tmp_path):

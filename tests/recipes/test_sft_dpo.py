@@ -45,6 +45,12 @@ def test_smoke_recipe_end_to_end(recipe, tmp_path, capsys):
         assert summary["eval"]["pairs"] == 4 and 0.0 <= summary["eval"]["rewards/accuracy"] <= 1.0
         assert list((run_dir / "train").glob("ref_logps.*.jsonl"))
     assert not (run_dir / "train" / "checkpoints").exists()  # superseded by final/
+    # the HTML report charts the training log: DPO's rewards too
+    assert main(["report", str(run_dir)]) == 0
+    capsys.readouterr()
+    page = (run_dir / "report.html").read_text()
+    assert "<h3>train</h3><p class='n'>2 steps; last: loss " in page and "No evaluation yet" in page
+    assert ("implicit rewards" in page) == (recipe == "dpo")
     # the same command again resumes a finished run: nothing is redone
     assert main(argv) == 0
     assert json.loads(capsys.readouterr().out)["train"] == summary["train"]

@@ -217,6 +217,17 @@ def test_two_round_spa_run_end_to_end_and_resume(tmp_path, capsys):
     summary = json.loads((run_dir / "eval" / "summary.json").read_text())
     assert list(summary) == ["initial", "round0", "round1", "round2"]
     assert "| round2 |" in (run_dir / "eval" / "summary.md").read_text()
+    # every round paired with the initial model over the same judged instructions
+    assert all(summary[r]["vs_initial"]["n"] == summary["initial"]["n_total"] for r in ("round0", "round1", "round2"))
+    assert "| Δ vs initial (paired) |" in (run_dir / "eval" / "summary.md").read_text()
+    # the run's HTML report: the evaluations, each DPO stage's reward curves, the stages
+    assert main(["report", str(run_dir)]) == 0
+    assert capsys.readouterr().out.strip() == str(run_dir / "report.html")
+    page = (run_dir / "report.html").read_text()
+    for text in ("<h3>round0/train</h3>", "<h3>round2/train</h3>", "implicit rewards", "reward accuracy",
+                 "paired difference from initial", "<td>eval/round2</td><td>done</td>", "state: finished"):
+        assert text in page, text
+    assert page.count("<svg") == 3 * 4 + 2  # 3 DPO stages x (loss, rewards, accuracy, lr) + 2 evaluation charts
 
     # a run killed after round 1's training: forget round 2 and resume with the same command
     for name in [s for s in stages if s.startswith(("round2", "eval/round2"))]:

@@ -1,0 +1,34 @@
+"""`selfalign report DIR`: the HTML page's charts and its refusals (whole runs: tests/recipes test_spa, test_sft_dpo)."""
+
+from __future__ import annotations
+
+import math
+
+from selfalign.cli import main
+from selfalign.runs import Run
+from selfalign.runs.report import interval_chart, line_chart
+
+
+def test_charts_skip_missing_values_and_draw_nothing_without_data():
+    assert line_chart("loss", {"loss": []}) == ""
+    assert interval_chart("win rate", [("initial", None, None)]) == ""
+    svg = line_chart("loss", {"loss": [(1, 0.7), (2, math.nan), (3, 0.5)]})
+    assert svg.startswith("<svg") and svg.count("<polyline") == 1 and "nan" not in svg
+    rewards = line_chart("r", {"chosen": [(1, 0.0), (2, -0.1)], "rejected": [(1, 0.0), (2, -0.3)]})
+    assert "chosen" in rewards and "rejected" in rewards and 'class="z"' not in rewards  # 0 is the top, not inside
+    delta = interval_chart("Δ", [("round1", -1.5, 2.0), ("round2", 3.0, 1.0)], zero=True)
+    assert "-1.50" in delta and "+3.00" in delta and 'class="z"' in delta
+
+
+def test_a_report_of_a_new_run_and_of_no_run(tmp_path, capsys):
+    root = tmp_path / "run"
+    run = Run(root, {"a": 1}, recipe="spa")
+    run.stage("data", lambda: {"pairs": 3, "note": "<b>escaped</b>"})
+    del run
+    assert main(["report", str(root), "--out", str(tmp_path / "r.html")]) == 0
+    page = (tmp_path / "r.html").read_text()
+    assert "No evaluation yet" in page and "No training log yet" in page and "&lt;b&gt;escaped&lt;/b&gt;" in page
+    assert "<b>escaped</b>" not in page and "state: " in page
+    capsys.readouterr()
+    assert main(["report", str(tmp_path)]) == 2
+    assert capsys.readouterr().err.strip() == f"selfalign: error: {tmp_path}: not a run folder (no manifest.json)"
