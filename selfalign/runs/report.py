@@ -4,7 +4,7 @@ chosen and rejected rewards, their margin and accuracy, per step), and every sta
 
 Written by hand, as inline SVG in one HTML file: it opens offline, can be mailed or attached to a paper review, and
 needs no plotting library (matplotlib would be a dependency for one page; wandb / tensorboard need a service or a
-server). It reads only the run folder's own files: manifest.json, eval/summary.json and each train stage's
+server). It reads only the run folder's own files: manifest.json, eval/summary.json and each training stage's
 log.jsonl.
 """
 
@@ -147,8 +147,11 @@ def _evaluation(summary: dict) -> str:
     return table + f"<div class='c'>{win}{delta}</div>" + note
 
 
-def _training(root: Path, stages: list[str]) -> str:
-    logs = [(name, root / name / "log.jsonl") for name in stages if (root / name / "log.jsonl").is_file()]
+def _training(root: Path) -> str:
+    # every training stage writes <its folder>/log.jsonl (SEFT's reviser stages nest theirs deeper); in the order
+    # they trained
+    found = sorted(root.rglob("log.jsonl"), key=lambda p: p.stat().st_mtime)
+    logs = [(str(p.parent.relative_to(root)), p) for p in found]
     if not logs:
         return "<p>No training log yet.</p>"
     parts = []
@@ -217,7 +220,7 @@ def write_report(root: str | Path, out: str | Path | None = None) -> Path:
             + (f"<br>versions: {_esc(versions)}" if versions else "") + "</p>",
             f"<ul>{models}</ul>" if models else "",
             "<h2>Evaluation</h2>", _evaluation(read_summary(root / "eval")),
-            "<h2>Training</h2>", _training(root, list(manifest["stages"])),
+            "<h2>Training</h2>", _training(root),
             "<h2>Stages</h2>", _table(["stage", "status", "time", "result"], stages),
             "<details><summary>config</summary><pre>"
             f"{_esc(json.dumps(manifest.get('config'), indent=2, default=str))}</pre></details>",

@@ -221,6 +221,7 @@ def test_two_round_spa_run_end_to_end_and_resume(tmp_path, capsys):
     assert all(summary[r]["vs_initial"]["n"] == summary["initial"]["n_total"] for r in ("round0", "round1", "round2"))
     assert "| Δ vs initial (paired) |" in (run_dir / "eval" / "summary.md").read_text()
     # the run's HTML report: the evaluations, each DPO stage's reward curves, the stages
+    capsys.readouterr()
     assert main(["report", str(run_dir)]) == 0
     assert capsys.readouterr().out.strip() == str(run_dir / "report.html")
     page = (run_dir / "report.html").read_text()
