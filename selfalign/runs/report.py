@@ -84,7 +84,7 @@ def interval_chart(title: str, rows: list[tuple[str, float, float]], zero: bool 
     rows = [r for r in rows if r[1] is not None and r[2] is not None]
     if not rows:
         return ""
-    left, right, top, step = 150, 16, 26, 22
+    left, right, top, step = 150, 56, 26, 22  # right: room for the value printed after each whisker
     height = top + step * len(rows) + 24
     lo = min(v - h for _, v, h in rows + ([("", 0.0, 0.0)] if zero else []))
     hi = max(v + h for _, v, h in rows + ([("", 0.0, 0.0)] if zero else []))
