@@ -92,7 +92,7 @@ def _paired_vs(eval_root: Path, first: str, label: str) -> dict | None:
 
     try:
         result = paired_difference(eval_root / first, eval_root / label)
-    except DataError:
+    except (DataError, OSError, ValueError):  # a table column must never fail the hours-long run that writes it
         return None
     return {k: result[k] for k in ("difference", "standard_error", "n", "p_value")}
 
