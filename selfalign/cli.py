@@ -52,8 +52,10 @@ def add_backend_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-retries", type=int, default=6, help="openai backend: retries on 429/5xx/timeouts")
 
 
-def generator_from_args(args):
-    from selfalign.generation import make_generator
+def generator_from_args(args, deferred: bool = False):
+    """The generator the flags name. `deferred`: a local model is loaded only when something is left to answer
+    (evaluations, whose reruns often find every answer on file)."""
+    from selfalign.generation import DeferredGenerator, make_generator
 
     checks = (("batch_size", lambda v: v >= 1, "at least 1"), ("max_cache_gb", lambda v: v > 0, "above 0"),
               ("concurrency", lambda v: v >= 1, "at least 1"), ("timeout", lambda v: v > 0, "above 0"),
@@ -67,9 +69,16 @@ def generator_from_args(args):
             raise SelfalignError("--backend openai needs --base-url")
         return make_generator("openai", model=args.model, base_url=args.base_url, api_key_env=args.api_key_env,
                               concurrency=args.concurrency, timeout=args.timeout, max_retries=args.max_retries)
-    return make_generator(args.backend, model=args.model, batch_size=args.batch_size, dtype=args.dtype,
-                          device=args.device, trust_remote_code=args.trust_remote_code,
-                          max_cache_gb=args.max_cache_gb)
+    def build():
+        return make_generator(args.backend, model=args.model, batch_size=args.batch_size, dtype=args.dtype,
+                              device=args.device, trust_remote_code=args.trust_remote_code,
+                              max_cache_gb=args.max_cache_gb)
+
+    if deferred and args.backend in ("auto", "lean", "transformers"):
+        from selfalign.models import model_name, resolve_model
+
+        return DeferredGenerator(build, model_name(args.model), resolve_model(args.model))  # resolved now: a model
+    return build()  # that is not there is said before anything runs
 
 
 def cmd_generate(args) -> int:

@@ -190,7 +190,7 @@ def cmd_alpaca(args) -> int:
                   f"{args.instructions or 'AlpacaEval'}: answering all of them", file=sys.stderr)
         check_references([p.text for p in instructions], references, args.instructions or "AlpacaEval's eval set")
         _make_out_dir(args)
-        gen = generator_from_args(args)
+        gen = generator_from_args(args, deferred=True)  # a rerun with every answer on file loads no model
         m = evaluate_alpaca(gen, judge, args.out, instructions=instructions, references=references,
                             params=SamplingParams(temperature=0.0, max_new_tokens=args.max_new_tokens,
                                                   seed=args.seed), progress=not args.quiet,
@@ -253,7 +253,7 @@ def cmd_mtbench(args) -> int:
     judge = _judge_from_args(args)
     require_grading_judge(judge)  # said before the model loads, not after the answers
     _make_out_dir(args)
-    m = evaluate_mtbench(generator_from_args(args), judge, args.out, limit=args.limit,
+    m = evaluate_mtbench(generator_from_args(args, deferred=True), judge, args.out, limit=args.limit,
                          max_new_tokens=args.max_new_tokens, seed=args.seed, progress=not args.quiet)
     if args.json:
         print(json.dumps(m, default=str))

@@ -106,6 +106,28 @@ class Generator(abc.ABC):
                         meta={"stop_string": True} if stop_string else {})
 
 
+class DeferredGenerator(Generator):
+    """A local generator built on its first `generate`: a rerun whose answers are all on file (an evaluation's
+    --out) loads no model, which takes minutes for a large one. It carries the display name and weights path the
+    built generator will have (`model_name(spec)`, `resolve_model(spec)`), so a resume check reads the same digest
+    before anything is loaded."""
+
+    def __init__(self, build: Callable[[], Generator], model_name: str, model_path: Path | None):
+        self._build, self._built = build, None
+        self.model_name, self.model_path = model_name, model_path
+
+    def generate(self, prompts: Sequence[Prompt], params: SamplingParams, on_batch: OnBatch | None = None,
+                 skip: set | None = None, progress: bool = True) -> list[Response]:
+        if self._built is None:
+            self._built = self._build()
+            self._built.model_name = self.model_name  # a caller may have renamed it (an evaluation's label)
+        return self._built.generate(prompts, params, on_batch=on_batch, skip=skip, progress=progress)
+
+    def close(self) -> None:
+        if self._built is not None:
+            self._built.close()
+
+
 def cut_at_stop(text: str, stop: Sequence[str]) -> tuple[str, bool]:
     """`text` up to the earliest stop string (excluded), and whether one was found (OpenAI's `stop` semantics)."""
     cut = min((k for k in (text.find(x) for x in stop) if k >= 0), default=-1)

@@ -257,7 +257,7 @@ def test_eval_input_mistakes_are_said_before_any_model_loads(tmp_path, data_dir,
     import selfalign.cli
     from selfalign.cli import main
 
-    monkeypatch.setattr(selfalign.cli, "generator_from_args", lambda args: pytest.fail("a model was loaded"))
+    monkeypatch.setattr(selfalign.cli, "generator_from_args", lambda args, **k: pytest.fail("a model was loaded"))
 
     def error(*argv):
         assert main(["eval", *argv] + (["--quiet"] if argv[0] != "lc" else [])) == 2
@@ -305,11 +305,29 @@ def test_eval_input_mistakes_are_said_before_any_model_loads(tmp_path, data_dir,
     assert "not a file" in error("lc", "--annotations", str(gamed), "--difficulty", str(tmp_path))
 
 
+def test_a_rerun_with_every_answer_on_file_loads_no_model(tmp_path, monkeypatch, capsys):
+    import selfalign.generation
+    from selfalign.cli import main
+
+    argv = ["eval", "alpaca", "--model", "smollm2-135m", "--judge", "length", "--limit", "2", "--max-new-tokens", "8",
+            "--out", str(tmp_path / "ev"), "--quiet", "--json"]
+    assert main(argv) == 0
+    first = json.loads(capsys.readouterr().out)
+    monkeypatch.setattr(selfalign.generation, "make_generator",
+                        lambda *a, **k: pytest.fail("a model was loaded with every answer on file"))
+    assert main(argv) == 0
+    again = json.loads(capsys.readouterr().out)
+    assert again["win_rate"] == first["win_rate"] and again["n_total"] == 2 and again["model"] == "smollm2-135m"
+    # the resume check still reads the weights' digest and the sampling settings, before any model loads
+    assert main(argv[:-5] + ["9"] + argv[-4:]) == 2
+    assert "field 'sampling.max_new_tokens': was sampled with max_new_tokens=8, not 9" in capsys.readouterr().err
+
+
 def test_a_limit_above_the_instructions_is_said(tmp_path, data_dir, monkeypatch, capsys):
     import selfalign.cli
     from selfalign.cli import main
 
-    def stop(args):
+    def stop(args, **options):
         raise SelfalignError("stopped before the model loads")
 
     monkeypatch.setattr(selfalign.cli, "generator_from_args", stop)
