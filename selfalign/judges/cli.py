@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 from pathlib import Path
 
 from selfalign.errors import SelfalignError
@@ -21,6 +22,21 @@ def _check_training_flags(args) -> None:
         raise SelfalignError(f"--out {args.out}: is a file; give a folder")
 
 
+def _note_replaced(out: Path) -> None:
+    """Say which trained model a new one will replace (it is replaced only once the new one is saved whole)."""
+    from selfalign.judges.reward import CONFIG_FILE
+
+    try:
+        old = json.loads((out / CONFIG_FILE).read_text())
+    except (OSError, ValueError):
+        return
+    accuracy = (old.get("history") or [{}])[-1].get("heldout_accuracy")
+    print(f"selfalign: note: {out} holds a reward model trained {old.get('created_at', '?')} on "
+          f"{(old.get('train_data') or {}).get('n_pairs', '?')} pairs of {(old.get('train_data') or {}).get('file')}"
+          + (f" (held-out accuracy {accuracy:.3f})" if isinstance(accuracy, (int, float)) else "")
+          + "; it is replaced when this training finishes (give --out elsewhere to keep it)", file=sys.stderr)
+
+
 def cmd_train_reward(args) -> int:
     from selfalign.judges.reward import default_reward_dir, train_reward_model
 
@@ -30,6 +46,7 @@ def cmd_train_reward(args) -> int:
     if args.n_eval < -1:
         raise SelfalignError(f"--n-eval must be -1 (all), 0 (none) or a count, not {args.n_eval}")
     out = args.out or default_reward_dir()
+    _note_replaced(Path(out))
     cfg = train_reward_model(out, base=args.base, train_data=args.pairs, eval_data=args.eval_pairs,
                              n_pairs=args.n_pairs, n_eval=None if args.n_eval < 0 else args.n_eval,
                              max_length=args.max_length,

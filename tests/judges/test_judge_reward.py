@@ -256,6 +256,24 @@ def test_train_reward_refuses_bad_settings_before_loading_the_backbone(args, mes
     assert "is a file; give a folder" in capsys.readouterr().err
 
 
+def test_training_into_a_trained_folder_says_which_model_it_replaces(trained, monkeypatch, capsys):
+    import selfalign.judges.reward as reward
+    from selfalign.cli import main
+    from selfalign.errors import SelfalignError
+
+    out, cfg = trained
+
+    def stop(*args, **kwargs):
+        raise SelfalignError("stopped before training")
+
+    monkeypatch.setattr(reward, "_RewardTrainer", stop)
+    assert main(["judges", "train-reward", "--out", str(out), "--quiet"]) == 2
+    err = capsys.readouterr().err
+    assert f"selfalign: note: {out} holds a reward model trained {cfg['created_at']} on 6 pairs of " in err
+    assert "; it is replaced when this training finishes" in err
+    assert (out / WEIGHTS_FILE).exists()  # the stopped run replaced nothing
+
+
 def test_pairs_left_out_as_evaluation_instructions_are_explained(tmp_path, data_dir):
     from selfalign.errors import SelfalignError
 
