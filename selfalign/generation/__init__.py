@@ -110,6 +110,6 @@ def check_backend_options(backend: str, options: dict) -> None:
                              f"{', '.join(sorted(allowed))})")
 
 
-__all__ = ["BACKENDS", "DEFAULT_BATCH_SIZE", "DeferredGenerator", "LEAN_CUDA_BATCH_SIZE", "Generator", "SamplingParams", "auto_backend",
-           "check_backend_options", "check_output_file", "check_sampling_section", "default_batch_size",
-           "generate_to_file", "make_generator", "response_key"]
+__all__ = ["BACKENDS", "DEFAULT_BATCH_SIZE", "DeferredGenerator", "LEAN_CUDA_BATCH_SIZE", "Generator",
+           "SamplingParams", "auto_backend", "check_backend_options", "check_output_file", "check_sampling_section",
+           "default_batch_size", "generate_to_file", "make_generator", "response_key"]

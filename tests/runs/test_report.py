@@ -1,4 +1,5 @@
-"""`selfalign report DIR`: the HTML page's charts and its refusals (whole runs: tests/recipes test_spa, test_sft_dpo)."""
+"""`selfalign report DIR`: the HTML page's charts and its refusals (whole runs: tests/recipes/test_spa.py and
+test_sft_dpo.py)."""
 
 from __future__ import annotations
 
