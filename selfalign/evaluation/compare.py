@@ -39,7 +39,7 @@ def _judged(path: Path) -> tuple[dict[str, float], dict]:
 
     frame = read_annotations(path)  # validates instruction, outputs and preference, naming file and line
     who = {"model": _one(frame["generator_2"]), "reference": _one(frame["generator_1"]),
-           "judge": str(annotation_judge(path))}  # one judge per file
+           "judge": str(annotation_judge(path, frame))}  # one judge per file
     wins: dict[str, float] = {}
     for line, instruction, p in zip(frame["line"], frame["instruction"], frame["preference"]):
         if math.isnan(p):

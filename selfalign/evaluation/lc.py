@@ -171,26 +171,23 @@ def read_annotations(path: str | Path) -> pd.DataFrame:
     return pd.DataFrame(rows).assign(line=pd.Series([r["line"] for r in rows], dtype=object))
 
 
-def annotation_judge(path: str | Path) -> str | None:
-    """The one judge of annotations file `path` by selfalign's `annotator_id` (a judge's name and a hash of its
-    options), else alpaca_eval's `annotator` name of its first row; None when no row names one. Two `annotator_id`s
-    are refused: a win rate over them would average two judges' verdicts (`eval alpaca`'s annotations.jsonl keeps
-    every judge's verdicts in one file; its annotations.json holds the last judge's). alpaca_eval's `annotator`
-    may differ per row legitimately (a pool of annotators, as in its alpaca_farm config)."""
-    from selfalign.data.io import iter_json_rows
-
+def annotation_judge(path: str | Path, frame: pd.DataFrame) -> str | None:
+    """The one judge of annotations file `path` (as `read_annotations` read it) by selfalign's `annotator_id` (a
+    judge's name and a hash of its options), else alpaca_eval's `annotator` name of its first row; None when no row
+    names one. Two `annotator_id`s are refused: a win rate over them would average two judges' verdicts (`eval
+    alpaca`'s annotations.jsonl keeps every judge's verdicts in one file; its annotations.json holds the last
+    judge's). alpaca_eval's `annotator` may differ per row legitimately (a pool of annotators, as in its alpaca_farm
+    config)."""
     judges: dict[str, Any] = {}  # annotator_id -> its first line
-    named = None
-    for line, row in iter_json_rows(path):
-        if row.get("annotator_id") is not None:
-            judges.setdefault(str(row["annotator_id"]), line)
-        elif named is None and row.get("annotator") is not None:
-            named = str(row["annotator"])
+    for line, judge in zip(frame["line"], frame["annotator_id"]):
+        if judge is not None:
+            judges.setdefault(str(judge), line)
     if len(judges) > 1:
         (first, _), (other, line) = list(judges.items())[:2]
         raise DataError(f"verdicts of {len(judges)} judges ({first!r}, then {other!r} from here): one judge per "
                         "file (eval alpaca's annotations.json holds one; its annotations.jsonl keeps every judge's)",
                         path=str(path), line=line, field="annotator_id")
+    named = next((str(a) for a in frame["annotator"] if a is not None), None)
     return next(iter(judges), named)
 
 
@@ -223,7 +220,8 @@ def _parse_annotation(rec: Any, path: str, line: int) -> dict:
                             line=line, field="preference")
     return {"line": line, "instruction": rec["instruction"], "len_1": len(rec["output_1"]),
             "len_2": len(rec["output_2"]), "preference": pref, "generator_1": rec.get("generator_1"),
-            "generator_2": rec.get("generator_2")}
+            "generator_2": rec.get("generator_2"), "annotator_id": rec.get("annotator_id"),
+            "annotator": rec.get("annotator")}
 
 
 def attach_index(frame: pd.DataFrame, keys: pd.DataFrame, source: str = "<annotations>") -> pd.DataFrame:
@@ -428,7 +426,7 @@ def evaluate_annotations(path: str | Path, model: LCModel | str | Path | None = 
     if len(gens) > 1:
         raise DataError(f"one model per file expected, found generator_2 values {gens[:4]}", path=path,
                         field="generator_2")
-    annotation_judge(path)
+    annotation_judge(path, frame)
     if frame["preference"].isna().all():
         raise DataError("no annotation has a preference (all null)", path=path, field="preference")
     metrics = winrate_metrics(frame["preference"])
