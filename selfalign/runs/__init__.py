@@ -13,6 +13,7 @@ Generation stages write through `ResumableJsonl`, which continues after the last
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -67,16 +68,19 @@ class ResumableJsonl:
             self.path.parent.mkdir(parents=True, exist_ok=True)
         except OSError as e:  # a parent that is a file, or a place this user cannot write
             raise DataError(f"cannot create its folder ({e.strerror})", str(self.path)) from None
-        self._lock = self.lock_path(self.path)
-        check_unlocked(self._lock, str(self.path))  # one writer at a time (the same --out given twice, say)
+        self._holder = _Holder()  # the lock lives as long as this file is open
+        # one writer at a time (the same --out given twice, say), claimed before the recovery below may truncate
+        release = claim_lock(self.lock_path(self.path), self._holder, str(self.path))
         self._key = key
         self.rows: list[dict] = []
         self.done: set = set()
-        if self.path.exists():
-            self._recover()
-        self._f = open(self.path, "a", encoding="utf-8")
-        self._holder = _Holder()  # the lock lives as long as this file is open
-        claim_lock(self._lock, self._holder)
+        try:
+            if self.path.exists():
+                self._recover()
+            self._f = open(self.path, "a", encoding="utf-8")
+        except BaseException:
+            release()  # refused (not this writer's file, say): the lock goes now, not when the traceback is freed
+            raise
 
     @staticmethod
     def lock_path(path: str | Path) -> Path:
@@ -284,22 +288,70 @@ def check_unlocked(lock: Path, what: str) -> None:
                              f"{owner.get('claimed_at')}); wait for it, or stop it and run the same command to resume")
 
 
-def claim_lock(lock: Path, holder: object) -> None:
-    """Record this process in lock file `lock` until `holder` is dropped or the process ends (see lock_holder).
-    Two processes starting in the same instant could both claim; a lock that stops the common mistake (the same
-    command started twice, minutes apart) needs no more."""
+def claim_lock(lock: Path, holder: object, what: str) -> weakref.finalize:
+    """Refuse `what` as check_unlocked does, else record this process in lock file `lock` until `holder` is dropped,
+    the returned finalizer is called, or the process ends (see lock_holder)."""
+    lock = Path(os.path.abspath(lock))
     pid = os.getpid()
-    claim = os.urandom(8).hex()
-    write_json(lock, {"pid": pid, "host": socket.gethostname(), "process_started": _process_started(pid),
-                      "claimed_at": time.strftime("%Y-%m-%dT%H:%M:%S"), "claim": claim})
-    weakref.finalize(holder, _release, lock, claim)
+    with _one_claimer(lock.parent):
+        check_unlocked(lock, what)
+        held = _held.get(lock)
+        if held is None or _claim_in(lock) != held[0]:  # not held by this process yet (or its file was removed)
+            held = _held[lock] = [os.urandom(8).hex(), 0]
+            write_json(lock, {"pid": pid, "host": socket.gethostname(), "process_started": _process_started(pid),
+                              "claimed_at": time.strftime("%Y-%m-%dT%H:%M:%S"), "claim": held[0]})
+        held[1] += 1
+    return weakref.finalize(holder, _release, lock, held[0])
 
 
-def _release(path: Path, claim: str) -> None:
+# lock path -> [claim, live holders] for each lock this process holds: the same run opened twice in one process (a
+# resume in one session) shares one claim, and the lock goes when the last holder does
+_held: dict[Path, list] = {}
+
+
+def _claim_in(lock: Path) -> str | None:
     try:
-        if json.loads(path.read_text()).get("claim") == claim:  # not a later claim (another holder in this process)
-            path.unlink()
-    except (OSError, ValueError):
+        return json.loads(lock.read_text()).get("claim")
+    except (OSError, ValueError, AttributeError):
+        return None
+
+
+@contextlib.contextmanager
+def _one_claimer(folder: Path):
+    """Hold an exclusive flock on `folder` (the lock file's own folder, so no extra file is left behind) while a
+    lock is checked and written. Without it, two commands started in the same instant both find the lock free and
+    both claim it (measured: 2 of 2 processes released together at a barrier). The flock lasts milliseconds and
+    goes with the process, so a kill cannot leave it held. Where flock does not exist (Windows) or the filesystem
+    refuses it (some network mounts), the claim goes unguarded, as before."""
+    try:
+        import fcntl
+
+        fd = os.open(folder, os.O_RDONLY)
+    except (ImportError, OSError):
+        yield
+        return
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+        except OSError:
+            pass
+        yield
+    finally:
+        os.close(fd)  # closing the descriptor drops the flock
+
+
+def _release(lock: Path, claim: str) -> None:
+    held = _held.get(lock)
+    if held is None or held[0] != claim:  # an older claim, replaced since
+        return
+    held[1] -= 1
+    if held[1] > 0:  # another holder in this process still works on it
+        return
+    del _held[lock]
+    try:
+        if _claim_in(lock) == claim:  # not another process's claim, taken over after this one's file was removed
+            lock.unlink()
+    except OSError:
         pass
 
 
@@ -335,12 +387,21 @@ class Run:
         self.root = Path(root)
         if self.root.exists() and not self.root.is_dir():
             raise SelfalignError(f"{self.root}: not a folder (--run-dir takes a new folder, or a run's to resume)")
-        if self.root.is_dir() and any(self.root.iterdir()) and not (self.root / "manifest.json").exists():
+        # (a lock file alone is a run killed as it began)
+        if self.root.is_dir() and not (self.root / "manifest.json").exists() and any(
+                p.name not in (LOCK_FILE, LOCK_FILE + ".tmp") for p in self.root.iterdir()):
             # a run writes data/, eval/, final/ ... into its folder: not into a project folder given by mistake
             raise SelfalignError(f"{self.root}: a folder that holds other files and no run (no manifest.json); give "
                                  f"a new or empty folder")
         self.root.mkdir(parents=True, exist_ok=True)
-        check_unlocked(self.root / LOCK_FILE, str(self.root))  # one process per run folder
+        release = claim_lock(self.root / LOCK_FILE, self, str(self.root))  # one process per run folder
+        try:
+            self._open_manifest(config, recipe, seed)
+        except BaseException:
+            release()
+            raise
+
+    def _open_manifest(self, config: dict, recipe: str, seed: int | None) -> None:
         self.manifest_path = self.root / "manifest.json"
         if self.manifest_path.exists():
             self.manifest = read_manifest(self.manifest_path)
@@ -373,7 +434,6 @@ class Run:
                 "stages": {},
             }
         self.save()
-        claim_lock(self.root / LOCK_FILE, self)
 
     def save(self) -> None:
         write_json(self.manifest_path, self.manifest)

@@ -197,3 +197,39 @@ def test_a_damaged_manifest_is_a_one_line_error_on_resume(tmp_path):
     assert not stage_done(root, "data")
     with pytest.raises(SelfalignError, match=r"manifest.json: not a readable run manifest \(Expecting value"):
         Run(root, {"a": 1}, recipe="test")
+
+
+RACE = textwrap.dedent("""
+    import sys, time
+    from pathlib import Path
+    from selfalign.errors import SelfalignError
+    from selfalign.runs import ResumableJsonl, Run
+    kind, target, go, done = sys.argv[1], sys.argv[2], Path(sys.argv[3]), Path(sys.argv[4])
+    print("waiting", flush=True)
+    while not go.exists():
+        time.sleep(0.001)
+    try:
+        held = Run(target, {"a": 1}, recipe="test") if kind == "run" else ResumableJsonl(target, key=lambda r: r["k"])
+        print("claimed", flush=True)
+    except SelfalignError:
+        print("refused", flush=True)
+    while not done.exists():  # hold the lock until every process has tried
+        time.sleep(0.01)
+""")
+
+
+@pytest.mark.parametrize("kind", ["run", "jsonl"])
+def test_processes_started_in_the_same_instant_get_one_claim(tmp_path, kind):
+    target = tmp_path / ("run" if kind == "run" else "answers.jsonl")
+    go, done = tmp_path / "go", tmp_path / "done"
+    procs = [subprocess.Popen([sys.executable, "-c", RACE, kind, str(target), str(go), str(done)],
+                              stdout=subprocess.PIPE, text=True) for _ in range(4)]
+    try:
+        assert [p.stdout.readline().strip() for p in procs] == ["waiting"] * 4  # all imported, polling
+        go.touch()  # released together: each checks the lock, finds it free, and claims, in the same milliseconds
+        outcomes = sorted(p.stdout.readline().strip() for p in procs)
+    finally:
+        done.touch()
+        for p in procs:
+            p.wait(timeout=60)
+    assert outcomes == ["claimed", "refused", "refused", "refused"]
