@@ -320,9 +320,10 @@ def _claim_in(lock: Path) -> str | None:
 def _one_claimer(folder: Path):
     """Hold an exclusive flock on `folder` (the lock file's own folder, so no extra file is left behind) while a
     lock is checked and written. Without it, two commands started in the same instant both find the lock free and
-    both claim it (measured: 2 of 2 processes released together at a barrier). The flock lasts milliseconds and
-    goes with the process, so a kill cannot leave it held. Where flock does not exist (Windows) or the filesystem
-    refuses it (some network mounts), the claim goes unguarded, as before."""
+    both claim it (tests/runs/test_status.py releases four at once: without it two or more claimed, or crashed on
+    each other's .tmp files). The flock lasts milliseconds and goes with the process, so a kill cannot leave it
+    held. Where flock does not exist (Windows) or the filesystem refuses it (some network mounts), the claim goes
+    unguarded, as before."""
     try:
         import fcntl
 
