@@ -18,6 +18,7 @@ from selfalign.errors import ConfigError
 RECIPES = {
     "sft": "selfalign.recipes.sft",
     "dpo": "selfalign.recipes.dpo",
+    "orpo": "selfalign.recipes.orpo",
     "spa": "selfalign.recipes.spa",
     "srt": "selfalign.recipes.srt",
     "seft": "selfalign.recipes.seft",

@@ -80,6 +80,37 @@ def load_pairs(path: str, key: str, limit: int | None, limit_key: str, need: tup
     return pairs, counts
 
 
+def train_and_held_out_pairs(config: Any) -> tuple[dict[str, list], dict]:
+    """The data stage of a recipe trained on preference pairs (DPO, ORPO): config keys `data`, `limit`,
+    `eval_data`, `eval_limit`. Training pairs, and held-out pairs whose instructions the training pairs do not have
+    (the same file given as both, or overlapping files, would report training accuracy as held-out)."""
+    train, train_counts = load_pairs(config.data, "data", config.limit, "limit", need=("chosen", "rejected"))
+    summary = {"train_pairs": len(train), "train_data": train_counts}
+    held_out: list[PreferencePair] = []
+    if config.eval_limit:
+        seen = {p.prompt.strip() for p in train}
+        candidates, counts = load_pairs(config.eval_data, "eval_data", None, "eval_limit",
+                                        need=("chosen", "rejected"), note=False)
+        held_out = [p for p in candidates if p.prompt.strip() not in seen]
+        counts["in_training_dropped"] = len(candidates) - len(held_out)
+        if candidates and not held_out:
+            raise config_error("eval_data", f"every pair's instruction in {config.eval_data} is also in the "
+                               f"training pairs ({config.data}): nothing is held out", also=("data",))
+        if not held_out:
+            raise config_error("eval_data", f"{config.eval_data}: no pair with two different, non-empty answers")
+        held_out = held_out[:config.eval_limit]
+        counts["used"] = len(held_out)
+        if len(held_out) < config.eval_limit:
+            dropped = ", ".join(f"{counts[k]} {what}" for k, what in (
+                ("identical_dropped", "with identical answers"), ("empty_dropped", "with an empty answer"),
+                ("in_training_dropped", "sharing an instruction with a training pair")) if counts[k])
+            print(f"selfalign: note: eval_data: eval_limit {config.eval_limit} is more than the {len(held_out)} "
+                  f"usable held-out pairs of {counts['in_file']} in {config.eval_data}"
+                  f"{f' (dropped {dropped})' if dropped else ''}", file=sys.stderr)
+        summary.update(eval_pairs=len(held_out), eval_data=counts)
+    return {"train.jsonl": train, "eval.jsonl": held_out}, summary
+
+
 def start_run(run_dir: str, config: Any, recipe: str, seed: int | None, check_inputs: Callable[[Any], None],
               prepare_data: Callable[[Any], tuple[dict[str, list], dict]]) -> Run:
     """A recipe's run folder, made only once its inputs are known to be good, with its data stage done.

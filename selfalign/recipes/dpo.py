@@ -13,13 +13,11 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-import sys
-
-from selfalign.config import at_least, config_error
+from selfalign.config import at_least
 from selfalign.data import PreferencePair, read_records, write_json
 from selfalign.models import DEFAULT_MODEL
 from selfalign.recipes import preflight
-from selfalign.recipes.common import load_pairs, start_run
+from selfalign.recipes.common import start_run, train_and_held_out_pairs
 from selfalign.runs import Run
 from selfalign.training import DPOTrainConfig, train_dpo
 from selfalign.training.evaluate import preference_metrics
@@ -45,33 +43,8 @@ def check_inputs(config: Config) -> None:
 
 
 def prepare_data(config: Config) -> tuple[dict[str, list], dict]:
-    """Training pairs, and held-out pairs whose instructions the training pairs do not have (the same file given as
-    both, or overlapping files, would report training accuracy as held-out)."""
-    train, train_counts = load_pairs(config.data, "data", config.limit, "limit", need=("chosen", "rejected"))
-    summary = {"train_pairs": len(train), "train_data": train_counts}
-    held_out: list[PreferencePair] = []
-    if config.eval_limit:
-        seen = {p.prompt.strip() for p in train}
-        candidates, counts = load_pairs(config.eval_data, "eval_data", None, "eval_limit",
-                                        need=("chosen", "rejected"), note=False)
-        held_out = [p for p in candidates if p.prompt.strip() not in seen]
-        counts["in_training_dropped"] = len(candidates) - len(held_out)
-        if candidates and not held_out:
-            raise config_error("eval_data", f"every pair's instruction in {config.eval_data} is also in the "
-                               f"training pairs ({config.data}): nothing is held out", also=("data",))
-        if not held_out:
-            raise config_error("eval_data", f"{config.eval_data}: no pair with two different, non-empty answers")
-        held_out = held_out[:config.eval_limit]
-        counts["used"] = len(held_out)
-        if len(held_out) < config.eval_limit:
-            dropped = ", ".join(f"{counts[k]} {what}" for k, what in (
-                ("identical_dropped", "with identical answers"), ("empty_dropped", "with an empty answer"),
-                ("in_training_dropped", "sharing an instruction with a training pair")) if counts[k])
-            print(f"selfalign: note: eval_data: eval_limit {config.eval_limit} is more than the {len(held_out)} "
-                  f"usable held-out pairs of {counts['in_file']} in {config.eval_data}"
-                  f"{f' (dropped {dropped})' if dropped else ''}", file=sys.stderr)
-        summary.update(eval_pairs=len(held_out), eval_data=counts)
-    return {"train.jsonl": train, "eval.jsonl": held_out}, summary
+    """Training pairs, and held-out pairs whose instructions the training pairs do not have."""
+    return train_and_held_out_pairs(config)
 
 
 def evaluate(config: Config, run: Run) -> dict:

@@ -1,6 +1,7 @@
 """`selfalign report DIR`: one self-contained HTML page per run folder: did the model get better (each evaluation's
 win rate with its 95% interval and its paired difference from the starting model), how training went (loss; DPO's
-chosen and rejected rewards, their margin and accuracy, per step), and every stage's status, time and result.
+chosen and rejected rewards, their margin and accuracy; ORPO's chosen NLL, log odds ratio and accuracy; per step),
+and every stage's status, time and result.
 
 Written by hand, as inline SVG in one HTML file: it opens offline, can be mailed or attached to a paper review, and
 needs no plotting library (matplotlib would be a dependency for one page; wandb / tensorboard need a service or a
@@ -169,7 +170,12 @@ def _training(root: Path) -> str:
             return [(r["step"], r.get(key)) for r in rows if isinstance(r.get(key), (int, float))]
 
         charts = [line_chart("loss", {"loss": series("loss")})]
-        dpo = "rewards/margins" in rows[-1]
+        orpo = "log_odds_ratio" in rows[-1]  # ORPO's rewards are lambda x mean log-probs: no reference to drift from
+        dpo = "rewards/margins" in rows[-1] and not orpo
+        if orpo:
+            charts.append(line_chart("chosen NLL, log odds ratio", {"NLL": series("nll"),
+                                                                     "log odds ratio": series("log_odds_ratio")}))
+            charts.append(line_chart("accuracy", {"accuracy": series("rewards/accuracy")}))
         if dpo:
             charts.append(line_chart("implicit rewards", {"chosen": series("rewards/chosen"),
                                                           "rejected": series("rewards/rejected"),
@@ -179,7 +185,9 @@ def _training(root: Path) -> str:
         last = rows[-1]
         parts.append(f"<h3>{_esc(name)}</h3><p class='n'>{len(rows)} steps; last: loss {_num(last.get('loss'), 4)}"
                      + (f", margin {_num(last.get('rewards/margins'), 3)}, accuracy "
-                        f"{_num(last.get('rewards/accuracy'), 3)}" if dpo else "") + "</p>"
+                        f"{_num(last.get('rewards/accuracy'), 3)}" if dpo else "")
+                     + (f", log odds ratio {_num(last.get('log_odds_ratio'), 3)}, accuracy "
+                        f"{_num(last.get('rewards/accuracy'), 3)}" if orpo else "") + "</p>"
                      + f"<div class='c'>{''.join(charts)}</div>" + (f"<p class='n'>{_esc(DPO_NOTE)}</p>" if dpo
                                                                        else ""))
     return "".join(parts) or "<p>No training log yet.</p>"

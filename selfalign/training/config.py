@@ -92,3 +92,18 @@ class DPOTrainConfig(TrainConfig):
             raise ValueError("beta must be > 0")
         if not 0.0 <= self.label_smoothing <= 0.5:
             raise ValueError("label_smoothing must be in [0, 0.5]")
+
+
+@dataclass
+class ORPOTrainConfig(TrainConfig):
+    # [R]: ORPO's paper values were not retrieved (METHODS.md §5.6 gives lambda ~ 0.1); TRL's ORPOConfig defaults to
+    # 1e-6 and SFT to 2e-5. ORPO starts from a model without an SFT stage, so it needs more than DPO's 5e-7
+    learning_rate: float = 5e-6
+    odds_ratio_weight: float = 0.1  # lambda, the odds-ratio term's weight against the chosen answer's NLL
+    disable_dropout: bool = True  # as TRL's ORPOConfig: chosen and rejected are contrasted under one network
+
+    def __post_init__(self):
+        super().__post_init__()
+        if not self.odds_ratio_weight >= 0:
+            raise ValueError(f"odds_ratio_weight must be >= 0 (0 is SFT on the chosen answers), not "
+                             f"{self.odds_ratio_weight}")

@@ -65,6 +65,37 @@ def dpo_loss(pol_w: torch.Tensor, pol_l: torch.Tensor, ref_w: torch.Tensor, ref_
     return loss, metrics
 
 
+def orpo_loss(chosen_mean: torch.Tensor, rejected_mean: torch.Tensor, odds_ratio_weight: float,
+              reduction: str = "mean"):
+    """ORPO (Hong et al. 2024) on the MEAN per-token log-probs of chosen (w) and rejected (l) responses, each [B]:
+
+        log odds(y) = log p(y) - log(1 - p(y)),  with log p(y) the mean token log-prob of y
+        L = -log p(y_w) - lambda * log sigmoid(log odds(y_w) - log odds(y_l))
+
+    The first term is the SFT loss of the chosen response, as the paper writes it: each response's mean token NLL,
+    averaged over pairs (TRL instead averages the chosen tokens of the whole batch, so long answers weigh more).
+    No reference model: the odds ratio contrasts the two answers under the policy alone.
+
+    Returns (loss, metrics): metrics hold detached [B] tensors: the NLL, the log odds ratio, lambda * log sigmoid
+    of it, and TRL's reference-free "rewards" lambda * mean log-prob of chosen and rejected, their margin and
+    accuracy (chosen above rejected)."""
+    # log(1 - p) as log(-expm1(log p)): exact for p near 1, where log1p(-exp(.)) loses every digit. A response the
+    # model already gives with certainty (mean log-prob 0) is held just below it, so log(1 - p) stays finite.
+    def log1m(mean_logp):
+        return torch.log(-torch.expm1(mean_logp.clamp(max=-1e-6)))
+
+    w, lo = chosen_mean.float(), rejected_mean.float()
+    log_odds = (w - lo) - (log1m(w) - log1m(lo))
+    ratio = F.logsigmoid(log_odds)
+    losses = -w - odds_ratio_weight * ratio
+    loss = {"mean": losses.mean, "sum": losses.sum, "none": lambda: losses}[reduction]()
+    chosen, rejected = (odds_ratio_weight * w).detach(), (odds_ratio_weight * lo).detach()
+    metrics = {"nll": -w.detach(), "log_odds_ratio": log_odds.detach(), "odds_ratio_term": ratio.detach(),
+               "rewards/chosen": chosen, "rewards/rejected": rejected, "rewards/margins": chosen - rejected,
+               "rewards/accuracy": (chosen > rejected).float()}
+    return loss, metrics
+
+
 @torch.no_grad()
 def extrapolated_token_logps(policy_logits: torch.Tensor, ref_logits: torch.Tensor, targets: torch.Tensor,
                              lam: float, chunk: int = 1024) -> torch.Tensor:

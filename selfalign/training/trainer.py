@@ -31,11 +31,11 @@ from selfalign.errors import DataError
 from selfalign.models import load_model, load_tokenizer, pick_device, resolve_model
 from selfalign.runs import model_fingerprint
 from selfalign.training.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
-from selfalign.training.config import DPOTrainConfig, SFTTrainConfig, TrainConfig
+from selfalign.training.config import DPOTrainConfig, ORPOTrainConfig, SFTTrainConfig, TrainConfig
 from selfalign.training.data import (PairExample, SFTExample, batch_order, collate_pairs, collate_sft,
                                      encode_conversations, encode_pairs)
 from selfalign.training.forward import autocast, reference_context, response_logits, sum_by_row, unwrap
-from selfalign.training.losses import IGNORE, dpo_loss, extrapolated_token_logps, token_logps
+from selfalign.training.losses import IGNORE, dpo_loss, extrapolated_token_logps, orpo_loss, token_logps
 from selfalign.training.refcache import cache_path, pair_logps
 
 
@@ -219,6 +219,41 @@ class DPOObjective:
             self.noise_hook.load_state_dict(state["hook"])
 
 
+class ORPOObjective:
+    """ORPO: the chosen answer's NLL plus lambda x the log odds ratio of chosen over rejected, both from mean token
+    log-probs under the policy alone (no reference model, no SFT stage before it)."""
+
+    def __init__(self, examples: list[PairExample], pad_id: int, config: ORPOTrainConfig):
+        self.examples, self.pad_id, self.config = examples, pad_id, config
+        self.lengths = [e.length for e in examples]
+
+    def collate(self, idx: list[int]) -> dict:
+        return collate_pairs([self.examples[i] for i in idx], self.pad_id)
+
+    def count(self, batch: dict) -> int:
+        return len(batch["ids"])
+
+    def n_examples(self, batch: dict) -> int:
+        return len(batch["ids"])
+
+    def loss(self, model, batch: dict, step: int, max_steps: int):
+        n = batch["input_ids"].size(0)
+        b = n // 2
+        logits, targets, rows = response_logits(model, batch)
+        tokens = torch.bincount(rows, minlength=n).clamp(min=1)  # every response keeps >= 1 token (encode_pairs)
+        mean = sum_by_row(token_logps(logits, targets), rows, n) / tokens
+        loss, m = orpo_loss(mean[:b], mean[b:], self.config.odds_ratio_weight, reduction="sum")
+        metrics = {k: v.sum() for k, v in m.items()}
+        metrics["loss"] = loss.detach()
+        return loss, metrics
+
+    def state_dict(self) -> dict:
+        return {}
+
+    def load_state_dict(self, state: dict) -> None:
+        pass
+
+
 # ------------------------------------------------------------------------------------------------ the loop
 def fit(model, tokenizer, objective, config: TrainConfig, out_dir: str | Path, final_dir: str | Path,
         device: str = "cpu", on_checkpoint: Callable[[int, Path], None] | None = None, verbose: bool = True) -> dict:
@@ -379,3 +414,15 @@ def train_dpo(model: str, pairs, config: DPOTrainConfig, out_dir: str | Path, fi
                              extrapolation_lambda)
     summary = fit(policy, tokenizer, objective, config, out_dir, final_dir, device, on_checkpoint, verbose)
     return {**summary, "truncated": sum(e.truncated for e in examples), "reference_cached": not live}
+
+
+def train_orpo(model: str, pairs, config: ORPOTrainConfig, out_dir: str | Path, final_dir: str | Path,
+               on_checkpoint=None, verbose: bool = True) -> dict:
+    """ORPO of `model` on `PreferencePair` records (or PairExamples): one stage, no reference model."""
+    tokenizer = load_tokenizer(model)
+    examples = pairs if pairs and isinstance(pairs[0], PairExample) else encode_pairs(
+        tokenizer, pairs, config.max_length, config.max_prompt_length)
+    policy, device = prepare_policy(model, config, disable_dropout=config.disable_dropout)
+    objective = ORPOObjective(examples, tokenizer.pad_token_id, config)
+    summary = fit(policy, tokenizer, objective, config, out_dir, final_dir, device, on_checkpoint, verbose)
+    return {**summary, "truncated": sum(e.truncated for e in examples)}

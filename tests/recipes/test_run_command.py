@@ -11,7 +11,7 @@ from selfalign.cli import main
 from selfalign.config import load_config
 
 
-@pytest.mark.parametrize("recipe", ["sft", "dpo", "spa", "srt", "seft"])
+@pytest.mark.parametrize("recipe", ["sft", "dpo", "orpo", "spa", "srt", "seft"])
 def test_each_recipe_has_help_listing_its_pipeline_configs_and_every_key(recipe, capsys):
     with pytest.raises(SystemExit) as e:
         main(["run", recipe, "--help"])
@@ -62,4 +62,4 @@ def test_config_names_and_missing_configs(tmp_path, capsys, monkeypatch):
     assert main(["run", "srt", str(tmp_path / "spa-smoke"), "--print-config"]) == 2
     err = capsys.readouterr().err.strip()
     assert err.endswith("spa-smoke: config file not found, and no shipped config has that name (shipped: dpo, "
-                        "dpo-smoke, seft, seft-smoke, sft, sft-smoke, spa, spa-smoke, srt, srt-smoke)"), err
+                        "dpo-smoke, orpo, orpo-smoke, seft, seft-smoke, sft, sft-smoke, spa, spa-smoke, srt, srt-smoke)"), err

@@ -1,4 +1,4 @@
-"""The shipped sft/dpo smoke configs end to end through the CLI, on the embedded model and real data.
+"""The shipped sft/dpo/orpo smoke configs end to end through the CLI, on the embedded model and real data.
 
 Sizes are shrunk further with --set (fewer pairs and tokens) to keep the test suite fast; every stage still runs."""
 
@@ -25,16 +25,16 @@ def check_final(run_dir: Path) -> None:
     assert any(final.glob("*.safetensors"))
 
 
-@pytest.mark.parametrize("recipe", ["sft", "dpo"])
+@pytest.mark.parametrize("recipe", ["sft", "dpo", "orpo"])
 def test_smoke_recipe_end_to_end(recipe, tmp_path, capsys):
     run_dir = tmp_path / recipe
-    extra = ["--set", "eval_limit=4"] if recipe == "dpo" else []
+    extra = ["--set", "eval_limit=4"] if recipe != "sft" else []
     argv = ["run", recipe, str(REPO / "configs" / f"{recipe}-smoke.yaml"), "--run-dir", str(run_dir), *SHRINK, *extra]
     assert main(argv) == 0
     summary = json.loads(capsys.readouterr().out)
     check_final(run_dir)
     manifest = json.loads((run_dir / "manifest.json").read_text())
-    expected = ["data", "train", "eval"] if recipe == "dpo" else ["data", "train"]
+    expected = ["data", "train", "eval"] if recipe != "sft" else ["data", "train"]
     assert [s for s in manifest["stages"] if manifest["stages"][s]["status"] == "done"] == expected
     assert "final" in manifest["models"]
     log = [json.loads(line) for line in (run_dir / "train" / "log.jsonl").read_text().splitlines()]
@@ -44,6 +44,12 @@ def test_smoke_recipe_end_to_end(recipe, tmp_path, capsys):
             assert key in log[0]
         assert summary["eval"]["pairs"] == 4 and 0.0 <= summary["eval"]["rewards/accuracy"] <= 1.0
         assert list((run_dir / "train").glob("ref_logps.*.jsonl"))
+    if recipe == "orpo":  # no reference: the held-out terms of the starting model are the baseline
+        for key in ("loss", "nll", "log_odds_ratio", "odds_ratio_term", "rewards/accuracy"):
+            assert key in log[0]
+        assert summary["eval"]["initial"]["pairs"] == summary["eval"]["final"]["pairs"] == 4
+        assert summary["eval"]["final"]["nll"] != summary["eval"]["initial"]["nll"]  # the final model is scored
+        assert not list((run_dir / "train").glob("ref_logps.*.jsonl"))
     assert not (run_dir / "train" / "checkpoints").exists()  # superseded by final/
     # the HTML report charts the training log: DPO's rewards too
     assert main(["report", str(run_dir)]) == 0
@@ -51,6 +57,7 @@ def test_smoke_recipe_end_to_end(recipe, tmp_path, capsys):
     page = (run_dir / "report.html").read_text()
     assert "<h3>train</h3><p class='n'>2 steps; last: loss " in page and "No evaluation yet" in page
     assert ("implicit rewards" in page) == (recipe == "dpo")
+    assert ("log odds ratio" in page) == (recipe == "orpo")
     # the same command again resumes a finished run: nothing is redone
     assert main(argv) == 0
     assert json.loads(capsys.readouterr().out)["train"] == summary["train"]

@@ -8,8 +8,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from selfalign.training.losses import (IGNORE, dpo_loss, extrapolated_token_logps, sequence_logps, sft_loss,
-                                       token_logps)
+from selfalign.training.losses import (IGNORE, dpo_loss, extrapolated_token_logps, orpo_loss, sequence_logps,
+                                       sft_loss, token_logps)
 
 
 def softplus(x: float) -> float:
@@ -101,3 +101,46 @@ def test_extrapolated_logps_formula_and_chunking():
     assert torch.allclose(extrapolated_token_logps(hp, hr, t, 0.0), token_logps(hp, t), atol=1e-6)
     with torch.enable_grad():
         assert not extrapolated_token_logps(hp.requires_grad_(), hr, t, lam).requires_grad
+
+
+def log_odds(mean_logp: float) -> float:
+    return mean_logp - math.log(1 - math.exp(mean_logp))
+
+
+def test_orpo_loss_hand_computed():
+    # log odds: -0.5 - log(1 - e^-0.5) = 0.432752; -1.5 - log(1 - e^-1.5) = -1.247518; their difference 1.680270
+    w, lo = torch.tensor([-0.5]), torch.tensor([-1.5])
+    loss, m = orpo_loss(w, lo, odds_ratio_weight=0.1)
+    ratio = log_odds(-0.5) - log_odds(-1.5)
+    assert ratio == pytest.approx(1.680270, abs=1e-6)
+    assert m["log_odds_ratio"].item() == pytest.approx(ratio, abs=1e-5)
+    assert m["odds_ratio_term"].item() == pytest.approx(-softplus(-ratio), abs=1e-6)
+    assert loss.item() == pytest.approx(0.5 + 0.1 * softplus(-ratio), abs=1e-6)  # NLL 0.5 + lambda x -log sigma
+    assert loss.item() == pytest.approx(0.5170859, abs=1e-6)
+    assert m["nll"].item() == pytest.approx(0.5)
+    assert m["rewards/margins"].item() == pytest.approx(0.1) and m["rewards/accuracy"].item() == 1.0
+    # lambda 0 is SFT on the chosen answers: the mean token NLL, whatever the rejected answer is
+    assert orpo_loss(w, torch.tensor([-0.01]), odds_ratio_weight=0.0)[0].item() == pytest.approx(0.5)
+
+
+def test_orpo_loss_matches_trls_odds_ratio_and_stays_finite_near_certainty():
+    import warnings
+    from types import SimpleNamespace
+
+    with warnings.catch_warnings():  # TRLExperimentalWarning: ORPO lives in trl.experimental since TRL 0.2x
+        warnings.simplefilter("ignore")
+        from trl.experimental.orpo import ORPOTrainer
+
+    g = torch.Generator().manual_seed(3)
+    w, lo = -torch.rand(8, generator=g) * 3, -torch.rand(8, generator=g) * 3
+    per_pair, m = orpo_loss(w, lo, odds_ratio_weight=0.2, reduction="none")
+    fake = SimpleNamespace(beta=0.2, accelerator=SimpleNamespace(device="cpu"))
+    trl_terms, trl_chosen, trl_rejected, _, trl_log_odds = ORPOTrainer.odds_ratio_loss(fake, w, lo)
+    assert torch.allclose(per_pair, -w - trl_terms, atol=1e-6)  # TRL returns lambda x log sigma(log odds ratio)
+    assert torch.allclose(m["rewards/chosen"], trl_chosen) and torch.allclose(m["rewards/rejected"], trl_rejected)
+    assert m["log_odds_ratio"].mean().item() == pytest.approx(trl_log_odds.item(), abs=1e-5)
+    # an answer given with near certainty (mean log-prob -1e-9, or 0): log(1 - p) stays finite, and so do gradients
+    w = torch.tensor([0.0, -1e-9, -0.3], requires_grad=True)
+    loss, _ = orpo_loss(w, torch.tensor([-2.0, -2.0, -2.0]), odds_ratio_weight=0.1)
+    loss.backward()
+    assert torch.isfinite(loss) and torch.isfinite(w.grad).all()

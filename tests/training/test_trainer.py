@@ -262,3 +262,29 @@ def test_weight_decay_spares_biases_and_norm_weights(tmp_path, tiny_model_dir, r
     assert vectors and matrices
     assert all(torch.equal(plain[k], decayed[k]) for k in vectors)
     assert all(not torch.equal(plain[k], decayed[k]) for k in matrices)
+
+
+def test_orpo_step_loss_is_the_papers_formula_and_training_raises_the_odds_ratio(tmp_path, tiny_model_dir,
+                                                                                   real_pairs, tokenizer):
+    from selfalign.training import ORPOTrainConfig, train_orpo
+
+    pairs = real_pairs[:4]
+    config = ORPOTrainConfig(max_steps=12, batch_size=4, max_length=64, max_prompt_length=32, learning_rate=3e-3,
+                             warmup_ratio=0.0, save_steps=0, group_by_length=False, odds_ratio_weight=0.5)
+    # step 1's loss from a plain full forward of the start model (not the trainer's head-on-response-rows path):
+    # mean token NLL of chosen + lambda x -log sigmoid(log odds(chosen) - log odds(rejected)), averaged over pairs
+    batch = collate_pairs(encode_pairs(tokenizer, pairs, 64, 32), tokenizer.pad_token_id)
+    with torch.no_grad():
+        logits = load_model(str(tiny_model_dir)).eval()(input_ids=batch["input_ids"],
+                                                        attention_mask=batch["attention_mask"]).logits
+    mean = sequence_logps(logits, batch["labels"]) / (batch["labels"][:, 1:] != -100).sum(-1)
+    odds = mean - torch.log(1 - torch.exp(mean))
+    expected = (-mean[:4] - 0.5 * torch.nn.functional.logsigmoid(odds[:4] - odds[4:])).mean()
+    summary = train_orpo(str(tiny_model_dir), pairs, config, tmp_path / "train", tmp_path / "final", verbose=False)
+    log = read_log(tmp_path)
+    assert log[0]["loss"] == pytest.approx(float(expected), abs=1e-5)
+    assert log[0]["examples"] == 4 and log[0]["loss_normaliser"] == 4  # averaged over pairs, not tokens
+    # the preference is learned: chosen's odds rise against rejected's (swapped halves would lower them)
+    assert log[-1]["log_odds_ratio"] > log[0]["log_odds_ratio"] + 0.5 and log[-1]["rewards/accuracy"] == 1.0
+    assert log[-1]["nll"] < log[0]["nll"]
+    assert summary["steps"] == 12 and (tmp_path / "final" / "model.safetensors").exists()
