@@ -98,5 +98,18 @@ def _paired_vs(eval_root: Path, first: str, label: str) -> dict | None:
 
 
 def read_summary(eval_root: str | Path) -> dict:
+    """A run's evaluation rows (label -> metrics) from eval_root/summary.json; {} when there are none yet. A damaged
+    file (a hand edit) is a one-line SelfalignError: the next evaluation stage writes it again."""
+    from selfalign.errors import SelfalignError
+
     p = Path(eval_root) / "summary.json"
-    return json.loads(p.read_text()) if p.exists() else {}
+    if not p.exists():
+        return {}
+    try:
+        rows = json.loads(p.read_text())
+        if not isinstance(rows, dict):
+            raise ValueError("not a JSON object")
+    except (ValueError, UnicodeDecodeError) as e:
+        raise SelfalignError(f"{p}: not a readable evaluation summary ({e}); it was changed by hand: remove it, and "
+                             f"the run's next evaluation stage writes it again") from None
+    return rows

@@ -14,6 +14,7 @@ from __future__ import annotations
 import html
 import json
 import math
+import os
 from pathlib import Path
 
 from selfalign.errors import SelfalignError
@@ -119,8 +120,11 @@ def _table(header: list[str], rows: list[list]) -> str:
     return f"<table><tr>{head}</tr>{body}</table>"
 
 
-def _evaluation(summary: dict) -> str:
+def _evaluation(summary: dict, config: dict) -> str:
     if not summary:
+        if not isinstance(config.get("eval"), dict):  # sft, dpo, orpo: no win-rate stage
+            return ("<p>This recipe has no win-rate evaluation: run <code>selfalign eval alpaca --model "
+                    "DIR/final</code> on its final model (and on its starting model, to compare).</p>")
         return "<p>No evaluation yet (the recipe's <code>eval.instructions</code> is 0, or none has finished).</p>"
     first = next(iter(summary))
     vs_key = f"vs_{first}"
@@ -183,7 +187,7 @@ def _training(root: Path) -> str:
             charts.append(line_chart("reward accuracy", {"accuracy": series("rewards/accuracy")}))
         charts.append(line_chart("learning rate", {"lr": series("lr")}))
         last = rows[-1]
-        parts.append(f"<h3>{_esc(name)}</h3><p class='n'>{len(rows)} steps; last: loss {_num(last.get('loss'), 4)}"
+        parts.append(f"<h3>{_esc(name)}</h3><p class='n'>{len(rows)} step{'s' * (len(rows) != 1)}; last: loss {_num(last.get('loss'), 4)}"
                      + (f", margin {_num(last.get('rewards/margins'), 3)}, accuracy "
                         f"{_num(last.get('rewards/accuracy'), 3)}" if dpo else "")
                      + (f", log odds ratio {_num(last.get('log_odds_ratio'), 3)}, accuracy "
@@ -210,7 +214,13 @@ def write_report(root: str | Path, out: str | Path | None = None) -> Path:
     root = Path(root)
     if not (root / "manifest.json").is_file():
         raise SelfalignError(f"{root}: not a run folder (no manifest.json)")
+    path = Path(out) if out is not None else root / "report.html"
+    _check_writable(path)
     manifest = read_manifest(root / "manifest.json")
+    try:
+        evaluation = _evaluation(read_summary(root / "eval"), manifest.get("config") or {})
+    except SelfalignError as e:  # a damaged summary must not cost the rest of the page
+        evaluation = f"<p>{_esc(e)}</p>"
     owner = lock_owner(root)
     statuses = stage_statuses(manifest, owner)
     stages = [[name, statuses[name], format_duration(s.get("seconds")),
@@ -227,12 +237,30 @@ def write_report(root: str | Path, out: str | Path | None = None) -> Path:
             f" in <code>{_esc(manifest.get('cwd'))}</code><br>command: <code>{_esc(command)}</code>"
             + (f"<br>versions: {_esc(versions)}" if versions else "") + "</p>",
             f"<ul>{models}</ul>" if models else "",
-            "<h2>Evaluation</h2>", _evaluation(read_summary(root / "eval")),
+            "<h2>Evaluation</h2>", evaluation,
             "<h2>Training</h2>", _training(root),
             "<h2>Stages</h2>", _table(["stage", "status", "time", "result"], stages),
             "<details><summary>config</summary><pre>"
             f"{_esc(json.dumps(manifest.get('config'), indent=2, default=str))}</pre></details>",
             "</body></html>"]
-    path = Path(out) if out is not None else root / "report.html"
-    path.write_text("\n".join(page), encoding="utf-8")
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text("\n".join(page), encoding="utf-8")
+    os.replace(tmp, path)  # a reader (or a kill) never sees half a page
     return path
+
+
+def _check_writable(path: Path) -> None:
+    """--out must be a new file or an earlier report: never a run's manifest, a model, or a user's notes. Its folder
+    is made if missing."""
+    if path.is_dir():
+        raise SelfalignError(f"{path}: is a folder; give an HTML file path for --out")
+    if path.exists():
+        with open(path, "rb") as f:
+            head = f.read(512)
+        if not (head.startswith(b"<!doctype html>") and b"<title>selfalign " in head):
+            raise SelfalignError(f"{path}: exists and is not a selfalign report; nothing was changed: give a new "
+                                 f"file for --out, or remove this one")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as e:  # a parent that is a file, or a place this user cannot write
+        raise SelfalignError(f"{path}: cannot create its folder ({e.strerror})") from None

@@ -55,7 +55,7 @@ def test_smoke_recipe_end_to_end(recipe, tmp_path, capsys):
     assert main(["report", str(run_dir)]) == 0
     capsys.readouterr()
     page = (run_dir / "report.html").read_text()
-    assert "<h3>train</h3><p class='n'>2 steps; last: loss " in page and "No evaluation yet" in page
+    assert "<h3>train</h3><p class='n'>2 steps; last: loss " in page and "no win-rate evaluation" in page
     assert ("implicit rewards" in page) == (recipe == "dpo")
     assert ("log odds ratio" in page) == (recipe == "orpo")
     # the same command again resumes a finished run: nothing is redone

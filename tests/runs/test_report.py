@@ -23,7 +23,7 @@ def test_charts_skip_missing_values_and_draw_nothing_without_data():
 
 def test_a_report_of_a_new_run_and_of_no_run(tmp_path, capsys):
     root = tmp_path / "run"
-    run = Run(root, {"a": 1}, recipe="spa")
+    run = Run(root, {"a": 1, "eval": {"instructions": 8}}, recipe="spa")
     run.stage("data", lambda: {"pairs": 3, "note": "<b>escaped</b>"})
     del run
     assert main(["report", str(root), "--out", str(tmp_path / "r.html")]) == 0
@@ -33,3 +33,37 @@ def test_a_report_of_a_new_run_and_of_no_run(tmp_path, capsys):
     capsys.readouterr()
     assert main(["report", str(tmp_path)]) == 2
     assert capsys.readouterr().err.strip() == f"selfalign: error: {tmp_path}: not a run folder (no manifest.json)"
+
+
+def test_out_is_a_new_file_or_an_earlier_report_and_nothing_else_is_overwritten(tmp_path, capsys):
+    root = tmp_path / "run"
+    del_run = Run(root, {"a": 1}, recipe="sft")  # no eval section: no win-rate stage to wait for
+    del del_run
+    manifest = (root / "manifest.json").read_text()
+    notes = tmp_path / "notes.txt"
+    notes.write_text("my notes")
+    for out, why in ((root / "manifest.json", "exists and is not a selfalign report; nothing was changed"),
+                     (notes, "exists and is not a selfalign report; nothing was changed"),
+                     (tmp_path, "is a folder; give an HTML file path for --out"),
+                     (notes / "r.html", "cannot create its folder")):
+        assert main(["report", str(root), "--out", str(out)]) == 2
+        err = capsys.readouterr().err.strip()
+        assert err.startswith(f"selfalign: error: {out}: {why}") and "\n" not in err, err
+    assert (root / "manifest.json").read_text() == manifest and notes.read_text() == "my notes"
+    deep = tmp_path / "reports" / "new" / "run.html"  # a missing folder is made
+    assert main(["report", str(root), "--out", str(deep)]) == 0
+    assert main(["report", str(root), "--out", str(deep)]) == 0  # an earlier report is replaced
+    page = deep.read_text()
+    assert "This recipe has no win-rate evaluation" in page and not list(deep.parent.glob(".*.tmp"))
+
+
+def test_a_damaged_evaluation_summary_costs_only_its_section(tmp_path, capsys):
+    root = tmp_path / "run"
+    run = Run(root, {"eval": {"instructions": 8}}, recipe="spa")
+    run.stage("data", lambda: {"pairs": 3})
+    del run
+    (root / "eval").mkdir()
+    (root / "eval" / "summary.json").write_text('{"initial": {"win_rate": 4')  # cut short by a hand edit
+    assert main(["report", str(root)]) == 0
+    page = (root / "report.html").read_text()
+    assert "summary.json: not a readable evaluation summary" in page and "<h2>Stages</h2>" in page
