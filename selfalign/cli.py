@@ -9,6 +9,7 @@ import argparse
 import json
 import os
 import sys
+from pathlib import Path
 
 from selfalign.errors import SelfalignError
 
@@ -111,6 +112,8 @@ def cmd_models(args) -> int:
     from selfalign.models import list_models, resolve_model
 
     if args.action == "list":
+        if args.names:
+            raise SelfalignError(f"models list takes no names (got {' '.join(args.names)}); use models path NAME")
         rows = list_models()
         if args.json:
             print(json.dumps(rows, indent=2))
@@ -129,7 +132,11 @@ def cmd_models(args) -> int:
         return 0
     if args.action in ("convert", "path"):
         for spec in args.names or ["smollm2-135m"]:
-            print(resolve_model(spec))
+            folder = resolve_model(spec)
+            if args.action == "convert" and Path(spec).expanduser().is_dir():
+                print(f"selfalign: note: {spec} is already a safetensors model folder: nothing to convert (selfalign "
+                      f"reads GGUF files; it writes none)", file=sys.stderr)
+            print(folder)
         return 0
     raise SelfalignError(f"unknown models action {args.action}")
 
@@ -167,7 +174,8 @@ def build_parser() -> argparse.ArgumentParser:
                        "convert NAME|PATH: dequantise a GGUF once into the cache and print the folder. "
                        "path NAME|PATH: print the loadable folder (converting if needed).")
     p.add_argument("action", choices=["list", "fetch", "convert", "path"])
-    p.add_argument("names", nargs="*", help="short names, model folders or .gguf files")
+    p.add_argument("names", nargs="*", help="short names, model folders or .gguf files (fetch, convert, path: "
+                   "default smollm2-135m)")
     p.add_argument("--json", action="store_true", help="list as JSON")
     p.set_defaults(fn=cmd_models)
 

@@ -119,3 +119,12 @@ def test_models_list_and_missing_model(capsys):
     assert any(r["name"] == "smollm2-135m" and r["installed"] for r in rows)
     assert main(["models", "path", "nope-model"]) == 2
     assert "not found" in capsys.readouterr().err
+    assert main(["models", "list", "extra"]) == 2
+    assert "models list takes no names (got extra)" in capsys.readouterr().err
+
+
+def test_models_convert_of_a_model_folder_says_there_is_nothing_to_convert(capsys, embedded_model_dir):
+    assert main(["models", "convert", str(embedded_model_dir)]) == 0
+    captured = capsys.readouterr()
+    assert captured.out.strip() == str(embedded_model_dir)
+    assert "is already a safetensors model folder: nothing to convert" in captured.err

@@ -70,8 +70,17 @@ def load_model(spec: str | None = None, dtype: str = "auto", device: str = "auto
         base = load_model(json.loads(adapter.read_text())["base_model_name_or_path"], dtype, device, trust_remote_code)
         model = PeftModel.from_pretrained(base, str(folder))
     else:
-        model = AutoModelForCausalLM.from_pretrained(str(folder), dtype=torch_dtype, use_safetensors=True,
-                                                     trust_remote_code=trust_remote_code)
+        from safetensors import SafetensorError
+
+        try:
+            model = AutoModelForCausalLM.from_pretrained(str(folder), dtype=torch_dtype, use_safetensors=True,
+                                                         trust_remote_code=trust_remote_code)
+        except (SafetensorError, OSError) as e:  # a cut-short weight file, a config.json that is not JSON
+            from selfalign.errors import ModelNotFoundError
+
+            raise ModelNotFoundError(f"{folder}: cannot load this model ({type(e).__name__}: "
+                                     f"{(str(e).splitlines() or [''])[0][:200]}); a weight or config file in it is "
+                                     f"damaged or incomplete") from None
     model.to(device)
     model.eval()
     model.selfalign_source = str(folder)

@@ -17,6 +17,7 @@ import hashlib
 import importlib.util
 import os
 import shutil
+import struct
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -160,8 +161,15 @@ def convert_gguf(gguf: Path, out: Path) -> Path:
     with open(gguf, "rb") as f:  # checked here: the GGUF reader's own error is a traceback about magic bytes
         if f.read(4) != b"GGUF":
             raise ModelNotFoundError(f"{gguf}: not a GGUF file (it does not start with the GGUF magic bytes)")
-    tok = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
-    model = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32)
+    try:
+        tok = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+        model = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32)
+    except (ValueError, KeyError, IndexError, EOFError, OSError, struct.error) as e:
+        # a cut-short file fails deep in the GGUF reader (struct.error on the header, a reshape ValueError on the
+        # tensors): say which file, and that it is damaged, rather than show the reader's traceback
+        raise ModelNotFoundError(f"{gguf}: not a readable GGUF model ({type(e).__name__}: "
+                                 f"{(str(e).splitlines() or [''])[0][:160]}); the file is damaged or incomplete "
+                                 f"({gguf.stat().st_size:,} bytes): download or fetch it again") from None
     # The GGUF loader attaches a quantizer that refuses to serialise, although the weights are already plain
     # dequantised tensors; dropping it is safe and is what makes save_pretrained (and training) work.
     model.hf_quantizer = None

@@ -61,6 +61,31 @@ def test_a_file_named_gguf_that_is_not_one_and_bad_dtype_or_device_are_one_line_
             pick_device("cuda")
 
 
+def test_damaged_weights_are_one_line_errors_naming_the_file(tmp_path, monkeypatch, embedded_model_dir):
+    import shutil
+
+    monkeypatch.setenv("SELFALIGN_CACHE", str(tmp_path / "cache"))  # a conversion, if one started, lands here
+    data = PACKAGED_MODELS["smollm2-135m"].gguf_path().read_bytes()
+    for size in (2_000, 10_000_000):  # cut in the header (struct.error), cut in the tensors (a reshape ValueError)
+        cut = tmp_path / f"cut{size}.gguf"
+        cut.write_bytes(data[:size])
+        with pytest.raises(ModelNotFoundError, match=rf"cut{size}.gguf: not a readable GGUF model \(.*\); the file "
+                                                     rf"is damaged or incomplete \({size:,} bytes\)"):
+            resolve_model(str(cut))
+    assert not list((tmp_path / "cache").rglob("*.safetensors"))  # nothing half-converted is left to be found
+    folder = tmp_path / "model"
+    shutil.copytree(embedded_model_dir, folder)
+    weights = folder / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:1_000_000])  # a copy cut short
+    with pytest.raises(ModelNotFoundError, match=r"model: cannot load this model \(SafetensorError: .*\); a weight "
+                                                 r"or config file in it is damaged or incomplete"):
+        load_model(str(folder))
+    shutil.copy(embedded_model_dir / "model.safetensors", weights)
+    (folder / "config.json").write_text('{"model_type": "llama",')
+    with pytest.raises(ModelNotFoundError, match=r"model: cannot load this model \(OSError: "):
+        load_model(str(folder))
+
+
 def test_unknown_model_message_lists_options():
     with pytest.raises(ModelNotFoundError, match="smollm2-135m"):
         resolve_model("no-such-model-anywhere")
