@@ -211,7 +211,7 @@ def _add_compare(eval_sub) -> None:
     p = eval_sub.add_parser(
         "compare", help="did model B beat model A? the paired win-rate difference of two AlpacaEval-style evaluations",
         description="B's win rate minus A's over the instructions both evaluations judged, paired by instruction, "
-        "with its standard error, 95%% CI and p-value (normal approximation). Far tighter than comparing the two "
+        "with its standard error, 95% CI and p-value (normal approximation). Far tighter than comparing the two "
         "win rates' own error bars: both share the draw of instructions. Both must be judged by the same judge "
         "against the same reference. A and B: `eval alpaca --out` folders, a run's eval/<label> folders, or "
         "annotations files.")

@@ -71,6 +71,10 @@ def paired_difference(a: str | Path, b: str | Path) -> dict:
                             f"<folder>/model_outputs.json` judges existing answers again)", path=str(path_b))
     shared = [i for i in wins_b if i in wins_a]
     if len(shared) < 2:
+        side = next(((p, w) for p, w in ((path_a, wins_a), (path_b, wins_b)) if len(w) < 2), None)
+        if side is not None:  # the instructions may well be the same: one side has (almost) no readable verdict
+            raise DataError(f"only {len(side[1])} instruction(s) with a verdict (a row whose preference is null has "
+                            f"none): a paired difference needs two or more on both sides", path=str(side[0]))
         raise DataError(f"only {len(shared)} judged instruction(s) in common with {path_a}: a paired difference "
                         "needs the same instructions (the same --limit and --seed, or the same --instructions file)",
                         path=str(path_b))
@@ -80,7 +84,8 @@ def paired_difference(a: str | Path, b: str | Path) -> dict:
     se = math.sqrt(sum((x - mean) ** 2 for x in d) / (n - 1) / n)
     z = mean / se if se > 0 else None  # every difference equal: no spread to test against (JSON has no inf)
     return {
-        "difference": mean, "standard_error": se, "ci95": (mean - 1.96 * se, mean + 1.96 * se),
+        # clipped to the difference's own range: the normal approximation runs past +-100 on a handful of items
+        "difference": mean, "standard_error": se, "ci95": (max(-100.0, mean - 1.96 * se), min(100.0, mean + 1.96 * se)),
         "z": z, "p_value": None if z is None else math.erfc(abs(z) / math.sqrt(2)),
         "n": n, "b_better": sum(x > 0 for x in d), "a_better": sum(x < 0 for x in d), "same": sum(x == 0 for x in d),
         "win_rate_a": 100.0 * sum(wins_a[i] for i in shared) / n,
@@ -103,6 +108,8 @@ def describe(result: dict) -> str:
                                                      f"z {result['z']:.2f}, p {result['p_value']:.3g}")
              + "; paired by instruction)",
              f"B judged better on {result['b_better']}, worse on {result['a_better']}, the same on {result['same']}"]
+    if result["a"]["annotations"] == result["b"]["annotations"]:
+        lines.append("A and B are the same evaluation: the difference is 0 by construction")
     if result["only_a"] or result["only_b"]:
         lines.append(f"left out: {result['only_a']} instruction(s) judged only for A, {result['only_b']} only for B")
     return "\n".join(lines)

@@ -87,8 +87,15 @@ def cmd_status(args) -> int:
     statuses = stage_statuses(manifest, owner)
     if args.json:  # the same statuses as the table below, with the full results
         stages = {name: dict(s, status=statuses[name]) for name, s in manifest["stages"].items()}
+        from selfalign.evaluation.stage import read_summary
+
+        try:  # the evaluation table's rows, as eval/summary.md shows them
+            evaluation = read_summary(root / "eval")
+        except SelfalignError as e:
+            evaluation = {"error": str(e)}
         print(json.dumps({"run_dir": str(root), "recipe": manifest.get("recipe"), "state": state, "owner": owner,
-                          "stages": stages, "models": manifest.get("models", {})}, indent=2))
+                          "stages": stages, "models": manifest.get("models", {}), "evaluation": evaluation},
+                         indent=2))
         return 0
     resumed = len(manifest.get("resumed_at", []))
     print(f"{root}: {manifest.get('recipe')} run, started {manifest.get('created_at')}"
@@ -132,7 +139,7 @@ def register(sub) -> None:
     p.set_defaults(fn=cmd_status)
     p = sub.add_parser("report", help="write a run folder's HTML report: evaluations, training curves, stages",
                        description="Write one self-contained HTML page (inline charts, opens offline) for a run "
-                       "folder: each evaluation's win rate with its 95%% interval and its paired difference from the "
+                       "folder: each evaluation's win rate with its 95% interval and its paired difference from the "
                        "starting model, each training stage's loss (and DPO's chosen / rejected rewards, margin and "
                        "accuracy) per step, every stage's status, time and result, and the config. Prints its path.")
     p.add_argument("run_dir", metavar="DIR", help="a run folder (made by `selfalign run`)")

@@ -83,6 +83,19 @@ def test_unpairable_evaluations_are_refused_with_the_reason(annotations, tmp_pat
     b.write_text(json.dumps([dict(r, preference=None) if i == 3 else r for i, r in enumerate(rows_b)], indent=1))
     result = paired_difference(a, b)
     assert result["n"] == 29 and result["only_a"] == 1 and result["only_b"] == 0
+    # no verdict at all on one side: that side is named, not the instructions (which are the same)
+    b.write_text(json.dumps([dict(r, preference=None) for r in rows_b], indent=1))
+    with pytest.raises(DataError, match=r"b.json: only 0 instruction\(s\) with a verdict \(a row whose preference "
+                                        r"is null has none\)"):
+        paired_difference(a, b)
+    # the interval stays inside the difference's range, +-100, on a handful of instructions
+    few = [dict(r, preference=p) for r, p in zip(rows_a[:4], (1.0, 1.0, 1.0, 2.0))]
+    a.write_text(json.dumps(few, indent=1))
+    b.write_text(json.dumps([dict(r, output_2="x", preference=2.0) for r in few], indent=1))
+    clipped = paired_difference(a, b)
+    assert clipped["difference"] == 75.0 and clipped["ci95"][1] == 100.0 and clipped["ci95"][0] < 75.0
+    assert "the same evaluation" not in describe(clipped)
+    assert "A and B are the same evaluation: the difference is 0 by construction" in describe(paired_difference(a, a))
 
 
 def test_a_runs_table_shows_each_rows_paired_difference_from_the_first(annotations, tmp_path):

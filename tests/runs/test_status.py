@@ -110,9 +110,11 @@ def test_status_of_a_finished_run_shows_results_and_the_evaluation_table(tmp_pat
     assert "started by: " in out and "not the selfalign CLI" in out  # made from Python (here: pytest's argv)
     assert "win_rate=42.5 n_total=48 annotator=reward" in out and "nested" not in out
     assert f"final model: {embedded_model_dir.resolve()}" in out and "| initial | 42.50 |" in out
+    (root / "eval" / "summary.json").write_text(json.dumps({"initial": {"win_rate": 42.5, "n_total": 48}}))
     assert main(["status", str(root), "--json"]) == 0
     data = json.loads(capsys.readouterr().out)
     assert data["stages"]["eval/initial"]["result"]["nested"] == {"x": 1}
+    assert data["evaluation"] == {"initial": {"win_rate": 42.5, "n_total": 48}}  # the table's rows
     manifest = json.loads((root / "manifest.json").read_text())
     manifest["command"] = ["/usr/bin/selfalign", "run", "spa", "spa-smoke", "--run-dir", "runs/x"]
     (root / "manifest.json").write_text(json.dumps(manifest))
