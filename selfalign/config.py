@@ -128,7 +128,7 @@ def _overlay(base: dict, over: dict) -> dict:
 def _build(cls: type[T], data: dict, where: str) -> T:
     hints = typing.get_type_hints(cls)
     fields = {f.name: f for f in dataclasses.fields(cls) if f.init}
-    unknown = sorted(set(data) - set(fields))
+    unknown = [k for k in data if k not in fields]  # in the file's order: the error names the first one's line
     if unknown:
         key = f"{where}.{unknown[0]}" if where else unknown[0]
         raise _keyed(ConfigError(f"unknown key '{key}' (known keys here: {', '.join(fields)})"), key)
@@ -207,6 +207,9 @@ def _key_lines(text: str, name: str = "config") -> dict[str, int]:
 
 
 def load_config(cls: type[T], path: str | Path | None = None, overrides: list[str] | None = None) -> T:
+    """A recipe config: dataclass `cls` built from YAML file `path` (default: cls's defaults) with each override
+    ("dotted.key=value", as `--set` takes) applied on top, every value checked against the field's type. Errors are
+    one-line ConfigErrors naming the --set, else the file's line, that gave the bad value."""
     data: dict = {}
     name = str(path) if path else cls.__name__
     lines: dict[str, int] = {}

@@ -28,6 +28,9 @@ def test_unknown_keys_and_bad_values_name_the_file_line_and_key_or_the_override(
     path.write_text("model: smollm2-135m\nseed_train:\n  beta: 0.1\n  learnig_rate: 1.0e-6\n")
     with pytest.raises(ConfigError, match=r"spa.yaml:4: unknown key 'seed_train.learnig_rate'"):
         load_config(spa.Config, path)
+    path.write_text("model: smollm2-135m\nzeta_key: 1\nalpha_key: 2\n")  # the first in the file, not by name
+    with pytest.raises(ConfigError, match=r"spa.yaml:2: unknown key 'zeta_key'"):
+        load_config(spa.Config, path)
     path.write_text("model: smollm2-135m\nrejected: worst\n")
     with pytest.raises(ConfigError, match=r"spa.yaml:2: rejected: must be one of \['min_max', 'max_chosen'\]"):
         load_config(spa.Config, path)
