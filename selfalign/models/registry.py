@@ -198,7 +198,10 @@ def resolve_model(spec: str | os.PathLike | None) -> Path:
     if path.is_dir():
         adapter = (path / "adapter_config.json").exists()  # a LoRA adapter (peft) needs no config.json
         if not adapter and not (path / "config.json").exists():
-            raise ModelNotFoundError(f"{path}: not a model folder (no config.json or adapter_config.json)")
+            hint = ""
+            if (path / "manifest.json").exists():  # a run folder given for its model
+                hint = f"; it is a run folder: its final model is {path / 'final'}"
+            raise ModelNotFoundError(f"{path}: not a model folder (no config.json or adapter_config.json){hint}")
         if not _has_safetensors(path):  # an adapter too: peft would torch.load an adapter_model.bin
             raise ModelNotFoundError(f"{path}: no *.safetensors weights (pickle checkpoints are not loaded, "
                                      "for safety; convert them to safetensors first)")

@@ -28,6 +28,13 @@ def test_gguf_path_and_folder_resolve_to_the_same_weights(embedded_model_dir):
     assert (resolve_model(str(gguf)) / "model.safetensors").exists()
 
 
+def test_a_run_folder_given_as_a_model_names_its_final_model(tmp_path):
+    (tmp_path / "manifest.json").write_text("{}")
+    with pytest.raises(ModelNotFoundError, match=rf"not a model folder \(no config.json or adapter_config.json\); it "
+                                                 rf"is a run folder: its final model is {tmp_path / 'final'}"):
+        resolve_model(str(tmp_path))
+
+
 def test_pickle_only_folder_is_refused(tmp_path):
     (tmp_path / "config.json").write_text(json.dumps({"model_type": "llama"}))
     (tmp_path / "pytorch_model.bin").write_bytes(b"not loaded")
