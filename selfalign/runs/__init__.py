@@ -20,6 +20,7 @@ import os
 import platform
 import socket
 import sys
+import threading
 import time
 import weakref
 from pathlib import Path
@@ -250,6 +251,9 @@ def environment_versions() -> dict:
 
 
 LOCK_FILE = "run.lock"  # in a run folder; a ResumableJsonl's lock sits next to its file (".NAME.lock")
+# what a run folder holds before its first manifest is saved: a folder with only these is a run's to start
+CLAIM_GUARD = ".selfalign-claim"  # the (empty) file a folder's claims flock; never removed, so never raced
+RUN_START_FILES = (LOCK_FILE, LOCK_FILE + ".tmp", CLAIM_GUARD, "manifest.json.tmp")
 
 
 def _process_started(pid: int) -> float | None:
@@ -291,22 +295,28 @@ def check_unlocked(lock: Path, what: str) -> None:
 def claim_lock(lock: Path, holder: object, what: str) -> weakref.finalize:
     """Refuse `what` as check_unlocked does, else record this process in lock file `lock` until `holder` is dropped,
     the returned finalizer is called, or the process ends (see lock_holder)."""
-    lock = Path(os.path.abspath(lock))
+    lock = Path(os.path.realpath(lock))  # one entry per file, however it was reached (a symlinked run folder)
     pid = os.getpid()
-    with _one_claimer(lock.parent):
+    with _one_claimer(lock.parent, what), _held_guard:
         check_unlocked(lock, what)
         held = _held.get(lock)
-        if held is None or _claim_in(lock) != held[0]:  # not held by this process yet (or its file was removed)
-            held = _held[lock] = [os.urandom(8).hex(), 0]
+        if held is None or held["pid"] != pid:
+            held = _held[lock] = {"claim": None, "holders": 0, "pid": pid}
+        if held["claim"] is None or _claim_in(lock) != held["claim"]:  # new, or its file was removed: (re)written
+            held["claim"] = os.urandom(8).hex()
             write_json(lock, {"pid": pid, "host": socket.gethostname(), "process_started": _process_started(pid),
-                              "claimed_at": time.strftime("%Y-%m-%dT%H:%M:%S"), "claim": held[0]})
-        held[1] += 1
-    return weakref.finalize(holder, _release, lock, held[0])
+                              "claimed_at": time.strftime("%Y-%m-%dT%H:%M:%S"), "claim": held["claim"]})
+        held["holders"] += 1
+        _held[lock] = held  # (again, if a collection inside this block released the last other holder)
+    return weakref.finalize(holder, _release, lock)
 
 
-# lock path -> [claim, live holders] for each lock this process holds: the same run opened twice in one process (a
-# resume in one session) shares one claim, and the lock goes when the last holder does
-_held: dict[Path, list] = {}
+# lock path -> {claim, holders, pid} for each lock this process holds: the same run opened twice in one process (a
+# resume in one session) shares one claim, and the lock goes when the last holder does. A forked child inherits the
+# table (and the finalizers): the pid keeps it from releasing its parent's locks.
+_held: dict[Path, dict] = {}
+_held_guard = threading.RLock()  # finalizers run on any thread, or inside a claim on this one (a collection)
+CLAIM_WAIT_SECONDS = 30.0
 
 
 def _claim_in(lock: Path) -> str | None:
@@ -317,43 +327,54 @@ def _claim_in(lock: Path) -> str | None:
 
 
 @contextlib.contextmanager
-def _one_claimer(folder: Path):
-    """Hold an exclusive flock on `folder` (the lock file's own folder, so no extra file is left behind) while a
-    lock is checked and written. Without it, two commands started in the same instant both find the lock free and
-    both claim it (tests/runs/test_status.py releases four at once: without it two or more claimed, or crashed on
-    each other's .tmp files). The flock lasts milliseconds and goes with the process, so a kill cannot leave it
-    held. Where flock does not exist (Windows) or the filesystem refuses it (some network mounts), the claim goes
-    unguarded, as before."""
+def _one_claimer(folder: Path, what: str):
+    """Hold an exclusive flock on `folder`/.selfalign-claim while a lock there is checked and written. Without it,
+    two commands started in the same instant both find the lock free and both claim it (tests/runs/test_status.py
+    releases four at once: without it two or more claimed, or crashed on each other's .tmp files). The flock lasts
+    milliseconds and goes with the process, so a kill cannot leave it held. A file of its own, opened for writing:
+    a flock on the folder itself would wait forever under `flock DIR selfalign ...`, and NFS takes exclusive locks
+    only on files open for writing. Where flock does not exist (Windows) or the filesystem refuses it, the claim
+    goes unguarded."""
     try:
         import fcntl
 
-        fd = os.open(folder, os.O_RDONLY)
+        fd = os.open(folder / CLAIM_GUARD, os.O_RDWR | os.O_CREAT, 0o644)
     except (ImportError, OSError):
         yield
         return
     try:
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX)
-        except OSError:
-            pass
+        deadline = time.monotonic() + CLAIM_WAIT_SECONDS
+        while True:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                if time.monotonic() > deadline:
+                    raise SelfalignError(f"{what}: another process has held {folder / CLAIM_GUARD} for "
+                                         f"{CLAIM_WAIT_SECONDS:.0f} s (selfalign holds it for milliseconds): stop "
+                                         f"that process, or remove the file if no process uses it") from None
+                time.sleep(0.01)
+            except OSError:  # the filesystem has no flock
+                break
         yield
     finally:
         os.close(fd)  # closing the descriptor drops the flock
 
 
-def _release(lock: Path, claim: str) -> None:
-    held = _held.get(lock)
-    if held is None or held[0] != claim:  # an older claim, replaced since
-        return
-    held[1] -= 1
-    if held[1] > 0:  # another holder in this process still works on it
-        return
-    del _held[lock]
-    try:
-        if _claim_in(lock) == claim:  # not another process's claim, taken over after this one's file was removed
-            lock.unlink()
-    except OSError:
-        pass
+def _release(lock: Path) -> None:
+    with _held_guard:
+        held = _held.get(lock)
+        if held is None or held["pid"] != os.getpid():  # not ours: a forked child's copy of its parent's table
+            return
+        held["holders"] -= 1
+        if held["holders"] > 0:  # another holder in this process still works on it
+            return
+        del _held[lock]
+        try:
+            if _claim_in(lock) == held["claim"]:  # not another process's, taken over after ours was removed
+                lock.unlink()
+        except OSError:
+            pass
 
 
 def lock_owner(root: str | Path) -> dict | None:
@@ -388,9 +409,9 @@ class Run:
         self.root = Path(root)
         if self.root.exists() and not self.root.is_dir():
             raise SelfalignError(f"{self.root}: not a folder (--run-dir takes a new folder, or a run's to resume)")
-        # (a lock file alone is a run killed as it began)
+        # (a lock file alone is a run killed as it began, or beginning now in another process)
         if self.root.is_dir() and not (self.root / "manifest.json").exists() and any(
-                p.name not in (LOCK_FILE, LOCK_FILE + ".tmp") for p in self.root.iterdir()):
+                p.name not in RUN_START_FILES for p in self.root.iterdir()):
             # a run writes data/, eval/, final/ ... into its folder: not into a project folder given by mistake
             raise SelfalignError(f"{self.root}: a folder that holds other files and no run (no manifest.json); give "
                                  f"a new or empty folder")

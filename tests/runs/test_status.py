@@ -4,15 +4,20 @@ a process is running it now."""
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 import textwrap
+from pathlib import Path
 
 import pytest
 
 from selfalign.cli import main
 from selfalign.errors import SelfalignError
 from selfalign.runs import LOCK_FILE, ResumableJsonl, Run, lock_owner
+
+# child processes import the selfalign under test (this checkout), not whichever one their working directory finds
+CHILD_ENV = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[2])}
 
 HOLD = textwrap.dedent("""
     import sys, time
@@ -28,7 +33,7 @@ HOLD = textwrap.dedent("""
 
 def test_a_second_process_is_refused_while_the_first_runs_and_takes_over_once_it_is_killed(tmp_path, capsys):
     root = tmp_path / "run"
-    holder = subprocess.Popen([sys.executable, "-c", HOLD, str(root)], stdout=subprocess.PIPE, text=True)
+    holder = subprocess.Popen([sys.executable, "-c", HOLD, str(root)], stdout=subprocess.PIPE, text=True, env=CHILD_ENV)
     try:
         assert holder.stdout.readline().strip() == "ready"
         owner = lock_owner(root)
@@ -129,7 +134,7 @@ def test_an_output_file_takes_one_writer_at_a_time(tmp_path):
     hold = ("import sys, time\nfrom selfalign.runs import ResumableJsonl\n"
             "sink = ResumableJsonl(sys.argv[1], key=lambda r: r['k'])\nsink.append([{'k': 1}])\n"
             "print('ready', flush=True)\ntime.sleep(120)\n")
-    holder = subprocess.Popen([sys.executable, "-c", hold, str(out)], stdout=subprocess.PIPE, text=True)
+    holder = subprocess.Popen([sys.executable, "-c", hold, str(out)], stdout=subprocess.PIPE, text=True, env=CHILD_ENV)
     try:
         assert holder.stdout.readline().strip() == "ready"
         with pytest.raises(SelfalignError, match=rf"^{out}: another selfalign process is working on it now \(pid "
@@ -178,7 +183,7 @@ def test_generate_refuses_an_output_another_process_writes_before_loading_a_mode
     out = tmp_path / "answers.jsonl"
     hold = ("import sys, time\nfrom selfalign.runs import ResumableJsonl\n"
             "sink = ResumableJsonl(sys.argv[1], key=lambda r: r['k'])\nprint('ready', flush=True)\ntime.sleep(120)\n")
-    holder = subprocess.Popen([sys.executable, "-c", hold, str(out)], stdout=subprocess.PIPE, text=True)
+    holder = subprocess.Popen([sys.executable, "-c", hold, str(out)], stdout=subprocess.PIPE, text=True, env=CHILD_ENV)
     try:
         assert holder.stdout.readline().strip() == "ready"
         # a model that does not exist: the refusal must come first, or this would fail on the model instead
@@ -225,7 +230,7 @@ def test_processes_started_in_the_same_instant_get_one_claim(tmp_path, kind):
     target = tmp_path / ("run" if kind == "run" else "answers.jsonl")
     go, done = tmp_path / "go", tmp_path / "done"
     procs = [subprocess.Popen([sys.executable, "-c", RACE, kind, str(target), str(go), str(done)],
-                              stdout=subprocess.PIPE, text=True) for _ in range(4)]
+                              stdout=subprocess.PIPE, text=True, env=CHILD_ENV) for _ in range(4)]
     try:
         assert [p.stdout.readline().strip() for p in procs] == ["waiting"] * 4  # all imported, polling
         go.touch()  # released together: each checks the lock, finds it free, and claims, in the same milliseconds
@@ -235,3 +240,70 @@ def test_processes_started_in_the_same_instant_get_one_claim(tmp_path, kind):
         for p in procs:
             p.wait(timeout=60)
     assert outcomes == ["claimed", "refused", "refused", "refused"]
+
+
+def test_the_claim_never_waits_on_a_flock_someone_else_holds_on_the_folder(tmp_path, monkeypatch):
+    import fcntl
+
+    import selfalign.runs as runs
+
+    root = tmp_path / "run"
+    root.mkdir()
+    fd = os.open(root, os.O_RDONLY)  # `flock DIR selfalign run ...`: the wrapper holds the folder itself
+    fcntl.flock(fd, fcntl.LOCK_EX)
+    try:
+        run = Run(root, {"a": 1}, recipe="test")  # the claim flocks its own guard file, not the folder
+        del run
+    finally:
+        os.close(fd)
+    monkeypatch.setattr(runs, "CLAIM_WAIT_SECONDS", 0.3)
+    hold = ("import fcntl, os, sys, time\nfd = os.open(sys.argv[1], os.O_RDWR)\nfcntl.flock(fd, fcntl.LOCK_EX)\n"
+            "print('ready', flush=True)\ntime.sleep(120)\n")
+    holder = subprocess.Popen([sys.executable, "-c", hold, str(root / runs.CLAIM_GUARD)], stdout=subprocess.PIPE,
+                              text=True, env=CHILD_ENV)
+    try:
+        assert holder.stdout.readline().strip() == "ready"
+        with pytest.raises(SelfalignError, match=r"another process has held .*\.selfalign-claim for 0 s"):
+            Run(root, {"a": 1}, recipe="test")  # a guard held past the deadline: an error, not a hang
+    finally:
+        holder.kill()
+        holder.wait()
+
+
+def test_a_forked_child_and_a_second_holder_leave_the_lock_to_its_holders(tmp_path):
+    root = tmp_path / "run"
+    run = Run(root, {"a": 1}, recipe="test")
+    pid = os.fork()
+    if pid == 0:  # the child inherits the table of held locks and their finalizers, and exits normally
+        os._exit(0 if _exit_normally() else 1)
+    os.waitpid(pid, 0)
+    assert lock_owner(root)["pid"] == os.getpid()  # the child's exit did not release the parent's lock
+    (root / LOCK_FILE).unlink()  # removed by hand while the run works
+    again = Run(root, {"a": 1}, recipe="test")  # re-claims: the file comes back
+    del again
+    assert lock_owner(root)["pid"] == os.getpid()  # the first holder still works on it
+    del run
+    assert lock_owner(root) is None and not (root / LOCK_FILE).exists()
+
+
+def _exit_normally() -> bool:
+    """What a normal exit does to the finalizers a forked child inherited (run here, before os._exit skips pytest's
+    own teardown in the child)."""
+    import weakref
+
+    weakref.finalize._exitfunc()  # the atexit hook: runs every live finalizer, as a child's normal exit would
+    return True
+
+
+def test_a_refused_run_releases_its_claim_and_a_folder_killed_as_it_began_is_a_runs_to_start(tmp_path):
+    root = tmp_path / "run"
+    first = Run(root, {"a": 1}, recipe="test")
+    del first
+    with pytest.raises(SelfalignError, match="config differs"):
+        Run(root, {"a": 2}, recipe="test")
+    assert lock_owner(root) is None  # released at once, not when the traceback is freed
+    started = tmp_path / "started"
+    started.mkdir()
+    for name in (LOCK_FILE, ".selfalign-claim", "manifest.json.tmp"):  # killed before its first manifest was saved
+        (started / name).write_text("{")
+    Run(started, {"a": 1}, recipe="test")
