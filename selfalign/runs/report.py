@@ -179,7 +179,8 @@ def _training(root: Path) -> str:
         if orpo:
             charts.append(line_chart("chosen NLL, log odds ratio", {"NLL": series("nll"),
                                                                      "log odds ratio": series("log_odds_ratio")}))
-            charts.append(line_chart("accuracy", {"accuracy": series("rewards/accuracy")}))
+            charts.append(line_chart("accuracy (chosen's mean log-prob higher)",
+                                     {"accuracy": series("rewards/accuracy")}))
         if dpo:
             charts.append(line_chart("implicit rewards", {"chosen": series("rewards/chosen"),
                                                           "rejected": series("rewards/rejected"),

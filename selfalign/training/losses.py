@@ -66,7 +66,7 @@ def dpo_loss(pol_w: torch.Tensor, pol_l: torch.Tensor, ref_w: torch.Tensor, ref_
 
 
 def orpo_loss(chosen_mean: torch.Tensor, rejected_mean: torch.Tensor, odds_ratio_weight: float,
-              reduction: str = "mean"):
+              weights: torch.Tensor | None = None, reduction: str = "mean"):
     """ORPO (Hong et al. 2024) on the MEAN per-token log-probs of chosen (w) and rejected (l) responses, each [B]:
 
         log odds(y) = log p(y) - log(1 - p(y)),  with log p(y) the mean token log-prob of y
@@ -76,9 +76,11 @@ def orpo_loss(chosen_mean: torch.Tensor, rejected_mean: torch.Tensor, odds_ratio
     averaged over pairs (TRL instead averages the chosen tokens of the whole batch, so long answers weigh more).
     No reference model: the odds ratio contrasts the two answers under the policy alone.
 
+    `weights` [B] scale each pair's loss, as dpo_loss's do (reduction "mean" divides by B).
+
     Returns (loss, metrics): metrics hold detached [B] tensors: the NLL, the log odds ratio, lambda * log sigmoid
-    of it, and TRL's reference-free "rewards" lambda * mean log-prob of chosen and rejected, their margin and
-    accuracy (chosen above rejected)."""
+    of it, TRL's reference-free "rewards" lambda * mean log-prob of chosen and rejected and their margin, and
+    accuracy: the chosen answer's mean log-prob above the rejected one's (so also at lambda 0)."""
     # log(1 - p) as log(-expm1(log p)): exact for p near 1, where log1p(-exp(.)) loses every digit. A response the
     # model already gives with certainty (mean log-prob 0) is held just below it, so log(1 - p) stays finite.
     def log1m(mean_logp):
@@ -88,11 +90,13 @@ def orpo_loss(chosen_mean: torch.Tensor, rejected_mean: torch.Tensor, odds_ratio
     log_odds = (w - lo) - (log1m(w) - log1m(lo))
     ratio = F.logsigmoid(log_odds)
     losses = -w - odds_ratio_weight * ratio
+    if weights is not None:
+        losses = losses * weights.to(losses.dtype)
     loss = {"mean": losses.mean, "sum": losses.sum, "none": lambda: losses}[reduction]()
     chosen, rejected = (odds_ratio_weight * w).detach(), (odds_ratio_weight * lo).detach()
     metrics = {"nll": -w.detach(), "log_odds_ratio": log_odds.detach(), "odds_ratio_term": ratio.detach(),
                "rewards/chosen": chosen, "rewards/rejected": rejected, "rewards/margins": chosen - rejected,
-               "rewards/accuracy": (chosen > rejected).float()}
+               "rewards/accuracy": (w > lo).float().detach()}
     return loss, metrics
 
 

@@ -1,4 +1,4 @@
-"""One small training loop shared by SFT and DPO; SPA plugs into DPO through a noise hook.
+"""One small training loop shared by SFT, DPO and ORPO; SPA plugs into DPO through a noise hook.
 
 Why our own loop rather than subclassing TRL's DPOTrainer: SPA needs the reference model's per-token logits (for the
 extrapolated (1+λ)·h_θ − λ·h_ref log-probs) and a per-pair smoothing epsilon decided inside the step. TRL 1.16
@@ -242,7 +242,8 @@ class ORPOObjective:
         logits, targets, rows = response_logits(model, batch)
         tokens = torch.bincount(rows, minlength=n).clamp(min=1)  # every response keeps >= 1 token (encode_pairs)
         mean = sum_by_row(token_logps(logits, targets), rows, n) / tokens
-        loss, m = orpo_loss(mean[:b], mean[b:], self.config.odds_ratio_weight, reduction="sum")
+        loss, m = orpo_loss(mean[:b], mean[b:], self.config.odds_ratio_weight, batch["weights"].to(mean.device),
+                            reduction="sum")
         metrics = {k: v.sum() for k, v in m.items()}
         metrics["loss"] = loss.detach()
         return loss, metrics

@@ -119,8 +119,15 @@ def test_orpo_loss_hand_computed():
     assert loss.item() == pytest.approx(0.5170859, abs=1e-6)
     assert m["nll"].item() == pytest.approx(0.5)
     assert m["rewards/margins"].item() == pytest.approx(0.1) and m["rewards/accuracy"].item() == 1.0
-    # lambda 0 is SFT on the chosen answers: the mean token NLL, whatever the rejected answer is
-    assert orpo_loss(w, torch.tensor([-0.01]), odds_ratio_weight=0.0)[0].item() == pytest.approx(0.5)
+    # lambda 0 is SFT on the chosen answers: the mean token NLL, whatever the rejected answer is; accuracy still
+    # compares the two answers' mean log-probs
+    sft, m0 = orpo_loss(w, torch.tensor([-0.01]), odds_ratio_weight=0.0)
+    assert sft.item() == pytest.approx(0.5) and m0["rewards/accuracy"].item() == 0.0
+    assert orpo_loss(w, lo, odds_ratio_weight=0.0)[1]["rewards/accuracy"].item() == 1.0
+    # a pair's weight scales its loss (0 drops it), as in dpo_loss
+    two = orpo_loss(torch.tensor([-0.5, -3.0]), torch.tensor([-1.5, -1.0]), 0.1, weights=torch.tensor([1.0, 0.0]),
+                    reduction="sum")[0]
+    assert two.item() == pytest.approx(0.5170859, abs=1e-6)
 
 
 def test_orpo_loss_matches_trls_odds_ratio_and_stays_finite_near_certainty():

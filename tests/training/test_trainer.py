@@ -288,3 +288,6 @@ def test_orpo_step_loss_is_the_papers_formula_and_training_raises_the_odds_ratio
     assert log[-1]["log_odds_ratio"] > log[0]["log_odds_ratio"] + 0.5 and log[-1]["rewards/accuracy"] == 1.0
     assert log[-1]["nll"] < log[0]["nll"]
     assert summary["steps"] == 12 and (tmp_path / "final" / "model.safetensors").exists()
+    from selfalign.training.evaluate import orpo_metrics  # the held-out scoring computes the same loss
+
+    assert orpo_metrics(str(tiny_model_dir), pairs, config)["loss"] == pytest.approx(log[0]["loss"], abs=1e-5)
