@@ -108,7 +108,7 @@ def describe(result: dict) -> str:
                                                      f"z {result['z']:.2f}, p {result['p_value']:.3g}")
              + "; paired by instruction)",
              f"B judged better on {result['b_better']}, worse on {result['a_better']}, the same on {result['same']}"]
-    if result["a"]["annotations"] == result["b"]["annotations"]:
+    if Path(result["a"]["annotations"]).resolve() == Path(result["b"]["annotations"]).resolve():
         lines.append("A and B are the same evaluation: the difference is 0 by construction")
     if result["only_a"] or result["only_b"]:
         lines.append(f"left out: {result['only_a']} instruction(s) judged only for A, {result['only_b']} only for B")

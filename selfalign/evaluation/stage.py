@@ -107,8 +107,8 @@ def read_summary(eval_root: str | Path) -> dict:
         return {}
     try:
         rows = json.loads(p.read_text())
-        if not isinstance(rows, dict):
-            raise ValueError("not a JSON object")
+        if not isinstance(rows, dict) or not all(isinstance(m, dict) for m in rows.values()):
+            raise ValueError("not a JSON object of rows, each an object")
     except (ValueError, UnicodeDecodeError) as e:
         raise SelfalignError(f"{p}: not a readable evaluation summary ({e}); it was changed by hand: remove it, and "
                              f"the run's next evaluation stage writes it again") from None

@@ -76,6 +76,8 @@ def load_model(spec: str | None = None, dtype: str = "auto", device: str = "auto
             model = AutoModelForCausalLM.from_pretrained(str(folder), dtype=torch_dtype, use_safetensors=True,
                                                          trust_remote_code=trust_remote_code)
         except (SafetensorError, OSError) as e:  # a cut-short weight file, a config.json that is not JSON
+            if isinstance(e, OSError) and e.errno is not None:  # the system's own (permissions, memory): as it is
+                raise
             from selfalign.errors import ModelNotFoundError
 
             raise ModelNotFoundError(f"{folder}: cannot load this model ({type(e).__name__}: "

@@ -164,12 +164,16 @@ def convert_gguf(gguf: Path, out: Path) -> Path:
     try:
         tok = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
         model = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32)
-    except (ValueError, KeyError, IndexError, EOFError, OSError, struct.error) as e:
+    except (ValueError, KeyError, IndexError, EOFError, struct.error) as e:
         # a cut-short file fails deep in the GGUF reader (struct.error on the header, a reshape ValueError on the
-        # tensors): say which file, and that it is damaged, rather than show the reader's traceback
+        # tensors); a whole file of an architecture or quantisation this transformers / gguf does not read fails with
+        # the same ValueError / KeyError kinds: say which file and both causes rather than show the traceback
+        cut = isinstance(e, (struct.error, EOFError)) or "reshape" in str(e)
         raise ModelNotFoundError(f"{gguf}: not a readable GGUF model ({type(e).__name__}: "
-                                 f"{(str(e).splitlines() or [''])[0][:160]}); the file is damaged or incomplete "
-                                 f"({gguf.stat().st_size:,} bytes): download or fetch it again") from None
+                                 f"{(str(e).splitlines() or [''])[0][:160]}); " + (
+                                     f"the file is damaged or incomplete ({gguf.stat().st_size:,} bytes): download or "
+                                     f"fetch it again" if cut else "the file is damaged, or a model this transformers "
+                                     "and gguf cannot load")) from None
     # The GGUF loader attaches a quantizer that refuses to serialise, although the weights are already plain
     # dequantised tensors; dropping it is safe and is what makes save_pretrained (and training) work.
     model.hf_quantizer = None

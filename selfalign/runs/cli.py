@@ -89,13 +89,14 @@ def cmd_status(args) -> int:
         stages = {name: dict(s, status=statuses[name]) for name, s in manifest["stages"].items()}
         from selfalign.evaluation.stage import read_summary
 
+        evaluation, evaluation_error = {}, None
         try:  # the evaluation table's rows, as eval/summary.md shows them
             evaluation = read_summary(root / "eval")
         except SelfalignError as e:
-            evaluation = {"error": str(e)}
+            evaluation_error = str(e)
         print(json.dumps({"run_dir": str(root), "recipe": manifest.get("recipe"), "state": state, "owner": owner,
-                          "stages": stages, "models": manifest.get("models", {}), "evaluation": evaluation},
-                         indent=2))
+                          "stages": stages, "models": manifest.get("models", {}), "evaluation": evaluation,
+                          **({"evaluation_error": evaluation_error} if evaluation_error else {})}, indent=2))
         return 0
     resumed = len(manifest.get("resumed_at", []))
     print(f"{root}: {manifest.get('recipe')} run, started {manifest.get('created_at')}"
@@ -141,7 +142,8 @@ def register(sub) -> None:
                        description="Write one self-contained HTML page (inline charts, opens offline) for a run "
                        "folder: each evaluation's win rate with its 95% interval and its paired difference from the "
                        "starting model, each training stage's loss (and DPO's chosen / rejected rewards, margin and "
-                       "accuracy) per step, every stage's status, time and result, and the config. Prints its path.")
+                       "accuracy, or ORPO's chosen NLL, log odds ratio and accuracy) per step, every stage's status, "
+                       "time and result, and the config. Prints its path.")
     p.add_argument("run_dir", metavar="DIR", help="a run folder (made by `selfalign run`)")
     p.add_argument("--out", default=None, help="the HTML file to write (default DIR/report.html)")
     p.set_defaults(fn=cmd_report)

@@ -15,6 +15,7 @@ import html
 import json
 import math
 import os
+import sys
 from pathlib import Path
 
 from selfalign.errors import SelfalignError
@@ -120,11 +121,15 @@ def _table(header: list[str], rows: list[list]) -> str:
     return f"<table><tr>{head}</tr>{body}</table>"
 
 
-def _evaluation(summary: dict, config: dict) -> str:
+def _evaluation(summary: dict, config: dict, root: Path) -> str:
     if not summary:
         if not isinstance(config.get("eval"), dict):  # sft, dpo, orpo: no win-rate stage
-            return ("<p>This recipe has no win-rate evaluation: run <code>selfalign eval alpaca --model "
-                    "DIR/final</code> on its final model (and on its starting model, to compare).</p>")
+            out = f"{root.name}-alpaca"
+            return (f"<p>This recipe has no win-rate evaluation (dpo and orpo score held-out pairs in their eval "
+                    f"stage, below). For a win rate, run <code>selfalign eval alpaca --model {_esc(root / 'final')} "
+                    f"--out {_esc(root.parent / out)}</code>, and the same on its starting model "
+                    f"(<code>{_esc(config.get('model'))}</code>) into another --out, then <code>selfalign eval "
+                    f"compare</code> the two.</p>")
         return "<p>No evaluation yet (the recipe's <code>eval.instructions</code> is 0, or none has finished).</p>"
     first = next(iter(summary))
     vs_key = f"vs_{first}"
@@ -188,7 +193,8 @@ def _training(root: Path) -> str:
             charts.append(line_chart("reward accuracy", {"accuracy": series("rewards/accuracy")}))
         charts.append(line_chart("learning rate", {"lr": series("lr")}))
         last = rows[-1]
-        parts.append(f"<h3>{_esc(name)}</h3><p class='n'>{len(rows)} step{'s' * (len(rows) != 1)}; last: loss {_num(last.get('loss'), 4)}"
+        steps = f"{len(rows)} step{'s' * (len(rows) != 1)}"
+        parts.append(f"<h3>{_esc(name)}</h3><p class='n'>{steps}; last: loss {_num(last.get('loss'), 4)}"
                      + (f", margin {_num(last.get('rewards/margins'), 3)}, accuracy "
                         f"{_num(last.get('rewards/accuracy'), 3)}" if dpo else "")
                      + (f", log odds ratio {_num(last.get('log_odds_ratio'), 3)}, accuracy "
@@ -216,10 +222,12 @@ def write_report(root: str | Path, out: str | Path | None = None) -> Path:
     if not (root / "manifest.json").is_file():
         raise SelfalignError(f"{root}: not a run folder (no manifest.json)")
     path = Path(out) if out is not None else root / "report.html"
-    _check_writable(path)
+    if path.is_symlink():  # the link's target is the report; os.replace would put a file in the link's place
+        path = path.resolve()
+    replaced = _check_writable(path)
     manifest = read_manifest(root / "manifest.json")
     try:
-        evaluation = _evaluation(read_summary(root / "eval"), manifest.get("config") or {})
+        evaluation = _evaluation(read_summary(root / "eval"), manifest.get("config") or {}, root)
     except SelfalignError as e:  # a damaged summary must not cost the rest of the page
         evaluation = f"<p>{_esc(e)}</p>"
     owner = lock_owner(root)
@@ -230,8 +238,8 @@ def write_report(root: str | Path, out: str | Path | None = None) -> Path:
     models = "".join(f"<li>{_esc(role)}: <code>{_esc(m.get('path'))}</code></li>"
                      for role, m in manifest.get("models", {}).items())
     versions = ", ".join(f"{k} {v}" for k, v in (manifest.get("versions") or {}).items())
-    page = ["<!doctype html><html><head><meta charset='utf-8'>",
-            f"<title>selfalign {_esc(manifest.get('recipe'))} run {_esc(root.name)}</title><style>{CSS}</style>"
+    title = f"selfalign {_esc(manifest.get('recipe'))} run {_esc(root.name)}"
+    page = ["<!doctype html><html><head><meta charset='utf-8'>", f"<title>{title}</title><style>{CSS}</style>"
             "</head><body>",
             f"<h1>{_esc(manifest.get('recipe'))} run <code>{_esc(root.name)}</code></h1>",
             f"<p>state: {_esc(run_state(manifest, owner, root))}<br>started {_esc(manifest.get('created_at'))}"
@@ -244,24 +252,37 @@ def write_report(root: str | Path, out: str | Path | None = None) -> Path:
             "<details><summary>config</summary><pre>"
             f"{_esc(json.dumps(manifest.get('config'), indent=2, default=str))}</pre></details>",
             "</body></html>"]
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text("\n".join(page), encoding="utf-8")
-    os.replace(tmp, path)  # a reader (or a kill) never sees half a page
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        tmp.write_text("\n".join(page), encoding="utf-8")
+        os.replace(tmp, path)  # a reader (or a kill) never sees half a page
+    except OSError as e:  # a folder this user cannot write, a full disk
+        tmp.unlink(missing_ok=True)
+        raise SelfalignError(f"{path}: cannot write the report ({e.strerror or e})") from None
+    if replaced and replaced != title.encode():
+        print(f"selfalign: note: {path} held the report of another run ({replaced.decode(errors='replace')}); "
+              f"replaced", file=sys.stderr)
     return path
 
 
-def _check_writable(path: Path) -> None:
+def _check_writable(path: Path) -> bytes | None:
     """--out must be a new file or an earlier report: never a run's manifest, a model, or a user's notes. Its folder
-    is made if missing."""
+    is made if missing. Returns the title of the report it replaces, if any."""
     if path.is_dir():
         raise SelfalignError(f"{path}: is a folder; give an HTML file path for --out")
+    title = None
     if path.exists():
         with open(path, "rb") as f:
             head = f.read(512)
         if not (head.startswith(b"<!doctype html>") and b"<title>selfalign " in head):
             raise SelfalignError(f"{path}: exists and is not a selfalign report; nothing was changed: give a new "
                                  f"file for --out, or remove this one")
+        title = head.split(b"<title>", 1)[1].split(b"</title>", 1)[0]
+    blocking = next((p for p in path.parents if p.exists()), None)
+    if blocking is not None and not blocking.is_dir():
+        raise SelfalignError(f"{path}: cannot make its folder: {blocking} is a file")
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-    except OSError as e:  # a parent that is a file, or a place this user cannot write
+    except OSError as e:  # a place this user cannot write
         raise SelfalignError(f"{path}: cannot create its folder ({e.strerror})") from None
+    return title

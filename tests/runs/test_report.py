@@ -3,6 +3,7 @@ test_sft_dpo.py)."""
 
 from __future__ import annotations
 
+import json
 import math
 
 from selfalign.cli import main
@@ -45,7 +46,7 @@ def test_out_is_a_new_file_or_an_earlier_report_and_nothing_else_is_overwritten(
     for out, why in ((root / "manifest.json", "exists and is not a selfalign report; nothing was changed"),
                      (notes, "exists and is not a selfalign report; nothing was changed"),
                      (tmp_path, "is a folder; give an HTML file path for --out"),
-                     (notes / "r.html", "cannot create its folder")):
+                     (notes / "r.html", f"cannot make its folder: {notes} is a file")):
         assert main(["report", str(root), "--out", str(out)]) == 2
         err = capsys.readouterr().err.strip()
         assert err.startswith(f"selfalign: error: {out}: {why}") and "\n" not in err, err
@@ -55,6 +56,17 @@ def test_out_is_a_new_file_or_an_earlier_report_and_nothing_else_is_overwritten(
     assert main(["report", str(root), "--out", str(deep)]) == 0  # an earlier report is replaced
     page = deep.read_text()
     assert "This recipe has no win-rate evaluation" in page and not list(deep.parent.glob(".*.tmp"))
+    assert f"selfalign eval alpaca --model {root / 'final'} --out {tmp_path / 'run-alpaca'}" in page
+    other = tmp_path / "other"
+    del_other = Run(other, {"a": 1}, recipe="sft")
+    del del_other
+    capsys.readouterr()
+    assert main(["report", str(other), "--out", str(deep)]) == 0  # another run's report: replaced, and said so
+    assert "held the report of another run (selfalign sft run run); replaced" in capsys.readouterr().err
+    link = tmp_path / "latest.html"
+    link.symlink_to(deep)
+    assert main(["report", str(root), "--out", str(link)]) == 0  # the link's target is written, the link stays
+    assert link.is_symlink() and "<title>selfalign sft run run</title>" in deep.read_text()
 
 
 def test_a_damaged_evaluation_summary_costs_only_its_section(tmp_path, capsys):
@@ -63,7 +75,12 @@ def test_a_damaged_evaluation_summary_costs_only_its_section(tmp_path, capsys):
     run.stage("data", lambda: {"pairs": 3})
     del run
     (root / "eval").mkdir()
-    (root / "eval" / "summary.json").write_text('{"initial": {"win_rate": 4')  # cut short by a hand edit
-    assert main(["report", str(root)]) == 0
-    page = (root / "report.html").read_text()
-    assert "summary.json: not a readable evaluation summary" in page and "<h2>Stages</h2>" in page
+    for damaged in ('{"initial": {"win_rate": 4', '{"initial": 5}'):  # cut short, or rows that are not objects
+        (root / "eval" / "summary.json").write_text(damaged)
+        assert main(["report", str(root)]) == 0
+        page = (root / "report.html").read_text()
+        assert "summary.json: not a readable evaluation summary" in page and "<h2>Stages</h2>" in page
+        capsys.readouterr()
+        assert main(["status", str(root), "--json"]) == 0
+        status = json.loads(capsys.readouterr().out)
+        assert status["evaluation"] == {} and "not a readable evaluation summary" in status["evaluation_error"]
