@@ -62,4 +62,5 @@ def test_config_names_and_missing_configs(tmp_path, capsys, monkeypatch):
     assert main(["run", "srt", str(tmp_path / "spa-smoke"), "--print-config"]) == 2
     err = capsys.readouterr().err.strip()
     assert err.endswith("spa-smoke: config file not found, and no shipped config has that name (shipped: dpo, "
-                        "dpo-smoke, orpo, orpo-smoke, seft, seft-smoke, sft, sft-smoke, spa, spa-smoke, srt, srt-smoke)"), err
+                        "dpo-smoke, orpo, orpo-smoke, seft, seft-smoke, sft, sft-smoke, spa, spa-smoke, srt, "
+                        "srt-smoke)"), err
