@@ -252,7 +252,7 @@ def environment_versions() -> dict:
 
 LOCK_FILE = "run.lock"  # in a run folder; a ResumableJsonl's lock sits next to its file (".NAME.lock")
 # what a run folder holds before its first manifest is saved: a folder with only these is a run's to start
-CLAIM_GUARD = ".selfalign-claim"  # the (empty) file a folder's claims flock; never removed, so never raced
+CLAIM_GUARD = ".selfalign-claim"  # the (empty) file a folder's claims flock, for milliseconds (_one_claimer)
 RUN_START_FILES = (LOCK_FILE, LOCK_FILE + ".tmp", CLAIM_GUARD, "manifest.json.tmp")
 
 
@@ -333,31 +333,49 @@ def _one_claimer(folder: Path, what: str):
     releases four at once: without it two or more claimed, or crashed on each other's .tmp files). The flock lasts
     milliseconds and goes with the process, so a kill cannot leave it held. A file of its own, opened for writing:
     a flock on the folder itself would wait forever under `flock DIR selfalign ...`, and NFS takes exclusive locks
-    only on files open for writing. Where flock does not exist (Windows) or the filesystem refuses it, the claim
-    goes unguarded."""
+    only on files open for writing. The holder removes the file as it finishes, so none is left in the user's
+    folder; a waiter that then gets the removed file's flock sees that the path no longer names it, and takes the
+    new one. Where flock does not exist (Windows) or the filesystem refuses it, the claim goes unguarded."""
     try:
         import fcntl
-
-        fd = os.open(folder / CLAIM_GUARD, os.O_RDWR | os.O_CREAT, 0o644)
-    except (ImportError, OSError):
+    except ImportError:
         yield
         return
+    guard = folder / CLAIM_GUARD
+    deadline = time.monotonic() + CLAIM_WAIT_SECONDS
+    while True:
+        try:
+            fd = os.open(guard, os.O_RDWR | os.O_CREAT, 0o644)
+        except OSError:  # a folder this user cannot write: the lock's own write will say so
+            yield
+            return
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            if time.monotonic() > deadline:
+                raise SelfalignError(f"{what}: another process has held {guard} for {CLAIM_WAIT_SECONDS:.0f} s "
+                                     f"(selfalign holds it for milliseconds): stop that process, or remove the file "
+                                     f"if no process uses it") from None
+            time.sleep(0.01)
+            continue
+        except OSError:  # the filesystem has no flock
+            break
+        try:
+            current = os.stat(guard)
+        except FileNotFoundError:
+            current = None
+        mine = os.fstat(fd)
+        if current is not None and (current.st_ino, current.st_dev) == (mine.st_ino, mine.st_dev):
+            break
+        os.close(fd)  # the previous holder removed this one as we waited for it
     try:
-        deadline = time.monotonic() + CLAIM_WAIT_SECONDS
-        while True:
-            try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                break
-            except BlockingIOError:
-                if time.monotonic() > deadline:
-                    raise SelfalignError(f"{what}: another process has held {folder / CLAIM_GUARD} for "
-                                         f"{CLAIM_WAIT_SECONDS:.0f} s (selfalign holds it for milliseconds): stop "
-                                         f"that process, or remove the file if no process uses it") from None
-                time.sleep(0.01)
-            except OSError:  # the filesystem has no flock
-                break
         yield
     finally:
+        try:
+            guard.unlink()  # while still holding it: a waiter on it will see it is gone
+        except OSError:
+            pass
         os.close(fd)  # closing the descriptor drops the flock
 
 

@@ -240,6 +240,7 @@ def test_processes_started_in_the_same_instant_get_one_claim(tmp_path, kind):
         for p in procs:
             p.wait(timeout=60)
     assert outcomes == ["claimed", "refused", "refused", "refused"]
+    assert not (tmp_path / ".selfalign-claim").exists() and not (target / ".selfalign-claim").exists()
 
 
 def test_the_claim_never_waits_on_a_flock_someone_else_holds_on_the_folder(tmp_path, monkeypatch):
@@ -254,10 +255,12 @@ def test_the_claim_never_waits_on_a_flock_someone_else_holds_on_the_folder(tmp_p
     try:
         run = Run(root, {"a": 1}, recipe="test")  # the claim flocks its own guard file, not the folder
         del run
+        assert not (root / runs.CLAIM_GUARD).exists()  # removed once the claim is made: nothing left behind
     finally:
         os.close(fd)
     monkeypatch.setattr(runs, "CLAIM_WAIT_SECONDS", 0.3)
-    hold = ("import fcntl, os, sys, time\nfd = os.open(sys.argv[1], os.O_RDWR)\nfcntl.flock(fd, fcntl.LOCK_EX)\n"
+    hold = ("import fcntl, os, sys, time\nfd = os.open(sys.argv[1], os.O_RDWR | os.O_CREAT)\n"
+            "fcntl.flock(fd, fcntl.LOCK_EX)\n"
             "print('ready', flush=True)\ntime.sleep(120)\n")
     holder = subprocess.Popen([sys.executable, "-c", hold, str(root / runs.CLAIM_GUARD)], stdout=subprocess.PIPE,
                               text=True, env=CHILD_ENV)
