@@ -11,6 +11,7 @@ import ast
 import dataclasses
 import inspect
 import io
+import math
 import textwrap
 import tokenize
 import types
@@ -235,10 +236,30 @@ def load_config(cls: type[T], path: str | Path | None = None, overrides: list[st
         keys, value = parse_override(text)
         _set(data, keys, value)
         overridden[".".join(keys)] = text
+    unknown = _unknown_keys(cls, data, "")
+    if unknown:  # the first in the file, whatever its depth (_build meets a level's own keys before its sections')
+        key, known = min(unknown, key=lambda u: lines.get(u[0], math.inf))
+        raise _blame(_keyed(ConfigError(f"unknown key '{key}' (known keys here: {', '.join(known)})"), key), name,
+                     lines, overridden) from None
     try:
         return _build(cls, data, "")
     except ConfigError as e:
         raise _blame(e, name, lines, overridden) from None
+
+
+def _unknown_keys(cls: type, data: dict, where: str) -> list[tuple[str, list[str]]]:
+    """Each dotted key in `data` that config class `cls` does not have, with the keys its level does have."""
+    fields = {f.name: f for f in dataclasses.fields(cls) if f.init}
+    out = []
+    for name, value in data.items():
+        key = f"{where}.{name}" if where else name
+        if name not in fields:
+            out.append((key, list(fields)))
+        elif isinstance(value, dict) and fields[name].default_factory is not dataclasses.MISSING:
+            default = fields[name].default_factory()
+            if dataclasses.is_dataclass(default):
+                out += _unknown_keys(type(default), value, key)
+    return out
 
 
 def _blame(error: ConfigError, name: str, lines: dict[str, int], overridden: dict[str, str]) -> ConfigError:

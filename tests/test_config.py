@@ -31,6 +31,10 @@ def test_unknown_keys_and_bad_values_name_the_file_line_and_key_or_the_override(
     path.write_text("model: smollm2-135m\nzeta_key: 1\nalpha_key: 2\n")  # the first in the file, not by name
     with pytest.raises(ConfigError, match=r"spa.yaml:2: unknown key 'zeta_key'"):
         load_config(spa.Config, path)
+    path.write_text("seed_train:\n  learnig_rate: 1.0e-6\nzeta_key: 1\n")  # at any depth
+    with pytest.raises(ConfigError, match=r"spa.yaml:2: unknown key 'seed_train.learnig_rate' \(known keys here: "
+                                          r"learning_rate, epochs,"):
+        load_config(spa.Config, path)
     path.write_text("model: smollm2-135m\nrejected: worst\n")
     with pytest.raises(ConfigError, match=r"spa.yaml:2: rejected: must be one of \['min_max', 'max_chosen'\]"):
         load_config(spa.Config, path)
