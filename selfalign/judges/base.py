@@ -21,6 +21,16 @@ class PairwiseItem:
     answer_b: str
     reference: str | None = None
 
+    def __post_init__(self):  # a wrong type fails here, named, not deep inside a judge's prompt formatting
+        if not (isinstance(self.messages, list) and self.messages and all(isinstance(m, dict) for m in self.messages)):
+            raise TypeError(f"PairwiseItem.messages must be a non-empty list of chat messages (dicts), not "
+                            f"{self.messages!r:.80}")
+        for name in ("answer_a", "answer_b"):
+            if not isinstance(getattr(self, name), str):
+                raise TypeError(f"PairwiseItem.{name} must be a string, not {type(getattr(self, name)).__name__}")
+        if self.reference is not None and not isinstance(self.reference, str):
+            raise TypeError(f"PairwiseItem.reference must be a string or None, not {type(self.reference).__name__}")
+
 
 @dataclass
 class PairwiseVerdict:

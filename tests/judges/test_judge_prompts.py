@@ -149,3 +149,16 @@ def test_truncate_without_tokenizer_counts_four_chars_per_token():
     assert cut and text.startswith("x" * 40) and "truncated" in text
     assert truncate_tokens(None, "short", 10) == ("short", False)
     assert truncate_tokens(None, "y" * 100, None) == ("y" * 100, False)
+
+
+def test_a_pairwise_item_of_the_wrong_types_is_refused_by_name():
+    from selfalign.judges.base import PairwiseItem
+
+    m = [{"role": "user", "content": "q"}]
+    with pytest.raises(TypeError, match="PairwiseItem.answer_a must be a string, not NoneType"):
+        PairwiseItem(m, None, "b")
+    with pytest.raises(TypeError, match="PairwiseItem.messages must be a non-empty list of chat messages"):
+        PairwiseItem("q", "a", "b")
+    with pytest.raises(TypeError, match="PairwiseItem.reference must be a string or None, not int"):
+        PairwiseItem(m, "a", "b", reference=3)
+    assert PairwiseItem(m, "a", "b").reference is None
