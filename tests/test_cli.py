@@ -105,7 +105,9 @@ def test_mtbench_refuses_a_judge_that_cannot_grade_before_answering(tmp_path, ca
 
 
 @pytest.mark.parametrize("override, message", [
-    ("train.learning_rate=-1", "learning_rate and max_grad_norm must be > 0"),
+    ("train.learning_rate=-1", "learning_rate and max_grad_norm must be finite and > 0"),
+    ("train.learning_rate=inf", "learning_rate and max_grad_norm must be finite and > 0"),
+    ("train.weight_decay=nan", "weight_decay finite and >= 0, not 2e-05, 1.0 and nan"),
     ("train.max_prompt_length=0", "max_prompt_length must be >= 1"),  # 0 or less cut into the response
 ])
 def test_a_bad_training_setting_is_a_config_error(tmp_path, capsys, override, message):

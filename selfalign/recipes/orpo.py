@@ -6,7 +6,7 @@ human-labelled pairs (UltraFeedback), in one stage from the starting model, with
 Pipeline: data (-> DIR/data/{train,eval}.jsonl, the same pairs and held-out split as the dpo recipe) -> train (the
 chosen answer's mean token NLL + lambda x -log sigmoid(log odds ratio of chosen over rejected); curve of loss, NLL,
 log odds ratio and accuracy in DIR/train/log.jsonl) -> DIR/final -> eval (held-out ORPO loss, chosen NLL, log odds
-ratio and accuracy of the starting model and of the final one, DIR/eval/metrics.json).
+ratio and accuracy of the final model next to the starting model's, DIR/eval/metrics.json).
 """
 
 from __future__ import annotations
@@ -46,8 +46,15 @@ def evaluate(config: Config, run: Run) -> dict:
     """The held-out terms before and after: ORPO has no reference, so the starting model is scored as the
     baseline the final one is read against."""
     pairs = read_records(run.path("data", "eval.jsonl"), PreferencePair)
-    metrics = {"initial": orpo_metrics(config.model, pairs, config.train),
-               "final": orpo_metrics(str(run.path("final")), pairs, config.train)}
+    initial = orpo_metrics(config.model, pairs, config.train)
+    final = orpo_metrics(str(run.path("final")), pairs, config.train)
+    # the headline numbers flat, final next to initial (what `status` and the report's stage table show), then both
+    # models' full terms
+    metrics = {"pairs": final["pairs"]}
+    for key, name in (("loss", "loss"), ("rewards/accuracy", "accuracy"), ("nll", "nll"),
+                      ("log_odds_ratio", "log_odds_ratio")):
+        metrics.update({name: final[key], f"{name}_initial": initial[key]})
+    metrics.update(initial=initial, final=final)
     write_json(run.path("eval", "metrics.json"), metrics)
     return metrics
 

@@ -7,6 +7,7 @@ label smoothing) keep their paper values.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -59,9 +60,11 @@ class TrainConfig:
             raise ValueError("max_steps and save_steps must be >= 0")
         if not 0.0 <= self.warmup_ratio < 1.0:
             raise ValueError("warmup_ratio must be in [0, 1)")
-        if not self.learning_rate > 0 or self.weight_decay < 0 or not self.max_grad_norm > 0:
-            raise ValueError(f"learning_rate and max_grad_norm must be > 0 and weight_decay >= 0, not "
-                             f"{self.learning_rate}, {self.max_grad_norm} and {self.weight_decay}")
+        # (written so NaN fails too; inf is refused: an infinite rate or clip trains NaN weights)
+        if not (0 < self.learning_rate < math.inf and 0 < self.max_grad_norm < math.inf
+                and 0 <= self.weight_decay < math.inf):
+            raise ValueError(f"learning_rate and max_grad_norm must be finite and > 0 and weight_decay finite and "
+                             f">= 0, not {self.learning_rate}, {self.max_grad_norm} and {self.weight_decay}")
         if self.device != "auto":
             import torch
 
@@ -88,8 +91,8 @@ class DPOTrainConfig(TrainConfig):
 
     def __post_init__(self):
         super().__post_init__()
-        if self.beta <= 0:
-            raise ValueError("beta must be > 0")
+        if not 0 < self.beta < math.inf:
+            raise ValueError(f"beta must be finite and > 0, not {self.beta}")
         if not 0.0 <= self.label_smoothing <= 0.5:
             raise ValueError("label_smoothing must be in [0, 0.5]")
 
@@ -104,6 +107,6 @@ class ORPOTrainConfig(TrainConfig):
 
     def __post_init__(self):
         super().__post_init__()
-        if not self.odds_ratio_weight >= 0:
-            raise ValueError(f"odds_ratio_weight must be >= 0 (0 is SFT on the chosen answers), not "
+        if not 0 <= self.odds_ratio_weight < math.inf:
+            raise ValueError(f"odds_ratio_weight must be finite and >= 0 (0 is SFT on the chosen answers), not "
                              f"{self.odds_ratio_weight}")

@@ -27,7 +27,7 @@ from typing import Callable
 
 import torch
 
-from selfalign.errors import DataError
+from selfalign.errors import DataError, SelfalignError
 from selfalign.models import load_model, load_tokenizer, pick_device, resolve_model
 from selfalign.runs import model_fingerprint
 from selfalign.training.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
@@ -318,6 +318,11 @@ def fit(model, tokenizer, objective, config: TrainConfig, out_dir: str | Path, f
                 sums[k] = sums.get(k, 0.0) + float(v)
             tokens += int(batch["attention_mask"].sum())
         grad_norm = torch.nn.utils.clip_grad_norm_(params, config.max_grad_norm)
+        if not (math.isfinite(sums.get("loss", 0.0)) and math.isfinite(float(grad_norm))):
+            # one such step makes every weight NaN, and the model saved at the end would be garbage
+            raise SelfalignError(f"{out_dir}: step {step + 1}: the loss ({sums.get('loss', 0.0) / n:.4g}) or the "
+                                 f"gradient norm ({float(grad_norm):.4g}) is not finite; the step was not applied: "
+                                 f"lower train.learning_rate or check the data (the last checkpoint is kept)")
         lr = scheduler.get_last_lr()[0]
         optimizer.step()
         scheduler.step()
@@ -333,8 +338,9 @@ def fit(model, tokenizer, objective, config: TrainConfig, out_dir: str | Path, f
         log.write(json.dumps(row) + "\n")
         log.flush()
         if verbose and ((step + 1) % config.log_steps == 0 or step + 1 == max_steps):
-            extra = "".join(f" {k.split('/')[-1]} {row[k]:.3f}" for k in ("rewards/margins", "rewards/accuracy")
-                            if k in row)
+            shown = (("nll", "log_odds_ratio", "rewards/accuracy") if "log_odds_ratio" in row  # ORPO
+                     else ("rewards/margins", "rewards/accuracy"))
+            extra = "".join(f" {k.split('/')[-1]} {row[k]:.3f}" for k in shown if k in row)
             print(f"[train] step {step + 1}/{max_steps} loss {row['loss']:.4f}{extra} lr {lr:.2e} "
                   f"{tokens / seconds:.0f} tok/s", file=sys.stderr)
         if config.save_steps and (step + 1) % config.save_steps == 0 and step + 1 < max_steps:

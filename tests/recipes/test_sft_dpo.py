@@ -49,6 +49,7 @@ def test_smoke_recipe_end_to_end(recipe, tmp_path, capsys):
             assert key in log[0]
         assert summary["eval"]["initial"]["pairs"] == summary["eval"]["final"]["pairs"] == 4
         assert summary["eval"]["final"]["nll"] != summary["eval"]["initial"]["nll"]  # the final model is scored
+        assert summary["eval"]["accuracy_initial"] == summary["eval"]["initial"]["rewards/accuracy"]
         assert not list((run_dir / "train").glob("ref_logps.*.jsonl"))
     assert not (run_dir / "train" / "checkpoints").exists()  # superseded by final/
     # the HTML report charts the training log: DPO's rewards too

@@ -291,3 +291,17 @@ def test_orpo_step_loss_is_the_papers_formula_and_training_raises_the_odds_ratio
     from selfalign.training.evaluate import orpo_metrics  # the held-out scoring computes the same loss
 
     assert orpo_metrics(str(tiny_model_dir), pairs, config)["loss"] == pytest.approx(log[0]["loss"], abs=1e-5)
+
+
+def test_a_non_finite_step_stops_training_before_a_nan_model_is_saved(tmp_path, tiny_model_dir, real_pairs):
+    from selfalign.data import Conversation
+    from selfalign.errors import SelfalignError
+    from selfalign.training import SFTTrainConfig, train_sft
+
+    convs = [Conversation(p.id, p.messages + [{"role": "assistant", "content": p.chosen}]) for p in real_pairs[:4]]
+    config = SFTTrainConfig(max_steps=4, batch_size=4, max_length=64, max_prompt_length=32, learning_rate=1e30,
+                            warmup_ratio=0.0, save_steps=0)  # one step to weights of 1e30: the next loss is not finite
+    with pytest.raises(SelfalignError, match=r"step \d: the loss \(.*\) or the gradient norm \(.*\) is not finite; "
+                                             r"the step was not applied"):
+        train_sft(str(tiny_model_dir), convs, config, tmp_path / "train", tmp_path / "final", verbose=False)
+    assert not (tmp_path / "final").exists()
