@@ -151,15 +151,38 @@ class DPOStepState:
 NoiseHook = Callable[[DPOStepState], "torch.Tensor | float | None"]
 
 
-class DPOObjective:
+class PairObjective:
+    """What every objective on preference pairs shares: chosen and rejected in one batch (collate_pairs), and a step's
+    loss averaged over its pairs."""
+
+    def __init__(self, examples: list[PairExample], pad_id: int, config: TrainConfig):
+        self.examples, self.pad_id, self.config = examples, pad_id, config
+        self.lengths = [e.length for e in examples]
+
+    def collate(self, idx: list[int]) -> dict:
+        return collate_pairs([self.examples[i] for i in idx], self.pad_id)
+
+    def count(self, batch: dict) -> int:
+        return len(batch["ids"])
+
+    def n_examples(self, batch: dict) -> int:
+        return len(batch["ids"])
+
+    def state_dict(self) -> dict:
+        return {}
+
+    def load_state_dict(self, state: dict) -> None:
+        pass
+
+
+class DPOObjective(PairObjective):
     """(c)DPO with per-pair weights and a per-pair epsilon from `noise_hook` (SPA), reference log-probs either
     cached (`ref_logps` [n, 2]) or computed live by `reference` (a frozen model, or the policy with its LoRA
     adapters disabled). Live reference logits are what the extrapolated log-probs need."""
 
     def __init__(self, examples: list[PairExample], pad_id: int, config: DPOTrainConfig, ref_logps=None,
                  reference=None, noise_hook: NoiseHook | None = None, extrapolation_lambda: float | None = None):
-        self.examples, self.pad_id, self.config = examples, pad_id, config
-        self.lengths = [e.length for e in examples]
+        super().__init__(examples, pad_id, config)
         self.ref_logps, self.reference = ref_logps, reference
         self.noise_hook, self.lam = noise_hook, extrapolation_lambda
         if ref_logps is None and reference is None:
@@ -168,16 +191,10 @@ class DPOObjective:
             raise ValueError("extrapolated log-probs need a live reference model (its logits are not cached)")
 
     def collate(self, idx: list[int]) -> dict:
-        batch = collate_pairs([self.examples[i] for i in idx], self.pad_id)
+        batch = super().collate(idx)
         if self.ref_logps is not None and self.reference is None:
             batch["ref"] = self.ref_logps[idx]
         return batch
-
-    def count(self, batch: dict) -> int:
-        return len(batch["ids"])
-
-    def n_examples(self, batch: dict) -> int:
-        return len(batch["ids"])
 
     def loss(self, model, batch: dict, step: int, max_steps: int):
         n = batch["input_ids"].size(0)
@@ -219,22 +236,9 @@ class DPOObjective:
             self.noise_hook.load_state_dict(state["hook"])
 
 
-class ORPOObjective:
+class ORPOObjective(PairObjective):
     """ORPO: the chosen answer's NLL plus lambda x the log odds ratio of chosen over rejected, both from mean token
     log-probs under the policy alone (no reference model, no SFT stage before it)."""
-
-    def __init__(self, examples: list[PairExample], pad_id: int, config: ORPOTrainConfig):
-        self.examples, self.pad_id, self.config = examples, pad_id, config
-        self.lengths = [e.length for e in examples]
-
-    def collate(self, idx: list[int]) -> dict:
-        return collate_pairs([self.examples[i] for i in idx], self.pad_id)
-
-    def count(self, batch: dict) -> int:
-        return len(batch["ids"])
-
-    def n_examples(self, batch: dict) -> int:
-        return len(batch["ids"])
 
     def loss(self, model, batch: dict, step: int, max_steps: int):
         n = batch["input_ids"].size(0)
@@ -247,12 +251,6 @@ class ORPOObjective:
         metrics = {k: v.sum() for k, v in m.items()}
         metrics["loss"] = loss.detach()
         return loss, metrics
-
-    def state_dict(self) -> dict:
-        return {}
-
-    def load_state_dict(self, state: dict) -> None:
-        pass
 
 
 # ------------------------------------------------------------------------------------------------ the loop
