@@ -40,6 +40,10 @@ class TrainConfig:
     seed: int = 42
     precision: Literal["auto", "fp32", "bf16"] = "auto"  # auto: bf16 autocast on GPU, fp32 on CPU
     device: str = "auto"
+    # data-parallel training processes on this machine, one per GPU (gloo CPU processes without one): the same
+    # steps, batches and result as 1, summed across processes (distributed.py); batch_size is the whole micro-batch,
+    # cut into one share per process
+    processes: int = 1
     gradient_checkpointing: bool = False
     group_by_length: bool = True  # batches of similar length: less padding, same examples per epoch
     save_steps: int = 50  # checkpoint every N optimizer steps (0: never); a killed run resumes from the last one
@@ -53,9 +57,12 @@ class TrainConfig:
             raise ValueError(f"max_prompt_length ({self.max_prompt_length}) must be below max_length "
                              f"({self.max_length}) so every example keeps some response tokens")
         for name in ("batch_size", "grad_accum", "epochs", "max_length", "max_prompt_length", "log_steps",
-                     "keep_checkpoints"):
+                     "keep_checkpoints", "processes"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1")
+        if self.batch_size < self.processes:
+            raise ValueError(f"batch_size ({self.batch_size}) is below processes ({self.processes}): each process "
+                             f"takes a share of every micro-batch, so some would only ever compute padding")
         if self.max_steps < 0 or self.save_steps < 0:
             raise ValueError("max_steps and save_steps must be >= 0")
         if not 0.0 <= self.warmup_ratio < 1.0:

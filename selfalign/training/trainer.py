@@ -30,6 +30,7 @@ import torch
 from selfalign.errors import DataError, SelfalignError
 from selfalign.models import load_model, load_tokenizer, pick_device, resolve_model
 from selfalign.runs import model_fingerprint
+from selfalign.training import distributed
 from selfalign.training.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from selfalign.training.config import DPOTrainConfig, ORPOTrainConfig, SFTTrainConfig, TrainConfig
 from selfalign.training.data import (PairExample, SFTExample, batch_order, collate_pairs, collate_sft,
@@ -49,9 +50,10 @@ def amp_dtype(config: TrainConfig, device: str) -> torch.dtype | None:
 def prepare_policy(spec: str, config: TrainConfig, disable_dropout: bool = False):
     """The trainable model: fp32 master weights (bf16 autocast on GPU), LoRA if configured. Seeded, so LoRA's random
     init is reproducible."""
-    torch.manual_seed(config.seed)
+    torch.manual_seed(config.seed)  # the same on every training process: they start from identical weights
     random.seed(config.seed)
-    device = pick_device(config.device)
+    w = distributed.world()
+    device = w.device if w is not None else pick_device(config.device)
     model = load_model(spec, dtype="float32", device=device)
     if hasattr(model, "merge_and_unload"):  # an adapter folder as the start point: train on top of it merged
         model = model.merge_and_unload()
@@ -215,11 +217,12 @@ class DPOObjective(PairObjective):
         weights = batch["weights"].to(lp.device)
         eps = self.config.label_smoothing
         if self.noise_hook is not None:
-            decided = self.noise_hook(DPOStepState(
+            decided = _decide_noise(self.noise_hook, DPOStepState(
                 step, max_steps, self.config.beta, batch["ids"], lp[:b].detach(), lp[b:].detach(), ref[:, 0],
-                ref[:, 1], None if ext is None else ext[:b], None if ext is None else ext[b:], weights))
+                ref[:, 1], None if ext is None else ext[:b], None if ext is None else ext[b:], weights),
+                batch.get("padding", False))
             if decided is not None:
-                eps = decided
+                eps = decided.to(lp.device) if torch.is_tensor(decided) else decided
         loss, m = dpo_loss(lp[:b], lp[b:], ref[:, 0], ref[:, 1], self.config.beta, eps, weights, reduction="sum")
         eps = torch.as_tensor(eps, dtype=torch.float32).expand(b)
         metrics = {k: v.sum() for k, v in m.items()}
@@ -234,6 +237,30 @@ class DPOObjective(PairObjective):
     def load_state_dict(self, state: dict) -> None:
         if "hook" in state and hasattr(self.noise_hook, "load_state_dict"):
             self.noise_hook.load_state_dict(state["hook"])
+
+
+def _decide_noise(hook: NoiseHook, state: DPOStepState, padding: bool):
+    """The hook's decision for this process's pairs. With several training processes every process gives the hook
+    the whole micro-batch (its pairs in the single-process order), so a stateful hook such as SPA's sliding window
+    sees, and decides, exactly what it would in one process, and keeps the same state in each."""
+    if distributed.world() is None:
+        return hook(state)
+    tensors = ("policy_chosen", "policy_rejected", "reference_chosen", "reference_rejected", "extrapolated_chosen",
+               "extrapolated_rejected", "weights")
+    mine = None if padding else {k: getattr(state, k) for k in ("ids",) + tensors}
+    if mine is not None:
+        mine = {k: v.detach().float().cpu() if torch.is_tensor(v) else v for k, v in mine.items()}
+    parts = distributed.gather(mine)
+    offset = sum(len(p["ids"]) for p in parts[:distributed.world().rank] if p is not None)
+    parts = [p for p in parts if p is not None]
+    whole = {k: (None if parts[0][k] is None else torch.cat([p[k] for p in parts])) for k in tensors}
+    decided = hook(DPOStepState(state.step, state.max_steps, state.beta, [i for p in parts for i in p["ids"]],
+                                **whole))
+    if padding:  # its loss is multiplied by 0
+        return 0.0
+    if torch.is_tensor(decided) and decided.dim() > 0:
+        return decided[offset:offset + len(state.ids)]
+    return decided
 
 
 class ORPOObjective(PairObjective):
@@ -259,7 +286,9 @@ def fit(model, tokenizer, objective, config: TrainConfig, out_dir: str | Path, f
     """Train `model` on `objective` and save it to `final_dir`. Every step is appended to `out_dir/log.jsonl`;
     checkpoints go to `out_dir/checkpoints/` and the run resumes from the latest one when called again."""
     out_dir, final_dir = Path(out_dir), Path(final_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
+    main = distributed.is_main()  # with several processes, rank 0 alone writes the log, checkpoints and model
+    if main:
+        out_dir.mkdir(parents=True, exist_ok=True)
     done = out_dir / "done.json"
     if done.exists() and final_dir.exists():
         return json.loads(done.read_text())
@@ -297,24 +326,34 @@ def fit(model, tokenizer, objective, config: TrainConfig, out_dir: str | Path, f
         restored = load_checkpoint(ckpt, model, optimizer, scheduler, made_for)
         start, plan = restored["step"], restored["plan"]
         objective.load_state_dict(restored["extra"])
-        if verbose:
+        if verbose and main:
             print(f"[train] resumed from {ckpt} (step {start}/{max_steps})", file=sys.stderr)
-    log = _open_log(out_dir / "log.jsonl", keep_until=start)
+    log = _open_log(out_dir / "log.jsonl", keep_until=start) if main else None
     t_start, total_tokens = time.perf_counter(), 0
     row: dict = {}
     for step in range(start, max_steps):
         t0 = time.perf_counter()
-        batches = [objective.collate(idx) for idx in plan[step * ga:(step + 1) * ga]]
-        n = sum(objective.count(b) for b in batches)  # normaliser over the whole step, not per micro-batch
-        sums: dict[str, float] = {}
-        tokens = 0
+        batches = []
+        for idx in plan[step * ga:(step + 1) * ga]:
+            rows, padding = distributed.share(idx)  # (idx, False) in a single process
+            batches.append(objective.collate(rows) | ({"padding": True} if padding else {}))
+        real = [b for b in batches if "padding" not in b]
+        # normaliser over the whole step (all processes), not per micro-batch
+        n = int(distributed.total(sum(objective.count(b) for b in real)))
+        sums: dict[str, float] = {"_examples": sum(objective.n_examples(b) for b in real),
+                                  "_tokens": sum(int(b["attention_mask"].sum()) for b in real)}
         for batch in batches:
             with autocast(device, amp):
                 loss, metrics = objective.loss(model, batch, step, max_steps)
+            if "padding" in batch:  # computed only to meet the other processes' collectives
+                (loss * 0.0).backward()
+                continue
             (loss / n).backward()
             for k, v in metrics.items():
                 sums[k] = sums.get(k, 0.0) + float(v)
-            tokens += int(batch["attention_mask"].sum())
+        distributed.sum_gradients(params)
+        sums = distributed.sum_dicts(sums)
+        examples, tokens = int(sums.pop("_examples")), int(sums.pop("_tokens"))
         grad_norm = torch.nn.utils.clip_grad_norm_(params, config.max_grad_norm)
         if not (math.isfinite(sums.get("loss", 0.0)) and math.isfinite(float(grad_norm))):
             # one such step makes every weight NaN, and the model saved at the end would be garbage
@@ -330,9 +369,11 @@ def fit(model, tokenizer, objective, config: TrainConfig, out_dir: str | Path, f
         row = {"step": step + 1, "epoch": round((step + 1) * ga / len(epoch0), 4), "lr": lr,
                "grad_norm": float(grad_norm), **{k: v / n for k, v in sums.items()},
                # examples (pairs for DPO) in the step, and what its loss was averaged over (pairs, or SFT's tokens)
-               "examples": sum(objective.n_examples(b) for b in batches),
+               "examples": examples,
                "loss_normaliser": n,
                "tokens": tokens, "seconds": round(seconds, 4)}
+        if not main:
+            continue
         log.write(json.dumps(row) + "\n")
         log.flush()
         if verbose and ((step + 1) % config.log_steps == 0 or step + 1 == max_steps):
@@ -346,15 +387,16 @@ def fit(model, tokenizer, objective, config: TrainConfig, out_dir: str | Path, f
                                    objective.state_dict(), keep=config.keep_checkpoints, made_for=made_for)
             if on_checkpoint is not None:
                 on_checkpoint(step + 1, path)
-    log.close()
     seconds = time.perf_counter() - t_start
-    save_final(model, tokenizer, final_dir, merge=config.merge_lora)
     summary = {"steps": max_steps, "resumed_from": start, "examples": len(objective.lengths),
                "final": {k: v for k, v in row.items() if k not in ("step", "epoch")},
                "seconds": round(seconds, 2), "tokens_per_second": round(total_tokens / max(seconds, 1e-9), 1),
                "final_dir": str(final_dir)}
-    done.write_text(json.dumps(summary, indent=2))
-    shutil.rmtree(out_dir / "checkpoints", ignore_errors=True)  # the final model supersedes them
+    if main:
+        log.close()
+        save_final(model, tokenizer, final_dir, merge=config.merge_lora)
+        done.write_text(json.dumps(summary, indent=2))
+        shutil.rmtree(out_dir / "checkpoints", ignore_errors=True)  # the final model supersedes them
     return summary
 
 
@@ -378,6 +420,9 @@ def _open_log(path: Path, keep_until: int):
 def train_sft(model: str, conversations, config: SFTTrainConfig, out_dir: str | Path, final_dir: str | Path,
               on_checkpoint=None, verbose: bool = True) -> dict:
     """SFT of `model` (any spec `resolve_model` takes) on `Conversation` records (or pre-encoded SFTExamples)."""
+    if config.processes > 1 and distributed.world() is None:
+        return distributed.launch(train_sft, (model, conversations, config, out_dir, final_dir, on_checkpoint, verbose),
+                                  config.processes, config.device)
     tokenizer = load_tokenizer(model)
     examples = conversations if conversations and isinstance(conversations[0], SFTExample) else encode_conversations(
         tokenizer, conversations, config.train_on, config.max_length, config.max_prompt_length)
@@ -396,6 +441,13 @@ def train_dpo(model: str, pairs, config: DPOTrainConfig, out_dir: str | Path, fi
     With `cache_reference` and no extrapolation, reference log-probs are computed once into `out_dir` and the
     reference model is dropped before training. `noise_hook(DPOStepState) -> eps` decides a per-pair smoothing;
     `extrapolation_lambda` (SPA's λ) makes the state carry the extrapolated log-probs (needs a live reference)."""
+    w = distributed.world()
+    if config.processes > 1 and w is None:
+        return distributed.launch(train_dpo, (model, pairs, config, out_dir, final_dir, ref_model, noise_hook,
+                                              extrapolation_lambda, on_checkpoint, verbose),
+                                  config.processes, config.device)
+    if w is not None and not w.main and hasattr(noise_hook, "log_path"):
+        noise_hook.log_path = None  # every process's hook decides the same; rank 0's writes the record
     tokenizer = load_tokenizer(model)
     examples = pairs if pairs and isinstance(pairs[0], PairExample) else encode_pairs(
         tokenizer, pairs, config.max_length, config.max_prompt_length)
@@ -409,11 +461,20 @@ def train_dpo(model: str, pairs, config: DPOTrainConfig, out_dir: str | Path, fi
         reference = frozen_model(model, device)
     ref_logps = None
     if not live:
-        key = json.dumps([model_fingerprint(resolve_model(ref_model or model)), config.precision, device])
-        progress = (lambda i, n: print(f"[ref] {i}/{n} pairs", file=sys.stderr)) if verbose else None
+        key = json.dumps([model_fingerprint(resolve_model(ref_model or model)), config.precision,
+                          device.split(":")[0]])
+        show = verbose and distributed.is_main()
+        progress = (lambda i, n: print(f"[ref] {i}/{n} pairs", file=sys.stderr)) if show else None
+        # several processes: each scores every size-th pair into its own cache file, and they swap the results
+        rank, size = (w.rank, w.size) if w is not None else (0, 1)
+        mine = examples[rank::size]
         with reference_context(reference):
-            ref_logps = pair_logps(reference, examples, tokenizer.pad_token_id, config.reference_batch_size, device,
-                                   amp_dtype(config, device), cache_path(out_dir, key), progress)
+            part = pair_logps(reference, mine, tokenizer.pad_token_id, config.reference_batch_size, device,
+                              amp_dtype(config, device),
+                              cache_path(out_dir, key if size == 1 else f"{key}#{rank}/{size}"), progress)
+        ref_logps = torch.empty(len(examples), 2)
+        for r, scored in enumerate(distributed.gather(part)):
+            ref_logps[r::size] = scored.reshape(-1, 2)
         reference = None  # frees a separate reference model
     objective = DPOObjective(examples, tokenizer.pad_token_id, config, ref_logps, reference, noise_hook,
                              extrapolation_lambda)
@@ -424,6 +485,9 @@ def train_dpo(model: str, pairs, config: DPOTrainConfig, out_dir: str | Path, fi
 def train_orpo(model: str, pairs, config: ORPOTrainConfig, out_dir: str | Path, final_dir: str | Path,
                on_checkpoint=None, verbose: bool = True) -> dict:
     """ORPO of `model` on `PreferencePair` records (or PairExamples): one stage, no reference model."""
+    if config.processes > 1 and distributed.world() is None:
+        return distributed.launch(train_orpo, (model, pairs, config, out_dir, final_dir, on_checkpoint, verbose),
+                                  config.processes, config.device)
     tokenizer = load_tokenizer(model)
     examples = pairs if pairs and isinstance(pairs[0], PairExample) else encode_pairs(
         tokenizer, pairs, config.max_length, config.max_prompt_length)

@@ -1,7 +1,9 @@
-"""A training job for the resume test, run in-process or as `python resume_job.py KIND MODEL_DIR PAIRS OUT KILL_AT`.
+"""A training job for the resume and multi-process tests, run in-process or as
+`python resume_job.py KIND MODEL_DIR PAIRS OUT KILL_AT [PROCESSES]`.
 
-With KILL_AT > 0 the process SIGKILLs itself right after writing the checkpoint of step KILL_AT: a real kill,
-nothing flushed or cleaned up after it."""
+With KILL_AT > 0 the job SIGKILLs itself right after writing the checkpoint of step KILL_AT: a real kill, nothing
+flushed or cleaned up after it. With several training processes the checkpoint is written by a worker, which kills
+the job's own process (its parent); the workers must then die with it."""
 
 from __future__ import annotations
 
@@ -39,25 +41,36 @@ class WindowHook:
         self.window = deque(state["window"], maxlen=8)
 
 
-def run(kind: str, model_dir: str, pairs_file: str, out: str, kill_at: int = 0) -> list[dict]:
+class KillAt:
+    """on_checkpoint: SIGKILL the job at step `step` (a class, not a closure: it travels to training workers)."""
+
+    def __init__(self, step: int, job_pid: int):
+        self.step, self.job_pid = step, job_pid
+
+    def __call__(self, step, path):
+        if step == self.step:
+            os.kill(self.job_pid, signal.SIGKILL)
+
+
+def run(kind: str, model_dir: str, pairs_file: str, out: str, kill_at: int = 0, processes: int = 1,
+        lora_dropout: float = 0.3) -> list[dict]:
     pairs = read_records(pairs_file, PreferencePair)
-
-    def kill(step, path):
-        if step == kill_at:
-            os.kill(os.getpid(), signal.SIGKILL)
-
+    kill = KillAt(kill_at, os.getpid())
     common = dict(max_steps=STEPS, batch_size=2, max_length=64, max_prompt_length=32, learning_rate=1e-3,
-                  warmup_ratio=0.3, save_steps=2 if kill_at else 0)
+                  warmup_ratio=0.3, save_steps=2 if kill_at else 0, processes=processes)
     if kind == "dpo":  # full fine-tuning, live reference, extrapolated log-probs, stateful hook
         train_dpo(model_dir, pairs, DPOTrainConfig(**common), f"{out}/train", f"{out}/final",
                   noise_hook=WindowHook(), extrapolation_lambda=0.5, on_checkpoint=kill, verbose=False)
+    elif kind == "dpo-cached":  # reference log-probs scored once before training (by each process, its share)
+        train_dpo(model_dir, pairs, DPOTrainConfig(**common), f"{out}/train", f"{out}/final", on_checkpoint=kill,
+                  verbose=False)
     else:  # LoRA with dropout: resuming must restore the RNG too
         convs = [Conversation(p.id, p.messages + [{"role": "assistant", "content": p.chosen}]) for p in pairs]
-        cfg = SFTTrainConfig(**common, grad_accum=2, lora=LoraConfig(r=4, alpha=8, dropout=0.3))
+        cfg = SFTTrainConfig(**common, grad_accum=2, lora=LoraConfig(r=4, alpha=8, dropout=lora_dropout))
         train_sft(model_dir, convs, cfg, f"{out}/train", f"{out}/final", on_checkpoint=kill, verbose=False)
     with open(f"{out}/train/log.jsonl") as f:
         return [json.loads(line) for line in f]
 
 
 if __name__ == "__main__":
-    run(sys.argv[1], sys.argv[2], sys.argv[3], sys.argv[4], int(sys.argv[5]))
+    run(sys.argv[1], sys.argv[2], sys.argv[3], sys.argv[4], int(sys.argv[5]), *map(int, sys.argv[6:7]))

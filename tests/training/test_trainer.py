@@ -6,6 +6,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import math
+import os
 import signal
 import subprocess
 import sys
@@ -25,6 +26,7 @@ from selfalign.training.refcache import pair_logps
 from selfalign.training.trainer import DPOObjective
 
 JOB = Path(__file__).with_name("resume_job.py")
+CHILD_ENV = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[2])}  # the checkout under test
 
 
 def load_job():
@@ -45,7 +47,8 @@ def test_resume_after_kill_matches_uninterrupted_run(kind, tmp_path, tiny_model_
     straight = job.run(kind, str(tiny_model_dir), str(pairs_file), str(tmp_path / "a"))
 
     killed = subprocess.run([sys.executable, str(JOB), kind, str(tiny_model_dir), str(pairs_file),
-                             str(tmp_path / "b"), "2"], capture_output=True, text=True, timeout=600)
+                             str(tmp_path / "b"), "2"], capture_output=True, text=True, timeout=600,
+                            env=CHILD_ENV)
     assert killed.returncode == -signal.SIGKILL, killed.stderr[-2000:]
     assert (tmp_path / "b" / "train" / "checkpoints" / "step-2").is_dir()
     assert not (tmp_path / "b" / "final").exists()

@@ -1,0 +1,225 @@
+"""Data-parallel training over several processes on one machine: one per GPU (NCCL), or CPU processes (gloo).
+
+`train.processes: N` changes where a step runs, not what it computes. The batch plan stays the single-process one;
+every micro-batch of `batch_size` rows is cut into N consecutive shares, one per process, and the step's loss is
+still normalised over the whole step (its tokens for SFT, its pairs for DPO/ORPO). Gradients are summed across the
+processes before clipping, so N processes train the same model as one, up to float summation order; a checkpoint
+written with N processes resumes with any other number.
+
+Why our own launcher rather than `accelerate launch`/`torchrun`: a recipe is one process that owns its run folder
+(locks, manifest, resume) and runs generation and judging between its training stages. Only a training stage is
+spread over processes, so the stage starts its workers itself (torch.multiprocessing, spawn) and gets rank 0's
+summary back; the user runs the same `selfalign run` command on one GPU or eight. Why a plain all-reduce rather
+than DistributedDataParallel: the trainer runs the backbone and the LM head as two calls (the head on response
+positions only, forward.py), which bypasses DDP's forward hooks; and the step's micro-batches are reduced once, as
+DDP's `no_sync` would do.
+"""
+
+from __future__ import annotations
+
+import datetime
+import os
+import socket
+import sys
+from dataclasses import dataclass
+from typing import Any, Callable
+
+import torch
+import torch.distributed as dist
+
+from selfalign.errors import ConfigError, SelfalignError
+
+
+@dataclass(frozen=True)
+class World:
+    """This process's place among the training processes."""
+
+    rank: int
+    size: int
+    device: str  # "cuda:<rank>" or "cpu"
+
+    @property
+    def main(self) -> bool:
+        """Rank 0 writes the log, checkpoints and the final model; the others only compute."""
+        return self.rank == 0
+
+
+_WORLD: World | None = None
+
+
+def world() -> World | None:
+    """The training processes this one belongs to, or None when training runs in a single process."""
+    return _WORLD
+
+
+def is_main() -> bool:
+    return _WORLD is None or _WORLD.main
+
+
+# ------------------------------------------------------------------------------------------------ the step's parts
+def share(rows: list[int]) -> tuple[list[int], bool]:
+    """This process's consecutive share of a micro-batch's rows, and whether it is padding.
+
+    Shares differ by at most one row. A process whose share is empty (a micro-batch with fewer rows than processes,
+    e.g. an epoch's last) gets the batch's first row as padding: it still runs the forward and backward the others
+    run (every collective must be met by every process), and the trainer multiplies that loss by 0."""
+    w = _WORLD
+    if w is None:
+        return rows, False
+    lo, hi = w.rank * len(rows) // w.size, (w.rank + 1) * len(rows) // w.size
+    return (rows[lo:hi], False) if hi > lo else (rows[:1], True)
+
+
+def total(value: float) -> float:
+    """The sum of `value` over the processes."""
+    if _WORLD is None:
+        return value
+    t = torch.tensor([float(value)], dtype=torch.float64, device=_WORLD.device)
+    dist.all_reduce(t)
+    return float(t.item())
+
+
+def gather(obj: Any) -> list[Any]:
+    """`obj` from every process, in rank order (picklable objects; tensors are sent as they are, so pass CPU ones)."""
+    if _WORLD is None:
+        return [obj]
+    out: list[Any] = [None] * _WORLD.size
+    dist.all_gather_object(out, obj)
+    return out
+
+
+def sum_dicts(sums: dict[str, float]) -> dict[str, float]:
+    """Per-key sums over the processes (a key absent in one process counts 0 there)."""
+    merged: dict[str, float] = {}
+    for part in gather(sums):
+        for k, v in part.items():
+            merged[k] = merged.get(k, 0.0) + v
+    return merged
+
+
+def sum_gradients(params: list[torch.nn.Parameter]) -> None:
+    """Every process's gradients replaced by their sum over the processes, in a few large all-reduces."""
+    if _WORLD is None or _WORLD.size == 1:
+        return
+    grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
+    for p, g in zip(params, grads):
+        p.grad = g
+    bucket: list[torch.Tensor] = []
+    size = 0
+    for g in grads:  # ~25M-element buckets, as DDP's default: few calls, bounded extra memory
+        bucket.append(g)
+        size += g.numel()
+        if size >= 25_000_000:
+            _all_reduce_flat(bucket)
+            bucket, size = [], 0
+    if bucket:
+        _all_reduce_flat(bucket)
+
+
+def _all_reduce_flat(tensors: list[torch.Tensor]) -> None:
+    flat = torch.cat([t.reshape(-1) for t in tensors])
+    dist.all_reduce(flat)
+    offset = 0
+    for t in tensors:
+        t.copy_(flat[offset:offset + t.numel()].view_as(t))
+        offset += t.numel()
+
+
+def barrier() -> None:
+    if _WORLD is not None:
+        dist.barrier()
+
+
+# ------------------------------------------------------------------------------------------------ the launcher
+def launch(target: Callable, args: tuple, processes: int, device: str = "auto") -> Any:
+    """Run `target(*args)` in `processes` spawned workers that form one process group; return rank 0's result.
+
+    `device`: auto (CUDA when there is one, else CPU), cuda or cpu: one GPU per worker on CUDA. A worker's error
+    ends all of them, and a SelfalignError comes back as one line. Workers die with this process (Linux), so a
+    killed run leaves none behind to write into its folder while it resumes."""
+    kind = _device_kind(device)
+    if kind == "cuda" and torch.cuda.device_count() < processes:
+        raise ConfigError(f"train.processes is {processes}, but this machine has {torch.cuda.device_count()} CUDA "
+                          f"GPU(s): one process per GPU")
+    import torch.multiprocessing as mp
+    from torch.multiprocessing.spawn import ProcessException
+
+    results = mp.get_context("spawn").SimpleQueue()
+    try:
+        mp.start_processes(_worker, args=(processes, _free_port(), kind, target, args, results), nprocs=processes,
+                           join=True, start_method="spawn")
+    except ProcessException as e:
+        reported = _drain(results)
+        errors = [r for r in reported if r[0] == "error"]
+        if errors:  # the first failing worker's own error; the others were stopped because of it
+            _, is_user_error, message = errors[0]
+            if is_user_error:
+                raise SelfalignError(message) from None
+            raise RuntimeError(f"a training process failed: {message}") from e
+        raise SelfalignError(f"a training process died ({e}); run the same command again to resume") from None
+    reported = _drain(results)
+    return next(r[1] for r in reported if r[0] == "result")
+
+
+def _device_kind(device: str) -> str:
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if device in ("cuda", "cpu"):
+        if device == "cuda" and not torch.cuda.is_available():
+            raise ConfigError("device 'cuda' asked for, but this torch sees no CUDA GPU (use auto or cpu)")
+        return device
+    raise ConfigError(f"train.processes > 1 places one process per GPU itself: train.device must be auto, cuda or cpu,"
+                      f" not {device!r}")
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _drain(queue) -> list:
+    out = []
+    while not queue.empty():
+        out.append(queue.get())
+    return out
+
+
+def _worker(rank: int, size: int, port: int, kind: str, target: Callable, args: tuple, results) -> None:
+    global _WORLD
+    _die_with_parent()
+    device = "cpu"
+    if kind == "cuda":
+        torch.cuda.set_device(rank)
+        device = f"cuda:{rank}"
+    else:  # the machine's cores split between the workers, not each worker taking all of them
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // size))
+    dist.init_process_group("nccl" if kind == "cuda" else "gloo", init_method=f"tcp://127.0.0.1:{port}",
+                            rank=rank, world_size=size, timeout=datetime.timedelta(hours=1))
+    _WORLD = World(rank, size, device)
+    try:
+        result = target(*args)
+        if rank == 0:
+            results.put(("result", result))
+        dist.barrier()
+    except BaseException as e:
+        results.put(("error", isinstance(e, SelfalignError), str(e) or type(e).__name__))
+        raise
+    finally:
+        _WORLD = None
+        dist.destroy_process_group()
+
+
+def _die_with_parent() -> None:
+    """Linux: this worker gets SIGKILL when the process that started it dies (prctl PR_SET_PDEATHSIG)."""
+    if not sys.platform.startswith("linux"):
+        return
+    import ctypes
+    import signal
+
+    try:
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)
+    except OSError:
+        return
+    if os.getppid() == 1:  # the parent died before the call above took effect
+        os._exit(1)
