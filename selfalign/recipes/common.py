@@ -124,6 +124,7 @@ def start_run(run_dir: str, config: Any, recipe: str, seed: int | None, check_in
     resuming = (Path(run_dir) / "manifest.json").exists()
     with preflight.endpoints_not_contacted() if resuming else contextlib.nullcontext():
         check_inputs(config)
+    preflight.training(config)
     prepared = None if stage_done(run_dir, "data") else prepare_data(config)
     run = Run(run_dir, config_to_dict(config), recipe, seed=seed)
     run.stage("data", lambda: write_data(run, *prepared))

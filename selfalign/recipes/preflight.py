@@ -40,6 +40,28 @@ def model(key: str, spec: str) -> None:
         raise config_error(key, e) from None
 
 
+def training(config) -> None:
+    """Every train section (`train`, `round_train`, ..., at any depth) with several processes can place them here:
+    a stage would otherwise fail only when it starts, after the stages before it ran."""
+    from dataclasses import fields, is_dataclass
+
+    from selfalign.training import distributed
+    from selfalign.training.config import TrainConfig
+
+    def walk(obj, prefix: str) -> None:
+        for f in fields(obj):
+            value = getattr(obj, f.name)
+            if isinstance(value, TrainConfig) and value.processes > 1:
+                try:
+                    distributed.placement(value.processes, value.device)
+                except SelfalignError as e:
+                    raise config_error(f"{prefix}{f.name}.processes", e) from None
+            elif is_dataclass(value) and not isinstance(value, type):
+                walk(value, f"{prefix}{f.name}.")
+
+    walk(config, "")
+
+
 def backend(key: str, name: str, allowed: tuple[str, ...] = LOCAL_BACKENDS) -> None:
     if name not in allowed:
         raise config_error(key, f"unknown backend '{name}' here (choose from {', '.join(allowed)})")

@@ -23,19 +23,21 @@ def trainable_state(model) -> dict[str, torch.Tensor]:
 
 
 def save_checkpoint(folder: Path, step: int, model, optimizer, scheduler, plan: list[list[int]], extra: dict,
-                    keep: int = 1, made_for: dict | None = None) -> Path:
+                    keep: int = 1, made_for: dict | None = None, full_state: tuple | None = None) -> Path:
     """`made_for`: the settings the plan and schedule belong to (steps, batch sizes, seed, a digest of the data);
-    `load_checkpoint` refuses to resume under others."""
+    `load_checkpoint` refuses to resume under others. `full_state`: (weights, optimizer state) of a sharded model,
+    gathered by `distributed.full_state`; the checkpoint is then the one an unsharded run writes."""
     folder.mkdir(parents=True, exist_ok=True)
     final = folder / f"step-{step}"
     tmp = folder / f"step-{step}.tmp"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
-    save_file(trainable_state(model), str(tmp / "trainable.safetensors"))
+    weights, optimizer_state = full_state or (trainable_state(model), optimizer.state_dict())
+    save_file(weights, str(tmp / "trainable.safetensors"))
     rng = {"torch": torch.get_rng_state(), "python": random.getstate()}
     if torch.cuda.is_available():
         rng["cuda"] = torch.cuda.get_rng_state_all()
-    torch.save({"step": step, "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "rng": rng,
+    torch.save({"step": step, "optimizer": optimizer_state, "scheduler": scheduler.state_dict(), "rng": rng,
                 "plan": plan, "extra": extra, "made_for": made_for or {}}, tmp / "state.pt")
     shutil.rmtree(final, ignore_errors=True)
     tmp.rename(final)
@@ -61,9 +63,14 @@ def latest_checkpoint(folder: Path) -> Path | None:
 
 def load_checkpoint(path: Path, model, optimizer, scheduler, made_for: dict | None = None) -> dict:
     """Restore everything into the live objects; returns {"step", "plan", "extra"}. A checkpoint whose `made_for`
-    differs from this run's is a ConfigError (checkpoints written before it was recorded are not checked)."""
-    # weights_only: a run folder is data, never code
-    state = torch.load(path / "state.pt", map_location="cpu", weights_only=True)
+    differs from this run's is a ConfigError (checkpoints written before it was recorded are not checked).
+    A sharded model (train.fsdp) is restored by every training process at once, from rank 0's reading."""
+    from selfalign.training import distributed
+
+    sharded = distributed.is_sharded(next(model.parameters()))
+    # weights_only: a run folder is data, never code. mmap when sharded: the processes that do not read the
+    # optimizer state (all but rank 0) do not load it into memory either
+    state = torch.load(path / "state.pt", map_location="cpu", weights_only=True, mmap=sharded)
     saved = state.get("made_for") or {}
     changed = sorted(k for k in saved if made_for is not None and k in made_for and saved[k] != made_for[k])
     if changed:
@@ -71,6 +78,21 @@ def load_checkpoint(path: Path, model, optimizer, scheduler, made_for: dict | No
         raise ConfigError(f"{path}: this checkpoint was written for other training settings or data ({diffs}); "
                           f"resuming would replay or skip batches. Restore the settings, or delete "
                           f"{path.parent} to start this training over")
+    if sharded:
+        main = distributed.is_main()
+        distributed.load_full_state(model, optimizer, load_file(str(path / "trainable.safetensors")) if main else None,
+                                    state["optimizer"] if main else None)
+    else:
+        _load_unsharded(path, model, optimizer, state)
+    scheduler.load_state_dict(state["scheduler"])
+    torch.set_rng_state(state["rng"]["torch"])
+    random.setstate(state["rng"]["python"])
+    if "cuda" in state["rng"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["rng"]["cuda"])
+    return {"step": state["step"], "plan": state["plan"], "extra": state["extra"]}
+
+
+def _load_unsharded(path: Path, model, optimizer, state: dict) -> None:
     weights = load_file(str(path / "trainable.safetensors"))
     params = dict(model.named_parameters())
     unknown = [n for n in weights if n not in params]
@@ -85,9 +107,3 @@ def load_checkpoint(path: Path, model, optimizer, scheduler, made_for: dict | No
     except ValueError as e:  # e.g. written before weight decay spared biases and norms (one param group, not two)
         raise ConfigError(f"{path}: its optimizer state does not fit this training ({e}); it was probably written by "
                           f"an older selfalign. Delete {path.parent} to start this training over") from None
-    scheduler.load_state_dict(state["scheduler"])
-    torch.set_rng_state(state["rng"]["torch"])
-    random.setstate(state["rng"]["python"])
-    if "cuda" in state["rng"] and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["rng"]["cuda"])
-    return {"step": state["step"], "plan": state["plan"], "extra": state["extra"]}

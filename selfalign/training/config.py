@@ -44,6 +44,9 @@ class TrainConfig:
     # steps, batches and result as 1, summed across processes (distributed.py); batch_size is the whole micro-batch,
     # cut into one share per process
     processes: int = 1
+    # with processes > 1: shard the weights, gradients and optimizer state over the processes (FSDP), so each GPU
+    # holds 1/processes of them; for full fine-tunes that do not fit one GPU. The same result as unsharded
+    fsdp: bool = False
     gradient_checkpointing: bool = False
     group_by_length: bool = True  # batches of similar length: less padding, same examples per epoch
     save_steps: int = 50  # checkpoint every N optimizer steps (0: never); a killed run resumes from the last one
@@ -63,6 +66,8 @@ class TrainConfig:
         if self.batch_size < self.processes:
             raise ValueError(f"batch_size ({self.batch_size}) is below processes ({self.processes}): each process "
                              f"takes a share of every micro-batch, so some would only ever compute padding")
+        if self.fsdp and self.processes < 2:
+            raise ValueError("fsdp shards the model over several processes: set processes >= 2 with it")
         if self.max_steps < 0 or self.save_steps < 0:
             raise ValueError("max_steps and save_steps must be >= 0")
         if not 0.0 <= self.warmup_ratio < 1.0:

@@ -12,7 +12,8 @@ spread over processes, so the stage starts its workers itself (torch.multiproces
 summary back; the user runs the same `selfalign run` command on one GPU or eight. Why a plain all-reduce rather
 than DistributedDataParallel: the trainer runs the backbone and the LM head as two calls (the head on response
 positions only, forward.py), which bypasses DDP's forward hooks; and the step's micro-batches are reduced once, as
-DDP's `no_sync` would do.
+DDP's `no_sync` would do. With `train.fsdp` the model is sharded instead (`shard`: torch's FSDP2, whose root is a
+module wrapping that two-call forward), and checkpoints are gathered into the single-process format.
 """
 
 from __future__ import annotations
@@ -98,8 +99,9 @@ def sum_dicts(sums: dict[str, float]) -> dict[str, float]:
 
 
 def sum_gradients(params: list[torch.nn.Parameter]) -> None:
-    """Every process's gradients replaced by their sum over the processes, in a few large all-reduces."""
-    if _WORLD is None or _WORLD.size == 1:
+    """Every process's gradients replaced by their sum over the processes, in a few large all-reduces. (Sharded
+    parameters are summed by FSDP in backward, each process keeping its shard of the sum.)"""
+    if _WORLD is None or _WORLD.size == 1 or is_sharded(params[0]):
         return
     grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
     for p, g in zip(params, grads):
@@ -125,6 +127,104 @@ def _all_reduce_flat(tensors: list[torch.Tensor]) -> None:
         offset += t.numel()
 
 
+# ------------------------------------------------------------------------------------------------ FSDP
+def is_sharded(t: torch.Tensor) -> bool:
+    from torch.distributed.tensor import DTensor
+
+    return isinstance(t, DTensor)
+
+
+def shard(model, rebuild: Callable | None = None):
+    """`model` with its weights, and so its gradients and optimizer state, sharded over the processes (FSDP2's
+    fully_shard): each decoder layer (the classes a transformers model lists in `_no_split_modules`) is one unit,
+    gathered around its own forward and backward; the embeddings, final norm and LM head form the root unit, a
+    ResponseLogitsModel around `model`. Gradients are reduced as sums, not means (the trainer normalises the loss
+    itself). `rebuild()` makes an unsharded copy of the model on the CPU for `unsharded` to fill (rank 0 only).
+
+    Parameters stay fp32 and bf16 autocast runs the matmuls, exactly as in one process (no FSDP mixed-precision
+    policy, which would all-gather bf16 weights and so compute norms and the head in bf16 too)."""
+    from torch.distributed.fsdp import fully_shard
+
+    from selfalign.training.forward import ResponseLogitsModel, unwrap
+
+    units = set(getattr(unwrap(model), "_no_split_modules", None) or [])
+    layers = [m for m in model.modules() if type(m).__name__ in units]
+    if not layers:
+        raise SelfalignError(f"{type(unwrap(model)).__name__}: train.fsdp needs the model's decoder layer class "
+                             f"(transformers' _no_split_modules), and this model names none")
+    root = ResponseLogitsModel(model)
+    for unit in layers + [root]:
+        fully_shard(unit)
+        unit.set_gradient_divide_factor(1.0)
+        unit.set_force_sum_reduction_for_comms(True)  # a plain SUM, which gloo has too (not NCCL's PreMulSum)
+    root.rebuild = rebuild
+    return root
+
+
+def full_state(model, optimizer=None) -> tuple[dict | None, dict | None]:
+    """A sharded model's trainable weights (named as in the unsharded model) and optimizer state (in the format
+    `optimizer.state_dict()` has in one process: parameters numbered in group order), gathered on rank 0's CPU;
+    (None, None) in the other processes. Every process must call it."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict, get_state_dict
+
+    options = StateDictOptions(full_state_dict=True, cpu_offload=True)
+    if optimizer is None:
+        weights, optim = get_model_state_dict(model, options=options), None
+    else:
+        weights, optim = get_state_dict(model, optimizer, options=options)
+    if not is_main():
+        return None, None
+    trainable = [n for n, p in model.named_parameters() if p.requires_grad]
+    weights = {_unsharded_name(n): weights[n].contiguous() for n in trainable}
+    if optimizer is not None:
+        number = {fqn: i for i, fqn in enumerate(fqn for g in optim["param_groups"] for fqn in g["params"])}
+        optim = {"state": {number[fqn]: v for fqn, v in optim["state"].items()},
+                 "param_groups": [{**g, "params": [number[f] for f in g["params"]]} for g in optim["param_groups"]]}
+    return weights, optim
+
+
+def load_full_state(model, optimizer, weights: dict | None, optim: dict | None) -> None:
+    """The inverse of `full_state`: rank 0 passes what it read from a checkpoint, the others None; rank 0's copy is
+    sharded out to every process."""
+    from torch.distributed.checkpoint.state_dict import (StateDictOptions, set_model_state_dict,
+                                                         set_optimizer_state_dict)
+
+    model_sd, optim_sd = {}, {}
+    if is_main():
+        model_sd = {n: weights[_unsharded_name(n)] for n, p in model.named_parameters() if p.requires_grad}
+        name_of = {id(p): n for n, p in model.named_parameters()}
+        # the single-process numbering: parameters counted through the optimizer's groups in order
+        fqn_of = dict(enumerate(name_of[id(p)] for g in optimizer.param_groups for p in g["params"]))
+        groups = optim["param_groups"]
+        optim_sd = {"state": {fqn_of[i]: v for i, v in optim["state"].items()},
+                    "param_groups": [{**g, "params": [fqn_of[i] for i in g["params"]]} for g in groups]}
+    options = StateDictOptions(full_state_dict=True, broadcast_from_rank0=True, strict=False)
+    # two calls, not set_state_dict: that one skips the model in the processes whose (empty) model dict is only to
+    # receive rank 0's broadcast, and they would then wait on the wrong collective
+    set_model_state_dict(model, model_sd, options=options)
+    set_optimizer_state_dict(model, optimizer, optim_sd, options=options)
+
+
+def unsharded(model):
+    """A model ready to save: `model` itself unless sharded; else every process gathers the weights and rank 0
+    gets its rebuilt CPU copy holding them (the other processes get None)."""
+    if not hasattr(model, "rebuild"):
+        return model
+    weights, _ = full_state(model)
+    if not is_main():
+        return None
+    copy = model.rebuild()
+    params = dict(copy.named_parameters())
+    with torch.no_grad():
+        for n, t in weights.items():
+            params[n].copy_(t)
+    return copy
+
+
+def _unsharded_name(fqn: str) -> str:
+    return fqn.removeprefix("model.")  # ResponseLogitsModel's attribute
+
+
 def barrier() -> None:
     if _WORLD is not None:
         dist.barrier()
@@ -137,10 +237,7 @@ def launch(target: Callable, args: tuple, processes: int, device: str = "auto") 
     `device`: auto (CUDA when there is one, else CPU), cuda or cpu: one GPU per worker on CUDA. A worker's error
     ends all of them, and a SelfalignError comes back as one line. Workers die with this process (Linux), so a
     killed run leaves none behind to write into its folder while it resumes."""
-    kind = _device_kind(device)
-    if kind == "cuda" and torch.cuda.device_count() < processes:
-        raise ConfigError(f"train.processes is {processes}, but this machine has {torch.cuda.device_count()} CUDA "
-                          f"GPU(s): one process per GPU")
+    kind = placement(processes, device)
     import torch.multiprocessing as mp
     from torch.multiprocessing.spawn import ProcessException
 
@@ -161,15 +258,19 @@ def launch(target: Callable, args: tuple, processes: int, device: str = "auto") 
     return next(r[1] for r in reported if r[0] == "result")
 
 
-def _device_kind(device: str) -> str:
-    if device == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    if device in ("cuda", "cpu"):
-        if device == "cuda" and not torch.cuda.is_available():
-            raise ConfigError("device 'cuda' asked for, but this torch sees no CUDA GPU (use auto or cpu)")
-        return device
-    raise ConfigError(f"train.processes > 1 places one process per GPU itself: train.device must be auto, cuda or cpu,"
-                      f" not {device!r}")
+def placement(processes: int, device: str) -> str:
+    """"cuda" or "cpu": where `processes` training processes run for train.device `device`; a ConfigError when
+    they cannot (also checked before a recipe's run folder is made, recipes/preflight.py)."""
+    if device not in ("auto", "cuda", "cpu"):
+        raise ConfigError(f"train.processes > 1 places one process per GPU itself: train.device must be auto, cuda "
+                          f"or cpu, not {device!r}")
+    if device == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("device 'cuda' asked for, but this torch sees no CUDA GPU (use auto or cpu)")
+    kind = "cuda" if device == "cuda" or (device == "auto" and torch.cuda.is_available()) else "cpu"
+    if kind == "cuda" and torch.cuda.device_count() < processes:
+        raise ConfigError(f"train.processes is {processes}, but this machine has {torch.cuda.device_count()} CUDA "
+                          f"GPU(s): one process per GPU")
+    return kind
 
 
 def _free_port() -> int:
@@ -195,7 +296,7 @@ def _worker(rank: int, size: int, port: int, kind: str, target: Callable, args: 
     else:  # the machine's cores split between the workers, not each worker taking all of them
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // size))
     dist.init_process_group("nccl" if kind == "cuda" else "gloo", init_method=f"tcp://127.0.0.1:{port}",
-                            rank=rank, world_size=size, timeout=datetime.timedelta(hours=1))
+                            rank=rank, world_size=size, timeout=datetime.timedelta(seconds=collective_timeout()))
     _WORLD = World(rank, size, device)
     try:
         result = target(*args)
@@ -208,6 +309,12 @@ def _worker(rank: int, size: int, port: int, kind: str, target: Callable, args: 
     finally:
         _WORLD = None
         dist.destroy_process_group()
+
+
+def collective_timeout() -> float:
+    """Seconds a process waits for the others at a collective before failing (rank 0 writes checkpoints and the
+    final model while the others wait): $SELFALIGN_COLLECTIVE_TIMEOUT, default an hour."""
+    return float(os.environ.get("SELFALIGN_COLLECTIVE_TIMEOUT", 3600))
 
 
 def _die_with_parent() -> None:

@@ -14,8 +14,29 @@ import torch
 from selfalign.training.losses import IGNORE, token_logps
 
 
+class ResponseLogitsModel(torch.nn.Module):
+    """A model whose forward is `response_logits`: the root FSDP shards (distributed.shard).
+
+    FSDP gathers a sharded module's parameters around that module's own forward, and `response_logits` calls the
+    backbone and the LM head separately, so neither the CausalLM's forward nor its hooks run; this module's forward
+    is the one call that covers both (and the tied embeddings they share)."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.model = model
+
+    def forward(self, input_ids, attention_mask, labels):
+        return _response_logits(self.model, input_ids, attention_mask, labels)
+
+
+def inner(model):
+    """The model a ResponseLogitsModel holds (a peft model or a CausalLM), else `model` itself."""
+    return model.model if isinstance(model, ResponseLogitsModel) else model
+
+
 def unwrap(model):
     """The transformers CausalLM under a peft wrapper (LoRA layers stay injected in it)."""
+    model = inner(model)
     return model.get_base_model() if hasattr(model, "get_base_model") else model
 
 
@@ -23,12 +44,15 @@ def response_logits(model, batch: dict) -> tuple[torch.Tensor, torch.Tensor, tor
     """(logits [N, V], targets [N], rows [N]): one row per labelled token, `rows` = its sequence index."""
     lm = unwrap(model)
     device = lm.get_output_embeddings().weight.device
-    input_ids = batch["input_ids"].to(device)
-    labels = batch["labels"].to(device)
+    args = (batch["input_ids"].to(device), batch["attention_mask"].to(device), batch["labels"].to(device))
+    return model(*args) if isinstance(model, ResponseLogitsModel) else _response_logits(model, *args)
+
+
+def _response_logits(model, input_ids, attention_mask, labels):
+    lm = unwrap(model)
     backbone = getattr(lm, lm.base_model_prefix)
     check_head_reproduces_forward(lm, backbone, input_ids)
-    hidden = backbone(input_ids=input_ids, attention_mask=batch["attention_mask"].to(device),
-                      use_cache=False).last_hidden_state
+    hidden = backbone(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).last_hidden_state
     mask = labels[:, 1:] != IGNORE  # position t predicts token t+1
     logits = lm_head(lm, hidden[:, :-1][mask])
     rows = mask.nonzero()[:, 0]
@@ -91,4 +115,5 @@ def reference_context(model):
     """For a peft model whose reference is its base: run with the adapters disabled. Otherwise nothing."""
     from peft import PeftModel
 
+    model = inner(model)
     return model.disable_adapter() if isinstance(model, PeftModel) else contextlib.nullcontext()

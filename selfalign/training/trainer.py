@@ -47,13 +47,13 @@ def amp_dtype(config: TrainConfig, device: str) -> torch.dtype | None:
     return None
 
 
-def prepare_policy(spec: str, config: TrainConfig, disable_dropout: bool = False):
+def prepare_policy(spec: str, config: TrainConfig, disable_dropout: bool = False, device: str | None = None):
     """The trainable model: fp32 master weights (bf16 autocast on GPU), LoRA if configured. Seeded, so LoRA's random
     init is reproducible."""
     torch.manual_seed(config.seed)  # the same on every training process: they start from identical weights
     random.seed(config.seed)
     w = distributed.world()
-    device = w.device if w is not None else pick_device(config.device)
+    device = device or (w.device if w is not None else pick_device(config.device))
     model = load_model(spec, dtype="float32", device=device)
     if hasattr(model, "merge_and_unload"):  # an adapter folder as the start point: train on top of it merged
         model = model.merge_and_unload()
@@ -73,6 +73,14 @@ def prepare_policy(spec: str, config: TrainConfig, disable_dropout: bool = False
                 m.p = 0.0
     model.train()
     return model, device
+
+
+def shard_policy(policy, spec: str, config: TrainConfig, disable_dropout: bool = False):
+    """With train.fsdp, the policy sharded over the training processes (rank 0 rebuilds an unsharded CPU copy to
+    save it); else the policy itself."""
+    if not config.fsdp:
+        return policy
+    return distributed.shard(policy, rebuild=lambda: prepare_policy(spec, config, disable_dropout, device="cpu")[0])
 
 
 def frozen_model(spec: str, device: str):
@@ -305,6 +313,7 @@ def fit(model, tokenizer, objective, config: TrainConfig, out_dir: str | Path, f
         # micro-batches (its loss is still normalised over what it saw) rather than borrowing the next epoch's
         plan = plan[:config.epochs * len(epoch0)]
     params = [p for p in model.parameters() if p.requires_grad]
+    sharded = distributed.is_sharded(params[0])
     # The fused kernel (CPU and CUDA) is one pass over the parameters; the default foreach path was 6-15x slower
     # on the 2-core CPU for SmolLM2-135M (seconds per step).
     # weight decay on matrices only: biases and norm weights are exempt, as in HF Trainer (and most recipes)
@@ -355,6 +364,8 @@ def fit(model, tokenizer, objective, config: TrainConfig, out_dir: str | Path, f
         sums = distributed.sum_dicts(sums)
         examples, tokens = int(sums.pop("_examples")), int(sums.pop("_tokens"))
         grad_norm = torch.nn.utils.clip_grad_norm_(params, config.max_grad_norm)
+        if sharded:  # the norm over all shards, the same in every process
+            grad_norm = grad_norm.full_tensor()
         if not (math.isfinite(sums.get("loss", 0.0)) and math.isfinite(float(grad_norm))):
             # one such step makes every weight NaN, and the model saved at the end would be garbage
             raise SelfalignError(f"{out_dir}: step {step + 1}: the loss ({sums.get('loss', 0.0) / n:.4g}) or the "
@@ -372,29 +383,32 @@ def fit(model, tokenizer, objective, config: TrainConfig, out_dir: str | Path, f
                "examples": examples,
                "loss_normaliser": n,
                "tokens": tokens, "seconds": round(seconds, 4)}
-        if not main:
-            continue
-        log.write(json.dumps(row) + "\n")
-        log.flush()
-        if verbose and ((step + 1) % config.log_steps == 0 or step + 1 == max_steps):
+        if main:
+            log.write(json.dumps(row) + "\n")
+            log.flush()
+        if main and verbose and ((step + 1) % config.log_steps == 0 or step + 1 == max_steps):
             shown = (("nll", "log_odds_ratio", "rewards/accuracy") if "log_odds_ratio" in row  # ORPO
                      else ("rewards/margins", "rewards/accuracy"))
             extra = "".join(f" {k.split('/')[-1]} {row[k]:.3f}" for k in shown if k in row)
             print(f"[train] step {step + 1}/{max_steps} loss {row['loss']:.4f}{extra} lr {lr:.2e} "
                   f"{tokens / seconds:.0f} tok/s", file=sys.stderr)
         if config.save_steps and (step + 1) % config.save_steps == 0 and step + 1 < max_steps:
-            path = save_checkpoint(out_dir / "checkpoints", step + 1, model, optimizer, scheduler, plan,
-                                   objective.state_dict(), keep=config.keep_checkpoints, made_for=made_for)
-            if on_checkpoint is not None:
-                on_checkpoint(step + 1, path)
+            full = distributed.full_state(model, optimizer) if sharded else None  # every process gathers
+            if main:
+                path = save_checkpoint(out_dir / "checkpoints", step + 1, model, optimizer, scheduler, plan,
+                                       objective.state_dict(), keep=config.keep_checkpoints, made_for=made_for,
+                                       full_state=full)
+                if on_checkpoint is not None:
+                    on_checkpoint(step + 1, path)
     seconds = time.perf_counter() - t_start
     summary = {"steps": max_steps, "resumed_from": start, "examples": len(objective.lengths),
                "final": {k: v for k, v in row.items() if k not in ("step", "epoch")},
                "seconds": round(seconds, 2), "tokens_per_second": round(total_tokens / max(seconds, 1e-9), 1),
                "final_dir": str(final_dir)}
+    whole = distributed.unsharded(model)  # a sharded model is gathered by every process, into rank 0's copy
     if main:
         log.close()
-        save_final(model, tokenizer, final_dir, merge=config.merge_lora)
+        save_final(whole, tokenizer, final_dir, merge=config.merge_lora)
         done.write_text(json.dumps(summary, indent=2))
         shutil.rmtree(out_dir / "checkpoints", ignore_errors=True)  # the final model supersedes them
     return summary
@@ -427,6 +441,7 @@ def train_sft(model: str, conversations, config: SFTTrainConfig, out_dir: str | 
     examples = conversations if conversations and isinstance(conversations[0], SFTExample) else encode_conversations(
         tokenizer, conversations, config.train_on, config.max_length, config.max_prompt_length)
     policy, device = prepare_policy(model, config)
+    policy = shard_policy(policy, model, config)
     objective = SFTObjective(examples, tokenizer.pad_token_id)
     summary = fit(policy, tokenizer, objective, config, out_dir, final_dir, device, on_checkpoint, verbose)
     return {**summary, "truncated": sum(e.truncated for e in examples)}
@@ -476,6 +491,10 @@ def train_dpo(model: str, pairs, config: DPOTrainConfig, out_dir: str | Path, fi
         for r, scored in enumerate(distributed.gather(part)):
             ref_logps[r::size] = scored.reshape(-1, 2)
         reference = None  # frees a separate reference model
+    if config.fsdp:  # after the cache: it is scored by the whole model in each process, with no collectives
+        sharded = shard_policy(policy, model, config, config.disable_dropout)
+        reference = sharded if reference is policy else (None if reference is None else distributed.shard(reference))
+        policy = sharded
     objective = DPOObjective(examples, tokenizer.pad_token_id, config, ref_logps, reference, noise_hook,
                              extrapolation_lambda)
     summary = fit(policy, tokenizer, objective, config, out_dir, final_dir, device, on_checkpoint, verbose)
@@ -492,6 +511,7 @@ def train_orpo(model: str, pairs, config: ORPOTrainConfig, out_dir: str | Path, 
     examples = pairs if pairs and isinstance(pairs[0], PairExample) else encode_pairs(
         tokenizer, pairs, config.max_length, config.max_prompt_length)
     policy, device = prepare_policy(model, config, disable_dropout=config.disable_dropout)
+    policy = shard_policy(policy, model, config, config.disable_dropout)
     objective = ORPOObjective(examples, tokenizer.pad_token_id, config)
     summary = fit(policy, tokenizer, objective, config, out_dir, final_dir, device, on_checkpoint, verbose)
     return {**summary, "truncated": sum(e.truncated for e in examples)}

@@ -312,3 +312,16 @@ def test_locate_error_places_a_keyed_error_like_load_config(tmp_path):
     assert str(locate_error(config_error("shuffle_seed", "x"), path)) == f"{path}: shuffle_seed: x"  # a default
     plain = ValueError("not a config error")
     assert locate_error(plain, path) is plain
+
+
+def test_training_processes_that_cannot_be_placed_fail_before_the_run_folder_exists(tmp_path, capsys):
+    # a nested train section (SEFT's reviser) is found too, and the error names its key
+    run_dir = tmp_path / "seft"
+    rc, err = run_cli("seft", smoke("seft"), run_dir, "reviser.adaptive_train.processes=2",
+                      "reviser.adaptive_train.device=cpu:0", capsys=capsys)
+    assert rc == 2 and len(err.splitlines()) == 1, err
+    assert "reviser.adaptive_train.processes: train.processes > 1 places one process per GPU itself: " \
+           "train.device must be auto, cuda or cpu, not 'cpu:0'" in err
+    assert not run_dir.exists()
+    config = load_config(spa.Config, smoke("spa"), ["round_train.processes=2", "seed_train.processes=2"])
+    preflight.training(config)  # device auto: CPU processes without a GPU, one per GPU with them

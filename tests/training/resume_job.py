@@ -1,5 +1,5 @@
 """A training job for the resume and multi-process tests, run in-process or as
-`python resume_job.py KIND MODEL_DIR PAIRS OUT KILL_AT [PROCESSES]`.
+`python resume_job.py KIND MODEL_DIR PAIRS OUT KILL_AT [PROCESSES [FSDP]]`.
 
 With KILL_AT > 0 the job SIGKILLs itself right after writing the checkpoint of step KILL_AT: a real kill, nothing
 flushed or cleaned up after it. With several training processes the checkpoint is written by a worker, which kills
@@ -53,11 +53,11 @@ class KillAt:
 
 
 def run(kind: str, model_dir: str, pairs_file: str, out: str, kill_at: int = 0, processes: int = 1,
-        lora_dropout: float = 0.3) -> list[dict]:
+        lora_dropout: float = 0.3, fsdp: bool = False) -> list[dict]:
     pairs = read_records(pairs_file, PreferencePair)
     kill = KillAt(kill_at, os.getpid())
     common = dict(max_steps=STEPS, batch_size=2, max_length=64, max_prompt_length=32, learning_rate=1e-3,
-                  warmup_ratio=0.3, save_steps=2 if kill_at else 0, processes=processes)
+                  warmup_ratio=0.3, save_steps=2 if kill_at else 0, processes=processes, fsdp=fsdp)
     if kind == "dpo":  # full fine-tuning, live reference, extrapolated log-probs, stateful hook
         train_dpo(model_dir, pairs, DPOTrainConfig(**common), f"{out}/train", f"{out}/final",
                   noise_hook=WindowHook(), extrapolation_lambda=0.5, on_checkpoint=kill, verbose=False)
@@ -73,4 +73,5 @@ def run(kind: str, model_dir: str, pairs_file: str, out: str, kill_at: int = 0, 
 
 
 if __name__ == "__main__":
-    run(sys.argv[1], sys.argv[2], sys.argv[3], sys.argv[4], int(sys.argv[5]), *map(int, sys.argv[6:7]))
+    run(sys.argv[1], sys.argv[2], sys.argv[3], sys.argv[4], int(sys.argv[5]), int((sys.argv[6:] or [1])[0]),
+        fsdp=sys.argv[7:] == ["fsdp"])

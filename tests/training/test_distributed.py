@@ -1,5 +1,5 @@
-"""Training over several processes (`train.processes`), as gloo CPU processes on the tiny model: the same steps and
-model as one process, a kill that takes the workers with it, resuming under another process count, and errors."""
+"""Training over several processes (`train.processes`, and sharded with `train.fsdp`), as gloo CPU processes on the
+tiny model: the same steps and model as one process, a kill that takes the workers with it, resuming, and errors."""
 
 from __future__ import annotations
 
@@ -23,6 +23,12 @@ from selfalign.training import DPOTrainConfig, SFTTrainConfig, train_sft
 JOB = Path(__file__).with_name("resume_job.py")
 CHILD_ENV = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[2])}  # the checkout under test
 
+
+
+@pytest.fixture(autouse=True)
+def _fail_rather_than_hang(monkeypatch):
+    """A process left waiting on a collective its peers never reach fails after 2 minutes, not an hour."""
+    monkeypatch.setenv("SELFALIGN_COLLECTIVE_TIMEOUT", "120")
 
 
 def load_job():
@@ -51,13 +57,18 @@ def assert_same_training(a_dir, b_dir, a_log, b_log):
     assert all(torch.allclose(a[k], b[k], rtol=0, atol=1e-6) for k in a)
 
 
+@pytest.mark.parametrize("fsdp", [False, True], ids=["replicated", "fsdp"])
 @pytest.mark.parametrize("kind", ["dpo", "dpo-cached", "sft"])
-def test_two_processes_train_the_same_model_as_one(kind, tmp_path, tiny_model_dir, real_pairs):
-    # 5 pairs in batches of 2: every epoch ends with a batch of 1, which leaves one process only padding to compute
+def test_two_processes_train_the_same_model_as_one(kind, fsdp, tmp_path, tiny_model_dir, real_pairs):
+    # dpo: full fine-tuning with a live frozen reference (sharded too under fsdp), extrapolated log-probs and a
+    # stateful noise hook; dpo-cached: reference log-probs scored before training; sft: LoRA (frozen and trainable
+    # weights in one sharded layer). 5 pairs in batches of 2: every epoch ends with a batch of 1, which leaves one
+    # process only padding to compute
     job = load_job()
     pairs_file = write_jsonl(tmp_path / "pairs.jsonl", real_pairs[:5])
     one = job.run(kind, str(tiny_model_dir), str(pairs_file), str(tmp_path / "one"), lora_dropout=0.0)
-    two = job.run(kind, str(tiny_model_dir), str(pairs_file), str(tmp_path / "two"), processes=2, lora_dropout=0.0)
+    two = job.run(kind, str(tiny_model_dir), str(pairs_file), str(tmp_path / "two"), processes=2, lora_dropout=0.0,
+                  fsdp=fsdp)
     assert_same_training(tmp_path / "one", tmp_path / "two", one, two)
     if kind != "sft":
         assert any(r["examples"] == 1 for r in one)
@@ -69,22 +80,25 @@ def test_two_processes_train_the_same_model_as_one(kind, tmp_path, tiny_model_di
         assert sorted(len(c.read_text().splitlines()) for c in caches) == [2, 3]
 
 
-def test_a_killed_multi_process_run_takes_its_workers_with_it_and_resumes_in_one(tmp_path, tiny_model_dir,
-                                                                                  real_pairs):
+@pytest.mark.parametrize("fsdp", [False, True], ids=["replicated-resumed-in-one", "fsdp-resumed-in-fsdp"])
+def test_a_killed_multi_process_run_takes_its_workers_with_it_and_resumes(fsdp, tmp_path, tiny_model_dir,
+                                                                          real_pairs):
+    # the checkpoint a sharded run writes is gathered from the shards, and sharded out again when it resumes
     job = load_job()
     pairs_file = write_jsonl(tmp_path / "pairs.jsonl", real_pairs[:4])
     straight = job.run("dpo", str(tiny_model_dir), str(pairs_file), str(tmp_path / "a"))
 
     killed = subprocess.run([sys.executable, str(JOB), "dpo", str(tiny_model_dir), str(pairs_file),
-                             str(tmp_path / "b"), "2", "2"], capture_output=True, text=True, timeout=600,
-                            env=CHILD_ENV)
+                             str(tmp_path / "b"), "2", "2"] + (["fsdp"] if fsdp else []), capture_output=True,
+                            text=True, timeout=600, env=CHILD_ENV)
     assert killed.returncode == -signal.SIGKILL, killed.stderr[-2000:]
     time.sleep(5)  # an orphaned worker would finish step 3 and write the final model in this time
     assert not (tmp_path / "b" / "final").exists()
     assert (tmp_path / "b" / "train" / "checkpoints" / "step-2").is_dir()
     assert [r["step"] for r in read_log(tmp_path / "b")] == [1, 2]
 
-    resumed = job.run("dpo", str(tiny_model_dir), str(pairs_file), str(tmp_path / "b"))  # one process now
+    resumed = job.run("dpo", str(tiny_model_dir), str(pairs_file), str(tmp_path / "b"), processes=2 if fsdp else 1,
+                      fsdp=fsdp)
     assert_same_training(tmp_path / "a", tmp_path / "b", straight, resumed)
     assert any(r["noisy"] > 0 for r in straight)  # the hook's restored state mattered
 
@@ -102,6 +116,8 @@ def test_settings_that_cannot_work_with_several_processes_are_refused(tmp_path, 
         DPOTrainConfig(batch_size=1, processes=2)
     with pytest.raises(ValueError, match="processes must be >= 1"):
         DPOTrainConfig(processes=0)
+    with pytest.raises(ValueError, match="fsdp shards the model over several processes"):
+        DPOTrainConfig(fsdp=True)
     convs = [Conversation("c1", [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello"}])]
     cfg = SFTTrainConfig(max_steps=1, batch_size=2, processes=2, device="cpu:0", max_length=64, max_prompt_length=32)
     with pytest.raises(ConfigError, match="train.device must be auto, cuda or cpu"):
