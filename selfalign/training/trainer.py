@@ -383,6 +383,8 @@ def fit(model, tokenizer, objective, config: TrainConfig, out_dir: str | Path, f
                "examples": examples,
                "loss_normaliser": n,
                "tokens": tokens, "seconds": round(seconds, 4)}
+        if str(device).startswith("cuda"):  # rank 0's peak so far: what sharding (train.fsdp) and batch sizes cost
+            row["gpu_peak_gb"] = round(torch.cuda.max_memory_allocated(device) / 2**30, 2)
         if main:
             log.write(json.dumps(row) + "\n")
             log.flush()
