@@ -56,8 +56,11 @@ def load_tokenizer(spec: str | None = None, padding_side: str = "left", trust_re
     return tok
 
 
-def load_model(spec: str | None = None, dtype: str = "auto", device: str = "auto", trust_remote_code: bool = False):
-    """A causal LM in eval mode. A LoRA adapter folder is loaded onto its base model."""
+def load_model(spec: str | None = None, dtype: str = "auto", device: str = "auto", trust_remote_code: bool = False,
+               load_on_device: bool = False):
+    """A causal LM in eval mode. A LoRA adapter folder is loaded onto its base model. `load_on_device`: a CUDA
+    model's weights go from its files straight to the GPU (transformers' device_map), never all in host memory at
+    once, for when several processes load a large model at the same moment."""
     from transformers import AutoModelForCausalLM
 
     device = pick_device(device)
@@ -67,14 +70,16 @@ def load_model(spec: str | None = None, dtype: str = "auto", device: str = "auto
     if adapter.exists() and not any(folder.glob("model*.safetensors")):
         from peft import PeftModel
 
-        base = load_model(json.loads(adapter.read_text())["base_model_name_or_path"], dtype, device, trust_remote_code)
+        base = load_model(json.loads(adapter.read_text())["base_model_name_or_path"], dtype, device, trust_remote_code,
+                          load_on_device)
         model = PeftModel.from_pretrained(base, str(folder))
     else:
         from safetensors import SafetensorError
 
         try:
+            direct = {"device_map": device} if load_on_device and device.startswith("cuda") else {}
             model = AutoModelForCausalLM.from_pretrained(str(folder), dtype=torch_dtype, use_safetensors=True,
-                                                         trust_remote_code=trust_remote_code)
+                                                         trust_remote_code=trust_remote_code, **direct)
         except (SafetensorError, OSError) as e:  # a cut-short weight file, a config.json that is not JSON
             if isinstance(e, OSError) and e.errno is not None:  # the system's own (permissions, memory): as it is
                 raise

@@ -126,7 +126,7 @@ def start_run(run_dir: str, config: Any, recipe: str, seed: int | None, check_in
         check_inputs(config)
     preflight.training(config)
     prepared = None if stage_done(run_dir, "data") else prepare_data(config)
-    run = Run(run_dir, config_to_dict(config), recipe, seed=seed)
+    run = Run(run_dir, config_to_dict(config), recipe, seed=seed, defaults=config_to_dict(type(config)()))
     run.stage("data", lambda: write_data(run, *prepared))
     return run
 

@@ -54,6 +54,8 @@ def training(config) -> None:
             if isinstance(value, TrainConfig) and value.processes > 1:
                 try:
                     distributed.placement(value.processes, value.device)
+                    if value.fsdp:
+                        distributed.check_fsdp()
                 except SelfalignError as e:
                     raise config_error(f"{prefix}{f.name}.processes", e) from None
             elif is_dataclass(value) and not isinstance(value, type):

@@ -186,17 +186,23 @@ def file_sha256(path: str | Path, chunk: int = 1 << 24) -> str:
 
 # config keys that change how a run reaches things or prints progress, not what it computes: a resume may change
 # them. `base_url`: an API critic or judge that moved to another host or port, or a wrong URL found only once a stage
-# used it (the model name, which says what answers, stays locked)
-RESUMABLE_KEYS = ("log_steps", "base_url")
+# used it (the model name, which says what answers, stays locked). `processes`, `fsdp`: how many GPUs a training
+# stage runs on, and whether it shards the model; the same steps and model either way (training/distributed.py)
+RESUMABLE_KEYS = ("log_steps", "base_url", "processes", "fsdp")
 
 
-def config_changes(old: dict, new: dict, prefix: str = "") -> list[tuple[str, Any, Any]]:
-    """(dotted key, old value, new value) for each leaf that differs between two config dicts."""
+def config_changes(old: dict, new: dict, prefix: str = "", defaults: dict | None = None) -> list[tuple[str, Any, Any]]:
+    """(dotted key, old value, new value) for each leaf that differs between two config dicts. With `defaults` (the
+    config class's defaults, as a dict), a key the old config lacks and the new one has at its default is no change:
+    a setting added to selfalign after the run started, whose default is the behaviour the run started with."""
     out = []
     for k in sorted(set(old) | set(new), key=str):
         a, b = old.get(k), new.get(k)
+        d = defaults.get(k) if isinstance(defaults, dict) else None
+        if k not in old and isinstance(defaults, dict) and k in defaults and b == d:
+            continue
         if isinstance(a, dict) and isinstance(b, dict):
-            out += config_changes(a, b, f"{prefix}{k}.")
+            out += config_changes(a, b, f"{prefix}{k}.", d if isinstance(d, dict) else None)
         elif a != b:
             out.append((f"{prefix}{k}", a, b))
     return out
@@ -423,7 +429,10 @@ def stage_done(root: str | Path, name: str) -> bool:
 class Run:
     """A run folder. Recipes call `run.stage(name, fn)`; the run decides whether fn runs."""
 
-    def __init__(self, root: str | Path, config: dict, recipe: str, seed: int | None = None):
+    def __init__(self, root: str | Path, config: dict, recipe: str, seed: int | None = None,
+                 defaults: dict | None = None):
+        """`defaults`: the config class's defaults as a dict; a resumed run takes a key its manifest lacks (one added
+        to selfalign since) when the key is at its default."""
         self.root = Path(root)
         if self.root.exists() and not self.root.is_dir():
             raise SelfalignError(f"{self.root}: not a folder (--run-dir takes a new folder, or a run's to resume)")
@@ -436,19 +445,19 @@ class Run:
         self.root.mkdir(parents=True, exist_ok=True)
         release = claim_lock(self.root / LOCK_FILE, self, str(self.root))  # one process per run folder
         try:
-            self._open_manifest(config, recipe, seed)
+            self._open_manifest(config, recipe, seed, defaults)
         except BaseException:
             release()
             raise
 
-    def _open_manifest(self, config: dict, recipe: str, seed: int | None) -> None:
+    def _open_manifest(self, config: dict, recipe: str, seed: int | None, defaults: dict | None = None) -> None:
         self.manifest_path = self.root / "manifest.json"
         if self.manifest_path.exists():
             self.manifest = read_manifest(self.manifest_path)
             if self.manifest.get("recipe") != recipe:
                 raise SelfalignError(f"{self.root}: run folder belongs to recipe "
                                      f"'{self.manifest.get('recipe')}', not '{recipe}'")
-            changes = config_changes(self.manifest.get("config") or {}, config)
+            changes = config_changes(self.manifest.get("config") or {}, config, defaults=defaults)
             locked = [(k, old, new) for k, old, new in changes if k.rsplit(".", 1)[-1] not in RESUMABLE_KEYS]
             if locked:
                 changed = "; ".join(f"{k}: {old!r} -> {new!r}" if len(repr(old) + repr(new)) < 80 else k

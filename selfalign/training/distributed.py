@@ -103,6 +103,9 @@ def sum_gradients(params: list[torch.nn.Parameter]) -> None:
     parameters are summed by FSDP in backward, each process keeping its shard of the sum.)"""
     if _WORLD is None or _WORLD.size == 1 or is_sharded(params[0]):
         return
+    # a parameter no process gave a gradient keeps none, as in one process (AdamW then skips it: no decay, no step)
+    used = torch.tensor([p.grad is not None for p in params], dtype=torch.float32, device=_WORLD.device)
+    dist.all_reduce(used)
     grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
     for p, g in zip(params, grads):
         p.grad = g
@@ -116,6 +119,9 @@ def sum_gradients(params: list[torch.nn.Parameter]) -> None:
             bucket, size = [], 0
     if bucket:
         _all_reduce_flat(bucket)
+    for p, n in zip(params, used.tolist()):
+        if n == 0:
+            p.grad = None
 
 
 def _all_reduce_flat(tensors: list[torch.Tensor]) -> None:
@@ -134,6 +140,18 @@ def is_sharded(t: torch.Tensor) -> bool:
     return isinstance(t, DTensor)
 
 
+def check_fsdp() -> None:
+    """A ConfigError unless this torch has what train.fsdp uses: FSDP2's public `fully_shard` with plain-sum gradient
+    reductions (FSDPModule.set_gradient_divide_factor and set_force_sum_reduction_for_comms)."""
+    import torch.distributed.fsdp as fsdp
+
+    unit = getattr(fsdp, "FSDPModule", None)
+    needed = ("set_gradient_divide_factor", "set_force_sum_reduction_for_comms")
+    if not hasattr(fsdp, "fully_shard") or not all(hasattr(unit, m) for m in needed):
+        raise ConfigError(f"train.fsdp needs a newer torch than {torch.__version__} (FSDP2's fully_shard with "
+                          f"sum reductions); upgrade torch, or train without fsdp")
+
+
 def shard(model, rebuild: Callable | None = None):
     """`model` with its weights, and so its gradients and optimizer state, sharded over the processes (FSDP2's
     fully_shard): each decoder layer (the classes a transformers model lists in `_no_split_modules`) is one unit,
@@ -143,6 +161,7 @@ def shard(model, rebuild: Callable | None = None):
 
     Parameters stay fp32 and bf16 autocast runs the matmuls, exactly as in one process (no FSDP mixed-precision
     policy, which would all-gather bf16 weights and so compute norms and the head in bf16 too)."""
+    check_fsdp()
     from torch.distributed.fsdp import fully_shard
 
     from selfalign.training.forward import ResponseLogitsModel, unwrap
@@ -167,7 +186,9 @@ def full_state(model, optimizer=None) -> tuple[dict | None, dict | None]:
     (None, None) in the other processes. Every process must call it."""
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict, get_state_dict
 
-    options = StateDictOptions(full_state_dict=True, cpu_offload=True)
+    # frozen weights (a LoRA base) are not gathered: a checkpoint holds the trained ones, and `unsharded` reloads the
+    # rest from the model's files
+    options = StateDictOptions(full_state_dict=True, cpu_offload=True, ignore_frozen_params=True)
     if optimizer is None:
         weights, optim = get_model_state_dict(model, options=options), None
     else:
@@ -191,6 +212,14 @@ def load_full_state(model, optimizer, weights: dict | None, optim: dict | None) 
 
     model_sd, optim_sd = {}, {}
     if is_main():
+        trainable = {_unsharded_name(n) for n, p in model.named_parameters() if p.requires_grad}
+        sizes = [len(g["params"]) for g in optimizer.param_groups]
+        saved = [len(g["params"]) for g in optim["param_groups"]]
+        if set(weights) != trainable or saved != sizes:
+            raise ConfigError(f"a checkpoint does not fit this model or training ({len(weights)} weights for "
+                              f"{len(trainable)} trainable, optimizer groups of {saved} for {sizes}); it was written "
+                              f"for another model or by an older selfalign: delete the stage's checkpoints/ to start "
+                              f"its training over")
         model_sd = {n: weights[_unsharded_name(n)] for n, p in model.named_parameters() if p.requires_grad}
         name_of = {id(p): n for n, p in model.named_parameters()}
         # the single-process numbering: parameters counted through the optimizer's groups in order
@@ -242,11 +271,14 @@ def launch(target: Callable, args: tuple, processes: int, device: str = "auto") 
     from torch.multiprocessing.spawn import ProcessException
 
     results = mp.get_context("spawn").SimpleQueue()
+    workers = mp.start_processes(_worker, args=(processes, _free_port(), kind, target, args, results),
+                                 nprocs=processes, join=False, start_method="spawn")
+    reported: list = []
     try:
-        mp.start_processes(_worker, args=(processes, _free_port(), kind, target, args, results), nprocs=processes,
-                           join=True, start_method="spawn")
+        while not workers.join(timeout=1.0):
+            reported += _drain(results)  # read as they come: a worker blocked on a full pipe would never exit
     except ProcessException as e:
-        reported = _drain(results)
+        reported += _drain(results)
         errors = [r for r in reported if r[0] == "error"]
         if errors:  # the first failing worker's own error; the others were stopped because of it
             _, is_user_error, message = errors[0]
@@ -254,7 +286,7 @@ def launch(target: Callable, args: tuple, processes: int, device: str = "auto") 
                 raise SelfalignError(message) from None
             raise RuntimeError(f"a training process failed: {message}") from e
         raise SelfalignError(f"a training process died ({e}); run the same command again to resume") from None
-    reported = _drain(results)
+    reported += _drain(results)
     return next(r[1] for r in reported if r[0] == "result")
 
 

@@ -54,7 +54,8 @@ def prepare_policy(spec: str, config: TrainConfig, disable_dropout: bool = False
     random.seed(config.seed)
     w = distributed.world()
     device = device or (w.device if w is not None else pick_device(config.device))
-    model = load_model(spec, dtype="float32", device=device)
+    # several processes load at once: straight to each GPU, not N copies in host memory first
+    model = load_model(spec, dtype="float32", device=device, load_on_device=w is not None)
     if hasattr(model, "merge_and_unload"):  # an adapter folder as the start point: train on top of it merged
         model = model.merge_and_unload()
     model.config.use_cache = False
@@ -86,7 +87,7 @@ def shard_policy(policy, spec: str, config: TrainConfig, disable_dropout: bool =
 def frozen_model(spec: str, device: str):
     """A frozen reference. An adapter folder is merged, so the only peft model a trainer ever sees is the LoRA
     policy, whose reference is its own base (`reference_context` disables its adapters)."""
-    model = load_model(spec, dtype="float32", device=device)
+    model = load_model(spec, dtype="float32", device=device, load_on_device=distributed.world() is not None)
     if hasattr(model, "merge_and_unload"):
         model = model.merge_and_unload()
     model.config.use_cache = False
@@ -470,16 +471,12 @@ def train_dpo(model: str, pairs, config: DPOTrainConfig, out_dir: str | Path, fi
         tokenizer, pairs, config.max_length, config.max_prompt_length)
     policy, device = prepare_policy(model, config, disable_dropout=config.disable_dropout)
     live = not config.cache_reference or bool(extrapolation_lambda)
-    if ref_model is not None:
-        reference = frozen_model(ref_model, device)
-    elif config.lora is not None or not live:
-        reference = policy  # adapters off, or the policy before its first step (the cache is filled before training)
-    else:
-        reference = frozen_model(model, device)
     ref_logps = None
-    if not live:
-        key = json.dumps([model_fingerprint(resolve_model(ref_model or model)), config.precision,
-                          device.split(":")[0]])
+    if not live:  # scored by the whole (unsharded) model in each process, before any sharding: no collectives
+        # the reference is the policy before its first step (or its base, adapters off), unless named
+        reference = frozen_model(ref_model, device) if ref_model is not None else policy
+        fingerprint = model_fingerprint(resolve_model(ref_model or model)) if distributed.is_main() else None
+        key = json.dumps([distributed.gather(fingerprint)[0], config.precision, device.split(":")[0]])
         show = verbose and distributed.is_main()
         progress = (lambda i, n: print(f"[ref] {i}/{n} pairs", file=sys.stderr)) if show else None
         # several processes: each scores every size-th pair into its own cache file, and they swap the results
@@ -492,11 +489,17 @@ def train_dpo(model: str, pairs, config: DPOTrainConfig, out_dir: str | Path, fi
         ref_logps = torch.empty(len(examples), 2)
         for r, scored in enumerate(distributed.gather(part)):
             ref_logps[r::size] = scored.reshape(-1, 2)
-        reference = None  # frees a separate reference model
-    if config.fsdp:  # after the cache: it is scored by the whole model in each process, with no collectives
-        sharded = shard_policy(policy, model, config, config.disable_dropout)
-        reference = sharded if reference is policy else (None if reference is None else distributed.shard(reference))
-        policy = sharded
+        del reference  # frees a separate reference model
+    # sharded before a separate reference loads, so a GPU never holds two whole fp32 models at once
+    policy = shard_policy(policy, model, config, config.disable_dropout)
+    reference = None
+    if live:
+        if ref_model is None and config.lora is not None:
+            reference = policy  # its own base: the adapters are disabled around the reference pass
+        else:
+            reference = frozen_model(ref_model or model, device)
+            if config.fsdp:
+                reference = distributed.shard(reference)
     objective = DPOObjective(examples, tokenizer.pad_token_id, config, ref_logps, reference, noise_hook,
                              extrapolation_lambda)
     summary = fit(policy, tokenizer, objective, config, out_dir, final_dir, device, on_checkpoint, verbose)

@@ -138,6 +138,23 @@ def test_run_stages_skip_when_done_and_refuse_changed_config(tmp_path):
         Run(tmp_path / "moved", {"critic": {"base_url": "http://10.0.0.2:8000/v1", "model": "n"}}, recipe="test")
 
 
+def test_a_run_resumes_on_other_hardware_and_under_a_newer_selfalign(tmp_path):
+    # how many GPUs a training stage runs on, and whether it shards the model, change no step's result
+    Run(tmp_path / "gpus", {"train": {"processes": 1, "fsdp": False, "lr": 1.0}}, recipe="test")
+    Run(tmp_path / "gpus", {"train": {"processes": 8, "fsdp": True, "lr": 1.0}}, recipe="test")
+    # a run started before a setting existed resumes when that setting is at its default (the old behaviour), at
+    # any depth and for a whole new section; another value of it is a change
+    defaults = {"train": {"processes": 1, "fsdp": False, "new_knob": 0.5, "lr": 2e-5}, "extra": {"on": False}}
+    Run(tmp_path / "old", {"train": {"lr": 1.0}}, recipe="test")
+    Run(tmp_path / "old", {"train": {"lr": 1.0, "new_knob": 0.5}, "extra": {"on": False}}, recipe="test",
+        defaults=defaults)
+    Run(tmp_path / "older", {"train": {"lr": 1.0}}, recipe="test")
+    with pytest.raises(SelfalignError, match=r"\(train.new_knob: None -> 0.7\)"):
+        Run(tmp_path / "older", {"train": {"lr": 1.0, "new_knob": 0.7}}, recipe="test", defaults=defaults)
+    with pytest.raises(SelfalignError, match="config differs"):  # without the defaults, as before
+        Run(tmp_path / "older", {"train": {"lr": 1.0, "new_knob": 0.5}}, recipe="test")
+
+
 def test_a_file_is_resumed_only_with_its_own_model_and_sampling(tmp_path, real_prompts):
     from selfalign.data.records import Prompt
     from selfalign.errors import DataError
