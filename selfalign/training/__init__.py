@@ -2,6 +2,9 @@
 
     from selfalign.training import DPOTrainConfig, train_dpo
     summary = train_dpo("smollm2-135m", pairs, DPOTrainConfig(max_steps=4), "run/train", "run/final")
+
+`DPOTrainConfig(processes=8)` trains the same model over 8 GPUs, `fsdp=True` sharded (distributed.py;
+docs/training.md).
 """
 
 from selfalign.training.config import DPOTrainConfig, LoraConfig, ORPOTrainConfig, SFTTrainConfig, TrainConfig
