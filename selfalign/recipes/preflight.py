@@ -41,23 +41,36 @@ def model(key: str, spec: str) -> None:
 
 
 def training(config) -> None:
-    """Every train section (`train`, `round_train`, ..., at any depth) with several processes can place them here:
-    a stage would otherwise fail only when it starts, after the stages before it ran."""
+    """Every train section (`train`, `round_train`, ..., at any depth) can run where it says: its device exists, and
+    its processes can be placed. A stage would otherwise fail only when it starts, after the stages before it ran,
+    in a run folder locked to the bad setting."""
     from dataclasses import fields, is_dataclass
 
+    from selfalign.models import pick_device
     from selfalign.training import distributed
     from selfalign.training.config import TrainConfig
+
+    def check(key: str, train: TrainConfig) -> None:
+        try:
+            if train.processes == 1:
+                pick_device(train.device)
+            else:
+                distributed.placement(train.processes, train.device)
+        except distributed.PlacementError as e:
+            raise config_error(f"{key}.{e.setting}", e) from None
+        except SelfalignError as e:
+            raise config_error(f"{key}.device", e) from None
+        if train.fsdp:
+            try:
+                distributed.check_fsdp()
+            except SelfalignError as e:
+                raise config_error(f"{key}.fsdp", e) from None
 
     def walk(obj, prefix: str) -> None:
         for f in fields(obj):
             value = getattr(obj, f.name)
-            if isinstance(value, TrainConfig) and value.processes > 1:
-                try:
-                    distributed.placement(value.processes, value.device)
-                    if value.fsdp:
-                        distributed.check_fsdp()
-                except SelfalignError as e:
-                    raise config_error(f"{prefix}{f.name}.processes", e) from None
+            if isinstance(value, TrainConfig):
+                check(f"{prefix}{f.name}", value)
             elif is_dataclass(value) and not isinstance(value, type):
                 walk(value, f"{prefix}{f.name}.")
 

@@ -39,6 +39,9 @@ class TrainConfig:
     max_grad_norm: float = 1.0
     seed: int = 42
     precision: Literal["auto", "fp32", "bf16"] = "auto"  # auto: bf16 autocast on GPU, fp32 on CPU
+
+    # auto: CUDA when there is one, else the CPU. With processes > 1: auto, cuda or cpu (each process takes
+    # cuda:<rank>; choose the GPUs with CUDA_VISIBLE_DEVICES)
     device: str = "auto"
     # data-parallel training processes on this machine, one per GPU (gloo CPU processes without one): the same
     # steps, batches and result as 1, summed across processes (distributed.py); batch_size is the whole micro-batch,
@@ -64,8 +67,9 @@ class TrainConfig:
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1")
         if self.batch_size < self.processes:
-            raise ValueError(f"batch_size ({self.batch_size}) is below processes ({self.processes}): each process "
-                             f"takes a share of every micro-batch, so some would only ever compute padding")
+            raise ValueError(f"processes ({self.processes}) is above batch_size ({self.batch_size}): each process "
+                             f"takes a share of every micro-batch, so some would only ever compute padding; lower "
+                             f"processes or raise batch_size")
         if self.fsdp and self.processes < 2:
             raise ValueError("fsdp shards the model over several processes: set processes >= 2 with it")
         if self.max_steps < 0 or self.save_steps < 0:

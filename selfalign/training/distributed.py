@@ -290,18 +290,26 @@ def launch(target: Callable, args: tuple, processes: int, device: str = "auto") 
     return next(r[1] for r in reported if r[0] == "result")
 
 
+class PlacementError(ConfigError):
+    """Training processes that cannot be placed; `setting` is the train key at fault ("device" or "processes")."""
+
+    def __init__(self, message: str, setting: str):
+        super().__init__(message)
+        self.setting = setting
+
+
 def placement(processes: int, device: str) -> str:
-    """"cuda" or "cpu": where `processes` training processes run for train.device `device`; a ConfigError when
+    """"cuda" or "cpu": where `processes` training processes run for train.device `device`; a PlacementError when
     they cannot (also checked before a recipe's run folder is made, recipes/preflight.py)."""
     if device not in ("auto", "cuda", "cpu"):
-        raise ConfigError(f"train.processes > 1 places one process per GPU itself: train.device must be auto, cuda "
-                          f"or cpu, not {device!r}")
+        raise PlacementError(f"with processes > 1 each process takes one GPU itself (cuda:<rank>; choose which with "
+                             f"CUDA_VISIBLE_DEVICES): device must be auto, cuda or cpu, not {device!r}", "device")
     if device == "cuda" and not torch.cuda.is_available():
-        raise ConfigError("device 'cuda' asked for, but this torch sees no CUDA GPU (use auto or cpu)")
+        raise PlacementError("device 'cuda' asked for, but this torch sees no CUDA GPU (use auto or cpu)", "device")
     kind = "cuda" if device == "cuda" or (device == "auto" and torch.cuda.is_available()) else "cpu"
     if kind == "cuda" and torch.cuda.device_count() < processes:
-        raise ConfigError(f"train.processes is {processes}, but this machine has {torch.cuda.device_count()} CUDA "
-                          f"GPU(s): one process per GPU")
+        raise PlacementError(f"{processes} processes, but this machine has {torch.cuda.device_count()} CUDA GPU(s): "
+                             f"one process per GPU", "processes")
     return kind
 
 

@@ -320,8 +320,19 @@ def test_training_processes_that_cannot_be_placed_fail_before_the_run_folder_exi
     rc, err = run_cli("seft", smoke("seft"), run_dir, "reviser.adaptive_train.processes=2",
                       "reviser.adaptive_train.device=cpu:0", capsys=capsys)
     assert rc == 2 and len(err.splitlines()) == 1, err
-    assert "reviser.adaptive_train.processes: train.processes > 1 places one process per GPU itself: " \
-           "train.device must be auto, cuda or cpu, not 'cpu:0'" in err
+    assert err.startswith("selfalign: error: --set reviser.adaptive_train.device=cpu:0: reviser.adaptive_train.device: "
+                          "with processes > 1 each process takes one GPU itself"), err
+    assert "device must be auto, cuda or cpu, not 'cpu:0'" in err
     assert not run_dir.exists()
+    # a device this machine lacks is refused with one process too, naming the device's --set
+    import torch
+
+    if not torch.cuda.is_available():
+        rc, err = run_cli("dpo", smoke("dpo"), tmp_path / "dpo", "train.device=cuda", capsys=capsys)
+        assert rc == 2 and err.startswith("selfalign: error: --set train.device=cuda: train.device: "), err
+        assert not (tmp_path / "dpo").exists()
+    # too many processes for the batch: the --set that asked for them is named
+    rc, err = run_cli("spa", smoke("spa"), tmp_path / "spa", "round_train.processes=8", capsys=capsys)
+    assert rc == 2 and "--set round_train.processes=8" in err and "processes (8) is above batch_size" in err, err
     config = load_config(spa.Config, smoke("spa"), ["round_train.processes=2", "seed_train.processes=2"])
     preflight.training(config)  # device auto: CPU processes without a GPU, one per GPU with them

@@ -112,7 +112,7 @@ def test_a_workers_error_comes_back_as_one_line(tmp_path, tiny_model_dir):
 
 
 def test_settings_that_cannot_work_with_several_processes_are_refused(tmp_path, tiny_model_dir):
-    with pytest.raises(ValueError, match=r"batch_size \(1\) is below processes \(2\)"):
+    with pytest.raises(ValueError, match=r"processes \(2\) is above batch_size \(1\)"):
         DPOTrainConfig(batch_size=1, processes=2)
     with pytest.raises(ValueError, match="processes must be >= 1"):
         DPOTrainConfig(processes=0)
@@ -120,7 +120,7 @@ def test_settings_that_cannot_work_with_several_processes_are_refused(tmp_path, 
         DPOTrainConfig(fsdp=True)
     convs = [Conversation("c1", [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello"}])]
     cfg = SFTTrainConfig(max_steps=1, batch_size=2, processes=2, device="cpu:0", max_length=64, max_prompt_length=32)
-    with pytest.raises(ConfigError, match="train.device must be auto, cuda or cpu"):
+    with pytest.raises(ConfigError, match="device must be auto, cuda or cpu, not 'cpu:0'"):
         train_sft(str(tiny_model_dir), convs, cfg, tmp_path / "train", tmp_path / "final", verbose=False)
     if not torch.cuda.is_available():
         with pytest.raises(ConfigError, match="no CUDA GPU"):
