@@ -304,9 +304,9 @@ def placement(processes: int, device: str) -> str:
     if device not in ("auto", "cuda", "cpu"):
         raise PlacementError(f"with processes > 1 each process takes one GPU itself (cuda:<rank>; choose which with "
                              f"CUDA_VISIBLE_DEVICES): device must be auto, cuda or cpu, not {device!r}", "device")
-    if device == "cuda" and not torch.cuda.is_available():
-        raise PlacementError("device 'cuda' asked for, but this torch sees no CUDA GPU (use auto or cpu)", "device")
-    kind = "cuda" if device == "cuda" or (device == "auto" and torch.cuda.is_available()) else "cpu"
+    from selfalign.models import pick_device
+
+    kind = pick_device(device)  # "cuda" or "cpu"; a ConfigError (the device's) for a cuda this torch does not see
     if kind == "cuda" and torch.cuda.device_count() < processes:
         raise PlacementError(f"{processes} processes, but this machine has {torch.cuda.device_count()} CUDA GPU(s): "
                              f"one process per GPU", "processes")
