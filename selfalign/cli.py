@@ -41,8 +41,13 @@ def add_backend_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-cache-gb", type=float, default=None,
                    help="lean backend: most memory the KV cache may take (default: half the free memory); fewer "
                    "sequences are decoded together when --batch-size would need more")
+    p.add_argument("--processes", type=int, default=1,
+                   help="local backends: answer in N worker processes, one per GPU (cuda:0..N-1; pick them with "
+                   "CUDA_VISIBLE_DEVICES), each with --batch-size; on a CPU the cores are split between them. The "
+                   "lean backend gives the same answers with any N (default %(default)s)")
     p.add_argument("--dtype", default="auto", help="auto (bf16 on GPU, fp32 on CPU), float32, bfloat16")
-    p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, ...")
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, ... (with --processes N: auto, cuda or "
+                   "cpu)")
     p.add_argument("--trust-remote-code", action="store_true", help="allow model code from the model folder (off)")
     p.add_argument("--base-url", default=None, help="openai backend: endpoint base URL, e.g. http://127.0.0.1:8000/v1")
     p.add_argument("--api-key-env", default="OPENAI_API_KEY",
@@ -59,6 +64,7 @@ def generator_from_args(args, deferred: bool = False):
     from selfalign.generation import DeferredGenerator, make_generator
 
     checks = (("batch_size", lambda v: v >= 1, "at least 1"), ("max_cache_gb", lambda v: v > 0, "above 0"),
+              ("processes", lambda v: v >= 1, "at least 1"),
               ("concurrency", lambda v: v >= 1, "at least 1"), ("timeout", lambda v: v > 0, "above 0"),
               ("max_retries", lambda v: v >= 0, ">= 0"))
     for flag, ok, bound in checks:
@@ -69,11 +75,12 @@ def generator_from_args(args, deferred: bool = False):
         if not args.base_url:
             raise SelfalignError("--backend openai needs --base-url")
         return make_generator("openai", model=args.model, base_url=args.base_url, api_key_env=args.api_key_env,
-                              concurrency=args.concurrency, timeout=args.timeout, max_retries=args.max_retries)
+                              concurrency=args.concurrency, timeout=args.timeout, max_retries=args.max_retries,
+                              processes=args.processes)  # refused above 1: an endpoint takes --concurrency
     def build():
         return make_generator(args.backend, model=args.model, batch_size=args.batch_size, dtype=args.dtype,
                               device=args.device, trust_remote_code=args.trust_remote_code,
-                              max_cache_gb=args.max_cache_gb)
+                              max_cache_gb=args.max_cache_gb, processes=args.processes)
 
     if deferred and args.backend in ("auto", "lean", "transformers"):
         from selfalign.models import model_name, resolve_model

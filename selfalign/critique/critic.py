@@ -35,6 +35,8 @@ class CritiqueConfig:
     # local backend: sequences decoded together; None: the backend's default (make_generator), capped by free memory.
     # A 1.5B critic on the lean backend decodes 6.5 tokens/s at 8 rows and 26.7 at 64 (benchmarks/RESULTS.md)
     batch_size: int | None = None
+    # local backend: worker processes, one per GPU, each decoding batch_size sequences (generation/parallel.py)
+    processes: int = 1
     # [R] not in the paper (GPT-4 writes the score): a critique complete but for its "Overall Score: [[n]]" line is
     # asked for the score in one follow-up turn (greedy), and the line is put back before the improved response.
     # Small local critics skip the rating step (Qwen2.5-Coder-1.5B: 32 of 32 at T = 0, benchmarks/RESULTS.md).

@@ -35,12 +35,18 @@ def default_batch_size(backend: str, device) -> int:
 
 def make_generator(backend: str = "auto", model: str | None = None, **options) -> Generator:
     """Build a generator by backend name. Options go to the backend's constructor; batch_size=None takes the
-    backend's default.
+    backend's default. processes=N (> 1) runs a local backend in N worker processes, one per GPU (each with that
+    batch_size), and deals the prompts between them (generation/parallel.py).
 
     "auto" is the fastest local backend measured for the machine (benchmarks/RESULTS.md, "Fast generation"): the lean
     loop for the model families it supports, else transformers. Measured: on this project's 2-core CPU lean is ~5x
     transformers' batched generate; on an H200 (CUDA-graph steps) 12.3x / 5.5x transformers' generate and 4.0x / 1.7x
     its static-cache setting (which compiled little under transformers 5.17), at SmolLM2-135M / 1.7B shapes."""
+    processes = options.pop("processes", None) or 1
+    if processes > 1:  # one generator per GPU, in worker processes (generation/parallel.py)
+        from selfalign.generation.parallel import ParallelGenerator
+
+        return ParallelGenerator(backend, model, processes, **options)
     if backend in ("auto", "lean", "transformers"):
         from selfalign.generation.lean_backend import LeanGenerator
         from selfalign.generation.lean_decoder import supports
@@ -96,7 +102,7 @@ def check_backend_options(backend: str, options: dict) -> None:
     if backend in ("auto", "lean", "transformers"):
         from selfalign.generation.transformers_backend import TransformersGenerator as cls
 
-        extra = {"max_cache_gb"}  # make_generator's own, for the lean loop
+        extra = {"max_cache_gb", "processes"}  # make_generator's own: the lean loop's cache cap, worker processes
     elif backend == "openai":
         from selfalign.generation.openai_backend import OpenAIGenerator as cls
 

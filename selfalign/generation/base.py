@@ -52,12 +52,15 @@ class SamplingParams:
 
 
 def check_sampling_section(section: Any) -> None:
-    """SamplingParams' checks, and batch_size's, on a config section that holds those fields (a recipe's `sampling:`,
-    a critic's): a bad value then fails when the config loads, not when its stage starts hours into the run."""
+    """SamplingParams' checks, and batch_size's and processes', on a config section that holds those fields (a
+    recipe's `sampling:`, a critic's): a bad value then fails when the config loads, not when its stage starts hours
+    into the run."""
     SamplingParams(temperature=section.temperature, top_p=getattr(section, "top_p", 1.0),
                    max_new_tokens=section.max_new_tokens)
     if section.batch_size is not None and section.batch_size < 1:
         raise ConfigError(f"batch_size must be >= 1 (or null: the backend's default), not {section.batch_size}")
+    if getattr(section, "processes", 1) < 1:
+        raise ConfigError(f"processes must be >= 1, not {section.processes}")
 
 
 OnBatch = Callable[[list[Response]], None]

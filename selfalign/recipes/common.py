@@ -122,9 +122,10 @@ def start_run(run_dir: str, config: Any, recipe: str, seed: int | None, check_in
     (file name -> records) under DIR/data/. API endpoints get their one request (preflight) only for a new folder:
     a resumed run may run its local stages while its critic or judge server is down."""
     resuming = (Path(run_dir) / "manifest.json").exists()
+    preflight.training(config)  # settings that cannot run here, before any model is resolved or endpoint contacted
+    preflight.generation(config)
     with preflight.endpoints_not_contacted() if resuming else contextlib.nullcontext():
         check_inputs(config)
-    preflight.training(config)
     prepared = None if stage_done(run_dir, "data") else prepare_data(config)
     run = Run(run_dir, config_to_dict(config), recipe, seed=seed, defaults=config_to_dict(type(config)()))
     run.stage("data", lambda: write_data(run, *prepared))

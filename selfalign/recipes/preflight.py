@@ -47,6 +47,7 @@ def training(config) -> None:
     from dataclasses import fields, is_dataclass
 
     from selfalign.models import pick_device
+    from selfalign import workers
     from selfalign.training import distributed
     from selfalign.training.config import TrainConfig
 
@@ -55,8 +56,8 @@ def training(config) -> None:
             if train.processes == 1:
                 pick_device(train.device)
             else:
-                distributed.placement(train.processes, train.device)
-        except distributed.PlacementError as e:
+                workers.placement(train.processes, train.device)
+        except workers.PlacementError as e:
             raise config_error(f"{key}.{e.setting}", e) from None
         except SelfalignError as e:
             raise config_error(f"{key}.device", e) from None
@@ -72,6 +73,34 @@ def training(config) -> None:
             if isinstance(value, TrainConfig):
                 check(f"{prefix}{f.name}", value)
             elif is_dataclass(value) and not isinstance(value, type):
+                walk(value, f"{prefix}{f.name}.")
+
+    walk(config, "")
+
+
+def generation(config) -> None:
+    """Every generation section (`sampling`, `critic`, `reviser`, `eval`, ..., at any depth: a section with
+    `processes` other than a train section) that asks for several processes can have them: a local backend, and a
+    GPU for each on a machine with GPUs."""
+    from dataclasses import fields, is_dataclass
+
+    from selfalign import workers
+    from selfalign.generation.parallel import LOCAL_BACKENDS as PARALLEL_BACKENDS
+    from selfalign.training.config import TrainConfig
+
+    def walk(obj, prefix: str) -> None:
+        if getattr(obj, "processes", 1) > 1 and not isinstance(obj, TrainConfig):
+            key = f"{prefix}processes"
+            if getattr(obj, "backend", "auto") not in PARALLEL_BACKENDS:
+                raise config_error(key, f"processes > 1 runs a local backend ({', '.join(PARALLEL_BACKENDS)}) once "
+                                        f"per GPU, not '{obj.backend}'", also=(f"{prefix}backend",))
+            try:
+                workers.placement(obj.processes, "auto")
+            except SelfalignError as e:
+                raise config_error(key, e) from None
+        for f in fields(obj):
+            value = getattr(obj, f.name)
+            if is_dataclass(value) and not isinstance(value, type):
                 walk(value, f"{prefix}{f.name}.")
 
     walk(config, "")

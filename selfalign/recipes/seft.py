@@ -54,6 +54,7 @@ class SamplingConfig:
     seed: int = 42
     batch_size: int | None = None  # sequences decoded together; None: the backend's default (make_generator)
     backend: str = "auto"  # local generation backend: auto (lean where supported), lean, transformers, vllm
+    processes: int = 1  # worker processes, one per GPU, each decoding batch_size sequences (generation/parallel.py)
 
     def __post_init__(self):
         check_sampling_section(self)
@@ -79,11 +80,12 @@ class ReviserConfig:
     max_new_tokens: int | None = None  # [R] None: the policy's sampling.max_new_tokens
     batch_size: int | None = None  # generation batch; None: the backend's default
     backend: str = "auto"  # local generation backend: auto (lean where supported), lean, transformers, vllm
+    processes: int = 1  # worker processes, one per GPU, each decoding batch_size sequences (generation/parallel.py)
     warmup_train: SFTTrainConfig = field(default_factory=lambda: SFTTrainConfig(epochs=2))  # [R] 2 epochs
     adaptive_train: SFTTrainConfig = field(default_factory=lambda: SFTTrainConfig(epochs=2))  # [R] 2 epochs
 
     def __post_init__(self):
-        at_least(self, 1, "limit", "max_pair_tokens", "max_new_tokens", "batch_size")
+        at_least(self, 1, "limit", "max_pair_tokens", "max_new_tokens", "batch_size", "processes")
         if not 0.0 <= self.minor_quantile <= 1.0:
             raise ValueError(f"minor_quantile must be in [0, 1], not {self.minor_quantile}")
 
@@ -317,7 +319,7 @@ def generate(config: Config, run: Run, i: int, policy: str) -> dict:
 
     prompts = read_records(run.path("data", f"round{i}_prompts.jsonl"), Prompt)
     s = config.sampling
-    gen = make_generator(s.backend, policy, batch_size=s.batch_size)
+    gen = make_generator(s.backend, policy, batch_size=s.batch_size, processes=s.processes)
     gen.model_name = f"round{i - 1}"
     params = SamplingParams(temperature=s.temperature, top_p=s.top_p, max_new_tokens=s.max_new_tokens, n=1,
                             seed=s.seed + i)
@@ -352,7 +354,7 @@ def run_reviser(config: Config, reviser: str, responses: list[Response], folder,
     rc = config.reviser
     folder.mkdir(parents=True, exist_ok=True)
     # local backends continue a prompt's meta["assistant_prefix"] (the decision tag) natively
-    gen = make_generator(rc.backend, reviser, batch_size=rc.batch_size)
+    gen = make_generator(rc.backend, reviser, batch_size=rc.batch_size, processes=rc.processes)
     gen.model_name = "reviser"
     budget = tag_token_budget(gen.tokenizer)
     revisions = revise_adaptive(gen, responses, load_template(rc.adaptive_template), budget,

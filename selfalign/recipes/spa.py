@@ -48,6 +48,7 @@ class SamplingConfig:
     seed: int = 42
     batch_size: int | None = None  # sequences decoded together; None: the backend's default (make_generator)
     backend: str = "auto"  # local generation backend: auto (lean where supported), lean, transformers, vllm
+    processes: int = 1  # worker processes, one per GPU, each decoding batch_size sequences (generation/parallel.py)
 
     def __post_init__(self):
         check_sampling_section(self)
@@ -143,7 +144,7 @@ def generate(config: Config, run: Run, i: int, policy: str) -> dict:
 
     prompts = read_records(run.path("data", f"round{i}_prompts.jsonl"), Prompt)
     s = config.sampling
-    gen = make_generator(s.backend, policy, batch_size=s.batch_size)
+    gen = make_generator(s.backend, policy, batch_size=s.batch_size, processes=s.processes)
     gen.model_name = f"round{i - 1}"
     params = SamplingParams(temperature=s.temperature, top_p=s.top_p, max_new_tokens=s.max_new_tokens,
                             n=config.samples_per_prompt, seed=s.seed + i)

@@ -61,6 +61,7 @@ class SamplingConfig:
     seed: int = 42
     batch_size: int | None = None  # sequences decoded together; None: the backend's default (make_generator)
     backend: str = "auto"  # local generation backend: auto (lean where supported), lean, transformers, vllm
+    processes: int = 1  # worker processes, one per GPU, each decoding batch_size sequences (generation/parallel.py)
 
     def __post_init__(self):
         check_sampling_section(self)
@@ -145,7 +146,7 @@ def prepare_data(config: Config) -> tuple[dict[str, list], dict]:
 def answer(config: Config, run: Run, stage: str, model: str, label: str) -> dict:
 
     s = config.sampling
-    gen = make_generator(s.backend, model, batch_size=s.batch_size)
+    gen = make_generator(s.backend, model, batch_size=s.batch_size, processes=s.processes)
     gen.model_name = label
     params = SamplingParams(temperature=s.temperature, top_p=s.top_p, max_new_tokens=s.max_new_tokens,
                             seed=s.seed + int(stage[-1]))
@@ -158,7 +159,7 @@ def answer(config: Config, run: Run, stage: str, model: str, label: str) -> dict
 def make_critic(c: CriticConfig) -> Generator:
     if c.backend == "openai":
         return make_generator("openai", model=c.model, base_url=c.base_url, api_key_env=c.api_key_env, **c.options)
-    return make_generator(c.backend, model=c.model, batch_size=c.batch_size, **c.options)
+    return make_generator(c.backend, model=c.model, batch_size=c.batch_size, processes=c.processes, **c.options)
 
 
 def _histogram(scores) -> dict[str, int]:
@@ -240,7 +241,8 @@ def train_baseline(config: Config, run: Run) -> dict:
 def critique_stage2(config: Config, run: Run, model: str) -> dict:
 
     c = config.self_critique
-    gen = make_generator(config.sampling.backend, model, batch_size=c.batch_size)  # M_self is a local model
+    gen = make_generator(config.sampling.backend, model, batch_size=c.batch_size,  # M_self is a local model
+                         processes=c.processes)
     gen.model_name = "stage1"
     responses = read_records(run.path("stage2", "responses.jsonl"), Response)
     critiques, dropped, stats = critique_responses(gen, responses, config.sequence_format, c, run.path("stage2"),
@@ -273,7 +275,7 @@ def evaluate_self_refined(model_dir: str, label: str, config: EvalConfig, eval_r
     """The evaluation stage's AlpacaEval-style metrics for the self-refined outputs (answer → critique → refine)."""
     from selfalign.evaluation.alpaca import evaluate_alpaca
 
-    inner = make_generator(config.backend, str(model_dir), batch_size=config.batch_size)
+    inner = make_generator(config.backend, str(model_dir), batch_size=config.batch_size, processes=config.processes)
     inner.model_name = label
     budget = critique_tokens or 2 * config.max_new_tokens + 128
     gen = SelfRefineGenerator(inner, SamplingParams(temperature=0.0, max_new_tokens=budget),

@@ -21,7 +21,6 @@ from __future__ import annotations
 import datetime
 import os
 import socket
-import sys
 from dataclasses import dataclass
 from typing import Any, Callable
 
@@ -29,6 +28,7 @@ import torch
 import torch.distributed as dist
 
 from selfalign.errors import ConfigError, SelfalignError
+from selfalign.workers import enter_worker, placement
 
 
 @dataclass(frozen=True)
@@ -290,29 +290,6 @@ def launch(target: Callable, args: tuple, processes: int, device: str = "auto") 
     return next(r[1] for r in reported if r[0] == "result")
 
 
-class PlacementError(ConfigError):
-    """Training processes that cannot be placed; `setting` is the train key at fault ("device" or "processes")."""
-
-    def __init__(self, message: str, setting: str):
-        super().__init__(message)
-        self.setting = setting
-
-
-def placement(processes: int, device: str) -> str:
-    """"cuda" or "cpu": where `processes` training processes run for train.device `device`; a PlacementError when
-    they cannot (also checked before a recipe's run folder is made, recipes/preflight.py)."""
-    if device not in ("auto", "cuda", "cpu"):
-        raise PlacementError(f"with processes > 1 each process takes one GPU itself (cuda:<rank>; choose which with "
-                             f"CUDA_VISIBLE_DEVICES): device must be auto, cuda or cpu, not {device!r}", "device")
-    from selfalign.models import pick_device
-
-    kind = pick_device(device)  # "cuda" or "cpu"; a ConfigError (the device's) for a cuda this torch does not see
-    if kind == "cuda" and torch.cuda.device_count() < processes:
-        raise PlacementError(f"{processes} processes, but this machine has {torch.cuda.device_count()} CUDA GPU(s): "
-                             f"one process per GPU", "processes")
-    return kind
-
-
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -328,13 +305,7 @@ def _drain(queue) -> list:
 
 def _worker(rank: int, size: int, port: int, kind: str, target: Callable, args: tuple, results) -> None:
     global _WORLD
-    _die_with_parent()
-    device = "cpu"
-    if kind == "cuda":
-        torch.cuda.set_device(rank)
-        device = f"cuda:{rank}"
-    else:  # the machine's cores split between the workers, not each worker taking all of them
-        torch.set_num_threads(max(1, (os.cpu_count() or 1) // size))
+    device = enter_worker(rank, size, kind)
     dist.init_process_group("nccl" if kind == "cuda" else "gloo", init_method=f"tcp://127.0.0.1:{port}",
                             rank=rank, world_size=size, timeout=datetime.timedelta(seconds=collective_timeout()))
     _WORLD = World(rank, size, device)
@@ -355,18 +326,3 @@ def collective_timeout() -> float:
     """Seconds a process waits for the others at a collective before failing (rank 0 writes checkpoints and the
     final model while the others wait): $SELFALIGN_COLLECTIVE_TIMEOUT, default an hour."""
     return float(os.environ.get("SELFALIGN_COLLECTIVE_TIMEOUT", 3600))
-
-
-def _die_with_parent() -> None:
-    """Linux: this worker gets SIGKILL when the process that started it dies (prctl PR_SET_PDEATHSIG)."""
-    if not sys.platform.startswith("linux"):
-        return
-    import ctypes
-    import signal
-
-    try:
-        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)
-    except OSError:
-        return
-    if os.getppid() == 1:  # the parent died before the call above took effect
-        os._exit(1)

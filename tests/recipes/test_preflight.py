@@ -336,3 +336,21 @@ def test_training_processes_that_cannot_be_placed_fail_before_the_run_folder_exi
     assert rc == 2 and "--set round_train.processes=8" in err and "processes (8) is above batch_size" in err, err
     config = load_config(spa.Config, smoke("spa"), ["round_train.processes=2", "seed_train.processes=2"])
     preflight.training(config)  # device auto: CPU processes without a GPU, one per GPU with them
+
+
+def test_generation_processes_that_cannot_run_fail_before_the_run_folder_exists(tmp_path, capsys):
+    # an API critic answers requests in parallel itself: several processes are refused, naming the --set
+    run_dir = tmp_path / "srt"
+    rc, err = run_cli("srt", smoke("srt"), run_dir, "critic.backend=openai", "critic.base_url=http://127.0.0.1:9/v1",
+                      "critic.processes=2", capsys=capsys)
+    assert rc == 2 and len(err.splitlines()) == 1, err
+    assert err.startswith("selfalign: error: --set critic.processes=2: critic.processes: processes > 1 runs a local "
+                          "backend"), err
+    assert not run_dir.exists()
+    rc, err = run_cli("spa", smoke("spa"), tmp_path / "spa", "sampling.processes=0", capsys=capsys)
+    assert rc == 2 and "--set sampling.processes=0" in err and "processes must be >= 1" in err, err
+    rc, err = run_cli("seft", smoke("seft"), tmp_path / "seft", "eval.processes=0", capsys=capsys)
+    assert rc == 2 and "--set eval.processes=0" in err and "processes must be >= 1" in err, err
+    config = load_config(seft.Config, smoke("seft"), ["sampling.processes=2", "reviser.processes=2",
+                                                      "eval.processes=2"])
+    preflight.generation(config)  # local backends: CPU processes without a GPU, one per GPU with them
