@@ -375,6 +375,9 @@ class _RewardTrainer:
         # both files are written aside and renamed into place (weights, then config): a kill leaves the old model
         # whole, or the new weights without a config (the judge then says so), never a torn file or a mix
         save_file(tensors, str(out / f"{WEIGHTS_FILE}.tmp"))
+        from selfalign.models import umask_permissions
+
+        umask_permissions(out / f"{WEIGHTS_FILE}.tmp")
         ids_hash = hashlib.sha256("\n".join(p.id for p in train).encode()).hexdigest()[:16]
         config = {
             "kind": "selfalign-bradley-terry-reward-model",

@@ -108,3 +108,15 @@ def model_name(spec: str | None) -> str:
     if GENERIC_FOLDER_NAMES.match(path.name) and path.parent.name:
         return f"{path.parent.name}/{path.name}"
     return path.name or spec
+
+
+def umask_permissions(*paths: str | os.PathLike) -> None:
+    """Give weight files, or the .safetensors files in weight folders, the permissions the process's umask gives any
+    other new file (0644 under the usual 022). safetensors writes through a temporary file created 0600, so a
+    trained model would otherwise be unreadable to the rest of a team sharing the run folder, while its config and
+    tokenizer beside it are readable."""
+    mask = os.umask(0)  # read it: there is no call that only reads it
+    os.umask(mask)
+    for p in map(Path, paths):
+        for f in (sorted(p.glob("*.safetensors")) if p.is_dir() else [p]):
+            os.chmod(f, 0o666 & ~mask)

@@ -181,6 +181,9 @@ def convert_gguf(gguf: Path, out: Path) -> Path:
         del model.config.quantization_config
     model.save_pretrained(tmp, safe_serialization=True)
     tok.save_pretrained(tmp)
+    from selfalign.models.loading import umask_permissions  # (loading imports this module)
+
+    umask_permissions(tmp)
     if out.exists():  # another process won the race; keep its copy
         shutil.rmtree(tmp, ignore_errors=True)
     else:

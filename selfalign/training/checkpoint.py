@@ -15,6 +15,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from selfalign.errors import ConfigError
+from selfalign.models import umask_permissions
 
 
 def trainable_state(model) -> dict[str, torch.Tensor]:
@@ -34,6 +35,7 @@ def save_checkpoint(folder: Path, step: int, model, optimizer, scheduler, plan: 
     tmp.mkdir()
     weights, optimizer_state = full_state or (trainable_state(model), optimizer.state_dict())
     save_file(weights, str(tmp / "trainable.safetensors"))
+    umask_permissions(tmp / "trainable.safetensors")
     rng = {"torch": torch.get_rng_state(), "python": random.getstate()}
     if torch.cuda.is_available():
         rng["cuda"] = torch.cuda.get_rng_state_all()

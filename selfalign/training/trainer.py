@@ -28,7 +28,7 @@ from typing import Callable
 import torch
 
 from selfalign.errors import DataError, SelfalignError
-from selfalign.models import load_model, load_tokenizer, pick_device, resolve_model
+from selfalign.models import load_model, load_tokenizer, pick_device, resolve_model, umask_permissions
 from selfalign.runs import model_fingerprint
 from selfalign.training import distributed
 from selfalign.training.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
@@ -108,6 +108,7 @@ def save_final(model, tokenizer, folder: Path, merge: bool = True) -> Path:
     if hasattr(model, "get_base_model"):  # adapter only: resolve_model wants a config.json in any model folder
         model.get_base_model().config.save_pretrained(str(tmp))
     tokenizer.save_pretrained(str(tmp))
+    umask_permissions(tmp)
     shutil.rmtree(folder, ignore_errors=True)
     tmp.rename(folder)
     return folder

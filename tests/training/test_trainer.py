@@ -53,6 +53,9 @@ def test_resume_after_kill_matches_uninterrupted_run(kind, tmp_path, tiny_model_
     assert (tmp_path / "b" / "train" / "checkpoints" / "step-2").is_dir()
     assert not (tmp_path / "b" / "final").exists()
     assert [r["step"] for r in read_log(tmp_path / "b")] == [1, 2]
+    # weights get the permissions the umask gives the files beside them (safetensors alone writes 0600)
+    step2 = tmp_path / "b" / "train" / "checkpoints" / "step-2"
+    assert mode(step2 / "trainable.safetensors") == mode(step2 / "state.pt")
 
     resumed = job.run(kind, str(tiny_model_dir), str(pairs_file), str(tmp_path / "b"))
     assert [r["step"] for r in resumed] == [1, 2, 3]
@@ -64,6 +67,11 @@ def test_resume_after_kill_matches_uninterrupted_run(kind, tmp_path, tiny_model_
     a = load_file(str(tmp_path / "a" / "final" / "model.safetensors"))
     b = load_file(str(tmp_path / "b" / "final" / "model.safetensors"))
     assert all(torch.allclose(a[k], b[k], atol=1e-6) for k in a)
+    assert mode(tmp_path / "b" / "final" / "model.safetensors") == mode(tmp_path / "b" / "final" / "config.json")
+
+
+def mode(path) -> int:
+    return path.stat().st_mode & 0o777
 
 
 class Boom:
