@@ -71,7 +71,9 @@ def cmd_lc(args) -> int:
     se = "n/a" if m["standard_error"] is None else f"{m['standard_error']:.2f}"
     print(f"model        {m['generator'] or '?'} vs baseline {m['baseline'] or '?'}: {m['n_total']} annotations, "
           f"{m['n_wins']} wins, {m['n_wins_base']} losses, {m['n_draws']} draws, avg length {m['avg_length']}"
-          + (f"; {m['n_dropped']} without a preference dropped" if m.get("n_dropped") else ""))
+          + (f"; {m['n_dropped']} without a preference dropped" if m.get("n_dropped") else "")
+          + (f"; {m['n_repeated']} repeat an instruction given above (each counted, as alpaca_eval counts them)"
+             if m.get("n_repeated") else ""))
     print(f"win rate     {m['win_rate']:.2f} ± {se}")
     _print_lc(m)
     return 0

@@ -167,7 +167,7 @@ def test_a_diverged_fit_gives_no_lc_win_rate(alpaca, lc_model, tmp_path):
     assert lc.evaluate_annotations(real, lc_model)["length_controlled_winrate"] == pytest.approx(23.47, abs=0.01)
 
 
-def test_two_judges_in_one_file_are_refused(alpaca, lc_model, tmp_path):
+def test_two_judges_in_one_file_are_refused(alpaca, lc_model, six_metrics, tmp_path, capsys):
     """A win rate over them would average two judges' verdicts on one instruction (eval alpaca's annotations.jsonl
     keeps every judge's verdicts). alpaca_eval's own `annotator` may differ per row (a pool of annotators)."""
     records = json.loads((alpaca / "annotations" / "claude-2.json").read_text())[:30]
@@ -181,7 +181,13 @@ def test_two_judges_in_one_file_are_refused(alpaca, lc_model, tmp_path):
     assert lc.evaluate_annotations(path, lc_model)["n_total"] == 30
     # an instruction given twice counts twice, as alpaca_eval counts it (its vicuna-*-v1.5 files repeat every row)
     path.write_text("".join(json.dumps(r) + "\n" for r in records + records[:5]))
-    assert lc.evaluate_annotations(path, lc_model)["n_total"] == 35
+    m = lc.evaluate_annotations(path, lc_model)
+    assert m["n_total"] == 35 and m["n_repeated"] == 5
+    assert all(m["n_repeated"] == 0 for m in six_metrics.values())
+    from selfalign.cli import main
+
+    assert main(["eval", "lc", "--annotations", str(path)]) == 0
+    assert "; 5 repeat an instruction given above (each counted, as alpaca_eval counts them)" in capsys.readouterr().out
 
 
 def test_cli_json_prints_one_object(alpaca, leaderboard, capsys):
