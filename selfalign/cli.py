@@ -107,7 +107,8 @@ def cmd_generate(args) -> int:
         from selfalign.critique import SelfRefineGenerator
 
         gen = SelfRefineGenerator(gen, SamplingParams(temperature=0.0, max_new_tokens=args.critique_max_new_tokens
-                                                      or 2 * params.max_new_tokens + 128, seed=args.seed))
+                                                      or 2 * params.max_new_tokens + 128, seed=args.seed),
+                                  chunk_size=16 if args.processes == 1 else gen.batch_size)  # every worker busy
     responses = generate_to_file(gen, prompts, params, args.out, progress=not args.quiet)
     gen.close()
     print(f"{len(responses)} responses in {args.out}", file=sys.stderr)

@@ -39,9 +39,19 @@ def placement(processes: int, device: str) -> str:
     return kind
 
 
+_HOST_SHARED_BY = 1  # CPU workers that share this machine's cores and memory (set in each by enter_worker)
+
+
+def host_shared_by() -> int:
+    """How many CPU worker processes share this machine's memory with this one (1 outside CPU workers): a default
+    sized from free memory (the lean loop's KV cache) takes this share of it, not all of it in every worker."""
+    return _HOST_SHARED_BY
+
+
 def enter_worker(rank: int, size: int, kind: str) -> str:
     """Set up worker `rank` of `size` placed on `kind` ("cuda" or "cpu"); returns its device. A CUDA worker takes
-    GPU `rank`; CPU workers split the machine's cores rather than each taking all of them."""
+    GPU `rank`; CPU workers split the machine's cores and memory rather than each taking all of them."""
+    global _HOST_SHARED_BY
     import torch
 
     die_with_parent()
@@ -49,6 +59,7 @@ def enter_worker(rank: int, size: int, kind: str) -> str:
         torch.cuda.set_device(rank)
         return f"cuda:{rank}"
     torch.set_num_threads(max(1, (os.cpu_count() or 1) // size))
+    _HOST_SHARED_BY = size
     return "cpu"
 
 

@@ -84,12 +84,14 @@ def cache_layout(needs: list[int], slots: int, blocks: int = CACHE_BLOCKS) -> li
 
 def kv_cache_budget(device: torch.device) -> int:
     """Bytes the KV cache may take by default: half the memory free now (recipes keep a model, an optimizer and
-    a judge in the same process)."""
+    a judge in the same process), split between the CPU worker processes sharing it (generation/parallel.py)."""
     if device.type == "cuda":
         return torch.cuda.mem_get_info(device)[0] // 2
     import psutil
 
-    return psutil.virtual_memory().available // 2
+    from selfalign.workers import host_shared_by
+
+    return psutil.virtual_memory().available // 2 // host_shared_by()
 
 
 def _take_whole_prompts(waiting: list[tuple[int, int]], free: int, slots: int) -> list[tuple[int, int]]:

@@ -19,15 +19,16 @@ tensor_parallel_size, data_parallel_size), so the vllm backend is not wrapped he
 
 from __future__ import annotations
 
+import copy
 import functools
 import itertools
 import pickle
-import queue
 import sys
 from typing import Sequence
 
 from tqdm.auto import tqdm
 
+from selfalign.data.io import source_of
 from selfalign.data.records import Prompt, Response
 from selfalign.errors import ConfigError, SelfalignError
 from selfalign.generation.base import Generator, OnBatch, SamplingParams
@@ -61,9 +62,9 @@ class ParallelGenerator(Generator):
         # sequences in flight over all the workers (callers that feed a generator in chunks size them by it)
         self.batch_size = processes * (options.get("batch_size") or default_batch_size(
             "transformers" if backend == "transformers" else "lean", torch.device(self.kind)))
-        self._procs: list = []
+        self._procs: list = []  # the workers, and one pipe each way per worker
         self._jobs: list = []
-        self._results = None
+        self._results: list = []
         self._calls = itertools.count()
 
     @functools.cached_property
@@ -77,7 +78,7 @@ class ParallelGenerator(Generator):
         """The backend's `encode` (token ids; a prompt too long for the context is a DataError), run by worker 0."""
         self._start()
         call = next(self._calls)
-        self._jobs[0].put(("encode", call, list(prompts), max_new_tokens, source))
+        self._send(0, ("encode", call, _numbered(prompts), max_new_tokens, source))
         encoded: list = []
         self._wait(call, {0}, lambda kind, rank, payload: encoded.extend(payload))
         return encoded
@@ -85,20 +86,21 @@ class ParallelGenerator(Generator):
     def generate(self, prompts: Sequence[Prompt], params: SamplingParams, on_batch: OnBatch | None = None,
                  skip: set | None = None, progress: bool = True) -> list[Response]:
         skip = skip or set()
-        prompts = list(prompts)
+        prompts = _numbered(prompts)
         todo = sum((p.id, s) not in skip for p in prompts for s in range(params.n))
         if not todo:
             return []
         self._start()
         call = next(self._calls)
         busy = set()
+        # the workers record the name and weights digest this generator has (hashed once, here)
+        who = (self.model_name, self.model_sha256)
         for rank in range(self.processes):
             # round-robin: prompts of every length in every share; a resumed run deals the same shares
             share = prompts[rank::self.processes]
             ids = {p.id for p in share}
             if any((p.id, s) not in skip for p in share for s in range(params.n)):
-                self._jobs[rank].put(("generate", call, share, params, {k for k in skip if k[0] in ids},
-                                      self.model_name))
+                self._send(rank, ("generate", call, share, params, {k for k in skip if k[0] in ids}, who))
                 busy.add(rank)
         results: dict[tuple[str, int], Response] = {}
         bar = tqdm(total=todo, desc=f"generate ({self.model_name}, {self.processes} processes)", unit="answer",
@@ -121,77 +123,130 @@ class ParallelGenerator(Generator):
 
     def close(self) -> None:
         """Stop the workers (each frees its model and cache); the next call starts new ones."""
-        for jobs in self._jobs:
-            jobs.put(None)
-        for proc in self._procs:
-            proc.join(timeout=30)
-            if proc.is_alive():
-                proc.terminate()
-                proc.join()
-        self._procs, self._jobs, self._results = [], [], None
+        self._stop(wait=30.0)
 
     # ------------------------------------------------------------------------------------------------ workers
+    # One pipe each way per worker, no shared queue: a worker killed mid-message (the OOM killer) then breaks only
+    # its own pipe, which reads as its death, and nothing waits on a lock it held.
     def _start(self) -> None:
         if self._procs:
             return
         import torch.multiprocessing as mp
 
         ctx = mp.get_context("spawn")  # CUDA cannot be used in a forked child
-        self._results = ctx.Queue()
-        self._jobs = [ctx.Queue() for _ in range(self.processes)]
-        self._procs = [ctx.Process(target=_worker, name=f"selfalign-generate-{rank}", daemon=True,
-                                   args=(rank, self.processes, self.kind, self.backend, self.model_spec,
-                                         self.options, self._jobs[rank], self._results))
-                       for rank in range(self.processes)]
-        for proc in self._procs:
+        for rank in range(self.processes):
+            job_out, job_in = ctx.Pipe(duplex=False)
+            result_out, result_in = ctx.Pipe(duplex=False)
+            proc = ctx.Process(target=_worker, name=f"selfalign-generate-{rank}", daemon=True,
+                               args=(rank, self.processes, self.kind, self.backend, self.model_spec, self.options,
+                                     job_out, result_in))
             proc.start()
+            job_out.close()  # the worker's ends: held here too, a dead worker's pipes would never read as closed
+            result_in.close()
+            self._procs.append(proc)
+            self._jobs.append(job_in)
+            self._results.append(result_out)
 
-    def _wait(self, call: int, busy: set[int], handle) -> None:
+    def _send(self, rank: int, job) -> None:
+        try:
+            self._jobs[rank].send(job)
+        except OSError:  # the worker is gone: its own error, when it sent one, says why
+            self._wait(None, {rank}, lambda *_: None)
+
+    def _wait(self, call: int | None, busy: set[int], handle) -> None:
         """Hand each of this call's messages to `handle(kind, rank, payload)` until every rank in `busy` is done. A
-        worker's error stops every worker and is raised here (a SelfalignError as it was); so is a worker's death."""
+        worker's error stops every worker and is raised here (a SelfalignError as it was); so is a worker's death,
+        seen as soon as it happens."""
+        from multiprocessing.connection import wait
+
         try:
             while busy:
-                try:
-                    kind, rank, msg_call, payload = self._results.get(timeout=1.0)
-                except queue.Empty:
-                    dead = [r for r in sorted(busy) if not self._procs[r].is_alive()]
-                    if dead:
-                        code = self._procs[dead[0]].exitcode
-                        raise SelfalignError(f"generation process {dead[0]} died (exit code {code}); what was "
-                                             "answered is kept: run the same command again to resume")
-                    continue
-                if kind == "error":
-                    raise payload
-                if msg_call != call:
-                    continue  # left over from a call that was interrupted
-                handle(kind, rank, payload)
-                if kind in ("done", "encoded"):
-                    busy.discard(rank)
+                ranks = {**{self._results[r]: r for r in busy}, **{self._procs[r].sentinel: r for r in busy}}
+                for ready in wait(list(ranks)):
+                    rank = ranks[ready]
+                    if rank not in busy:
+                        continue
+                    conn = self._results[rank]
+                    try:  # a worker that ended may have sent its last messages (its error) first
+                        while conn.poll():
+                            kind, msg_call, payload = conn.recv()
+                            if kind == "error":
+                                raise payload
+                            if msg_call == call:
+                                handle(kind, rank, payload)
+                                if kind in ("done", "encoded"):
+                                    busy.discard(rank)
+                                    break
+                    except (EOFError, OSError):
+                        pass
+                    if rank in busy and not self._procs[rank].is_alive():
+                        raise SelfalignError(f"generation process {rank} died (exit code {self._procs[rank].exitcode})"
+                                             "; what was answered is kept: run the same command again to resume")
         except BaseException:
-            self.close()  # an interrupted call leaves no worker generating on (and holding its GPU)
+            self._stop(wait=0.0)  # an interrupted call leaves no worker generating on (and holding its GPU)
             raise
+
+    def _stop(self, wait: float) -> None:
+        """Ask the workers to finish, give them `wait` seconds in all, then terminate the rest."""
+        import time
+
+        if wait:
+            for conn in self._jobs:
+                try:
+                    conn.send(None)
+                except OSError:
+                    pass
+        deadline = time.monotonic() + wait
+        for proc in self._procs:
+            proc.join(timeout=max(0.0, deadline - time.monotonic()))
+        for proc in self._procs:
+            if proc.is_alive():
+                proc.terminate()
+            proc.join()
+        for conn in self._jobs + self._results:
+            conn.close()
+        self._procs, self._jobs, self._results = [], [], []
+
+
+def _numbered(prompts: Sequence[Prompt]) -> list[Prompt]:
+    """`prompts`, each that was not read from a file given its position as its line: a worker numbers only its own
+    share, and an error about prompt 7 must not say line 4. (Copies: the caller's prompts are left as they were.)"""
+    out = []
+    for i, p in enumerate(prompts, 1):
+        if source_of(p) == (None, None):
+            p = copy.copy(p)
+            p._source = (None, i)
+        out.append(p)
+    return out
 
 
 def _worker(rank: int, size: int, kind: str, backend: str, model: str | None, options: dict, jobs, results) -> None:
+    import signal
+
     from selfalign.generation import make_generator
     from selfalign.workers import enter_worker
 
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the parent's to handle: it stops the workers
     gen = None
     try:
         device = enter_worker(rank, size, kind)
         gen = make_generator(backend, model, device=device, **options)
-        while (job := jobs.get()) is not None:
+        while (job := jobs.recv()) is not None:
             op, call, *args = job
             if op == "encode":
-                results.put(("encoded", rank, call, gen.encode(*args)))
+                results.send(("encoded", call, gen.encode(*args)))
                 continue
-            prompts, params, skip, name = args
-            gen.model_name = name
-            gen.generate(prompts, params, on_batch=lambda batch: results.put(("batch", rank, call, batch)),
-                         skip=skip, progress=False)
-            results.put(("done", rank, call, None))
+            prompts, params, skip, (gen.model_name, gen.model_sha256) = args
+            gen.generate(prompts, params, on_batch=lambda batch: results.send(("batch", call, batch)), skip=skip,
+                         progress=False)
+            results.send(("done", call, None))
+    except EOFError:  # the parent is gone
+        pass
     except BaseException as e:
-        results.put(("error", rank, None, _portable(e, rank)))
+        try:
+            results.send(("error", None, _portable(e, rank)))
+        except OSError:
+            pass
     finally:
         if gen is not None:
             gen.close()

@@ -88,12 +88,17 @@ def generation(config) -> None:
     from selfalign.generation.parallel import LOCAL_BACKENDS as PARALLEL_BACKENDS
     from selfalign.training.config import TrainConfig
 
+    # a section without a backend of its own generates with the recipe's sampling backend (SRT's self_critique)
+    default_backend = getattr(getattr(config, "sampling", None), "backend", "auto")
+
     def walk(obj, prefix: str) -> None:
         if getattr(obj, "processes", 1) > 1 and not isinstance(obj, TrainConfig):
             key = f"{prefix}processes"
-            if getattr(obj, "backend", "auto") not in PARALLEL_BACKENDS:
+            if getattr(obj, "backend", default_backend) not in PARALLEL_BACKENDS:
+                backend = getattr(obj, "backend", default_backend)
                 raise config_error(key, f"processes > 1 runs a local backend ({', '.join(PARALLEL_BACKENDS)}) once "
-                                        f"per GPU, not '{obj.backend}'", also=(f"{prefix}backend",))
+                                        f"per GPU, not '{backend}'",
+                                   also=(f"{prefix}backend" if hasattr(obj, "backend") else "sampling.backend",))
             try:
                 workers.placement(obj.processes, "auto")
             except SelfalignError as e:

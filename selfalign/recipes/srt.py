@@ -35,7 +35,7 @@ from __future__ import annotations
 
 import random
 from collections import Counter
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Literal
 
@@ -75,6 +75,13 @@ class CriticConfig(CritiqueConfig):
     api_key_env: str = "OPENAI_API_KEY"  # the environment variable holding the key (never written anywhere)
     options: dict = field(default_factory=dict)  # other backend constructor options (concurrency, dtype, timeout...)
     score_refinements: bool = True  # Rule 2: the critic scores r independently; keep only s_r ≥ s_y
+
+    def __post_init__(self):
+        super().__post_init__()
+        own = sorted(set(self.options) & {f.name for f in fields(self)})  # given twice, make_generator would fail
+        if own:
+            raise ValueError(f"options: {', '.join(own)} is a key of this section: set critic.{own[0]}, not "
+                             f"critic.options.{own[0]}")
 
 
 @dataclass
@@ -279,7 +286,7 @@ def evaluate_self_refined(model_dir: str, label: str, config: EvalConfig, eval_r
     inner.model_name = label
     budget = critique_tokens or 2 * config.max_new_tokens + 128
     gen = SelfRefineGenerator(inner, SamplingParams(temperature=0.0, max_new_tokens=budget),
-                              fmt=fmt, chunk_size=config.batch_size or getattr(inner, "batch_size", 16))
+                              fmt=fmt, chunk_size=getattr(inner, "batch_size", None) or config.batch_size or 16)
     gen.model_name = label
     params = SamplingParams(temperature=0.0, max_new_tokens=config.max_new_tokens)
     metrics = evaluate_alpaca(gen, eval_judge(config, eval_root), eval_root / label, limit=config.instructions,

@@ -86,6 +86,41 @@ def test_a_workers_data_error_comes_back_as_it_was_and_the_next_call_starts_new_
     assert len(two.generate(prompts[:2], SamplingParams(temperature=0, max_new_tokens=4), progress=False)) == 2
 
 
+def test_an_error_about_a_prompt_built_in_code_names_its_place_in_the_whole_list(two, prompts):
+    # prompt 4 goes to worker 1 as the 2nd of its share: the error must still say 4
+    from selfalign.data import Prompt
+
+    built = [Prompt(p.id, p.messages) for p in prompts]
+    built[3] = Prompt("long", [{"role": "user", "content": "word " * 9000}])
+    with pytest.raises(DataError) as e:
+        two.generate(built, SamplingParams(temperature=0, max_new_tokens=8), progress=False)
+    assert str(e.value).startswith("<prompts>:4: field 'prompt': prompt 'long' is "), str(e.value)
+    assert not hasattr(built[0], "_source")  # the caller's prompts are left as they were
+
+
+def test_a_worker_that_dies_is_reported_and_the_others_are_stopped(embedded_model_dir, prompts):
+    import threading
+
+    from selfalign.errors import SelfalignError
+
+    gen = make_generator("lean", str(embedded_model_dir), batch_size=1, processes=2)
+    victim: list = []
+
+    def kill_worker_1(batch):  # on the first answer, as a GPU's OOM killer would
+        if not victim:
+            victim.append(gen._procs[1])
+            threading.Thread(target=os.kill, args=(gen._procs[1].pid, signal.SIGKILL)).start()
+
+    try:
+        with pytest.raises(SelfalignError, match=r"generation process 1 died \(exit code -9\); what was answered is "
+                                                 r"kept"):
+            gen.generate(prompts * 4, SamplingParams(temperature=0, max_new_tokens=24), on_batch=kill_worker_1,
+                         progress=False)
+        assert not gen._procs and not victim[0].is_alive()
+    finally:
+        gen.close()
+
+
 def test_nothing_to_answer_starts_no_worker(embedded_model_dir, prompts):
     gen = make_generator("auto", str(embedded_model_dir), processes=2)
     skip = {(p.id, 0) for p in prompts}

@@ -351,6 +351,16 @@ def test_generation_processes_that_cannot_run_fail_before_the_run_folder_exists(
     assert rc == 2 and "--set sampling.processes=0" in err and "processes must be >= 1" in err, err
     rc, err = run_cli("seft", smoke("seft"), tmp_path / "seft", "eval.processes=0", capsys=capsys)
     assert rc == 2 and "--set eval.processes=0" in err and "processes must be >= 1" in err, err
+    # SRT's self_critique has no backend of its own: it generates with sampling.backend
+    rc, err = run_cli("srt", smoke("srt"), run_dir, "sampling.backend=vllm", "self_critique.processes=2",
+                      capsys=capsys)
+    assert rc == 2 and "--set self_critique.processes=2: self_critique.processes: processes > 1 runs a local " \
+        "backend (auto, lean, transformers) once per GPU, not 'vllm'" in err, err
+    # a section's own key given again among a critic's backend options would reach make_generator twice
+    rc, err = run_cli("srt", smoke("srt"), run_dir, "critic.options={processes: 2}", capsys=capsys)
+    assert rc == 2 and "processes is a key of this section: set critic.processes, not critic.options.processes" \
+        in err, err
+    assert not run_dir.exists()
     config = load_config(seft.Config, smoke("seft"), ["sampling.processes=2", "reviser.processes=2",
                                                       "eval.processes=2"])
     preflight.generation(config)  # local backends: CPU processes without a GPU, one per GPU with them
