@@ -227,6 +227,13 @@ def _worker(rank: int, size: int, kind: str, backend: str, model: str | None, op
     from selfalign.workers import enter_worker
 
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the parent's to handle: it stops the workers
+    import threading
+
+    from tqdm.std import tqdm
+
+    # tqdm's default lock is a multiprocessing semaphore, which a stopped worker would leave for the parent's
+    # resource tracker to warn about; a worker shows no progress bar, so a thread lock does
+    tqdm.set_lock(threading.RLock())
     gen = None
     try:
         device = enter_worker(rank, size, kind)
