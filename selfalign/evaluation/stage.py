@@ -24,13 +24,18 @@ class EvalConfig:
     batch_size: int | None = None  # sequences decoded together; None: the backend's default
     backend: str = "auto"  # local generation backend: auto (lean where supported), lean, transformers, vllm
     processes: int = 1  # worker processes, one per GPU, each decoding batch_size sequences (generation/parallel.py)
+    # the backend's other constructor options: dtype, max_cache_gb (lean); vllm's engine options
+    # (tensor_parallel_size, gpu_memory_utilization, ...)
+    options: dict = field(default_factory=dict)
 
     def __post_init__(self):
         if self.instructions < 0:
             raise ValueError(f"instructions must be >= 0 (0: no evaluation stages), not {self.instructions}")
-        for name in ("max_new_tokens", "batch_size", "processes"):
-            if getattr(self, name) is not None and getattr(self, name) < 1:
-                raise ValueError(f"{name} must be >= 1, not {getattr(self, name)}")
+        if self.max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens must be >= 1, not {self.max_new_tokens}")
+        from selfalign.generation import check_generator_section
+
+        check_generator_section(self)
 
 
 def eval_judge(config: EvalConfig, cache_dir: Path):
@@ -48,7 +53,8 @@ def evaluate_checkpoint(model_dir: str | Path, label: str, config: EvalConfig, e
     from selfalign.generation import SamplingParams, make_generator
 
     eval_root = Path(eval_root)
-    gen = make_generator(config.backend, str(model_dir), batch_size=config.batch_size, processes=config.processes)
+    gen = make_generator(config.backend, str(model_dir), batch_size=config.batch_size, processes=config.processes,
+                         **config.options)
     gen.model_name = label
     metrics = evaluate_alpaca(gen, eval_judge(config, eval_root), eval_root / label, limit=config.instructions,
                               seed=config.seed, params=SamplingParams(temperature=0.0,

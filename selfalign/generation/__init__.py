@@ -3,9 +3,8 @@ loop) and an OpenAI-compatible HTTP backend."""
 
 from __future__ import annotations
 
-from selfalign.generation.base import (DeferredGenerator, Generator, SamplingParams, check_output_file,
-                                       check_sampling_section, generate_to_file,
-                                       response_key)
+from selfalign.generation.base import (DeferredGenerator, Generator, SamplingParams, check_generator_section,
+                                       check_output_file, check_sampling_section, generate_to_file, response_key)
 
 BACKENDS = ("auto", "lean", "transformers", "openai", "vllm")
 # sequences decoded together by default: the lean loop keeps every slot busy, so it profits from more of them
@@ -117,5 +116,6 @@ def check_backend_options(backend: str, options: dict) -> None:
 
 
 __all__ = ["BACKENDS", "DEFAULT_BATCH_SIZE", "DeferredGenerator", "LEAN_CUDA_BATCH_SIZE", "Generator",
-           "SamplingParams", "auto_backend", "check_backend_options", "check_output_file", "check_sampling_section",
+           "SamplingParams", "auto_backend", "check_backend_options", "check_generator_section", "check_output_file",
+           "check_sampling_section",
            "default_batch_size", "generate_to_file", "make_generator", "response_key"]

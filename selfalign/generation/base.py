@@ -52,15 +52,28 @@ class SamplingParams:
 
 
 def check_sampling_section(section: Any) -> None:
-    """SamplingParams' checks, and batch_size's and processes', on a config section that holds those fields (a
+    """SamplingParams' checks, and `check_generator_section`'s, on a config section that holds those fields (a
     recipe's `sampling:`, a critic's): a bad value then fails when the config loads, not when its stage starts hours
     into the run."""
     SamplingParams(temperature=section.temperature, top_p=getattr(section, "top_p", 1.0),
                    max_new_tokens=section.max_new_tokens)
-    if section.batch_size is not None and section.batch_size < 1:
-        raise ConfigError(f"batch_size must be >= 1 (or null: the backend's default), not {section.batch_size}")
+    check_generator_section(section)
+
+
+def check_generator_section(section: Any) -> None:
+    """The generator settings of a config section that has them: batch_size (>= 1, or null: the backend's
+    default), processes (>= 1) and options (the backend's other constructor options), none of which may repeat a key
+    of the section itself: make_generator would be given it twice."""
+    from dataclasses import fields
+
+    batch_size = getattr(section, "batch_size", None)
+    if batch_size is not None and batch_size < 1:
+        raise ConfigError(f"batch_size must be >= 1 (or null: the backend's default), not {batch_size}")
     if getattr(section, "processes", 1) < 1:
         raise ConfigError(f"processes must be >= 1, not {section.processes}")
+    own = sorted(set(getattr(section, "options", None) or {}) & {f.name for f in fields(section)})
+    if own:
+        raise ConfigError(f"options: {own[0]} is a key of this section: set {own[0]} there, not under options")
 
 
 OnBatch = Callable[[list[Response]], None]

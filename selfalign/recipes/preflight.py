@@ -111,11 +111,20 @@ def generation(config) -> None:
     walk(config, "")
 
 
-def backend(key: str, name: str, allowed: tuple[str, ...] = LOCAL_BACKENDS) -> None:
+def backend(key: str, name: str, allowed: tuple[str, ...] = LOCAL_BACKENDS, options: dict | None = None) -> None:
+    """A backend by name (config key `key`, e.g. `sampling.backend`), and the constructor options its section gives
+    it (the sibling key `options`)."""
     if name not in allowed:
         raise config_error(key, f"unknown backend '{name}' here (choose from {', '.join(allowed)})")
     if name == "vllm" and importlib.util.find_spec("vllm") is None:
         raise config_error(key, "backend 'vllm' needs the vllm package (pip install vllm, on a CUDA machine)")
+    if options:
+        from selfalign.generation import check_backend_options
+
+        try:
+            check_backend_options(name, options)
+        except SelfalignError as e:
+            raise config_error(f"{key.rsplit('.', 1)[0]}.options", e) from None
 
 
 # Whether an API endpoint (critic, labeler, judge) is sent one request: yes before a run folder is made, no when a
@@ -164,7 +173,7 @@ def evaluation(key: str, config: EvalConfig) -> None:
                 raise config_error(f"{key}.instructions", problem)
             print(f"selfalign: note: {key}.instructions: {problem}: its evaluations use all {available}",
                   file=sys.stderr)
-        backend(f"{key}.backend", config.backend)
+        backend(f"{key}.backend", config.backend, options=config.options)
         judge(f"{key}.judge", config.judge, config.judge_options)
 
 

@@ -38,7 +38,8 @@ from selfalign.data import Conversation, PreferencePair, Prompt, Response, Revis
 from selfalign.data.loaders import load_preference_pairs
 from selfalign.errors import ConfigError
 from selfalign.evaluation.stage import EvalConfig, evaluate_checkpoint, write_summary
-from selfalign.generation import SamplingParams, check_sampling_section, generate_to_file, make_generator
+from selfalign.generation import (SamplingParams, check_generator_section, check_sampling_section, generate_to_file,
+                                  make_generator)
 from selfalign.models import DEFAULT_MODEL
 from selfalign.recipes import preflight
 from selfalign.recipes.common import data_file, link_final, prompt_pool, start_run, too_few_prompts
@@ -55,6 +56,9 @@ class SamplingConfig:
     batch_size: int | None = None  # sequences decoded together; None: the backend's default (make_generator)
     backend: str = "auto"  # local generation backend: auto (lean where supported), lean, transformers, vllm
     processes: int = 1  # worker processes, one per GPU, each decoding batch_size sequences (generation/parallel.py)
+    # the backend's other constructor options: dtype, max_cache_gb (lean); vllm's engine options
+    # (tensor_parallel_size, gpu_memory_utilization, ...)
+    options: dict = field(default_factory=dict)
 
     def __post_init__(self):
         check_sampling_section(self)
@@ -81,11 +85,15 @@ class ReviserConfig:
     batch_size: int | None = None  # generation batch; None: the backend's default
     backend: str = "auto"  # local generation backend: auto (lean where supported), lean, transformers, vllm
     processes: int = 1  # worker processes, one per GPU, each decoding batch_size sequences (generation/parallel.py)
+    # the backend's other constructor options: dtype, max_cache_gb (lean); vllm's engine options
+    # (tensor_parallel_size, gpu_memory_utilization, ...)
+    options: dict = field(default_factory=dict)
     warmup_train: SFTTrainConfig = field(default_factory=lambda: SFTTrainConfig(epochs=2))  # [R] 2 epochs
     adaptive_train: SFTTrainConfig = field(default_factory=lambda: SFTTrainConfig(epochs=2))  # [R] 2 epochs
 
     def __post_init__(self):
-        at_least(self, 1, "limit", "max_pair_tokens", "max_new_tokens", "batch_size", "processes")
+        at_least(self, 1, "limit", "max_pair_tokens", "max_new_tokens")
+        check_generator_section(self)
         if not 0.0 <= self.minor_quantile <= 1.0:
             raise ValueError(f"minor_quantile must be in [0, 1], not {self.minor_quantile}")
 
@@ -169,8 +177,8 @@ def check_inputs(config: Config) -> None:
     rc = config.reviser
     preflight.model("model", config.model)
     preflight.model("reviser.model", rc.model)
-    preflight.backend("sampling.backend", config.sampling.backend)
-    preflight.backend("reviser.backend", rc.backend)
+    preflight.backend("sampling.backend", config.sampling.backend, options=config.sampling.options)
+    preflight.backend("reviser.backend", rc.backend, options=rc.options)
     if rc.warmup:
         preflight.template("reviser.warmup_template", rc.warmup_template, load_template)
     preflight.template("reviser.adaptive_template", rc.adaptive_template, load_template)
@@ -319,7 +327,7 @@ def generate(config: Config, run: Run, i: int, policy: str) -> dict:
 
     prompts = read_records(run.path("data", f"round{i}_prompts.jsonl"), Prompt)
     s = config.sampling
-    gen = make_generator(s.backend, policy, batch_size=s.batch_size, processes=s.processes)
+    gen = make_generator(s.backend, policy, batch_size=s.batch_size, processes=s.processes, **s.options)
     gen.model_name = f"round{i - 1}"
     params = SamplingParams(temperature=s.temperature, top_p=s.top_p, max_new_tokens=s.max_new_tokens, n=1,
                             seed=s.seed + i)
@@ -354,7 +362,7 @@ def run_reviser(config: Config, reviser: str, responses: list[Response], folder,
     rc = config.reviser
     folder.mkdir(parents=True, exist_ok=True)
     # local backends continue a prompt's meta["assistant_prefix"] (the decision tag) natively
-    gen = make_generator(rc.backend, reviser, batch_size=rc.batch_size, processes=rc.processes)
+    gen = make_generator(rc.backend, reviser, batch_size=rc.batch_size, processes=rc.processes, **rc.options)
     gen.model_name = "reviser"
     budget = tag_token_budget(gen.tokenizer)
     revisions = revise_adaptive(gen, responses, load_template(rc.adaptive_template), budget,

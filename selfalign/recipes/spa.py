@@ -49,6 +49,9 @@ class SamplingConfig:
     batch_size: int | None = None  # sequences decoded together; None: the backend's default (make_generator)
     backend: str = "auto"  # local generation backend: auto (lean where supported), lean, transformers, vllm
     processes: int = 1  # worker processes, one per GPU, each decoding batch_size sequences (generation/parallel.py)
+    # the backend's other constructor options: dtype, max_cache_gb (lean); vllm's engine options
+    # (tensor_parallel_size, gpu_memory_utilization, ...)
+    options: dict = field(default_factory=dict)
 
     def __post_init__(self):
         check_sampling_section(self)
@@ -114,7 +117,7 @@ def check_inputs(config: Config) -> None:
         raise config_error("samples_per_prompt", f"{config.samples_per_prompt} needs labeler: implicit (a pairwise "
                            f"judge '{config.labeler}' labels 2 answers per prompt)")
     preflight.model("model", config.model)
-    preflight.backend("sampling.backend", config.sampling.backend)
+    preflight.backend("sampling.backend", config.sampling.backend, options=config.sampling.options)
     if config.labeler != "implicit":
         preflight.judge("labeler", config.labeler, config.labeler_options)
     preflight.evaluation("eval", config.eval)
@@ -144,7 +147,7 @@ def generate(config: Config, run: Run, i: int, policy: str) -> dict:
 
     prompts = read_records(run.path("data", f"round{i}_prompts.jsonl"), Prompt)
     s = config.sampling
-    gen = make_generator(s.backend, policy, batch_size=s.batch_size, processes=s.processes)
+    gen = make_generator(s.backend, policy, batch_size=s.batch_size, processes=s.processes, **s.options)
     gen.model_name = f"round{i - 1}"
     params = SamplingParams(temperature=s.temperature, top_p=s.top_p, max_new_tokens=s.max_new_tokens,
                             n=config.samples_per_prompt, seed=s.seed + i)

@@ -35,7 +35,7 @@ from __future__ import annotations
 
 import random
 from collections import Counter
-from dataclasses import dataclass, field, fields, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Literal
 
@@ -62,6 +62,9 @@ class SamplingConfig:
     batch_size: int | None = None  # sequences decoded together; None: the backend's default (make_generator)
     backend: str = "auto"  # local generation backend: auto (lean where supported), lean, transformers, vllm
     processes: int = 1  # worker processes, one per GPU, each decoding batch_size sequences (generation/parallel.py)
+    # the backend's other constructor options: dtype, max_cache_gb (lean); vllm's engine options
+    # (tensor_parallel_size, gpu_memory_utilization, ...)
+    options: dict = field(default_factory=dict)
 
     def __post_init__(self):
         check_sampling_section(self)
@@ -75,13 +78,6 @@ class CriticConfig(CritiqueConfig):
     api_key_env: str = "OPENAI_API_KEY"  # the environment variable holding the key (never written anywhere)
     options: dict = field(default_factory=dict)  # other backend constructor options (concurrency, dtype, timeout...)
     score_refinements: bool = True  # Rule 2: the critic scores r independently; keep only s_r ≥ s_y
-
-    def __post_init__(self):
-        super().__post_init__()
-        own = sorted(set(self.options) & {f.name for f in fields(self)})  # given twice, make_generator would fail
-        if own:
-            raise ValueError(f"options: {', '.join(own)} is a key of this section: set critic.{own[0]}, not "
-                             f"critic.options.{own[0]}")
 
 
 @dataclass
@@ -125,7 +121,7 @@ def _read(path: Path, cls) -> list:
 def check_inputs(config: Config) -> None:
     """What the run needs besides its data, checked before the run folder is made (recipes/preflight.py)."""
     preflight.model("model", config.model)
-    preflight.backend("sampling.backend", config.sampling.backend)
+    preflight.backend("sampling.backend", config.sampling.backend, options=config.sampling.options)
     c = config.critic
     preflight.generator("critic", c.backend, c.model, c.options, c.base_url, c.api_key_env)
     preflight.evaluation("eval", config.eval)
@@ -153,7 +149,7 @@ def prepare_data(config: Config) -> tuple[dict[str, list], dict]:
 def answer(config: Config, run: Run, stage: str, model: str, label: str) -> dict:
 
     s = config.sampling
-    gen = make_generator(s.backend, model, batch_size=s.batch_size, processes=s.processes)
+    gen = make_generator(s.backend, model, batch_size=s.batch_size, processes=s.processes, **s.options)
     gen.model_name = label
     params = SamplingParams(temperature=s.temperature, top_p=s.top_p, max_new_tokens=s.max_new_tokens,
                             seed=s.seed + int(stage[-1]))
@@ -249,7 +245,7 @@ def critique_stage2(config: Config, run: Run, model: str) -> dict:
 
     c = config.self_critique
     gen = make_generator(config.sampling.backend, model, batch_size=c.batch_size,  # M_self is a local model
-                         processes=c.processes)
+                         processes=c.processes, **config.sampling.options)
     gen.model_name = "stage1"
     responses = read_records(run.path("stage2", "responses.jsonl"), Response)
     critiques, dropped, stats = critique_responses(gen, responses, config.sequence_format, c, run.path("stage2"),
@@ -282,7 +278,8 @@ def evaluate_self_refined(model_dir: str, label: str, config: EvalConfig, eval_r
     """The evaluation stage's AlpacaEval-style metrics for the self-refined outputs (answer → critique → refine)."""
     from selfalign.evaluation.alpaca import evaluate_alpaca
 
-    inner = make_generator(config.backend, str(model_dir), batch_size=config.batch_size, processes=config.processes)
+    inner = make_generator(config.backend, str(model_dir), batch_size=config.batch_size, processes=config.processes,
+                           **config.options)
     inner.model_name = label
     budget = critique_tokens or 2 * config.max_new_tokens + 128
     gen = SelfRefineGenerator(inner, SamplingParams(temperature=0.0, max_new_tokens=budget),

@@ -358,8 +358,13 @@ def test_generation_processes_that_cannot_run_fail_before_the_run_folder_exists(
         "backend (auto, lean, transformers) once per GPU, not 'vllm'" in err, err
     # a section's own key given again among a critic's backend options would reach make_generator twice
     rc, err = run_cli("srt", smoke("srt"), run_dir, "critic.options={processes: 2}", capsys=capsys)
-    assert rc == 2 and "processes is a key of this section: set critic.processes, not critic.options.processes" \
-        in err, err
+    assert rc == 2 and "processes is a key of this section: set processes there, not under options" in err, err
+    # a recipe's sampling options reach its backend, checked before the run folder is made
+    rc, err = run_cli("spa", smoke("spa"), tmp_path / "spa", "sampling.options={decode: graphs, colour: red}",
+                      capsys=capsys)
+    assert rc == 2 and "sampling.options: backend 'auto' has no option colour, decode" in err, err
+    rc, err = run_cli("seft", smoke("seft"), tmp_path / "seft", "eval.options={batch_size: 4}", capsys=capsys)
+    assert rc == 2 and "batch_size is a key of this section: set batch_size there, not under options" in err, err
     assert not run_dir.exists()
     config = load_config(seft.Config, smoke("seft"), ["sampling.processes=2", "reviser.processes=2",
                                                       "eval.processes=2"])

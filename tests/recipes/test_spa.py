@@ -241,3 +241,33 @@ def test_two_round_spa_run_end_to_end_and_resume(tmp_path, capsys):
     assert again["stages"]["round2/train"]["status"] == "done"
     assert (run_dir / "round1" / "labels.jsonl").read_text() == before  # finished stages were not redone
     assert len(again["resumed_at"]) == 1
+
+
+def test_the_sampling_stage_runs_its_sections_processes_and_options(tmp_path, data_dir, monkeypatch):
+    # sampling.processes and sampling.options reach the generator the stage builds, and the stage answers with it
+    from selfalign.data import Response, read_records, write_jsonl
+    from selfalign.data.loaders import load_prompts
+    from selfalign.generation import make_generator
+    from selfalign.generation.parallel import ParallelGenerator
+    from selfalign.recipes import spa
+    from selfalign.runs import Run
+
+    built = []
+
+    def spy(*args, **kwargs):
+        built.append((args, kwargs))
+        built.append(make_generator(*args, **kwargs))
+        return built[-1]
+
+    monkeypatch.setattr(spa, "make_generator", spy)
+    run = Run(tmp_path, {}, "spa")
+    write_jsonl(run.path("data", "round1_prompts.jsonl"),
+                load_prompts(data_dir / "prompts" / "unlabelled_pool.jsonl", limit=3))
+    config = spa.Config(samples_per_prompt=2, sampling=spa.SamplingConfig(
+        max_new_tokens=6, batch_size=2, processes=2, options={"dtype": "float32", "max_cache_gb": 0.5}))
+    summary = spa.generate(config, run, 1, "smollm2-135m")
+    assert built[0] == (("auto", "smollm2-135m"), {"batch_size": 2, "processes": 2, "dtype": "float32",
+                                                  "max_cache_gb": 0.5})
+    assert isinstance(built[1], ParallelGenerator) and not built[1]._procs  # closed after the stage
+    answers = read_records(run.path("round1", "generations.jsonl"), Response)
+    assert summary["responses"] == len(answers) == 6 and {a.model for a in answers} == {"round0"}
