@@ -24,6 +24,7 @@ class EvalConfig:
     batch_size: int | None = None  # sequences decoded together; None: the backend's default
     backend: str = "auto"  # local generation backend: auto (lean where supported), lean, transformers, vllm
     processes: int = 1  # worker processes, one per GPU, each decoding batch_size sequences (generation/parallel.py)
+
     # the backend's other constructor options: dtype, max_cache_gb (lean); vllm's engine options
     # (tensor_parallel_size, gpu_memory_utilization, ...)
     options: dict = field(default_factory=dict)
