@@ -134,6 +134,10 @@ class ParallelGenerator(Generator):
         import torch.multiprocessing as mp
 
         ctx = mp.get_context("spawn")  # CUDA cannot be used in a forked child
+        if self.kind == "cuda":  # worker 0 shares cuda:0 with this process: hand it the memory cached here
+            import torch
+
+            torch.cuda.empty_cache()
         for rank in range(self.processes):
             job_out, job_in = ctx.Pipe(duplex=False)
             result_out, result_in = ctx.Pipe(duplex=False)
