@@ -433,7 +433,7 @@ def evaluate_annotations(path: str | Path, model: LCModel | str | Path | None = 
     metrics["n_dropped"] = int(frame["preference"].isna().sum())  # no preference: dropped, as alpaca_eval does
     # a repeated instruction counts each time, as alpaca_eval counts it (its vicuna-*-v1.5 files repeat every row);
     # said, since two runs appended into one file look the same
-    metrics["n_repeated"] = int(frame["instruction"].duplicated().sum())
+    metrics["n_repeated"] = int(frame["instruction"][frame["preference"].notna()].duplicated().sum())
     metrics["avg_length"] = int(frame["len_2"].mean())  # truncated, as on alpaca_eval's leaderboard
     if glm == "v1_surrogate" and gamed_paths:
         glm = "v1"

@@ -101,18 +101,30 @@ def check_backend_options(backend: str, options: dict) -> None:
     if backend in ("auto", "lean", "transformers"):
         from selfalign.generation.transformers_backend import TransformersGenerator as cls
 
-        extra = {"max_cache_gb", "processes"}  # make_generator's own: the lean loop's cache cap, worker processes
+        extra = {"max_cache_gb"}  # make_generator's own: the lean loop's cache cap
     elif backend == "openai":
         from selfalign.generation.openai_backend import OpenAIGenerator as cls
 
         extra = set()
     else:
         return
-    allowed = (set(inspect.signature(cls.__init__).parameters) | extra) - {"self", "model", "model_obj", "tokenizer"}
+    # batch_size and processes are keys of every section that generates, not options
+    allowed = (set(inspect.signature(cls.__init__).parameters) | extra) - {"self", "model", "model_obj", "tokenizer",
+                                                                           "batch_size", "processes"}
     unknown = sorted(set(options) - allowed)
     if unknown:
         raise SelfalignError(f"backend '{backend}' has no option {', '.join(unknown)} (options: "
                              f"{', '.join(sorted(allowed))})")
+    if cls.__name__ == "TransformersGenerator":  # values a local model would refuse only once its stage starts
+        from selfalign.models import pick_device, pick_dtype
+
+        if "dtype" in options:
+            pick_dtype(str(options["dtype"]))
+        if "device" in options:
+            pick_device(str(options["device"]))
+        cap = options.get("max_cache_gb", 1)
+        if isinstance(cap, bool) or not isinstance(cap, (int, float)) or not cap > 0:  # NaN fails too
+            raise SelfalignError(f"max_cache_gb must be a number above 0, not {cap!r}")
 
 
 __all__ = ["BACKENDS", "DEFAULT_BATCH_SIZE", "DeferredGenerator", "LEAN_CUDA_BATCH_SIZE", "Generator",

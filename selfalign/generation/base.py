@@ -73,7 +73,7 @@ def check_generator_section(section: Any) -> None:
         raise ConfigError(f"processes must be >= 1, not {section.processes}")
     own = sorted(set(getattr(section, "options", None) or {}) & {f.name for f in fields(section)})
     if own:
-        raise ConfigError(f"options: {own[0]} is a key of this section: set {own[0]} there, not under options")
+        raise ConfigError(f"options holds {own[0]}, a key of this section: set {own[0]} beside options, not under it")
 
 
 OnBatch = Callable[[list[Response]], None]

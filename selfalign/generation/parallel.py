@@ -75,13 +75,15 @@ class ParallelGenerator(Generator):
         return load_tokenizer(self.model_spec, "left", self.options.get("trust_remote_code", False))
 
     def encode(self, prompts: Sequence[Prompt], max_new_tokens: int, source: str | None = None) -> list[list[int]]:
-        """The backend's `encode` (token ids; a prompt too long for the context is a DataError), run by worker 0."""
-        self._start()
-        call = next(self._calls)
-        self._send(0, ("encode", call, _numbered(prompts), max_new_tokens, source))
-        encoded: list = []
-        self._wait(call, {0}, lambda kind, rank, payload: encoded.extend(payload))
-        return encoded
+        """The local backends' `encode` (token ids; a prompt too long for the context is a DataError), here: no
+        worker is started (`selfalign generate` checks every prompt with it before answering)."""
+        from transformers import AutoConfig
+
+        from selfalign.generation.transformers_backend import context_length, encode_prompts
+
+        config = AutoConfig.from_pretrained(self.model_path, trust_remote_code=self.options.get("trust_remote_code",
+                                                                                                False))
+        return encode_prompts(self.tokenizer, context_length(config), prompts, max_new_tokens, source)
 
     def generate(self, prompts: Sequence[Prompt], params: SamplingParams, on_batch: OnBatch | None = None,
                  skip: set | None = None, progress: bool = True) -> list[Response]:
@@ -100,7 +102,7 @@ class ParallelGenerator(Generator):
             share = prompts[rank::self.processes]
             ids = {p.id for p in share}
             if any((p.id, s) not in skip for p in share for s in range(params.n)):
-                self._send(rank, ("generate", call, share, params, {k for k in skip if k[0] in ids}, who))
+                self._send(rank, (call, share, params, {k for k in skip if k[0] in ids}, who))
                 busy.add(rank)
         results: dict[tuple[str, int], Response] = {}
         bar = tqdm(total=todo, desc=f"generate ({self.model_name}, {self.processes} processes)", unit="answer",
@@ -178,7 +180,7 @@ class ParallelGenerator(Generator):
                                 raise payload
                             if msg_call == call:
                                 handle(kind, rank, payload)
-                                if kind in ("done", "encoded"):
+                                if kind == "done":
                                     busy.discard(rank)
                                     break
                     except (EOFError, OSError):
@@ -243,11 +245,7 @@ def _worker(rank: int, size: int, kind: str, backend: str, model: str | None, op
         device = enter_worker(rank, size, kind)
         gen = make_generator(backend, model, device=device, **options)
         while (job := jobs.recv()) is not None:
-            op, call, *args = job
-            if op == "encode":
-                results.send(("encoded", call, gen.encode(*args)))
-                continue
-            prompts, params, skip, (gen.model_name, gen.model_sha256) = args
+            call, prompts, params, skip, (gen.model_name, gen.model_sha256) = job
             gen.generate(prompts, params, on_batch=lambda batch: results.send(("batch", call, batch)), skip=skip,
                          progress=False)
             results.send(("done", call, None))

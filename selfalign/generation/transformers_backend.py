@@ -14,8 +14,25 @@ from selfalign.generation.base import Generator, OnBatch, SamplingParams, cut_at
 from selfalign.models import encode_prompt, load_model, load_tokenizer, model_name, resolve_model
 
 
-def context_length(model) -> int:
-    return int(getattr(model.config, "max_position_embeddings", 0) or 2048)
+def context_length(config) -> int:
+    """The most tokens a model with this transformers config takes (prompt and answer)."""
+    return int(getattr(config, "max_position_embeddings", 0) or 2048)
+
+
+def encode_prompts(tokenizer, limit: int, prompts: Sequence[Prompt], max_new_tokens: int,
+                   source: str | None = None) -> list[list[int]]:
+    """Token ids of each rendered prompt (plus `meta['assistant_prefix']`, the start of the answer to continue,
+    when a prompt has one); a prompt that leaves no room for `max_new_tokens` within `limit` is a DataError."""
+    out = []
+    for i, p in enumerate(prompts):
+        ids = encode_prompt(tokenizer, p.messages, p.meta.get("assistant_prefix", ""))
+        if len(ids) + max_new_tokens > limit:
+            path, line = source_of(p)
+            raise DataError(f"prompt '{p.id}' is {len(ids)} tokens; with max_new_tokens={max_new_tokens} it "
+                            f"exceeds the model's context of {limit} tokens", path=path or source or "<prompts>",
+                            line=line or i + 1, field="prompt")
+        out.append(ids)
+    return out
 
 
 class _StopInAnswer:
@@ -61,19 +78,8 @@ class TransformersGenerator(Generator):
         self.eos_ids = sorted(e for e in eos if e is not None)
 
     def encode(self, prompts: Sequence[Prompt], max_new_tokens: int, source: str | None = None) -> list[list[int]]:
-        """Token ids of each rendered prompt (plus `meta['assistant_prefix']`, the start of the answer to continue,
-        when a prompt has one); a prompt that leaves no room to answer is a DataError."""
-        limit = context_length(self.model)
-        out = []
-        for i, p in enumerate(prompts):
-            ids = encode_prompt(self.tokenizer, p.messages, p.meta.get("assistant_prefix", ""))
-            if len(ids) + max_new_tokens > limit:
-                path, line = source_of(p)
-                raise DataError(f"prompt '{p.id}' is {len(ids)} tokens; with max_new_tokens={max_new_tokens} it "
-                                f"exceeds the model's context of {limit} tokens", path=path or source or "<prompts>",
-                                line=line or i + 1, field="prompt")
-            out.append(ids)
-        return out
+        """`encode_prompts` with this model's tokenizer and context."""
+        return encode_prompts(self.tokenizer, context_length(self.model.config), prompts, max_new_tokens, source)
 
     def plan(self, encoded: list[list[int]], n: int) -> list[list[int]]:
         """Batches of prompt indices, longest first (an out-of-memory shows up on the first batch, not the last)."""

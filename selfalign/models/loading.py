@@ -115,8 +115,21 @@ def umask_permissions(*paths: str | os.PathLike) -> None:
     other new file (0644 under the usual 022). safetensors writes through a temporary file created 0600, so a
     trained model would otherwise be unreadable to the rest of a team sharing the run folder, while its config and
     tokenizer beside it are readable."""
-    mask = os.umask(0)  # read it: there is no call that only reads it
-    os.umask(mask)
+    mask = _umask()
     for p in map(Path, paths):
         for f in (sorted(p.glob("*.safetensors")) if p.is_dir() else [p]):
             os.chmod(f, 0o666 & ~mask)
+
+
+def _umask() -> int:
+    """This process's umask, read from /proc on Linux: setting it to read it back (the only portable way) would
+    change it for every thread for a moment."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    except OSError:
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask

@@ -88,8 +88,10 @@ def generation(config) -> None:
     from selfalign.generation.parallel import LOCAL_BACKENDS as PARALLEL_BACKENDS
     from selfalign.training.config import TrainConfig
 
-    # a section without a backend of its own generates with the recipe's sampling backend (SRT's self_critique)
+    # a section without a backend of its own generates with the recipe's sampling backend and options (SRT's
+    # self_critique)
     default_backend = getattr(getattr(config, "sampling", None), "backend", "auto")
+    default_options = getattr(getattr(config, "sampling", None), "options", {})
 
     def walk(obj, prefix: str) -> None:
         if getattr(obj, "processes", 1) > 1 and not isinstance(obj, TrainConfig):
@@ -99,10 +101,14 @@ def generation(config) -> None:
                 raise config_error(key, f"processes > 1 runs a local backend ({', '.join(PARALLEL_BACKENDS)}) once "
                                         f"per GPU, not '{backend}'",
                                    also=(f"{prefix}backend" if hasattr(obj, "backend") else "sampling.backend",))
+            options = getattr(obj, "options", default_options)
+            options_key = f"{prefix}options" if hasattr(obj, "options") else "sampling.options"
             try:
-                workers.placement(obj.processes, "auto")
-            except SelfalignError as e:
-                raise config_error(key, e) from None
+                workers.placement(obj.processes, str(options.get("device", "auto")))
+            except workers.PlacementError as e:  # a device given among the options is the options' fault
+                raise config_error(key if e.setting == "processes" else options_key, e) from None
+            except SelfalignError as e:  # a device this machine does not have
+                raise config_error(options_key if "device" in options else key, e) from None
         for f in fields(obj):
             value = getattr(obj, f.name)
             if is_dataclass(value) and not isinstance(value, type):

@@ -57,8 +57,8 @@ class SamplingConfig:
     backend: str = "auto"  # local generation backend: auto (lean where supported), lean, transformers, vllm
     processes: int = 1  # worker processes, one per GPU, each decoding batch_size sequences (generation/parallel.py)
 
-    # the backend's other constructor options: dtype, max_cache_gb (lean); vllm's engine options
-    # (tensor_parallel_size, gpu_memory_utilization, ...)
+    # the backend's other constructor options: dtype, device, max_cache_gb, trust_remote_code (local backends);
+    # vllm's engine options (tensor_parallel_size, gpu_memory_utilization, ...). docs/generation.md
     options: dict = field(default_factory=dict)
 
     def __post_init__(self):
@@ -87,8 +87,8 @@ class ReviserConfig:
     backend: str = "auto"  # local generation backend: auto (lean where supported), lean, transformers, vllm
     processes: int = 1  # worker processes, one per GPU, each decoding batch_size sequences (generation/parallel.py)
 
-    # the backend's other constructor options: dtype, max_cache_gb (lean); vllm's engine options
-    # (tensor_parallel_size, gpu_memory_utilization, ...)
+    # the backend's other constructor options: dtype, device, max_cache_gb, trust_remote_code (local backends);
+    # vllm's engine options (tensor_parallel_size, gpu_memory_utilization, ...). docs/generation.md
     options: dict = field(default_factory=dict)
     warmup_train: SFTTrainConfig = field(default_factory=lambda: SFTTrainConfig(epochs=2))  # [R] 2 epochs
     adaptive_train: SFTTrainConfig = field(default_factory=lambda: SFTTrainConfig(epochs=2))  # [R] 2 epochs

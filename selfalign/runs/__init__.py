@@ -187,8 +187,12 @@ def file_sha256(path: str | Path, chunk: int = 1 << 24) -> str:
 # config keys that change how a run reaches things or prints progress, not what it computes: a resume may change
 # them. `base_url`: an API critic or judge that moved to another host or port, or a wrong URL found only once a stage
 # used it (the model name, which says what answers, stays locked). `processes`, `fsdp`: how many GPUs a training
-# stage runs on, and whether it shards the model; the same steps and model either way (training/distributed.py)
-RESUMABLE_KEYS = ("log_steps", "base_url", "processes", "fsdp")
+# or generation stage runs on, and whether training shards the model; the same steps, model and answers either way
+# (training/distributed.py, generation/parallel.py). A backend's memory and parallelism options (lean's KV cache cap,
+# vLLM's memory share and parallel sizes), so that a run that ran out of memory resumes with less. Matched by leaf
+# name, at any depth (`sampling.options.max_cache_gb`).
+RESUMABLE_KEYS = ("log_steps", "base_url", "processes", "fsdp", "max_cache_gb", "gpu_memory_utilization",
+                  "tensor_parallel_size", "data_parallel_size")
 
 
 def config_changes(old: dict, new: dict, prefix: str = "", defaults: dict | None = None) -> list[tuple[str, Any, Any]]:

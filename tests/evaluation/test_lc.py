@@ -180,9 +180,9 @@ def test_two_judges_in_one_file_are_refused(alpaca, lc_model, six_metrics, tmp_p
     path.write_text("".join(json.dumps(dict(r, annotator=f"pool_{i % 3}")) + "\n" for i, r in enumerate(records)))
     assert lc.evaluate_annotations(path, lc_model)["n_total"] == 30
     # an instruction given twice counts twice, as alpaca_eval counts it (its vicuna-*-v1.5 files repeat every row)
-    path.write_text("".join(json.dumps(r) + "\n" for r in records + records[:5]))
+    path.write_text("".join(json.dumps(r) + "\n" for r in records + records[:5] + [dict(records[6], preference=None)]))
     m = lc.evaluate_annotations(path, lc_model)
-    assert m["n_total"] == 35 and m["n_repeated"] == 5
+    assert m["n_total"] == 35 and m["n_repeated"] == 5  # a repeat without a preference is dropped, not counted
     assert all(m["n_repeated"] == 0 for m in six_metrics.values())
     from selfalign.cli import main
 

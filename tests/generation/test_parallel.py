@@ -125,6 +125,9 @@ def test_nothing_to_answer_starts_no_worker(embedded_model_dir, prompts):
     gen = make_generator("auto", str(embedded_model_dir), processes=2)
     skip = {(p.id, 0) for p in prompts}
     assert gen.generate(prompts, SamplingParams(max_new_tokens=4), skip=skip, progress=False) == []
+    assert len(gen.encode(prompts, 16)) == len(prompts)  # the prompts are checked here, by this process
+    with pytest.raises(DataError, match=r"unlabelled_pool.jsonl:1: field 'prompt': .* exceeds the model's context"):
+        gen.encode(prompts, 10_000)
     assert not gen._procs
 
 

@@ -150,7 +150,7 @@ def test_backends_judges_and_critics_are_checked_without_loading_weights(tmp_pat
         in run_cli("srt", smoke("srt"), tmp_path / "y", "critic.backend=openai", "critic.base_url=localhost:8000/v1",
                    capsys=capsys)[1]
     rc, err = run_cli("srt", smoke("srt"), tmp_path / "z", "critic.options={concurency: 4}", capsys=capsys)
-    assert rc == 2 and "critic.options: backend 'auto' has no option concurency (options: batch_size, " in err
+    assert rc == 2 and "critic.options: backend 'auto' has no option concurency (options: device, dtype, " in err
     rc, err = run_cli("srt", smoke("srt"), tmp_path / "z", "critic.backend=openai", "critic.base_url=http://h/v1",
                       "critic.options={concurency: 4}", capsys=capsys)
     assert rc == 2 and "critic.options: backend 'openai' has no option concurency (options: api_key_env," in err
@@ -358,13 +358,30 @@ def test_generation_processes_that_cannot_run_fail_before_the_run_folder_exists(
         "backend (auto, lean, transformers) once per GPU, not 'vllm'" in err, err
     # a section's own key given again among a critic's backend options would reach make_generator twice
     rc, err = run_cli("srt", smoke("srt"), run_dir, "critic.options={processes: 2}", capsys=capsys)
-    assert rc == 2 and "processes is a key of this section: set processes there, not under options" in err, err
+    assert rc == 2 and "critic: options holds processes, a key of this section: set processes beside options" in err, \
+        err
     # a recipe's sampling options reach its backend, checked before the run folder is made
     rc, err = run_cli("spa", smoke("spa"), tmp_path / "spa", "sampling.options={decode: graphs, colour: red}",
                       capsys=capsys)
     assert rc == 2 and "sampling.options: backend 'auto' has no option colour, decode" in err, err
     rc, err = run_cli("seft", smoke("seft"), tmp_path / "seft", "eval.options={batch_size: 4}", capsys=capsys)
-    assert rc == 2 and "batch_size is a key of this section: set batch_size there, not under options" in err, err
+    assert rc == 2 and "--set eval.options={batch_size: 4}: eval: options holds batch_size, a key of this section: " \
+        "set batch_size beside options, not under it" in err, err
+    # option values a model would refuse only when its stage starts
+    for setting, problem in (("sampling.options={dtype: float33}", "unknown dtype 'float33'"),
+                             ("eval.options={max_cache_gb: -1}", "max_cache_gb must be a number above 0, not -1")):
+        rc, err = run_cli("spa", smoke("spa"), tmp_path / "spa", setting, capsys=capsys)
+        key = setting.split("=")[0]
+        assert rc == 2 and err.startswith(f"selfalign: error: --set {setting}: {key}: ") and problem in err, err
+    import torch
+
+    if not torch.cuda.is_available():  # a device among the options is checked, with one process or several
+        for extra in ((), ("sampling.processes=2",)):
+            rc, err = run_cli("spa", smoke("spa"), tmp_path / "spa", "sampling.options={device: cuda}", *extra,
+                              capsys=capsys)
+            assert rc == 2 and "--set sampling.options={device: cuda}: sampling.options: device 'cuda' asked " \
+                "for, but this torch sees no CUDA GPU" in err, err
+    assert not (tmp_path / "spa").exists() and not (tmp_path / "seft").exists()
     assert not run_dir.exists()
     config = load_config(seft.Config, smoke("seft"), ["sampling.processes=2", "reviser.processes=2",
                                                       "eval.processes=2"])

@@ -142,6 +142,12 @@ def test_a_run_resumes_on_other_hardware_and_under_a_newer_selfalign(tmp_path):
     # how many GPUs a training stage runs on, and whether it shards the model, change no step's result
     Run(tmp_path / "gpus", {"train": {"processes": 1, "fsdp": False, "lr": 1.0}}, recipe="test")
     Run(tmp_path / "gpus", {"train": {"processes": 8, "fsdp": True, "lr": 1.0}}, recipe="test")
+    # nor do generation's processes and a backend's memory options; a dtype does change the answers
+    Run(tmp_path / "gen", {"sampling": {"processes": 1, "options": {"dtype": "bfloat16"}}}, recipe="test")
+    Run(tmp_path / "gen", {"sampling": {"processes": 4, "options": {"dtype": "bfloat16", "max_cache_gb": 20,
+                                                                   "gpu_memory_utilization": 0.5}}}, recipe="test")
+    with pytest.raises(SelfalignError, match=r"\(sampling.options.dtype: 'bfloat16' -> 'float32'\)"):
+        Run(tmp_path / "gen", {"sampling": {"processes": 4, "options": {"dtype": "float32"}}}, recipe="test")
     # a run started before a setting existed resumes when that setting is at its default (the old behaviour), at
     # any depth and for a whole new section; another value of it is a change
     defaults = {"train": {"processes": 1, "fsdp": False, "new_knob": 0.5, "lr": 2e-5}, "extra": {"on": False}}
