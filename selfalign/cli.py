@@ -71,12 +71,15 @@ def generator_from_args(args, deferred: bool = False):
         value = getattr(args, flag)
         if value is not None and not ok(value):  # NaN fails too
             raise SelfalignError(f"--{flag.replace('_', '-')} must be {bound}, not {value}")
+    if args.processes > 1 and args.backend in ("openai", "vllm"):  # named as the flags, not as config keys
+        raise SelfalignError(f"--processes runs a local backend (auto, lean, transformers) once per GPU, not --backend "
+                             f"{args.backend}: " + ("an endpoint takes several requests at once (--concurrency)"
+                                                    if args.backend == "openai" else "vLLM parallelises itself"))
     if args.backend == "openai":
         if not args.base_url:
             raise SelfalignError("--backend openai needs --base-url")
         return make_generator("openai", model=args.model, base_url=args.base_url, api_key_env=args.api_key_env,
-                              concurrency=args.concurrency, timeout=args.timeout, max_retries=args.max_retries,
-                              processes=args.processes)  # refused above 1: an endpoint takes --concurrency
+                              concurrency=args.concurrency, timeout=args.timeout, max_retries=args.max_retries)
     def build():
         return make_generator(args.backend, model=args.model, batch_size=args.batch_size, dtype=args.dtype,
                               device=args.device, trust_remote_code=args.trust_remote_code,

@@ -240,6 +240,9 @@ def _worker(rank: int, size: int, kind: str, backend: str, model: str | None, op
     # tqdm's default lock is a multiprocessing semaphore, which a stopped worker would leave for the parent's
     # resource tracker to warn about; a worker shows no progress bar, so a thread lock does
     tqdm.set_lock(threading.RLock())
+    from transformers.utils import logging as transformers_logging
+
+    transformers_logging.disable_progress_bar()  # N "Loading weights" bars; the parent's bar shows the progress
     gen = None
     try:
         device = enter_worker(rank, size, kind)
