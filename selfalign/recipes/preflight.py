@@ -96,8 +96,8 @@ def generation(config) -> None:
     def walk(obj, prefix: str) -> None:
         if getattr(obj, "processes", 1) > 1 and not isinstance(obj, TrainConfig):
             key = f"{prefix}processes"
-            if getattr(obj, "backend", default_backend) not in PARALLEL_BACKENDS:
-                backend = getattr(obj, "backend", default_backend)
+            backend = getattr(obj, "backend", default_backend)
+            if backend not in PARALLEL_BACKENDS:
                 raise config_error(key, f"processes > 1 runs a local backend ({', '.join(PARALLEL_BACKENDS)}) once "
                                         f"per GPU, not '{backend}'",
                                    also=(f"{prefix}backend" if hasattr(obj, "backend") else "sampling.backend",))
