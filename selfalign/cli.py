@@ -61,7 +61,7 @@ def add_backend_flags(p: argparse.ArgumentParser) -> None:
 def generator_from_args(args, deferred: bool = False):
     """The generator the flags name. `deferred`: a local model is loaded only when something is left to answer
     (evaluations, whose reruns often find every answer on file)."""
-    from selfalign.generation import DeferredGenerator, make_generator
+    from selfalign.generation import IN_PROCESS_BACKENDS, DeferredGenerator, make_generator
 
     checks = (("batch_size", lambda v: v >= 1, "at least 1"), ("max_cache_gb", lambda v: v > 0, "above 0"),
               ("processes", lambda v: v >= 1, "at least 1"),
@@ -85,7 +85,7 @@ def generator_from_args(args, deferred: bool = False):
                               device=args.device, trust_remote_code=args.trust_remote_code,
                               max_cache_gb=args.max_cache_gb, processes=args.processes)
 
-    if deferred and args.backend in ("auto", "lean", "transformers"):
+    if deferred and args.backend in IN_PROCESS_BACKENDS:
         from selfalign.models import model_name, resolve_model
 
         return DeferredGenerator(build, model_name(args.model), resolve_model(args.model))  # resolved now: a model

@@ -7,6 +7,9 @@ from selfalign.generation.base import (DeferredGenerator, Generator, SamplingPar
                                        check_output_file, check_sampling_section, generate_to_file, response_key)
 
 BACKENDS = ("auto", "lean", "transformers", "openai", "vllm")
+# the backends that run the model in this process: make_generator builds them itself, and `processes` spreads them
+# over worker processes (generation/parallel.py)
+IN_PROCESS_BACKENDS = ("auto", "lean", "transformers")
 # sequences decoded together by default: the lean loop keeps every slot busy, so it profits from more of them
 DEFAULT_BATCH_SIZE = {"lean": 128, "transformers": 16}
 # on a GPU each decode step has a fixed cost (launch, sampling over the vocabulary), so more rows per step pay; 256 is
@@ -46,7 +49,7 @@ def make_generator(backend: str = "auto", model: str | None = None, **options) -
         from selfalign.generation.parallel import ParallelGenerator
 
         return ParallelGenerator(backend, model, processes, **options)
-    if backend in ("auto", "lean", "transformers"):
+    if backend in IN_PROCESS_BACKENDS:
         from selfalign.generation.lean_backend import LeanGenerator
         from selfalign.generation.lean_decoder import supports
         from selfalign.generation.transformers_backend import TransformersGenerator
@@ -98,7 +101,7 @@ def check_backend_options(backend: str, options: dict) -> None:
 
     from selfalign.errors import SelfalignError
 
-    if backend in ("auto", "lean", "transformers"):
+    if backend in IN_PROCESS_BACKENDS:
         from selfalign.generation.transformers_backend import TransformersGenerator as cls
 
         extra = {"max_cache_gb"}  # make_generator's own: the lean loop's cache cap
@@ -127,7 +130,8 @@ def check_backend_options(backend: str, options: dict) -> None:
             raise SelfalignError(f"max_cache_gb must be a number above 0, not {cap!r}")
 
 
-__all__ = ["BACKENDS", "DEFAULT_BATCH_SIZE", "DeferredGenerator", "LEAN_CUDA_BATCH_SIZE", "Generator",
+__all__ = ["BACKENDS", "DEFAULT_BATCH_SIZE", "DeferredGenerator", "IN_PROCESS_BACKENDS", "LEAN_CUDA_BATCH_SIZE",
+           "Generator",
            "SamplingParams", "auto_backend", "check_backend_options", "check_generator_section", "check_output_file",
            "check_sampling_section",
            "default_batch_size", "generate_to_file", "make_generator", "response_key"]

@@ -31,10 +31,8 @@ from tqdm.auto import tqdm
 from selfalign.data.io import source_of
 from selfalign.data.records import Prompt, Response
 from selfalign.errors import ConfigError, SelfalignError
+from selfalign.generation import IN_PROCESS_BACKENDS
 from selfalign.generation.base import Generator, OnBatch, SamplingParams
-
-LOCAL_BACKENDS = ("auto", "lean", "transformers")
-
 
 class ParallelGenerator(Generator):
     """`processes` workers, each with `make_generator(backend, model, device=<its own>, **options)`. Workers start on
@@ -47,12 +45,12 @@ class ParallelGenerator(Generator):
         from selfalign.models import model_name, resolve_model
         from selfalign.workers import placement
 
-        if backend not in LOCAL_BACKENDS:
-            raise ConfigError(f"processes > 1 runs a local backend ({', '.join(LOCAL_BACKENDS)}) once per GPU, not "
-                              f"'{backend}'" + (" (vLLM parallelises itself: its engine options tensor_parallel_size "
-                                                "and data_parallel_size)" if backend == "vllm" else
-                                                " (an endpoint serves requests in parallel: its concurrency)"
-                                                if backend == "openai" else ""))
+        if backend not in IN_PROCESS_BACKENDS:
+            hint = {"vllm": " (vLLM parallelises itself: its engine options tensor_parallel_size and "
+                            "data_parallel_size)",
+                    "openai": " (an endpoint serves requests in parallel: its concurrency)"}.get(backend, "")
+            raise ConfigError(f"processes > 1 runs a local backend ({', '.join(IN_PROCESS_BACKENDS)}) once per GPU, "
+                              f"not '{backend}'{hint}")
         if processes < 2:
             raise ConfigError(f"ParallelGenerator needs processes >= 2, not {processes}")
         self.kind = placement(processes, device)  # "cuda" (one GPU per worker) or "cpu"

@@ -40,18 +40,29 @@ def model(key: str, spec: str) -> None:
         raise config_error(key, e) from None
 
 
+def _sections(obj, key: str = ""):
+    """(dotted key, section) for `obj` ("") and every config section under it, at any depth."""
+    from dataclasses import fields, is_dataclass
+
+    yield key, obj
+    for f in fields(obj):
+        value = getattr(obj, f.name)
+        if is_dataclass(value) and not isinstance(value, type):
+            yield from _sections(value, f"{key}.{f.name}" if key else f.name)
+
+
 def training(config) -> None:
     """Every train section (`train`, `round_train`, ..., at any depth) can run where it says: its device exists, and
     its processes can be placed. A stage would otherwise fail only when it starts, after the stages before it ran,
     in a run folder locked to the bad setting."""
-    from dataclasses import fields, is_dataclass
-
-    from selfalign.models import pick_device
     from selfalign import workers
+    from selfalign.models import pick_device
     from selfalign.training import distributed
     from selfalign.training.config import TrainConfig
 
-    def check(key: str, train: TrainConfig) -> None:
+    for key, train in _sections(config):
+        if not isinstance(train, TrainConfig):
+            continue
         try:
             if train.processes == 1:
                 pick_device(train.device)
@@ -67,54 +78,37 @@ def training(config) -> None:
             except SelfalignError as e:
                 raise config_error(f"{key}.fsdp", e) from None
 
-    def walk(obj, prefix: str) -> None:
-        for f in fields(obj):
-            value = getattr(obj, f.name)
-            if isinstance(value, TrainConfig):
-                check(f"{prefix}{f.name}", value)
-            elif is_dataclass(value) and not isinstance(value, type):
-                walk(value, f"{prefix}{f.name}.")
-
-    walk(config, "")
-
 
 def generation(config) -> None:
     """Every generation section (`sampling`, `critic`, `reviser`, `eval`, ..., at any depth: a section with
     `processes` other than a train section) that asks for several processes can have them: a local backend, and a
     GPU for each on a machine with GPUs."""
-    from dataclasses import fields, is_dataclass
-
     from selfalign import workers
-    from selfalign.generation.parallel import LOCAL_BACKENDS as PARALLEL_BACKENDS
+    from selfalign.generation import IN_PROCESS_BACKENDS
     from selfalign.training.config import TrainConfig
 
     # a section without a backend of its own generates with the recipe's sampling backend and options (SRT's
     # self_critique)
     default_backend = getattr(getattr(config, "sampling", None), "backend", "auto")
     default_options = getattr(getattr(config, "sampling", None), "options", {})
-
-    def walk(obj, prefix: str) -> None:
-        if getattr(obj, "processes", 1) > 1 and not isinstance(obj, TrainConfig):
-            key = f"{prefix}processes"
-            backend = getattr(obj, "backend", default_backend)
-            if backend not in PARALLEL_BACKENDS:
-                raise config_error(key, f"processes > 1 runs a local backend ({', '.join(PARALLEL_BACKENDS)}) once "
-                                        f"per GPU, not '{backend}'",
-                                   also=(f"{prefix}backend" if hasattr(obj, "backend") else "sampling.backend",))
-            options = getattr(obj, "options", default_options)
-            options_key = f"{prefix}options" if hasattr(obj, "options") else "sampling.options"
-            try:
-                workers.placement(obj.processes, str(options.get("device", "auto")))
-            except workers.PlacementError as e:  # a device given among the options is the options' fault
-                raise config_error(key if e.setting == "processes" else options_key, e) from None
-            except SelfalignError as e:  # a device this machine does not have
-                raise config_error(options_key if "device" in options else key, e) from None
-        for f in fields(obj):
-            value = getattr(obj, f.name)
-            if is_dataclass(value) and not isinstance(value, type):
-                walk(value, f"{prefix}{f.name}.")
-
-    walk(config, "")
+    for section_key, obj in _sections(config):
+        if getattr(obj, "processes", 1) <= 1 or isinstance(obj, TrainConfig):
+            continue
+        prefix = f"{section_key}." if section_key else ""
+        key = f"{prefix}processes"
+        backend = getattr(obj, "backend", default_backend)
+        if backend not in IN_PROCESS_BACKENDS:
+            raise config_error(key, f"processes > 1 runs a local backend ({', '.join(IN_PROCESS_BACKENDS)}) once "
+                                    f"per GPU, not '{backend}'",
+                               also=(f"{prefix}backend" if hasattr(obj, "backend") else "sampling.backend",))
+        options = getattr(obj, "options", default_options)
+        options_key = f"{prefix}options" if hasattr(obj, "options") else "sampling.options"
+        try:
+            workers.placement(obj.processes, str(options.get("device", "auto")))
+        except workers.PlacementError as e:  # a device given among the options is the options' fault
+            raise config_error(key if e.setting == "processes" else options_key, e) from None
+        except SelfalignError as e:  # a device this machine does not have
+            raise config_error(options_key if "device" in options else key, e) from None
 
 
 def backend(key: str, name: str, allowed: tuple[str, ...] = LOCAL_BACKENDS, options: dict | None = None) -> None:
