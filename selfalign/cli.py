@@ -44,7 +44,8 @@ def add_backend_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--processes", type=int, default=1,
                    help="local backends: answer in N worker processes, one per GPU (cuda:0..N-1; pick them with "
                    "CUDA_VISIBLE_DEVICES), each with --batch-size; on a CPU the cores are split between them. The "
-                   "lean backend gives the same answers with any N (default %(default)s)")
+                   "lean backend gives the same answers with any N; at most one process per core on a CPU "
+                   "(default %(default)s)")
     p.add_argument("--dtype", default="auto", help="auto (bf16 on GPU, fp32 on CPU), float32, bfloat16")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, ... (with --processes N: auto, cuda or "
                    "cpu)")
@@ -75,6 +76,13 @@ def generator_from_args(args, deferred: bool = False):
         raise SelfalignError(f"--processes runs a local backend (auto, lean, transformers) once per GPU, not --backend "
                              f"{args.backend}: " + ("an endpoint takes several requests at once (--concurrency)"
                                                     if args.backend == "openai" else "vLLM parallelises itself"))
+    if args.processes > 1 and args.backend in IN_PROCESS_BACKENDS:
+        from selfalign.workers import PlacementError, placement
+
+        try:  # now, not when the first worker starts (an evaluation's, after its answers on file are read)
+            placement(args.processes, args.device)
+        except PlacementError as e:
+            raise SelfalignError(f"--{e.setting}: {e}") from None
     if args.backend == "openai":
         if not args.base_url:
             raise SelfalignError("--backend openai needs --base-url")

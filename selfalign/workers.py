@@ -36,7 +36,21 @@ def placement(processes: int, device: str) -> str:
     if kind == "cuda" and torch.cuda.device_count() < processes:
         raise PlacementError(f"{processes} processes, but this machine has {torch.cuda.device_count()} CUDA GPU(s): "
                              f"one process per GPU", "processes")
+    if kind == "cpu" and cpu_cores() < processes:
+        # each CPU worker holds its own copy of the model and needs a core of its own: more than the cores only
+        # multiplies the memory and makes the workers take turns
+        raise PlacementError(f"{processes} processes, but this process may use {cpu_cores()} CPU core(s): at most "
+                             f"one process per core (on a CPU, one process with every core is as fast or faster: "
+                             f"docs/generation.md)", "processes")
     return kind
+
+
+def cpu_cores() -> int:
+    """The CPU cores this process may run on (its affinity mask, as taskset or a container's cpuset limit it)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        return os.cpu_count() or 1
 
 
 _HOST_SHARED_BY = 1  # CPU workers that share this machine's cores and memory (set in each by enter_worker)
@@ -58,7 +72,7 @@ def enter_worker(rank: int, size: int, kind: str) -> str:
     if kind == "cuda":
         torch.cuda.set_device(rank)
         return f"cuda:{rank}"
-    torch.set_num_threads(max(1, (os.cpu_count() or 1) // size))
+    torch.set_num_threads(max(1, cpu_cores() // size))
     _HOST_SHARED_BY = size
     return "cpu"
 

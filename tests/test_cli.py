@@ -66,6 +66,8 @@ def test_bad_input_prints_one_line(tmp_path, capsys):
     (["--temperature", "inf"], "temperature must be a finite number >= 0 (0 is greedy), not inf"),
     (["--batch-size", "0"], "--batch-size must be at least 1, not 0"),
     (["--max-cache-gb", "-1"], "--max-cache-gb must be above 0, not -1.0"),
+    (["--processes", "2", "--device", "cpu:0"], "--device: with processes > 1 each process takes one GPU itself"),
+    (["--processes", "4096"], "--processes: 4096 processes, but this "),  # too few GPUs, or CPU cores
 ])
 def test_out_of_range_generate_settings_are_refused(args, message, tmp_path, prompts_file, capsys):
     out = tmp_path / "o.jsonl"

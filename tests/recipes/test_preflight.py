@@ -381,6 +381,13 @@ def test_generation_processes_that_cannot_run_fail_before_the_run_folder_exists(
                               capsys=capsys)
             assert rc == 2 and "--set sampling.options={device: cuda}: sampling.options: device 'cuda' asked " \
                 "for, but this torch sees no CUDA GPU" in err, err
+        # on a CPU each process holds its own model: no more of them than cores
+        from selfalign.workers import cpu_cores
+
+        many = f"sampling.processes={cpu_cores() + 1}"
+        rc, err = run_cli("spa", smoke("spa"), tmp_path / "spa", many, capsys=capsys)
+        assert rc == 2 and err.startswith(f"selfalign: error: --set {many}: sampling.processes: {cpu_cores() + 1} "
+                                          f"processes, but this process may use {cpu_cores()} CPU core(s)"), err
     assert not (tmp_path / "spa").exists() and not (tmp_path / "seft").exists()
     assert not run_dir.exists()
     config = load_config(seft.Config, smoke("seft"), ["sampling.processes=2", "reviser.processes=2",
