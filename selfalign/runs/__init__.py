@@ -502,26 +502,31 @@ class Run:
     def stage(self, name: str, fn: Callable[[], T], summary: Callable[[T], dict] | None = None) -> T | None:
         """Run `fn` unless stage `name` is already done; record its status, time and summary.
 
-        A done stage returns the summary stored in the manifest (its artifacts are on disk under `name/`).
+        A done stage returns the summary stored in the manifest (its artifacts are on disk under `name/`). A stage's
+        `seconds` add up its attempts (a resumed stage's time is the work it took, not its last attempt's), all but
+        those ended by a kill -9, which records nothing; `attempts` counts them all.
         """
         if self.is_done(name):
             return self.manifest["stages"][name].get("result")
         entry = self.manifest["stages"].setdefault(name, {})
         entry.pop("error", None)  # an earlier attempt's failure is not this attempt's
-        entry.update(status="running", started_at=time.strftime("%Y-%m-%dT%H:%M:%S"))
+        earlier = entry.get("seconds", 0.0)
+        entry.update(status="running", started_at=time.strftime("%Y-%m-%dT%H:%M:%S"),
+                     attempts=entry.get("attempts", 0) + 1)
         self.save()
         t0 = time.time()
         try:
             result = fn()
-        except Exception as e:  # recorded for `selfalign status` (a kill, or Ctrl-C, leaves "running": no owner)
-            entry.update(status="failed", seconds=round(time.time() - t0, 2),
-                         error=f"{type(e).__name__}: {(str(e).splitlines() or [''])[0][:300]}")
+        except BaseException as e:  # recorded for `selfalign status`; Ctrl-C leaves "running", which with no owner
+            entry["seconds"] = round(earlier + time.time() - t0, 2)  # reads as stopped
+            if isinstance(e, Exception):
+                entry.update(status="failed", error=f"{type(e).__name__}: {(str(e).splitlines() or [''])[0][:300]}")
             try:
                 self.save()
             except OSError:  # (a full disk, say) the stage's own error is the one to report
                 pass
             raise
-        entry.update(status="done", seconds=round(time.time() - t0, 2))
+        entry.update(status="done", seconds=round(earlier + time.time() - t0, 2))
         if summary is not None:
             entry["result"] = summary(result)
         elif isinstance(result, (dict, list, str, int, float)) or result is None:

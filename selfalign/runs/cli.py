@@ -37,6 +37,12 @@ def brief_result(result, width: int) -> str:
     return text if len(text) <= width else text[:width - 3] + "..."
 
 
+def stage_time(stage: dict) -> str:
+    """A stage's time over all its attempts, with their number when it took more than one."""
+    took = format_duration(stage.get("seconds"))
+    return took if stage.get("attempts", 1) <= 1 else f"{took} ({stage['attempts']} tries)"
+
+
 def stage_statuses(manifest: dict, owner: dict | None) -> dict[str, str]:
     """Each stage's status as it stands: a stage recorded "running" with no live process running the folder was
     stopped (killed, or Ctrl-C); "failed" stages recorded their error."""
@@ -108,12 +114,13 @@ def cmd_status(args) -> int:
     elif command:  # started from Python (a script or a notebook): its own command line, as it was
         print(f"started by: {shlex.join(command)}  (in {manifest.get('cwd')}; not the selfalign CLI: resume it the "
               "way it was started)")
-    rows = [(name, statuses[name], format_duration(s.get("seconds")), s.get("result") or s.get("error"))
+    rows = [(name, statuses[name], stage_time(s), s.get("result") or s.get("error"))
             for name, s in manifest["stages"].items()]
     width = max([len("stage")] + [len(r[0]) for r in rows])
-    print(f"\n{'stage':<{width}}  {'status':<8} {'time':>9}  result")
+    time_width = max([9] + [len(r[2]) for r in rows])
+    print(f"\n{'stage':<{width}}  {'status':<8} {'time':>{time_width}}  result")
     for name, status, took, result in rows:
-        print(f"{name:<{width}}  {status:<8} {took:>9}  {brief_result(result, 118 - width - 21)}")
+        print(f"{name:<{width}}  {status:<8} {took:>{time_width}}  {brief_result(result, 106 - width - time_width)}")
     for role, m in manifest.get("models", {}).items():
         missing = "" if _model_present(root, role, m.get("path")) else "  (missing: moved or deleted since)"
         print(f"\n{role} model: {m.get('path')}{missing}")

@@ -5,9 +5,11 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 import textwrap
+import time
 from pathlib import Path
 
 import pytest
@@ -159,6 +161,31 @@ def test_a_run_folder_must_be_new_empty_or_a_run(tmp_path):
     assert not (tmp_path / "manifest.json").exists()
     (tmp_path / "empty").mkdir()
     Run(tmp_path / "empty", {"a": 1}, recipe="test")
+
+
+def test_a_resumed_stages_time_adds_up_its_attempts(tmp_path, capsys):
+    root = tmp_path / "run"
+    run = Run(root, {"a": 1}, recipe="test")
+
+    def slow(error):
+        time.sleep(0.3)
+        raise error
+
+    with pytest.raises(ValueError):
+        run.stage("train", lambda: slow(ValueError("out of memory")))
+    with pytest.raises(KeyboardInterrupt):  # Ctrl-C: no error recorded, but its time is
+        run.stage("train", lambda: slow(KeyboardInterrupt()))
+    assert run.manifest["stages"]["train"]["status"] == "running" and "error" not in run.manifest["stages"]["train"]
+    run.stage("train", lambda: time.sleep(0.3) or {"loss": 1.0})
+    train = run.manifest["stages"]["train"]
+    assert train["status"] == "done" and train["attempts"] == 3 and train["seconds"] >= 0.9, train
+    run.stage("eval", lambda: {"win_rate": 50.0})
+    assert run.manifest["stages"]["eval"]["attempts"] == 1
+    del run
+    assert main(["status", str(root)]) == 0
+    out = capsys.readouterr().out
+    assert re.search(r"train  done +\d+\.\d s \(3 tries\)  loss=1\n", out), out
+    assert re.search(r"eval   done {15}0\.0 s  win_rate=50\n", out), out
 
 
 def test_status_names_stopped_stages_skips_and_damaged_manifests(tmp_path, capsys):
