@@ -189,10 +189,11 @@ def file_sha256(path: str | Path, chunk: int = 1 << 24) -> str:
 # used it (the model name, which says what answers, stays locked). `processes`, `fsdp`: how many GPUs a training
 # or generation stage runs on, and whether training shards the model; the same steps, model and answers either way
 # (training/distributed.py, generation/parallel.py). A backend's memory and parallelism options (lean's KV cache cap,
-# vLLM's memory share and parallel sizes), so that a run that ran out of memory resumes with less. Matched by leaf
-# name, at any depth (`sampling.options.max_cache_gb`).
+# vLLM's memory share and parallel sizes), so that a run that ran out of memory resumes with less; and whether
+# training checks its memory first (`memory_check`), which measures and changes nothing. Matched by leaf name, at
+# any depth (`sampling.options.max_cache_gb`).
 RESUMABLE_KEYS = ("log_steps", "base_url", "processes", "fsdp", "max_cache_gb", "gpu_memory_utilization",
-                  "tensor_parallel_size", "data_parallel_size")
+                  "tensor_parallel_size", "data_parallel_size", "memory_check")
 
 
 def config_changes(old: dict, new: dict, prefix: str = "", defaults: dict | None = None) -> list[tuple[str, Any, Any]]:

@@ -14,6 +14,7 @@ length-grouped, and a frozen reference is scored once and cached on disk (benchm
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import json
 import math
@@ -30,7 +31,7 @@ import torch
 from selfalign.errors import DataError, SelfalignError
 from selfalign.models import load_model, load_tokenizer, pick_device, resolve_model, umask_permissions
 from selfalign.runs import model_fingerprint
-from selfalign.training import distributed
+from selfalign.training import distributed, memory
 from selfalign.training.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from selfalign.training.config import DPOTrainConfig, ORPOTrainConfig, SFTTrainConfig, TrainConfig
 from selfalign.training.data import (PairExample, SFTExample, batch_order, collate_pairs, collate_sft,
@@ -136,6 +137,10 @@ class SFTObjective:
         loss = -token_logps(logits, targets).sum()
         return loss, {"loss": loss.detach()}
 
+    def without_side_effects(self):
+        """This objective for a pass that is not a step (the memory check): it keeps no state, so itself."""
+        return self
+
     def state_dict(self) -> dict:
         return {}
 
@@ -179,6 +184,10 @@ class PairObjective:
 
     def n_examples(self, batch: dict) -> int:
         return len(batch["ids"])
+
+    def without_side_effects(self):
+        """This objective for a pass that is not a step (the memory check): it keeps no state, so itself."""
+        return self
 
     def state_dict(self) -> dict:
         return {}
@@ -239,6 +248,13 @@ class DPOObjective(PairObjective):
         metrics.update({"loss": loss.detach(), "logps/chosen": lp[:b].detach().sum(),
                         "logps/rejected": lp[b:].detach().sum(), "eps": eps.sum(), "noisy": (eps > 0).float().sum()})
         return loss, metrics
+
+    def without_side_effects(self):
+        """This objective without its noise hook, for a pass that is not a step (the memory check): SPA's hook
+        would take the pass's pairs into its window and flag them in its log."""
+        probe = copy.copy(self)
+        probe.noise_hook = None
+        return probe
 
     def state_dict(self) -> dict:
         hook = self.noise_hook
@@ -325,6 +341,11 @@ def fit(model, tokenizer, objective, config: TrainConfig, out_dir: str | Path, f
     from transformers import get_cosine_schedule_with_warmup
 
     scheduler = get_cosine_schedule_with_warmup(optimizer, math.ceil(config.warmup_ratio * max_steps), max_steps)
+    checked = None
+    if memory.wanted(config.memory_check, device):  # before a step, and before a checkpoint's optimizer state loads
+        checked = memory.check_memory(model, objective, params, config.batch_size, device, amp, max_steps)
+        if verbose and main:
+            memory.report(checked)
     start = 0
     # what a checkpoint's batch plan and schedule were made for: resuming under other settings or data would replay
     # or skip batches and mix two learning-rate schedules
@@ -408,7 +429,7 @@ def fit(model, tokenizer, objective, config: TrainConfig, out_dir: str | Path, f
     summary = {"steps": max_steps, "resumed_from": start, "examples": len(objective.lengths),
                "final": {k: v for k, v in row.items() if k not in ("step", "epoch")},
                "seconds": round(seconds, 2), "tokens_per_second": round(total_tokens / max(seconds, 1e-9), 1),
-               "final_dir": str(final_dir)}
+               "final_dir": str(final_dir), **({"memory_check": checked.to_dict()} if checked else {})}
     whole = distributed.unsharded(model)  # a sharded model is gathered by every process, into rank 0's copy
     if main:
         log.close()
