@@ -2,9 +2,9 @@
 
 Why: the usual way a fine-tune runs out of memory is hours in, when the batch of the longest examples comes up
 (trl#1024, #1619, #2452; LlamaFactory#6800); a formula from the model's shapes misses the attention kernel, the
-allocator and the loss's temporaries. So the trainer runs that batch once, reads the peak the device reports, adds
-AdamW's state (created at the first step: two fp32 tensors per trained parameter) and refuses, in one line and
-before any step, a run that would not fit. The pass leaves no trace: its gradients are dropped, the random
+allocator and the loss's temporaries. So the trainer runs that batch once, with stand-ins for AdamW's state
+resident (two tensors per trained parameter, which the first step creates and every later step carries), reads the
+peak the device reports, and refuses, in one line and before any step, a run that would not fit. The pass leaves no trace: its gradients are dropped, the random
 generators are restored, and a noise hook does not see it, so the run trains exactly as it would without it.
 """
 
@@ -30,18 +30,15 @@ class MemoryCheck:
     device: str
     examples: int  # in the longest micro-batch (this process's share)
     tokens: int  # its longest sequence, in tokens
-    peak_gb: float  # the pass's peak: weights, gradients, activations, logits (and, on a CPU, the whole process)
-    optimizer_gb: float  # AdamW's state, still to come at the first step
+    # the pass's peak: weights, AdamW's state, gradients, activations, logits (on a CPU: the whole process's)
+    needed_gb: float
+    optimizer_gb: float  # of which AdamW's state
     available_gb: float  # what this process can have on the device
-
-    @property
-    def needed_gb(self) -> float:
-        return self.peak_gb + self.optimizer_gb
 
     def to_dict(self) -> dict:
         return {"device": self.device, "examples": self.examples, "tokens": self.tokens,
-                "peak_gb": round(self.peak_gb, 3), "optimizer_gb": round(self.optimizer_gb, 3),
-                "needed_gb": round(self.needed_gb, 3), "available_gb": round(self.available_gb, 3)}
+                "needed_gb": round(self.needed_gb, 3), "optimizer_gb": round(self.optimizer_gb, 3),
+                "available_gb": round(self.available_gb, 3)}
 
 
 def wanted(setting: str, device: str) -> bool:
@@ -57,9 +54,9 @@ def longest_batch(lengths: list[int], batch_size: int) -> list[int]:
 
 def check_memory(model, objective, params: list[torch.nn.Parameter], batch_size: int, device: str,
                  amp: torch.dtype | None, max_steps: int) -> MemoryCheck:
-    """Run the longest micro-batch's forward and backward on `model` under `objective` (as the training step does),
-    measure the peak, and raise a one-line SelfalignError when it, with AdamW's state, exceeds what the device has.
-    Every process of a multi-process run calls it (the pass meets the same collectives as a step)."""
+    """Run the longest micro-batch's forward and backward on `model` under `objective` (as the training step does)
+    beside stand-ins for AdamW's state, measure the peak, and raise a one-line SelfalignError when it exceeds what
+    the device has. Every process of a multi-process run calls it (the pass meets the same collectives as a step)."""
     cuda = str(device).startswith("cuda")
     rows, padding = distributed.share(longest_batch(objective.lengths, batch_size))
     batch = objective.collate(rows)
@@ -69,7 +66,11 @@ def check_memory(model, objective, params: list[torch.nn.Parameter], batch_size:
     available = _available(device)
     _reset_peak(device)
     out_of_memory = False
+    moments = []
     try:
+        # fused AdamW's exp_avg and exp_avg_sq, in the parameters' dtype (fp32 master weights); a sharded
+        # parameter's are its shard's. Allocated and written, so a CPU counts their pages too
+        moments = [torch.zeros_like(_local(p)) for p in params for _ in range(2)]
         with autocast(device, amp):
             loss, _ = probe.loss(model, batch, 0, max_steps)
         (loss * 0.0 if padding else loss).backward()
@@ -84,19 +85,18 @@ def check_memory(model, objective, params: list[torch.nn.Parameter], batch_size:
         if cuda:
             torch.cuda.set_rng_state_all(cuda_rng)
     peak = _peak(device)
+    optimizer = sum(m.numel() * m.element_size() for m in moments)
+    del moments
     if cuda:
         torch.cuda.empty_cache()  # the failed or finished pass's blocks, so the first step starts as it would have
-    # fused AdamW keeps exp_avg and exp_avg_sq in the parameters' dtype (fp32 master weights); a sharded parameter's
-    # state is its shard's
-    optimizer = sum(2 * _local(p).numel() * _local(p).element_size() for p in params)
     result = MemoryCheck(str(device), len(rows), int(batch["input_ids"].shape[1]), peak / GiB, optimizer / GiB,
                          available / GiB)
     too_big = out_of_memory or result.needed_gb > result.available_gb
     if distributed.total(float(too_big)):  # every process stops together, not one while the others wait for it
-        what = (f"ran out of memory on {device} in its forward and backward" if out_of_memory else
-                f"needs {result.needed_gb:.1f} GiB on {device} (the pass peaked at {result.peak_gb:.1f} GiB, AdamW's "
-                f"state adds {result.optimizer_gb:.1f}) where {result.available_gb:.1f} GiB is available"
-                if too_big else "does not fit on another process's device")
+        what = (f"ran out of memory on {device} in its forward and backward beside AdamW's state" if out_of_memory
+                else f"needs {result.needed_gb:.1f} GiB on {device} (AdamW's state {result.optimizer_gb:.1f} of it) "
+                f"where {result.available_gb:.1f} GiB is available" if too_big
+                else "does not fit on another process's device")
         raise SelfalignError(f"train: the longest micro-batch ({result.examples} examples of up to {result.tokens} "
                              f"tokens) {what}: {REMEDIES}; or train.memory_check: never to train anyway")
     return result
@@ -104,8 +104,8 @@ def check_memory(model, objective, params: list[torch.nn.Parameter], batch_size:
 
 def report(result: MemoryCheck) -> None:
     print(f"[train] memory check: the longest micro-batch ({result.examples} examples, {result.tokens} tokens) needs "
-          f"{result.needed_gb:.2f} GiB on {result.device} (peak {result.peak_gb:.2f} + AdamW state "
-          f"{result.optimizer_gb:.2f}) of {result.available_gb:.1f} GiB available", file=sys.stderr)
+          f"{result.needed_gb:.2f} GiB on {result.device} (AdamW's state {result.optimizer_gb:.2f} of it) of "
+          f"{result.available_gb:.1f} GiB available", file=sys.stderr)
 
 
 def _local(p: torch.Tensor) -> torch.Tensor:

@@ -48,7 +48,7 @@ def test_the_check_measures_and_changes_nothing(tmp_path, tiny_model_dir, real_p
     assert "memory_check" not in plain
     assert report["device"] == "cpu" and report["examples"] == 2 and 0 < report["tokens"] <= 128
     # on a CPU the peak is the process's resident size, the loaded model and the libraries included
-    assert 0.05 < report["peak_gb"] < report["needed_gb"] < report["available_gb"], report
+    assert 0 < report["optimizer_gb"] < report["needed_gb"] < report["available_gb"], report
     assert report["optimizer_gb"] == pytest.approx(2 * 4 * sum(v.numel() for v in weights.values()) / 2**30,
                                                    abs=1e-3)  # two fp32 moments per trained weight (tied: once)
     assert "[train] memory check: the longest micro-batch (2 examples, " in capsys.readouterr().err
@@ -72,7 +72,7 @@ def test_a_batch_that_cannot_fit_stops_the_run_before_its_first_step(tmp_path, t
 
     monkeypatch.setattr(DPOObjective, "loss", out_of_memory)
     with pytest.raises(SelfalignError, match=r"^train: the longest micro-batch \(2 examples of up to \d+ tokens\) "
-                                             r"ran out of memory on cpu in its forward and backward: lower "):
+                                             r"ran out of memory on cpu in its forward and backward beside AdamW's state: lower "):
         train(tmp_path, tiny_model_dir, real_pairs, "oom", "always")
 
 
