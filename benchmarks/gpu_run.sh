@@ -7,15 +7,18 @@
 # --bundle` here, then carry `.gpu` in the device call). Usage there:
 #     benchmarks/gpu_run.sh [SHAPES...]      # default: smollm2-1.7b smollm2-135m; each followed by its step breakdown
 #     benchmarks/gpu_run.sh --breakdown [SHAPES...]   # only the step breakdowns (~30 s per shape)
+#     benchmarks/gpu_run.sh --memory [SHAPE]          # train.memory_check against real peaks (memory_check.py)
 # and here, first: `benchmarks/gpu_run.sh --dry-run` (tiny shapes on the CPU, device-only imports).
 # Output also goes to $OUT/gpu_run.log when $OUT is set.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 if [[ "${1:-}" == "--bundle" ]]; then
     src=$(python -c "from selfalign.models import resolve_model; print(resolve_model('smollm2-135m'))")
-    mkdir -p .gpu/tok .gpu/data/prompts
+    mkdir -p .gpu/tok .gpu/data/prompts .gpu/data/preferences
     cp "$src"/{chat_template.jinja,config.json,generation_config.json,tokenizer.json,tokenizer_config.json} .gpu/tok/
-    cp "$(python -c "from selfalign.data.loaders import shared_data_dir; print(shared_data_dir())")"/prompts/unlabelled_pool.jsonl .gpu/data/prompts/
+    data=$(python -c "from selfalign.data.loaders import shared_data_dir; print(shared_data_dir())")
+    cp "$data"/prompts/unlabelled_pool.jsonl .gpu/data/prompts/
+    cp "$data"/preferences/ultrafeedback_binarized_train_1k.jsonl .gpu/data/preferences/  # memory_check.py's pairs
     touch .gpu/data/README.md
     grep -qx "/.gpu/" .git/info/exclude 2>/dev/null || echo "/.gpu/" >> .git/info/exclude
     du -sh .gpu
@@ -49,6 +52,13 @@ PY
     exit $?
 fi
 log="${OUT:-/tmp}/gpu_run.log"
+if [[ "${1:-}" == "--memory" ]]; then
+    # train.memory_check's figure against a training run's own peak (benchmarks/memory_check.py), SFT and DPO at
+    # the 1.7B shape, full fine-tuning in fp32 master weights with bf16 autocast: about 12 short runs
+    timeout "${MEMORY_TIMEOUT:-540}" python benchmarks/memory_check.py --device cuda --model .gpu/tok \
+        --random-init "${2:-smollm2-1.7b}" --pairs 16 --max-length 1024 2>&1 | tee "$log"
+    exit 0
+fi
 if [[ "${1:-}" == "--breakdown" ]]; then
     # only the per-part timing of one decode step (benchmarks/step_breakdown.py), ~30 s per shape: where the 1.7B
     # step's 12.9 ms go (stop 22)

@@ -4,6 +4,7 @@ backward, with stand-ins for AdamW's state resident), against the peak of the sa
 epoch, so that the longest batch does come up.
 
     python benchmarks/memory_check.py [--device cpu|cuda] [--model smollm2-135m] [--pairs 16] [--max-length 512]
+    python benchmarks/memory_check.py --device cuda --model .gpu/tok --random-init smollm2-1.7b   # gpu_run.sh --memory
 
 Each run is a process of its own. On a CPU a peak is the process's peak resident size (VmHWM), reset as training
 starts, read before the final model is saved; on CUDA it is the allocator's peak (torch.cuda.max_memory_allocated)
@@ -72,12 +73,26 @@ def main() -> None:
     ap.add_argument("--model", default="smollm2-135m")
     ap.add_argument("--pairs", type=int, default=16, help="UltraFeedback pairs (SFT trains on their chosen answers)")
     ap.add_argument("--max-length", type=int, default=512)
+    ap.add_argument("--random-init", default=None, help="random weights of this SmolLM2 shape (fast_generation.py's "
+                    "SHAPES; memory does not depend on weight values), with --model's tokenizer")
     ap.add_argument("--one", nargs=4, metavar=("KIND", "BATCH", "CHECKPOINTING", "CHECK"), help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.one:
         kind, batch, checkpointing, check = args.one
         print(json.dumps(one(kind, int(batch), checkpointing == "1", check == "1", args)))
         return
+    if args.random_init:  # one folder for every run, as a trained model's would be
+        import torch
+        from fast_generation import random_model
+
+        from selfalign.models import load_tokenizer
+
+        folder = Path(tempfile.mkdtemp(prefix="memory-check-"))
+        model = random_model(args.random_init, args.device, torch.float32)
+        model.save_pretrained(folder, safe_serialization=True)
+        load_tokenizer(args.model).save_pretrained(folder)
+        del model
+        args.model = str(folder)
     rows = []
     for kind, batch, checkpointing in CASES:
         got = {}
@@ -94,7 +109,8 @@ def main() -> None:
               f"{got[False]['peak_gb']:.2f} GiB", file=sys.stderr)
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
                             cwd=Path(__file__).parent).stdout.strip()
-    print(f"# {args.model}, {args.pairs} UltraFeedback pairs, max_length {args.max_length}, 1 epoch, "
+    model = f"{args.random_init} shape, random init" if args.random_init else args.model
+    print(f"# {model}, {args.pairs} UltraFeedback pairs, max_length {args.max_length}, 1 epoch, "
           f"{args.device} ({rows[0][4]['device']}); {platform.node()}; commit {commit}; "
           f"{time.strftime('%Y-%m-%d %H:%M')}")
     print("| objective | batch | gradient checkpointing | steps | check: needed (GiB; AdamW's state in it) | run's "

@@ -4,8 +4,9 @@ Why: the usual way a fine-tune runs out of memory is hours in, when the batch of
 (trl#1024, #1619, #2452; LlamaFactory#6800); a formula from the model's shapes misses the attention kernel, the
 allocator and the loss's temporaries. So the trainer runs that batch once, with stand-ins for AdamW's state
 resident (two tensors per trained parameter, which the first step creates and every later step carries), reads the
-peak the device reports, and refuses, in one line and before any step, a run that would not fit. The pass leaves no trace: its gradients are dropped, the random
-generators are restored, and a noise hook does not see it, so the run trains exactly as it would without it.
+peak the device reports, and refuses, in one line and before any step, a run that would not fit. The pass leaves no
+trace: its gradients are dropped, the random generators are restored, and a noise hook does not see it, so the run
+trains exactly as it would without it.
 """
 
 from __future__ import annotations

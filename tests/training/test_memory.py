@@ -72,7 +72,8 @@ def test_a_batch_that_cannot_fit_stops_the_run_before_its_first_step(tmp_path, t
 
     monkeypatch.setattr(DPOObjective, "loss", out_of_memory)
     with pytest.raises(SelfalignError, match=r"^train: the longest micro-batch \(2 examples of up to \d+ tokens\) "
-                                             r"ran out of memory on cpu in its forward and backward beside AdamW's state: lower "):
+                                             r"ran out of memory on cpu in its forward and backward beside AdamW's "
+                                             r"state: lower "):
         train(tmp_path, tiny_model_dir, real_pairs, "oom", "always")
 
 
