@@ -22,8 +22,6 @@ import tempfile
 import time
 from pathlib import Path
 
-CASES = [("sft", 2, False), ("sft", 8, False), ("sft", 8, True), ("dpo", 2, False), ("dpo", 8, False),
-         ("dpo", 8, True)]
 
 
 def one(kind: str, batch_size: int, checkpointing: bool, check: bool, args) -> dict:
@@ -73,6 +71,8 @@ def main() -> None:
     ap.add_argument("--model", default="smollm2-135m")
     ap.add_argument("--pairs", type=int, default=16, help="UltraFeedback pairs (SFT trains on their chosen answers)")
     ap.add_argument("--max-length", type=int, default=512)
+    ap.add_argument("--batch-sizes", type=int, nargs=2, default=(2, 8), metavar=("SMALL", "LARGE"),
+                    help="micro-batch sizes; the larger is also run with gradient checkpointing")
     ap.add_argument("--random-init", default=None, help="random weights of this SmolLM2 shape (fast_generation.py's "
                     "SHAPES; memory does not depend on weight values), with --model's tokenizer")
     ap.add_argument("--one", nargs=4, metavar=("KIND", "BATCH", "CHECKPOINTING", "CHECK"), help=argparse.SUPPRESS)
@@ -93,8 +93,10 @@ def main() -> None:
         load_tokenizer(args.model).save_pretrained(folder)
         del model
         args.model = str(folder)
+    small, large = args.batch_sizes
     rows = []
-    for kind, batch, checkpointing in CASES:
+    for kind, batch, checkpointing in [(kind, *case) for kind in ("sft", "dpo")
+                                       for case in ((small, False), (large, False), (large, True))]:
         got = {}
         for check in (True, False):
             cmd = [sys.executable, __file__, "--device", args.device, "--model", args.model, "--pairs",
