@@ -26,6 +26,12 @@ REMEDIES = ("lower train.batch_size (raise train.grad_accum to keep the step's s
             "(train.processes with train.fsdp: true)")
 
 
+# said of a figure above 90% of what the device has: on CUDA the allocator's fragmentation (memory reserved beyond
+# what is allocated) is not in the figure; on a CPU, a step's memory varies with what the C allocator keeps
+TIGHT = (": close to the limit (fragmentation is not counted): a smaller batch_size with a larger grad_accum is "
+         "safer")
+
+
 @dataclass
 class MemoryCheck:
     device: str
@@ -106,7 +112,8 @@ def check_memory(model, objective, params: list[torch.nn.Parameter], batch_size:
 def report(result: MemoryCheck) -> None:
     print(f"[train] memory check: the longest micro-batch ({result.examples} examples, {result.tokens} tokens) needs "
           f"{result.needed_gb:.2f} GiB on {result.device} (AdamW's state {result.optimizer_gb:.2f} of it) of "
-          f"{result.available_gb:.1f} GiB available", file=sys.stderr)
+          f"{result.available_gb:.1f} GiB available" + (TIGHT if result.needed_gb > 0.9 * result.available_gb else ""),
+          file=sys.stderr)
 
 
 def _local(p: torch.Tensor) -> torch.Tensor:

@@ -92,3 +92,12 @@ def test_the_check_restores_the_random_generator_and_drops_its_gradients(tiny_mo
     assert torch.equal(torch.random.get_rng_state(), moved)
     assert all(p.grad is None for p in params)
     assert result.examples == 2 and 0 < result.tokens <= 64
+
+
+def test_a_figure_near_the_limit_passes_with_a_warning(capsys):
+    memory.report(memory.MemoryCheck("cuda:0", 4, 1024, needed_gb=75.0, optimizer_gb=12.6, available_gb=79.1))
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "needs 75.00 GiB on cuda:0 (AdamW's state 12.60 of it) of 79.1 GiB available: " \
+        "close to the limit" in err, err
+    memory.report(memory.MemoryCheck("cuda:0", 4, 1024, needed_gb=31.2, optimizer_gb=12.6, available_gb=79.1))
+    assert "close to the limit" not in capsys.readouterr().err
