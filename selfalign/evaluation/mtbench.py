@@ -36,17 +36,23 @@ REFERENCE_CATEGORIES = ("math", "reasoning", "coding")
 
 
 def _answer_turn(generator: Generator, questions: Sequence[MTBenchQuestion], conversations: dict[int, list[dict]],
-                 out: Path, max_new_tokens: int, seed: int, progress: bool) -> dict[int, str]:
+                 turn: int, out: Path, max_new_tokens: int, seed: int, progress: bool) -> dict[int, str]:
     """One turn for every question, grouped by the category temperature (one resumable file for all groups)."""
     answers: dict[int, str] = {}
     by_temp: dict[float, list[Prompt]] = defaultdict(list)
+    question_of: dict[str, int] = {}
     for q in questions:
+        # a sample's random numbers are drawn from (seed, prompt id): the second turn's id differs from the first's,
+        # or it would draw the first turn's numbers (and tend to repeat its answer word for word). FastChat's
+        # second turn likewise continues the random stream rather than restarting it
+        pid = str(q.question_id) if turn == 1 else f"{q.question_id}:turn{turn}"
+        question_of[pid] = q.question_id
         by_temp[CATEGORY_TEMPERATURE.get(q.category, 0.7)].append(
-            Prompt(id=str(q.question_id), messages=conversations[q.question_id], meta={"category": q.category}))
+            Prompt(id=pid, messages=conversations[q.question_id], meta={"category": q.category}))
     for temperature, prompts in sorted(by_temp.items()):
         params = SamplingParams(temperature=temperature, top_p=1.0, max_new_tokens=max_new_tokens, n=1, seed=seed)
         for r in generate_to_file(generator, prompts, params, out, progress=progress):
-            answers[int(r.prompt_id)] = r.response
+            answers[question_of[r.prompt_id]] = r.response
     return answers
 
 
@@ -54,10 +60,10 @@ def answer_questions(generator: Generator, questions: Sequence[MTBenchQuestion],
                      max_new_tokens: int = 1024, seed: int = 0, progress: bool = True) -> dict[int, list[str]]:
     out_dir = Path(out_dir)
     conv1 = {q.question_id: [{"role": "user", "content": q.turns[0]}] for q in questions}
-    turn1 = _answer_turn(generator, questions, conv1, out_dir / "turn1.jsonl", max_new_tokens, seed, progress)
+    turn1 = _answer_turn(generator, questions, conv1, 1, out_dir / "turn1.jsonl", max_new_tokens, seed, progress)
     conv2 = {q.question_id: conv1[q.question_id] + [{"role": "assistant", "content": turn1[q.question_id]},
                                                     {"role": "user", "content": q.turns[1]}] for q in questions}
-    turn2 = _answer_turn(generator, questions, conv2, out_dir / "turn2.jsonl", max_new_tokens, seed, progress)
+    turn2 = _answer_turn(generator, questions, conv2, 2, out_dir / "turn2.jsonl", max_new_tokens, seed, progress)
     answers = {q.question_id: [turn1[q.question_id], turn2[q.question_id]] for q in questions}
     write_jsonl(out_dir / "model_answer.jsonl", [
         {"question_id": q.question_id, "answer_id": f"{generator.model_name}-{q.question_id}",

@@ -115,6 +115,12 @@ def test_mtbench_two_turns_references_and_unparsed(gen, tmp_path, capsys):
     turn2 = [it for it in judge.items if it.turn == 2]
     # the second turn is asked in the conversation that holds the model's own first answer
     assert turn2[0].messages[1]["role"] == "assistant" and turn2[0].messages[1]["content"] == answers[0]["choices"][0]["turns"][0]
+    # each turn samples with its own random numbers (they are drawn from the seed and the prompt id): the second
+    # turn's ids are not the first's
+    ids = {turn: [json.loads(l)["prompt_id"] for l in (tmp_path / f"turn{turn}.jsonl").read_text().splitlines()]
+           for turn in (1, 2)}
+    assert sorted(ids[1]) == sorted(str(q.question_id) for q in questions)
+    assert sorted(ids[2]) == sorted(f"{q.question_id}:turn2" for q in questions)
     math_items = [it for it in judge.items if it.category == "math"]
     assert math_items and all(it.reference for it in math_items)
     assert all(it.reference is None for it in judge.items if it.category == "writing")
