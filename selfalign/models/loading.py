@@ -110,6 +110,18 @@ def model_name(spec: str | None) -> str:
     return path.name or spec
 
 
+def module_names(folder: str | os.PathLike) -> set[str]:
+    """The names of the modules that hold weights in a model folder ("model.layers.0.self_attn.q_proj", ...), read
+    from its safetensors headers (no tensor is loaded); empty for a folder without safetensors."""
+    from safetensors import safe_open
+
+    names = set()
+    for f in sorted(Path(folder).glob("*.safetensors")):
+        with safe_open(str(f), framework="pt") as st:
+            names.update(k.rsplit(".", 1)[0] for k in st.keys())
+    return names
+
+
 def umask_permissions(*paths: str | os.PathLike) -> None:
     """Give weight files, or the .safetensors files in weight folders, the permissions the process's umask gives any
     other new file (0644 under the usual 022). safetensors writes through a temporary file created 0600, so a

@@ -126,6 +126,7 @@ def start_run(run_dir: str, config: Any, recipe: str, seed: int | None, check_in
     preflight.generation(config)
     with preflight.endpoints_not_contacted() if resuming else contextlib.nullcontext():
         check_inputs(config)
+    preflight.lora_targets(config)  # after check_inputs has resolved (and if need be converted) the models
     prepared = None if stage_done(run_dir, "data") else prepare_data(config)
     run = Run(run_dir, config_to_dict(config), recipe, seed=seed, defaults=config_to_dict(type(config)()))
     run.stage("data", lambda: write_data(run, *prepared))

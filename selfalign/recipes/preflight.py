@@ -79,6 +79,34 @@ def training(config) -> None:
                 raise config_error(f"{key}.fsdp", e) from None
 
 
+def lora_targets(config) -> None:
+    """Every train section's LoRA `target_modules` name layers of the model it trains: the section's own (SEFT's
+    `reviser.model` for `reviser.adaptive_train`) or the recipe's `model`. peft finds no match only when the stage
+    builds its adapters, in a run folder locked to the names. Run after the models are resolved (check_inputs)."""
+    from selfalign.models import module_names, resolve_model
+    from selfalign.training.config import TrainConfig
+
+    owners = dict(_sections(config))
+    for key, train in _sections(config):
+        if not isinstance(train, TrainConfig) or train.lora is None:
+            continue
+        parts = key.split(".")
+        owner = next((owners[".".join(parts[:i])] for i in range(len(parts) - 1, -1, -1)
+                      if isinstance(getattr(owners[".".join(parts[:i])], "model", None), str)), None)
+        if owner is None:
+            continue
+        names = module_names(resolve_model(owner.model))
+        if not names:  # not a safetensors folder (a hub cache layout, say): peft will tell
+            continue
+        # peft's rule for a list of names: a module matches its full name or its last components
+        missing = [t for t in train.lora.target_modules if not any(n == t or n.endswith(f".{t}") for n in names)]
+        if missing:
+            layers = sorted({n.rsplit(".", 1)[-1] for n in names if ".layers." in n and "norm" not in n})
+            raise config_error(f"{key}.lora.target_modules", f"{', '.join(map(repr, missing))} match"
+                               f"{'es' if len(missing) == 1 else ''} no layer of {owner.model} (its layers: "
+                               f"{', '.join(layers)})")
+
+
 def generation(config) -> None:
     """Every generation section (`sampling`, `critic`, `reviser`, `eval`, ..., at any depth: a section with
     `processes` other than a train section) that asks for several processes can have them: a local backend, and a

@@ -24,6 +24,19 @@ class LoraConfig:
     target_modules: list[str] = field(default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj",
                                                                "gate_proj", "up_proj", "down_proj"])
 
+    def __post_init__(self):
+        # peft would refuse some of these only when the stage builds the adapters (a run folder already locked to
+        # them), and accept a negative alpha (a negated update) without a word
+        if self.r < 1:
+            raise ValueError(f"r must be >= 1, not {self.r}")
+        if not 0 < self.alpha < math.inf:
+            raise ValueError(f"alpha must be finite and > 0, not {self.alpha}")
+        if not 0 <= self.dropout < 1:
+            raise ValueError(f"dropout must be in [0, 1), not {self.dropout}")
+        if not self.target_modules or not all(str(t).strip() for t in self.target_modules):
+            raise ValueError(f"target_modules must name at least one layer (e.g. [q_proj, v_proj]), not "
+                             f"{self.target_modules}")
+
 
 @dataclass
 class TrainConfig:

@@ -338,6 +338,28 @@ def test_training_processes_that_cannot_be_placed_fail_before_the_run_folder_exi
     preflight.training(config)  # device auto: CPU processes without a GPU, one per GPU with them
 
 
+def test_lora_settings_peft_would_refuse_mid_run_fail_before_the_run_folder_exists(tmp_path, capsys):
+    run_dir = tmp_path / "spa"
+    for setting, problem in (("seed_train.lora={r: 0}", "seed_train.lora: r must be >= 1, not 0"),
+                             ("round_train.lora={alpha: -1}", "round_train.lora: alpha must be finite and > 0, not -1"),
+                             ("seed_train.lora={dropout: 1.5}", "seed_train.lora: dropout must be in [0, 1), not 1.5"),
+                             ("seed_train.lora={target_modules: []}", "target_modules must name at least one layer"),
+                             ("seed_train.lora={target_modules: [q_proj, nope_proj]}",
+                              "seed_train.lora.target_modules: 'nope_proj' matches no layer of smollm2-135m (its "
+                              "layers: down_proj, gate_proj, k_proj, o_proj, q_proj, up_proj, v_proj)")):
+        rc, err = run_cli("spa", smoke("spa"), run_dir, setting, capsys=capsys)
+        assert rc == 2 and err.startswith(f"selfalign: error: --set {setting}: ") and problem in err, err
+        assert len(err.splitlines()) == 1 and not run_dir.exists()
+    # a nested train section is checked against its own model (SEFT's reviser)
+    rc, err = run_cli("seft", smoke("seft"), tmp_path / "seft", "reviser.adaptive_train.lora={target_modules: [w1]}",
+                      capsys=capsys)
+    assert rc == 2 and "reviser.adaptive_train.lora.target_modules: 'w1' matches no layer of" in err, err
+    for recipe, setting in ((spa, "seed_train.lora={r: 4, target_modules: [q_proj, model.layers.0.mlp.up_proj]}"),
+                            (seft, "reviser.adaptive_train.lora={target_modules: [v_proj]}")):
+        name = recipe.__name__.rsplit(".", 1)[-1]
+        preflight.lora_targets(load_config(recipe.Config, smoke(name), [setting]))  # names it has: no error
+
+
 def test_generation_processes_that_cannot_run_fail_before_the_run_folder_exists(tmp_path, capsys):
     # an API critic answers requests in parallel itself: several processes are refused, naming the --set
     run_dir = tmp_path / "srt"
