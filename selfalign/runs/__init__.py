@@ -190,10 +190,24 @@ def file_sha256(path: str | Path, chunk: int = 1 << 24) -> str:
 # or generation stage runs on, and whether training shards the model; the same steps, model and answers either way
 # (training/distributed.py, generation/parallel.py). A backend's memory and parallelism options (lean's KV cache cap,
 # vLLM's memory share and parallel sizes), so that a run that ran out of memory resumes with less; and whether
-# training checks its memory first (`memory_check`), which measures and changes nothing. Matched by leaf name, at
-# any depth (`sampling.options.max_cache_gb`).
+# training checks its memory first (`memory_check`), which measures and changes nothing; the batch of a frozen
+# reference's scoring, and how often training checkpoints and how many it keeps. Matched by leaf name, at any depth
+# (`sampling.options.max_cache_gb`). Also resumable: the `batch_size` of a section that generates (how many answers
+# decode at once, like `processes`), but not a training section's, which decides the steps.
 RESUMABLE_KEYS = ("log_steps", "base_url", "processes", "fsdp", "max_cache_gb", "gpu_memory_utilization",
-                  "tensor_parallel_size", "data_parallel_size", "memory_check")
+                  "tensor_parallel_size", "data_parallel_size", "memory_check", "reference_batch_size", "save_steps",
+                  "keep_checkpoints")
+
+
+def resumable_change(key: str, config: dict) -> bool:
+    """Whether a resume may change the setting at dotted `key` of the run's `config` (see RESUMABLE_KEYS)."""
+    *path, leaf = key.split(".")
+    if leaf in RESUMABLE_KEYS:
+        return True
+    section = config
+    for part in path:
+        section = section.get(part) if isinstance(section, dict) else None
+    return leaf == "batch_size" and isinstance(section, dict) and "learning_rate" not in section
 
 
 def config_changes(old: dict, new: dict, prefix: str = "", defaults: dict | None = None) -> list[tuple[str, Any, Any]]:
@@ -463,7 +477,7 @@ class Run:
                 raise SelfalignError(f"{self.root}: run folder belongs to recipe "
                                      f"'{self.manifest.get('recipe')}', not '{recipe}'")
             changes = config_changes(self.manifest.get("config") or {}, config, defaults=defaults)
-            locked = [(k, old, new) for k, old, new in changes if k.rsplit(".", 1)[-1] not in RESUMABLE_KEYS]
+            locked = [(k, old, new) for k, old, new in changes if not resumable_change(k, config)]
             if locked:
                 changed = "; ".join(f"{k}: {old!r} -> {new!r}" if len(repr(old) + repr(new)) < 80 else k
                                     for k, old, new in locked)

@@ -148,6 +148,17 @@ def test_a_run_resumes_on_other_hardware_and_under_a_newer_selfalign(tmp_path):
                                                                    "gpu_memory_utilization": 0.5}}}, recipe="test")
     with pytest.raises(SelfalignError, match=r"\(sampling.options.dtype: 'bfloat16' -> 'float32'\)"):
         Run(tmp_path / "gen", {"sampling": {"processes": 4, "options": {"dtype": "float32"}}}, recipe="test")
+    # a run that ran out of memory resumes with smaller generation batches, a smaller reference-scoring batch and
+    # other checkpointing; a training batch decides the steps and stays
+    first = {"sampling": {"batch_size": 64}, "train": {"learning_rate": 1e-5, "batch_size": 8, "save_steps": 50,
+                                                      "keep_checkpoints": 1, "reference_batch_size": 8}}
+    Run(tmp_path / "oom", first, recipe="test")
+    Run(tmp_path / "oom", {"sampling": {"batch_size": 16}, "train": {**first["train"], "save_steps": 10,
+                                                                    "keep_checkpoints": 2, "reference_batch_size": 2}},
+        recipe="test")
+    with pytest.raises(SelfalignError, match=r"\(train.batch_size: 8 -> 4\)"):
+        Run(tmp_path / "oom", {"sampling": {"batch_size": 16}, "train": {**first["train"], "batch_size": 4}},
+            recipe="test")
     # a run started before a setting existed resumes when that setting is at its default (the old behaviour), at
     # any depth and for a whole new section; another value of it is a change
     defaults = {"train": {"processes": 1, "fsdp": False, "new_knob": 0.5, "lr": 2e-5}, "extra": {"on": False}}
