@@ -37,6 +37,16 @@ def brief_result(result, width: int) -> str:
     return text if len(text) <= width else text[:width - 3] + "..."
 
 
+def shown_command(manifest: dict) -> tuple[str, bool]:
+    """The command that started a run, as a user would type it to resume (`selfalign run ...`, whether it was
+    started as `selfalign`, `python -m selfalign.cli` or `python .../cli.py`), and whether it was the selfalign CLI
+    (else a script's or a notebook's own command line, as it was)."""
+    command = [str(c) for c in manifest.get("command") or []]
+    if len(command) > 1 and Path(command[0]).name in ("selfalign", "cli.py", "__main__.py") and command[1] == "run":
+        return shlex.join(["selfalign"] + command[1:]), True
+    return shlex.join(command), False
+
+
 def stage_time(stage: dict) -> str:
     """A stage's time over all its attempts, with their number when it took more than one."""
     took = format_duration(stage.get("seconds"))
@@ -108,12 +118,12 @@ def cmd_status(args) -> int:
     print(f"{root}: {manifest.get('recipe')} run, started {manifest.get('created_at')}"
           + (f", resumed {resumed}x" if resumed else ""))
     print(f"state: {state}")
-    command = [str(c) for c in manifest.get("command") or []]
-    if len(command) > 1 and Path(command[0]).name in ("selfalign", "cli.py", "__main__.py") and command[1] == "run":
-        print(f"command: {shlex.join(['selfalign'] + command[1:])}  (in {manifest.get('cwd')})")
+    command, by_cli = shown_command(manifest)
+    if by_cli:
+        print(f"command: {command}  (in {manifest.get('cwd')})")
     elif command:  # started from Python (a script or a notebook): its own command line, as it was
-        print(f"started by: {shlex.join(command)}  (in {manifest.get('cwd')}; not the selfalign CLI: resume it the "
-              "way it was started)")
+        print(f"started by: {command}  (in {manifest.get('cwd')}; not the selfalign CLI: resume it the way it was "
+              "started)")
     rows = [(name, statuses[name], stage_time(s), s.get("result") or s.get("error"))
             for name, s in manifest["stages"].items()]
     width = max([len("stage")] + [len(r[0]) for r in rows])

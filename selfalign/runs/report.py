@@ -216,7 +216,7 @@ def write_report(root: str | Path, out: str | Path | None = None) -> Path:
     """Write run folder `root`'s report (default DIR/report.html) and return its path."""
     from selfalign.evaluation.stage import read_summary
     from selfalign.runs import lock_owner, read_manifest
-    from selfalign.runs.cli import brief_result, run_state, stage_time, stage_statuses
+    from selfalign.runs.cli import brief_result, run_state, shown_command, stage_time, stage_statuses
 
     root = Path(root)
     if not (root / "manifest.json").is_file():
@@ -234,7 +234,7 @@ def write_report(root: str | Path, out: str | Path | None = None) -> Path:
     statuses = stage_statuses(manifest, owner)
     stages = [[name, statuses[name], stage_time(s),
                brief_result(s.get("result") or s.get("error"), 400)] for name, s in manifest["stages"].items()]
-    command = " ".join(str(c) for c in manifest.get("command") or [])
+    command, _ = shown_command(manifest)
     models = "".join(f"<li>{_esc(role)}: <code>{_esc(m.get('path'))}</code></li>"
                      for role, m in manifest.get("models", {}).items())
     versions = ", ".join(f"{k} {v}" for k, v in (manifest.get("versions") or {}).items())

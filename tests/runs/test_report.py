@@ -26,9 +26,13 @@ def test_a_report_of_a_new_run_and_of_no_run(tmp_path, capsys):
     root = tmp_path / "run"
     run = Run(root, {"a": 1, "eval": {"instructions": 8}}, recipe="spa")
     run.stage("data", lambda: {"pairs": 3, "note": "<b>escaped</b>"})
+    # started as `python /clone/selfalign/cli.py run ...`: shown as the command to type, as `status` shows it
+    run.manifest["command"] = ["/clone/selfalign/cli.py", "run", "spa", "my config.yaml", "--run-dir", "runs/x"]
+    run.save()
     del run
     assert main(["report", str(root), "--out", str(tmp_path / "r.html")]) == 0
     page = (tmp_path / "r.html").read_text()
+    assert "command: <code>selfalign run spa &#x27;my config.yaml&#x27; --run-dir runs/x</code>" in page, page
     assert "No evaluation yet" in page and "No training log yet" in page and "&lt;b&gt;escaped&lt;/b&gt;" in page
     assert "<b>escaped</b>" not in page and "state: " in page
     capsys.readouterr()
