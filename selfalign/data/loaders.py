@@ -35,10 +35,11 @@ def shared_data_dir() -> Path:
 
 
 def load_prompts(path: str | Path, limit: int | None = None, exclude_ids: set | None = None) -> list[Prompt]:
-    """Prompts from any supported file. Duplicate ids are an error (they would collide in resumable outputs)."""
+    """Prompts from any supported file. A prompt without an `id` is named by its file and line ("prompts:12");
+    duplicate ids are an error (they would collide in resumable outputs)."""
     check_limit(limit, path)
     out = []
-    for p in _unique_ids(read_records(path, Prompt), path):
+    for p in _unique_ids(read_records(path, Prompt, line_ids=True), path):
         if exclude_ids and p.id in exclude_ids:
             continue
         out.append(p)
@@ -75,7 +76,7 @@ def load_preference_pairs(path: str | Path, limit: int | None = None, drop_ident
     if _is_annotation_file(path):
         pairs = load_annotated_pairs(path)
     else:
-        pairs = read_records(path, PreferencePair)
+        pairs = read_records(path, PreferencePair, line_ids=True)  # the id of a pair without one: "file:line"
         pairs = _unique_ids(pairs, path) if unique_ids else pairs
     tally = {"in_file": len(pairs), "identical_dropped": 0, "empty_dropped": 0}
     if drop_identical:

@@ -134,7 +134,8 @@ class Prompt(Record):
 
     @classmethod
     def from_dict(cls, d: dict) -> "Prompt":
-        if isinstance(d, dict) and "id" not in d and "question_id" in d and "turns" in d:  # said, not "missing id"
+        if isinstance(d, dict) and "question_id" in d and "turns" in d and not {"prompt", "instruction",
+                                                                                  "messages"} & d.keys():
             raise DataError("an MT-Bench question (question_id, turns), not a prompt: answer and grade MT-Bench with "
                             "`selfalign eval mtbench`", field="id")
         known = {"id", "messages", "prompt", "instruction", "history", "meta"}

@@ -120,7 +120,6 @@ def test_roundtrip(tmp_path, real_prompts):
     ('{"id": "a"}', "prompt", "missing required field"),
     ('{"id": "a", "prompt": "   "}', "prompt", "must not be empty"),
     ('{"id": "a", "prompt": 42}', "prompt", "expected a string"),
-    ('{"prompt": "no id"}', "id", "missing required field"),
     ('{"id": "a", "messages": [{"role": "robot", "content": "x"}]}', "messages[0].role", "role must be one of"),
     ('{"id": "a", "messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}]}',
      "messages", "last message must have role 'user'"),
@@ -136,6 +135,22 @@ def test_bad_prompt_rows_name_file_line_field(tmp_path, line, field, reason):
     if field:
         assert f"field '{field}'" in msg
     assert "\n" not in msg
+
+
+def test_rows_without_an_id_are_named_by_their_file_and_line(tmp_path):
+    # the common prompt/chosen/rejected shape (TRL's, most hub datasets') has no ids; explicit ones are kept
+    pairs = write_lines(tmp_path / "mine.jsonl", ['{"prompt": "p", "chosen": "a", "rejected": "b"}', '',
+                                                  '{"id": "x", "prompt": "q", "chosen": "c", "rejected": "d"}',
+                                                  '{"instruction": "r", "chosen": "e", "rejected": "f"}'])
+    assert [p.id for p in load_preference_pairs(pairs, unique_ids=True)] == ["mine:1", "x", "mine:4"]
+    prompts = tmp_path / "asks.json"
+    prompts.write_text(json.dumps([{"instruction": "one"}, {"prompt": "two"}]))
+    assert [(p.id, p.messages[-1]["content"]) for p in load_prompts(prompts)] == [("asks:1", "one"),
+                                                                                   ("asks:2", "two")]
+    # still one id per prompt: an explicit id equal to another row's line id is refused
+    clash = write_lines(tmp_path / "c.jsonl", ['{"prompt": "a"}', '{"id": "c:1", "prompt": "b"}'])
+    with pytest.raises(DataError, match=r"c.jsonl:2: field 'id': duplicate id 'c:1' \(first seen on line 1\)"):
+        load_prompts(clash)
 
 
 def test_bad_pair_field(tmp_path):
