@@ -49,7 +49,11 @@ def iter_json_rows(path: str | Path) -> Iterator[tuple[int, dict]]:
             try:  # without its newline: an error at the line's end would otherwise be reported as column 1
                 row = json.loads(line.rstrip("\r\n"))
             except json.JSONDecodeError as e:
-                raise DataError(f"malformed JSON: {e.msg} (column {e.colno})", path=str(path), line=lineno) from None
+                # a CSV or text file read as JSONL: say which formats are read, not only that its JSON is bad
+                formats = ("" if path.suffix.lower() == ".jsonl" else
+                           "; selfalign reads JSONL (.jsonl), a JSON array (.json) or parquet (.parquet)")
+                raise DataError(f"malformed JSON: {e.msg} (column {e.colno}){formats}", path=str(path),
+                                line=lineno) from None
             if not isinstance(row, dict):
                 raise DataError(f"expected a JSON object, got {type(row).__name__}", path=str(path), line=lineno)
             yield lineno, row

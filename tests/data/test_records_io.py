@@ -153,6 +153,15 @@ def test_rows_without_an_id_are_named_by_their_file_and_line(tmp_path):
         load_prompts(clash)
 
 
+def test_a_file_in_another_format_is_told_which_formats_are_read(tmp_path):
+    csv = write_lines(tmp_path / "prompts.csv", ["id,prompt", "1,hello"])
+    with pytest.raises(DataError, match=r"prompts.csv:1: malformed JSON: Expecting value \(column 1\); selfalign "
+                                        r"reads JSONL \(.jsonl\), a JSON array \(.json\) or parquet \(.parquet\)$"):
+        load_prompts(csv)
+    with pytest.raises(DataError, match=r"bad.jsonl:1: malformed JSON: Expecting value \(column 1\)$"):
+        load_prompts(write_lines(tmp_path / "bad.jsonl", ["id,prompt"]))
+
+
 def test_bad_pair_field(tmp_path):
     path = write_lines(tmp_path / "pairs.jsonl", ['{"id": 1, "prompt": "p", "chosen": "a", "rejected": ["b"]}'])
     with pytest.raises(DataError, match=r"pairs.jsonl:1: field 'rejected': expected a string, got list"):
