@@ -37,6 +37,19 @@ def brief_result(result, width: int) -> str:
     return text if len(text) <= width else text[:width - 3] + "..."
 
 
+def _training_progress(root: Path, stage: str) -> str | None:
+    """For a stage stopped mid-training: its last logged step and the checkpoint it resumes from. A training stage
+    writes its log into the folder of its name (`round1/train`) or that folder's `train/` (`stage1` trains into
+    `stage1/train`)."""
+    from selfalign.training.checkpoint import progress
+
+    for folder in (root / stage, root / stage / "train"):
+        said = progress(folder)
+        if said:
+            return said
+    return None
+
+
 def shown_command(manifest: dict) -> tuple[str, bool]:
     """The command that started a run, as a user would type it to resume (`selfalign run ...`, whether it was
     started as `selfalign`, `python -m selfalign.cli` or `python .../cli.py`), and whether it was the selfalign CLI
@@ -124,13 +137,16 @@ def cmd_status(args) -> int:
     elif command:  # started from Python (a script or a notebook): its own command line, as it was
         print(f"started by: {command}  (in {manifest.get('cwd')}; not the selfalign CLI: resume it the way it was "
               "started)")
-    rows = [(name, statuses[name], stage_time(s), s.get("result") or s.get("error"))
-            for name, s in manifest["stages"].items()]
+    rows = [(name, statuses[name], stage_time(s), s.get("result") or s.get("error")) for name, s in
+            manifest["stages"].items()]
     width = max([len("stage")] + [len(r[0]) for r in rows])
     time_width = max([9] + [len(r[2]) for r in rows])
     print(f"\n{'stage':<{width}}  {'status':<8} {'time':>{time_width}}  result")
     for name, status, took, result in rows:
-        print(f"{name:<{width}}  {status:<8} {took:>{time_width}}  {brief_result(result, 106 - width - time_width)}")
+        said = brief_result(result, 106 - width - time_width)
+        if not said and status == "stopped":
+            said = _training_progress(root, name) or ""
+        print(f"{name:<{width}}  {status:<8} {took:>{time_width}}  {said}")
     for role, m in manifest.get("models", {}).items():
         missing = "" if _model_present(root, role, m.get("path")) else "  (missing: moved or deleted since)"
         print(f"\n{role} model: {m.get('path')}{missing}")

@@ -63,6 +63,27 @@ def latest_checkpoint(folder: Path) -> Path | None:
     return max(found, key=_step) if found else None
 
 
+def progress(out_dir: Path) -> str | None:
+    """Where an unfinished training folder (a trainer's `out_dir`) stands, for `selfalign status`: the last step it
+    logged and the checkpoint a resume starts from; None for a folder with no log."""
+    import json
+
+    try:
+        lines = (Path(out_dir) / "log.jsonl").read_text().splitlines()
+    except OSError:  # no log: not a training folder, or no step yet
+        return None
+    last = 0
+    for line in reversed(lines):
+        try:
+            last = int(json.loads(line)["step"])
+            break
+        except (ValueError, KeyError, TypeError):  # a line torn by the kill
+            continue
+    latest = latest_checkpoint(Path(out_dir) / "checkpoints")
+    resumes = f"resumes from its checkpoint at step {_step(latest)}" if latest else "no checkpoint: resumes from step 0"
+    return f"stopped after step {last}; {resumes}"
+
+
 def load_checkpoint(path: Path, model, optimizer, scheduler, made_for: dict | None = None) -> dict:
     """Restore everything into the live objects; returns {"step", "plan", "extra"}. A checkpoint whose `made_for`
     differs from this run's is a ConfigError (checkpoints written before it was recorded are not checked).

@@ -192,11 +192,22 @@ def test_status_names_stopped_stages_skips_and_damaged_manifests(tmp_path, capsy
     root = tmp_path / "run"
     run = Run(root, {"a": 1}, recipe="srt")
     run.stage("stage2/train", lambda: {"skipped": "no score-improving refinement: M_final = M_self", "pairs": 0})
+    # a training stage killed after its third step, with a checkpoint at the second (SRT's stage1 trains into
+    # stage1/train; SPA's round1/train into its own name)
+    run.manifest["stages"]["stage1"] = {"status": "running"}
+    (root / "stage1" / "train" / "checkpoints" / "step-2").mkdir(parents=True)
+    (root / "stage1" / "train" / "log.jsonl").write_text("".join(json.dumps({"step": i, "loss": 1.0}) + "\n"
+                                                               for i in (1, 2, 3)) + '{"step": 4, "lo')
+    run.manifest["stages"]["round1/train"] = {"status": "running"}
+    (root / "round1" / "train").mkdir(parents=True)
+    (root / "round1" / "train" / "log.jsonl").write_text(json.dumps({"step": 1}) + "\n")
     run.manifest["stages"]["eval/stage2"] = {"status": "running"}
     run.save()
     del run  # the process that ran it is gone (here: the Run was dropped)
     assert main(["status", str(root)]) == 0
     out = capsys.readouterr().out
+    assert re.search(r"stage1 +stopped +\S+  stopped after step 3; resumes from its checkpoint at step 2\n", out), out
+    assert re.search(r"round1/train +stopped +\S+  stopped after step 1; no checkpoint: resumes from step 0\n", out)
     assert "stage2/train  done" in out and "skipped: no score-improving refinement: M_final = M_self pairs=0" in out
     assert "eval/stage2   stopped" in out and "state: stopped during stage eval/stage2" in out
     (root / "manifest.json").write_text("[]")
