@@ -150,11 +150,17 @@ def _judge_and_score(outputs: Sequence[dict], references: dict[str, dict], judge
 
 
 def load_model_outputs(path: str | Path) -> list[dict]:
-    """alpaca_eval's model_outputs.json (or .jsonl): rows with `instruction` and `output` (+ `generator`, `dataset`)."""
+    """alpaca_eval's model_outputs.json (or .jsonl): rows with `instruction` and `output` (+ `generator`, `dataset`);
+    or the answers `selfalign generate` wrote (`messages` holding one user turn, `response`, `model`), of which each
+    prompt's first sample is taken, as alpaca_eval judges one answer per instruction."""
     from selfalign.data.io import iter_json_rows
 
     rows = []
     for line, row in iter_json_rows(path):
+        if "instruction" not in row and "response" in row and "messages" in row:
+            row = _from_generated(row, path, line)
+            if row is None:
+                continue
         for key in ("instruction", "output"):
             if not isinstance(row.get(key), str):
                 raise DataError("missing or not a string", path=str(path), line=line, field=key)
@@ -167,6 +173,18 @@ def load_model_outputs(path: str | Path) -> list[dict]:
     if not rows:
         raise DataError("no model outputs", path=str(path))
     return rows
+
+
+def _from_generated(row: dict, path, line) -> dict | None:
+    """A `selfalign generate` answer as a model_outputs row; None for a prompt's second and later samples."""
+    if row.get("sample_index", 0) != 0:
+        return None
+    messages = row["messages"]
+    if not (isinstance(messages, list) and len(messages) == 1 and isinstance(messages[0], dict)
+            and messages[0].get("role") == "user" and isinstance(messages[0].get("content"), str)):
+        raise DataError("an AlpacaEval answer answers one user message (an instruction), not this conversation",
+                        path=str(path), line=line, field="messages")
+    return {"instruction": messages[0]["content"], "output": row["response"], "generator": row.get("model")}
 
 
 def evaluate_outputs(outputs: Sequence[dict], judge: PairwiseJudge, out_dir: str | Path,

@@ -216,6 +216,18 @@ def test_existing_outputs_are_judged_without_a_model(tmp_path, data_dir, capsys)
     line = bad.read_text().splitlines().index(' {', 2) + 1
     with pytest.raises(DataError, match=rf"bad.json:{line} \(record 2\): field 'output': missing or not a string"):
         load_model_outputs(bad)
+    # the answers `selfalign generate` writes are read too: one per instruction (a prompt's first sample)
+    generated = tmp_path / "answers.jsonl"
+    generated.write_text("".join(json.dumps({"prompt_id": str(i), "sample_index": k, "messages": [
+        {"role": "user", "content": o["instruction"]}], "response": o["output"] if k == 0 else "other sample",
+        "model": "alpaca-7b"}) + "\n" for i, o in enumerate(outputs) for k in (0, 1)))
+    assert load_model_outputs(generated) == [{**o, "dataset": "user"} for o in outputs]
+    system = tmp_path / "system.jsonl"
+    system.write_text(json.dumps({"prompt_id": "0", "messages": [{"role": "system", "content": "be brief"},
+                                                                {"role": "user", "content": "hi"}],
+                                  "response": "hello", "model": "m"}) + "\n")
+    with pytest.raises(DataError, match=r"system.jsonl:1: field 'messages': an AlpacaEval answer answers one user "):
+        load_model_outputs(system)
 
 
 class Configured(LongerWins):
