@@ -33,6 +33,11 @@ class SFTExample:
     def length(self) -> int:
         return len(self.input_ids)
 
+    @property
+    def trained_tokens(self) -> int:
+        """Tokens that carry loss: the rows the LM head and the loss run on (training/forward.py)."""
+        return sum(label != IGNORE for label in self.labels)
+
 
 @dataclass
 class PairExample:
@@ -47,6 +52,11 @@ class PairExample:
     @property
     def length(self) -> int:
         return max(len(self.chosen_ids), len(self.rejected_ids))
+
+    @property
+    def trained_tokens(self) -> int:
+        """Tokens that carry loss, chosen and rejected: the rows the LM head and the loss run on."""
+        return sum(label != IGNORE for label in self.chosen_labels + self.rejected_labels)
 
     @property
     def key(self) -> str:

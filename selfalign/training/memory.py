@@ -1,14 +1,14 @@
-"""The memory check before training: the longest micro-batch's forward and backward, run once before the first step.
+"""The memory check before training: the heaviest micro-batches' forward and backward, once, before the first step.
 
-Why: the usual way a fine-tune runs out of memory is hours in, when the batch of the longest examples comes up
-(trl#1024, #1619, #2452; LlamaFactory#6800); a formula from the model's shapes misses the attention kernel, the
-allocator and the loss's temporaries. So the trainer runs that batch once, with stand-ins for AdamW's state
-resident (two tensors per trained parameter, which the first step creates and every later step carries), reads the
-peak the device reports, and refuses, in one line and before any step, a run that would not fit. The pass leaves no
-trace: its gradients are dropped, the random generators are restored, and a noise hook does not see it, so the run
-trains exactly as it would without it.
+Why: the usual way a fine-tune runs out of memory is hours in, when the heaviest batch comes up (trl#1024, #1619,
+#2452; LlamaFactory#6800); a formula from the model's shapes misses the attention kernel, the allocator and the
+loss's temporaries. So the trainer runs the candidates for the heaviest batch once each (the longest examples, and
+those with the most trained tokens, whose logits may weigh more), with stand-ins for AdamW's state resident (two
+tensors per trained parameter, which the first step creates and every later step carries), reads the peak the
+device reports, and refuses, in one line and before any step, a run that would not fit. The passes leave no trace:
+their gradients are dropped, the random generators are restored, and a noise hook does not see them, so the run
+trains exactly as it would without them.
 """
-
 from __future__ import annotations
 
 import sys
@@ -35,15 +35,20 @@ TIGHT = (": close to the limit (fragmentation is not counted): a smaller batch_s
 @dataclass
 class MemoryCheck:
     device: str
-    examples: int  # in the longest micro-batch (this process's share)
+    examples: int  # in the heaviest micro-batch (this process's share)
     tokens: int  # its longest sequence, in tokens
+    trained_tokens: int  # its tokens that carry loss (the LM head's rows)
     # the pass's peak: weights, AdamW's state, gradients, activations, logits (on a CPU: the whole process's)
     needed_gb: float
     optimizer_gb: float  # of which AdamW's state
     available_gb: float  # what this process can have on the device
 
+    def batch(self) -> str:
+        return f"{self.examples} examples of up to {self.tokens} tokens, {self.trained_tokens} trained"
+
     def to_dict(self) -> dict:
         return {"device": self.device, "examples": self.examples, "tokens": self.tokens,
+                "trained_tokens": self.trained_tokens,
                 "needed_gb": round(self.needed_gb, 3), "optimizer_gb": round(self.optimizer_gb, 3),
                 "available_gb": round(self.available_gb, 3)}
 
@@ -54,35 +59,51 @@ def wanted(setting: str, device: str) -> bool:
     return setting == "always" or (setting == "auto" and str(device).startswith("cuda"))
 
 
-def longest_batch(lengths: list[int], batch_size: int) -> list[int]:
-    """The examples of the micro-batch with the most tokens: the `batch_size` longest."""
-    return sorted(range(len(lengths)), key=lengths.__getitem__)[-batch_size:]
+def heaviest_batches(lengths: list[int], trained_tokens: list[int], batch_size: int) -> list[list[int]]:
+    """The micro-batches that may need the most memory: the `batch_size` longest examples (activations grow with the
+    padded length) and the `batch_size` with the most trained tokens (the LM head's logits, [trained tokens, vocab],
+    are often a small model's largest tensors: a long prompt with a short answer has few). One batch when both are
+    the same examples."""
+    def top(values):
+        return sorted(range(len(values)), key=values.__getitem__)[-batch_size:]
+
+    longest, most_trained = top(lengths), top(trained_tokens)
+    return [longest] if sorted(longest) == sorted(most_trained) else [longest, most_trained]
 
 
 def check_memory(model, objective, params: list[torch.nn.Parameter], batch_size: int, device: str,
                  amp: torch.dtype | None, max_steps: int) -> MemoryCheck:
-    """Run the longest micro-batch's forward and backward on `model` under `objective` (as the training step does)
+    """Run the heaviest micro-batches' forward and backward on `model` under `objective` (as the training step does)
     beside stand-ins for AdamW's state, measure the peak, and raise a one-line SelfalignError when it exceeds what
-    the device has. Every process of a multi-process run calls it (the pass meets the same collectives as a step)."""
+    the device has. Every process of a multi-process run calls it (the passes meet the same collectives as a step)."""
     cuda = str(device).startswith("cuda")
-    rows, padding = distributed.share(longest_batch(objective.lengths, batch_size))
-    batch = objective.collate(rows)
+    candidates = heaviest_batches(objective.lengths, [e.trained_tokens for e in objective.examples], batch_size)
     probe = objective.without_side_effects()
     cpu_rng = torch.random.get_rng_state()
     cuda_rng = torch.cuda.get_rng_state_all() if cuda else None
     available = _available(device)
-    _reset_peak(device)
     out_of_memory = False
     moments = []
+    worst = (0, 0, 0, 0)  # peak bytes, examples, padded length, trained tokens
     try:
         # fused AdamW's exp_avg and exp_avg_sq, in the parameters' dtype (fp32 master weights); a sharded
         # parameter's are its shard's. Allocated and written, so a CPU counts their pages too
         moments = [torch.zeros_like(_local(p)) for p in params for _ in range(2)]
-        with autocast(device, amp):
-            loss, _ = probe.loss(model, batch, 0, max_steps)
-        (loss * 0.0 if padding else loss).backward()
-        distributed.sum_gradients(params)
-        del loss
+        for rows in candidates:
+            mine, padding = distributed.share(rows)
+            batch = objective.collate(mine)
+            shape = (len(mine), int(batch["input_ids"].shape[1]),
+                     sum(objective.examples[i].trained_tokens for i in mine))
+            worst = max(worst, (0, *shape))  # what the error names if this pass runs out of memory
+            _reset_peak(device)
+            with autocast(device, amp):
+                loss, _ = probe.loss(model, batch, 0, max_steps)
+            (loss * 0.0 if padding else loss).backward()
+            distributed.sum_gradients(params)
+            del loss
+            for p in params:
+                p.grad = None
+            worst = max(worst, (_peak(device), *shape))
     except torch.OutOfMemoryError:
         out_of_memory = True
     finally:
@@ -91,28 +112,26 @@ def check_memory(model, objective, params: list[torch.nn.Parameter], batch_size:
         torch.random.set_rng_state(cpu_rng)
         if cuda:
             torch.cuda.set_rng_state_all(cuda_rng)
-    peak = _peak(device)
     optimizer = sum(m.numel() * m.element_size() for m in moments)
     del moments
     if cuda:
-        torch.cuda.empty_cache()  # the failed or finished pass's blocks, so the first step starts as it would have
-    result = MemoryCheck(str(device), len(rows), int(batch["input_ids"].shape[1]), peak / GiB, optimizer / GiB,
-                         available / GiB)
+        torch.cuda.empty_cache()  # the failed or finished passes' blocks, so the first step starts as it would have
+    peak, examples, tokens, trained = worst
+    result = MemoryCheck(str(device), examples, tokens, trained, peak / GiB, optimizer / GiB, available / GiB)
     too_big = out_of_memory or result.needed_gb > result.available_gb
     if distributed.total(float(too_big)):  # every process stops together, not one while the others wait for it
         what = (f"ran out of memory on {device} in its forward and backward beside AdamW's state" if out_of_memory
                 else f"needs {result.needed_gb:.1f} GiB on {device} (AdamW's state {result.optimizer_gb:.1f} of it) "
                 f"where {result.available_gb:.1f} GiB is available" if too_big
                 else "does not fit on another process's device")
-        raise SelfalignError(f"train: the longest micro-batch ({result.examples} examples of up to {result.tokens} "
-                             f"tokens) {what}: {REMEDIES}; or train.memory_check: never to train anyway")
+        raise SelfalignError(f"train: the heaviest micro-batch ({result.batch()}) {what}: {REMEDIES}; or "
+                             f"train.memory_check: never to train anyway")
     return result
 
 
 def report(result: MemoryCheck) -> None:
-    print(f"[train] memory check: the longest micro-batch ({result.examples} examples, {result.tokens} tokens) needs "
-          f"{result.needed_gb:.2f} GiB on {result.device} (AdamW's state {result.optimizer_gb:.2f} of it) of "
-          f"{result.available_gb:.1f} GiB available" + (TIGHT if result.needed_gb > 0.9 * result.available_gb else ""),
+    print(f"[train] memory check: the heaviest micro-batch ({result.batch()}) needs {result.needed_gb:.2f} GiB on "
+          f"{result.device} (AdamW's state {result.optimizer_gb:.2f} of it) of {result.available_gb:.1f} GiB available" + (TIGHT if result.needed_gb > 0.9 * result.available_gb else ""),
           file=sys.stderr)
 
 

@@ -18,9 +18,11 @@ from selfalign.training.noise import SelfRefinementHook
 from selfalign.training.trainer import DPOObjective
 
 
-def test_the_longest_batch_is_the_longest_examples():
-    assert sorted(memory.longest_batch([5, 40, 7, 33, 12], 2)) == [1, 3]
-    assert sorted(memory.longest_batch([5, 40], 4)) == [0, 1]  # fewer examples than a batch: all of them
+def test_the_candidates_are_the_longest_examples_and_those_with_most_trained_tokens():
+    assert memory.heaviest_batches([5, 40, 7, 33, 12], [2, 30, 1, 20, 3], 2) == [[3, 1]]  # the same examples: once
+    # a long prompt with a short answer: its logits weigh less than a shorter example's long answer
+    assert memory.heaviest_batches([5, 40, 7, 33, 12], [4, 3, 1, 20, 9], 2) == [[3, 1], [4, 3]]
+    assert memory.heaviest_batches([5, 40], [1, 2], 4) == [[0, 1]]  # fewer examples than a batch: all of them
 
 
 def train(tmp_path, model_dir, pairs, name, check, **overrides):
@@ -46,12 +48,13 @@ def test_the_check_measures_and_changes_nothing(tmp_path, tiny_model_dir, real_p
     assert [json.loads(r)["loss"] for r in logs[0]] == [json.loads(r)["loss"] for r in logs[1]]
     report = checked["memory_check"]
     assert "memory_check" not in plain
-    assert report["device"] == "cpu" and report["examples"] == 2 and 0 < report["tokens"] <= 128
+    assert report["device"] == "cpu" and report["examples"] == 2 and 0 < report["trained_tokens"] < 4 * 128
+    assert 0 < report["tokens"] <= 128
     # on a CPU the peak is the process's resident size, the loaded model and the libraries included
     assert 0 < report["optimizer_gb"] < report["needed_gb"] < report["available_gb"], report
     assert report["optimizer_gb"] == pytest.approx(2 * 4 * sum(v.numel() for v in weights.values()) / 2**30,
                                                    abs=1e-3)  # two fp32 moments per trained weight (tied: once)
-    assert "[train] memory check: the longest micro-batch (2 examples, " in capsys.readouterr().err
+    assert "[train] memory check: the heaviest micro-batch (2 examples of up to " in capsys.readouterr().err
 
 
 def test_a_batch_that_cannot_fit_stops_the_run_before_its_first_step(tmp_path, tiny_model_dir, real_pairs,
@@ -60,7 +63,7 @@ def test_a_batch_that_cannot_fit_stops_the_run_before_its_first_step(tmp_path, t
     with pytest.raises(SelfalignError) as err:
         train(tmp_path, tiny_model_dir, real_pairs, "small", "always")
     message = str(err.value)
-    assert "\n" not in message and message.startswith("train: the longest micro-batch (2 examples of up to "), message
+    assert "\n" not in message and message.startswith("train: the heaviest micro-batch (2 examples of up to "), message
     assert "where 0.0 GiB is available: lower train.batch_size" in message and "train.memory_check: never" in message
     assert not (tmp_path / "small" / "train" / "log.jsonl").exists()  # no step was taken
     assert not (tmp_path / "small" / "final").exists()
@@ -71,7 +74,8 @@ def test_a_batch_that_cannot_fit_stops_the_run_before_its_first_step(tmp_path, t
         raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB")
 
     monkeypatch.setattr(DPOObjective, "loss", out_of_memory)
-    with pytest.raises(SelfalignError, match=r"^train: the longest micro-batch \(2 examples of up to \d+ tokens\) "
+    with pytest.raises(SelfalignError, match=r"^train: the heaviest micro-batch \(2 examples of up to \d+ tokens, "
+                                             r"\d+ trained\) "
                                              r"ran out of memory on cpu in its forward and backward beside AdamW's "
                                              r"state: lower "):
         train(tmp_path, tiny_model_dir, real_pairs, "oom", "always")
@@ -91,13 +95,13 @@ def test_the_check_restores_the_random_generator_and_drops_its_gradients(tiny_mo
     result = memory.check_memory(policy, objective, params, 2, "cpu", None, 10)
     assert torch.equal(torch.random.get_rng_state(), moved)
     assert all(p.grad is None for p in params)
-    assert result.examples == 2 and 0 < result.tokens <= 64
+    assert result.examples == 2 and 0 < result.tokens <= 64 and result.trained_tokens > 0
 
 
 def test_a_figure_near_the_limit_passes_with_a_warning(capsys):
-    memory.report(memory.MemoryCheck("cuda:0", 4, 1024, needed_gb=75.0, optimizer_gb=12.6, available_gb=79.1))
+    memory.report(memory.MemoryCheck("cuda:0", 4, 1024, 2100, needed_gb=75.0, optimizer_gb=12.6, available_gb=79.1))
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "needs 75.00 GiB on cuda:0 (AdamW's state 12.60 of it) of 79.1 GiB available: " \
         "close to the limit" in err, err
-    memory.report(memory.MemoryCheck("cuda:0", 4, 1024, needed_gb=31.2, optimizer_gb=12.6, available_gb=79.1))
+    memory.report(memory.MemoryCheck("cuda:0", 4, 1024, 2100, needed_gb=31.2, optimizer_gb=12.6, available_gb=79.1))
     assert "close to the limit" not in capsys.readouterr().err
