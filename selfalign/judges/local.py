@@ -57,6 +57,12 @@ def _cache_kwarg_of(model_class) -> str:  # inspected once per class, not on eve
     return "cache" if "cache" in inspect.signature(model_class.forward).parameters else "past_key_values"
 
 
+def _output_cache(out):
+    """The KV cache of a model output, under whichever name its class declares: since 5.24 the field is `cache`,
+    and reading `past_key_values` logs a deprecation warning on every judge run (the alias goes in 5.40)."""
+    return out.cache if "cache" in getattr(out, "__dataclass_fields__", {}) else out.past_key_values
+
+
 def _as_list(value) -> list[str]:
     if isinstance(value, str):
         return [v.strip() for v in value.split(",") if v.strip()]
@@ -231,7 +237,7 @@ class LocalJudge(PairwiseJudge, GradingJudge):
                 with torch.inference_mode():
                     out = model(input_ids=torch.tensor([ids], device=next(model.parameters()).device),
                                 use_cache=True, logits_to_keep=1)
-                entry = (ids, out.past_key_values)
+                entry = (ids, _output_cache(out))
             self._preambles[prompt.name] = entry
         entry = self._preambles[prompt.name]
         if entry is None or sample[:len(entry[0])] != entry[0] or len(sample) <= len(entry[0]):
@@ -369,7 +375,7 @@ class LocalJudge(PairwiseJudge, GradingJudge):
         model, tok = self._load()
         pre = self._preamble(prompt, ids) if prompt is not None else None
         first_logp, out = self._forward([ids], keep_cache=True, prefix=pre)
-        cache = out.past_key_values
+        cache = _output_cache(out)
         device = next(model.parameters()).device
         logps = {}
         for r in ratings:

@@ -114,3 +114,27 @@ def test_pointwise_mode_grades_each_answer_once(judge):
     assert point.config()["mode"] == "pointwise" and "mode" not in judge.config()
     with pytest.raises(ValueError, match="mode"):
         LocalJudge(model=MODEL, mode="listwise")
+
+
+def test_scoring_reads_the_cache_without_the_deprecation_warning(judge, balanced):
+    """transformers >= 5.24 names the output's KV cache `cache`; reading the old `past_key_values` logs
+    "`past_key_values`/`cache_params` are deprecated" (once per process, through the library's own logger, which
+    does not propagate to the root one: the handler goes on that logger, and the once-cache is cleared first)."""
+    import logging
+
+    from transformers.utils import logging as hf_logging
+
+    records = []
+    handler = logging.Handler()
+    handler.emit = records.append
+    logger = hf_logging.get_logger("transformers")
+    hf_logging.warning_once.cache_clear()
+    logger.addHandler(handler)
+    try:
+        fresh = LocalJudge(model=MODEL, model_obj=judge._model, tokenizer=judge._tok, **BUDGET)
+        fresh.compare(items_of(balanced[:1]))  # the shared-preamble cache
+        fresh.grade([GradeItem([{"role": "user", "content": "What is the capital of France?"}], "Paris.")])
+    finally:
+        logger.removeHandler(handler)
+    assert fresh._preambles["alpaca_eval_clf"] is not None  # the preamble path did run
+    assert not [r for r in records if "deprecated" in r.getMessage()]
