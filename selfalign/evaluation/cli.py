@@ -191,8 +191,9 @@ def cmd_alpaca(args) -> int:
             print(f"selfalign: note: --limit {args.limit} is more than the {len(instructions)} instructions of "
                   f"{args.instructions or 'AlpacaEval'}: answering all of them", file=sys.stderr)
         check_references([p.text for p in instructions], references, args.instructions or "AlpacaEval's eval set")
+        # a rerun with every answer on file loads no model; a model that is not there is refused before --out is made
+        gen = generator_from_args(args, deferred=True)
         _make_out_dir(args)
-        gen = generator_from_args(args, deferred=True)  # a rerun with every answer on file loads no model
         m = evaluate_alpaca(gen, judge, args.out, instructions=instructions, references=references,
                             params=SamplingParams(temperature=0.0, max_new_tokens=args.max_new_tokens,
                                                   seed=args.seed), progress=not args.quiet,
@@ -254,8 +255,9 @@ def cmd_mtbench(args) -> int:
     _check_out_and_limit(args)
     judge = _judge_from_args(args)
     require_grading_judge(judge)  # said before the model loads, not after the answers
+    gen = generator_from_args(args, deferred=True)  # a model that is not there is refused before --out is made
     _make_out_dir(args)
-    m = evaluate_mtbench(generator_from_args(args, deferred=True), judge, args.out, limit=args.limit,
+    m = evaluate_mtbench(gen, judge, args.out, limit=args.limit,
                          max_new_tokens=args.max_new_tokens, seed=args.seed, progress=not args.quiet)
     if args.json:
         print(json.dumps(m, default=str))

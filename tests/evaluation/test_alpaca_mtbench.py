@@ -323,6 +323,20 @@ def test_eval_input_mistakes_are_said_before_any_model_loads(tmp_path, data_dir,
     assert "not a file" in error("lc", "--annotations", str(gamed), "--difficulty", str(tmp_path))
 
 
+def test_a_model_that_is_not_there_leaves_no_out_folder(tmp_path, capsys):
+    """The model is an input like the others: refused (one line, status 2) before --out is made."""
+    from selfalign.cli import main
+
+    for argv in (["alpaca", "--model", str(tmp_path / "nope" / "model"), "--judge", "length", "--limit", "4"],
+                 ["mtbench", "--model", "smollm2-1b", "--judge", "local", "--judge-option", "model=smollm2-135m",
+                  "--limit", "4"]):
+        out = tmp_path / argv[0]
+        assert main(["eval", *argv, "--out", str(out), "--quiet"]) == 2
+        err = capsys.readouterr().err.strip()
+        assert err.startswith("selfalign: error: model ") and "not found" in err and "\n" not in err
+        assert not out.exists()
+
+
 def test_a_rerun_with_every_answer_on_file_loads_no_model(tmp_path, monkeypatch, capsys):
     import selfalign.generation
     from selfalign.cli import main
