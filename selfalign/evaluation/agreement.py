@@ -171,7 +171,8 @@ def _parse_options(pairs: list[str]) -> dict:
     for kv in pairs:
         key, sep, value = kv.partition("=")
         if not sep or not key:
-            raise SelfalignError(f"--set expects KEY=VALUE, got {kv!r}")
+            # --set is --judge-option's alias: named as `eval alpaca` and `eval mtbench` name it
+            raise SelfalignError(f"--judge-option {kv}: expected key=value (e.g. --judge-option prompt=pair_v2)")
         try:
             out[key.replace("-", "_")] = json.loads(value)
         except json.JSONDecodeError:

@@ -109,7 +109,11 @@ def _judge_from_args(args):
 
     options = {}
     for text in args.judge_option:
-        keys, value = parse_override(text)
+        try:
+            keys, value = parse_override(text)
+        except SelfalignError:  # its message names a config override (train.beta=0.1), not the flag that was given
+            raise SelfalignError(f"--judge-option {text}: expected key=value (e.g. --judge-option "
+                                 "model=smollm2-135m)") from None
         options[".".join(keys)] = value
     try:
         # an endpoint that is down or refuses the key: refused on a first run (all answers would be generated before

@@ -103,6 +103,14 @@ def test_cli_error_is_one_line(capsys, tmp_path):
     assert main(["eval", "agreement", "--judge", "nope", "--pairs", str(f)]) == 2
 
 
+def test_a_judge_option_without_a_value_is_said_with_its_flag(capsys, data_dir):
+    pairs = str(data_dir / "alpaca_eval" / "balanced_pairs_dev.json")
+    for flag in ("--judge-option", "--set"):  # --set is its alias: the message names the flag the help shows
+        assert main(["eval", "agreement", "--judge", "length", "--pairs", pairs, flag, "novalue"]) == 2
+        assert capsys.readouterr().err.strip() == ("selfalign: error: --judge-option novalue: expected key=value "
+                                                   "(e.g. --judge-option prompt=pair_v2)")
+
+
 class FirstJudge(PairwiseJudge):
     """Always says the first shown answer is better, in both orders."""
 

@@ -323,6 +323,18 @@ def test_eval_input_mistakes_are_said_before_any_model_loads(tmp_path, data_dir,
     assert "not a file" in error("lc", "--annotations", str(gamed), "--difficulty", str(tmp_path))
 
 
+def test_a_judge_option_without_a_value_is_said_with_its_flag(tmp_path, capsys):
+    from selfalign.cli import main
+
+    for argv in (["alpaca", "--judge", "length", "--limit", "2"], ["mtbench", "--judge", "local", "--limit", "8"]):
+        for bad in ("novalue", "=smollm2-135m"):
+            out = tmp_path / argv[0]
+            assert main(["eval", *argv, "--judge-option", bad, "--out", str(out), "--quiet"]) == 2
+            assert capsys.readouterr().err.strip() == (f"selfalign: error: --judge-option {bad}: expected key=value "
+                                                       "(e.g. --judge-option model=smollm2-135m)")
+            assert not out.exists()
+
+
 def test_a_model_that_is_not_there_leaves_no_out_folder(tmp_path, capsys):
     """The model is an input like the others: refused (one line, status 2) before --out is made."""
     from selfalign.cli import main
