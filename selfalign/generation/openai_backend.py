@@ -28,6 +28,8 @@ from selfalign.generation.base import Generator, OnBatch, SamplingParams, cut_at
 
 # timeout, conflict, rate limit and server errors, as openai-python retries; other 4xx are the request's fault
 RETRY_STATUS = frozenset({408, 409, 429}) | frozenset(range(500, 600))
+# refusals of every request alike (the key, the path or model name), not of one prompt
+ENDPOINT_STATUS = frozenset({401, 403, 404})
 SEED_MODULUS = 2**31 - 1  # some servers (llama.cpp) keep seeds in 32 bits
 
 
@@ -57,6 +59,12 @@ def _retry_after(response: httpx.Response | None) -> float | None:
 
 
 DEFAULT_KEY_ENV = "OPENAI_API_KEY"
+
+
+class EndpointError(SelfalignError):
+    """The endpoint failed, not one request: not reachable, timed out, refused the key, path or model, or still
+    overloaded after every retry. A generation run says it with the endpoint's URL only: naming the prompt that
+    happened to be in flight (its file and line) would read as if that line of the data were bad."""
 
 
 class OpenAIGenerator(Generator):
@@ -149,9 +157,10 @@ class OpenAIGenerator(Generator):
     def _scrub(self, text: str) -> str:
         return text.replace(self._secret, "***") if self._secret else text
 
-    def _fail(self, path: str, what: str, attempts: int) -> SelfalignError:
+    def _fail(self, path: str, what: str, attempts: int, endpoint: bool = False) -> SelfalignError:
         tries = f" after {attempts} attempts" if attempts > 1 else ""
-        return SelfalignError(self._scrub(f"{self.base_url}{path}: {what}{tries}").replace("\n", " "))
+        return (EndpointError if endpoint else SelfalignError)(
+            self._scrub(f"{self.base_url}{path}: {what}{tries}").replace("\n", " "))
 
     def _call(self, method: str, path: str, body: dict | None = None) -> dict:
         """One API call with retries; returns the parsed JSON body."""
@@ -174,10 +183,10 @@ class OpenAIGenerator(Generator):
                         raise self._fail(path, f"HTTP 200 with unexpected JSON: {_excerpt(response.text)}", 1)
                     return data
                 what = f"HTTP {response.status_code}: {_excerpt(response.text) or response.reason_phrase}"
-                if response.status_code not in RETRY_STATUS:
-                    raise self._fail(path, what, attempt + 1)
-            if attempt == self.max_retries:
-                raise self._fail(path, what, attempt + 1)
+                if response.status_code not in RETRY_STATUS:  # a 400 or 413 is this request's (a prompt too long)
+                    raise self._fail(path, what, attempt + 1, endpoint=response.status_code in ENDPOINT_STATUS)
+            if attempt == self.max_retries:  # connection, timeout or 429/5xx: the endpoint's, whatever was asked
+                raise self._fail(path, what, attempt + 1, endpoint=True)
             delay = _retry_after(response)
             if delay is None:  # exponential backoff with jitter in [cap/2, cap]
                 cap = min(self.backoff_max, self.backoff_base * 2 ** attempt)
@@ -297,8 +306,9 @@ class OpenAIGenerator(Generator):
 
 
 def _for_prompt(error: BaseException, prompt: Prompt) -> BaseException:
-    """`error` with the prompt it came from (its id, and its file and line when it was read from one)."""
-    if not isinstance(error, SelfalignError):
+    """`error` with the prompt it came from (its id, and its file and line when it was read from one), unless the
+    endpoint failed (`EndpointError`, which names the endpoint): no prompt was at fault there."""
+    if not isinstance(error, SelfalignError) or isinstance(error, EndpointError):
         return error
     path, line = source_of(prompt)
     where = f"{path}:{line}: " if path else ""

@@ -358,6 +358,22 @@ def test_timeouts_and_connection_errors_are_retried(server, proxy, prompts):
             dead.chat([{"role": "user", "content": "hi"}])
 
 
+def test_a_refused_connection_names_the_endpoint_not_a_prompt_line(server, prompts, tmp_path):
+    """An endpoint that is down (killed mid-run) is no fault of the prompt in flight: the error names the endpoint,
+    not the data file's line; the answers already written stay, so a rerun resumes after them."""
+    out = tmp_path / "answers.jsonl"
+    generate_to_file(client(server.url), prompts[:1], SHORT, out, progress=False)
+    written = out.read_text()
+    with socket_closed_port() as port:
+        dead = client(f"http://127.0.0.1:{port}/v1", max_retries=1, timeout=2)
+        with pytest.raises(SelfalignError) as err:
+            generate_to_file(dead, prompts[:3], SHORT, out, progress=False)
+    message = str(err.value)
+    assert message.startswith(f"http://127.0.0.1:{port}/v1/chat/completions: connection failed"), message
+    assert "2 attempts" in message and "unlabelled_pool" not in message and "prompt '" not in message
+    assert out.read_text() == written
+
+
 class socket_closed_port:
     """A port nothing listens on (bound, never listening)."""
 
