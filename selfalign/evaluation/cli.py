@@ -263,6 +263,12 @@ def cmd_mtbench(args) -> int:
     _make_out_dir(args)
     m = evaluate_mtbench(gen, judge, args.out, limit=args.limit,
                          max_new_tokens=args.max_new_tokens, seed=args.seed, progress=not args.quiet)
+    if m["n_grades"] and m["n_unparsed"] == m["n_grades"]:  # "score None" and exit 0 would read as a finished run
+        raise SelfalignError(
+            f"no grade could be read from the judge's {m['n_grades']} judgments: see what judge {m['judge']} wrote "
+            f"in {Path(args.out) / 'judgments.jsonl'} (a grade is read from \"[[N]]\": is --judge-option "
+            "grade_max_tokens too small, or does the model not follow that format?); the answers and judgments are "
+            "kept")
     if args.json:
         print(json.dumps(m, default=str))
         return 0

@@ -132,6 +132,56 @@ def test_mtbench_two_turns_references_and_unparsed(gen, tmp_path, capsys):
     assert f"grade ({judge2.name}): 100%" in capsys.readouterr().err
 
 
+class UnreadableGrader(GradingJudge):
+    """A judge whose grades cannot be read (a judge cut off before "Rating: [[N]]"), on every turn or only on
+    `turns`."""
+
+    name = "test-unreadable-grader"
+
+    def __init__(self, turns=(1, 2)):
+        self.turns = turns
+
+    def grade(self, items, progress=False):
+        return [Grade(score=None if it.turn in self.turns else 5.0, raw="The answer is") for it in items]
+
+
+def test_mtbench_with_no_readable_grade_fails_and_keeps_its_files(tmp_path, monkeypatch, capsys):
+    import selfalign.cli
+    import selfalign.evaluation.cli as eval_cli
+    from selfalign.cli import main
+    from selfalign.generation.base import Generator
+
+    class Echo(Generator):
+        """Answers with the prompt's first words: what is under test is the grades, not the answers."""
+
+        model_name = "echo"
+
+        def generate(self, prompts, params, on_batch=None, skip=None, progress=True):
+            out = [self._response(p, " ".join(p.text.split()[:3]), params, s, "stop", 3, "echo")
+                   for p in prompts for s in range(params.n) if (p.id, s) not in (skip or set())]
+            on_batch(out)
+            return out
+
+    monkeypatch.setattr(selfalign.cli, "generator_from_args", lambda args, **k: Echo())
+    argv = ["eval", "mtbench", "--limit", "8", "--max-new-tokens", "4", "--quiet"]
+    monkeypatch.setattr(eval_cli, "_judge_from_args", lambda args: UnreadableGrader())
+    for extra in ([], ["--json"]):
+        assert main(argv + ["--out", str(tmp_path / "none")] + extra) == 2
+        out, err = capsys.readouterr()
+        assert out == "" and err.strip() == (
+            f"selfalign: error: no grade could be read from the judge's 16 judgments: see what judge "
+            f"test-unreadable-grader wrote in {tmp_path / 'none' / 'judgments.jsonl'} (a grade is read from "
+            "\"[[N]]\": is --judge-option grade_max_tokens too small, or does the model not follow that format?); the "
+            "answers and judgments are kept")
+        judgments = (tmp_path / "none" / "judgments.jsonl").read_text().splitlines()
+        assert len(judgments) == 16 and json.loads(judgments[0])["judgment"] == "The answer is"
+        assert len((tmp_path / "none" / "model_answer.jsonl").read_text().splitlines()) == 8
+    # some grades read: a success, as before
+    monkeypatch.setattr(eval_cli, "_judge_from_args", lambda args: UnreadableGrader(turns=(2,)))
+    assert main(argv + ["--out", str(tmp_path / "some")]) == 0
+    assert "score 5.0 over 8 grades (8 unparsed)" in capsys.readouterr().out
+
+
 def test_a_reused_out_dir_never_keeps_verdicts_about_other_answers(gen, tmp_path):
     from selfalign.errors import DataError
 
