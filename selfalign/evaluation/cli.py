@@ -161,8 +161,9 @@ def _add_alpaca(eval_sub) -> None:
     p.add_argument("--instructions", default=None, help="instruction file (default: AlpacaEval's eval_set.jsonl)")
     p.add_argument("--reference", default=None, help="reference outputs (default: GPT-4-Turbo's)")
     p.add_argument("--outputs", default=None, metavar="MODEL_OUTPUTS",
-                   help="judge these existing answers (alpaca_eval model_outputs.json: instruction, output) instead "
-                   "of generating; no model is loaded. Re-judges a run's saved eval/<stage>/model_outputs.json")
+                   help="judge these existing answers (alpaca_eval model_outputs.json: instruction, output; or the "
+                   "answers file of `selfalign generate`) instead of generating; no model is loaded. Re-judges a "
+                   "run's saved eval/<stage>/model_outputs.json")
     p.add_argument("--unparsed-as-tie", action="store_true",
                    help="count a verdict the judge could not read as a tie (1.5) instead of dropping it from the win "
                    "rate and n_total as alpaca_eval does (the default; the count is reported either way)")
@@ -272,8 +273,8 @@ def cmd_mtbench(args) -> int:
     if args.json:
         print(json.dumps(m, default=str))
         return 0
-    print(f"{m['model']}, judge {m['judge']}: score {m['score']} over {m['n_grades'] - m['n_unparsed']} grades "
+    print(f"{m['model']}, judge {m['judge']}: score {m['score']:.2f} over {m['n_grades'] - m['n_unparsed']} grades "
           f"({m['n_unparsed']} unparsed)")
-    for cat, score in m["per_category"].items():
-        print(f"  {cat:<12} {score}")
+    for cat, score in m["per_category"].items():  # FastChat's table shows two decimals
+        print(f"  {cat:<12} {'n/a (no grade read)' if score is None else f'{score:.2f}'}")
     return 0

@@ -179,7 +179,9 @@ def test_mtbench_with_no_readable_grade_fails_and_keeps_its_files(tmp_path, monk
     # some grades read: a success, as before
     monkeypatch.setattr(eval_cli, "_judge_from_args", lambda args: UnreadableGrader(turns=(2,)))
     assert main(argv + ["--out", str(tmp_path / "some")]) == 0
-    assert "score 5.0 over 8 grades (8 unparsed)" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "score 5.00 over 8 grades (8 unparsed)" in out
+    assert all(line.startswith("  ") and line.endswith(" 5.00") for line in out.splitlines()[1:]), out  # 2 decimals
 
 
 def test_a_reused_out_dir_never_keeps_verdicts_about_other_answers(gen, tmp_path):
