@@ -6,5 +6,5 @@ from selfalign.models.loading import (load_model, load_tokenizer, model_name, mo
 from selfalign.models.registry import DEFAULT_MODEL, PACKAGED_MODELS, list_models, resolve_model
 
 __all__ = ["DEFAULT_MODEL", "PACKAGED_MODELS", "encode_prompt", "encode_prompt_response", "list_models", "load_model",
-           "load_tokenizer", "model_name", "module_names", "pick_device", "pick_dtype", "render_prompt", "resolve_model",
-           "umask_permissions"]
+           "load_tokenizer", "model_name", "module_names", "pick_device", "pick_dtype", "render_prompt",
+           "resolve_model", "umask_permissions"]

@@ -131,8 +131,8 @@ def check_memory(model, objective, params: list[torch.nn.Parameter], batch_size:
 
 def report(result: MemoryCheck) -> None:
     print(f"[train] memory check: the heaviest micro-batch ({result.batch()}) needs {result.needed_gb:.2f} GiB on "
-          f"{result.device} (AdamW's state {result.optimizer_gb:.2f} of it) of {result.available_gb:.1f} GiB available" + (TIGHT if result.needed_gb > 0.9 * result.available_gb else ""),
-          file=sys.stderr)
+          f"{result.device} (AdamW's state {result.optimizer_gb:.2f} of it) of {result.available_gb:.1f} GiB available"
+          + (TIGHT if result.needed_gb > 0.9 * result.available_gb else ""), file=sys.stderr)
 
 
 def _local(p: torch.Tensor) -> torch.Tensor:
