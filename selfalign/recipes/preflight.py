@@ -17,6 +17,7 @@ import contextlib
 import contextvars
 import importlib.util
 import sys
+from pathlib import Path
 from typing import Callable
 
 from selfalign.config import config_error
@@ -95,8 +96,11 @@ def lora_targets(config) -> None:
                       if isinstance(getattr(owners[".".join(parts[:i])], "model", None), str)), None)
         if owner is None:
             continue
-        names = module_names(resolve_model(owner.model))
-        if not names:  # not a safetensors folder (a hub cache layout, say): peft will tell
+        folder = resolve_model(owner.model)
+        # a LoRA adapter folder names its adapters' weights (q_proj.lora_A), not its base model's layers; a folder
+        # without safetensors (a hub cache layout, say) names none: peft will tell
+        names = set() if (Path(folder) / "adapter_config.json").exists() else module_names(folder)
+        if not names:
             continue
         # peft's rule for a list of names: a module matches its full name or its last components
         missing = [t for t in train.lora.target_modules if not any(n == t or n.endswith(f".{t}") for n in names)]

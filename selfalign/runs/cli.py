@@ -39,11 +39,11 @@ def brief_result(result, width: int) -> str:
 
 def _training_progress(root: Path, stage: str) -> str | None:
     """For a stage stopped mid-training: its last logged step and the checkpoint it resumes from. A training stage
-    writes its log into the folder of its name (`round1/train`) or that folder's `train/` (`stage1` trains into
-    `stage1/train`)."""
+    writes its log into the folder of its name (`round1/train`), that folder's `train/` (`stage1` trains into
+    `stage1/train`) or its parent's (SEFT's `reviser/adaptive` into `reviser/train`)."""
     from selfalign.training.checkpoint import progress
 
-    for folder in (root / stage, root / stage / "train"):
+    for folder in (root / stage, root / stage / "train", (root / stage).parent / "train"):
         said = progress(folder)
         if said:
             return said

@@ -79,6 +79,8 @@ def progress(out_dir: Path) -> str | None:
             break
         except (ValueError, KeyError, TypeError):  # a line torn by the kill
             continue
+    if (Path(out_dir) / "done.json").exists():  # trained and saved (its checkpoints are gone): nothing to retrain
+        return f"stopped after its last step ({last}), with its model saved: the resumed stage trains nothing"
     latest = latest_checkpoint(Path(out_dir) / "checkpoints")
     resumes = f"resumes from its checkpoint at step {_step(latest)}" if latest else "no checkpoint: resumes from step 0"
     return f"stopped after step {last}; {resumes}"

@@ -64,8 +64,9 @@ class TrainConfig:
     # holds 1/processes of them; for full fine-tunes that do not fit one GPU. The same result as unsharded
     fsdp: bool = False
     gradient_checkpointing: bool = False
-    # before the first step, run the heaviest micro-batch's forward and backward once beside AdamW's state, measure
-    # the peak memory, and stop with one line if the device has less (training/memory.py); auto: on CUDA only
+    # before the first step, run the forward and backward of a micro-batch no step can outweigh once, beside
+    # AdamW's state; measure the peak memory, and stop with one line if the device has less (training/memory.py);
+    # auto: on CUDA only
     memory_check: Literal["auto", "always", "never"] = "auto"
     group_by_length: bool = True  # batches of similar length: less padding, same examples per epoch
     save_steps: int = 50  # checkpoint every N optimizer steps (0: never); a killed run resumes from the last one

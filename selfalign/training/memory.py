@@ -1,14 +1,15 @@
-"""The memory check before training: the heaviest micro-batches' forward and backward, once, before the first step.
+"""The memory check before training: the heaviest micro-batch's forward and backward, once, before the first step.
 
 Why: the usual way a fine-tune runs out of memory is hours in, when the heaviest batch comes up (trl#1024, #1619,
 #2452; LlamaFactory#6800); a formula from the model's shapes misses the attention kernel, the allocator and the
-loss's temporaries. So the trainer runs the candidates for the heaviest batch once each (the longest examples, and
-those with the most trained tokens, whose logits may weigh more), with stand-ins for AdamW's state resident (two
-tensors per trained parameter, which the first step creates and every later step carries), reads the peak the
-device reports, and refuses, in one line and before any step, a run that would not fit. The passes leave no trace:
-their gradients are dropped, the random generators are restored, and a noise hook does not see them, so the run
-trains exactly as it would without them.
+loss's temporaries. So the trainer runs a batch no step can outweigh once (the examples with the most trained
+tokens, padded to the longest example's length), with stand-ins for AdamW's state resident (two tensors per trained
+parameter, which the first step creates and every later step carries), reads the peak the device reports, and
+refuses, in one line and before any step, a run that would not fit. The pass leaves no trace: its gradients are
+dropped, the random generators are restored, and a noise hook does not see it, so the run trains exactly as it
+would without it.
 """
+
 from __future__ import annotations
 
 import sys
@@ -19,6 +20,7 @@ import torch
 from selfalign.errors import SelfalignError
 from selfalign.training import distributed
 from selfalign.training.forward import autocast
+from selfalign.training.losses import IGNORE
 
 GiB = 2**30
 REMEDIES = ("lower train.batch_size (raise train.grad_accum to keep the step's size), lower train.max_length, set "
@@ -59,51 +61,53 @@ def wanted(setting: str, device: str) -> bool:
     return setting == "always" or (setting == "auto" and str(device).startswith("cuda"))
 
 
-def heaviest_batches(lengths: list[int], trained_tokens: list[int], batch_size: int) -> list[list[int]]:
-    """The micro-batches that may need the most memory: the `batch_size` longest examples (activations grow with the
-    padded length) and the `batch_size` with the most trained tokens (the LM head's logits, [trained tokens, vocab],
-    are often a small model's largest tensors: a long prompt with a short answer has few). One batch when both are
-    the same examples."""
-    def top(values):
-        return sorted(range(len(values)), key=values.__getitem__)[-batch_size:]
-
-    longest, most_trained = top(lengths), top(trained_tokens)
-    return [longest] if sorted(longest) == sorted(most_trained) else [longest, most_trained]
+def heaviest_batch(lengths: list[int], trained_tokens: list[int], batch_size: int) -> tuple[list[int], int]:
+    """The rows of the heaviest micro-batch a step can meet, and the width to pad it to: the `batch_size` examples
+    with the most trained tokens (the LM head's logits, [trained tokens, vocab], are often a small model's largest
+    tensors, and a long prompt with a short answer has few), padded to the longest example's length (activations
+    grow with the padded width). No real micro-batch is wider or has more trained tokens, so its pass bounds every
+    step's."""
+    rows = sorted(range(len(trained_tokens)), key=trained_tokens.__getitem__)[-batch_size:]
+    return rows, max(lengths)
 
 
-def check_memory(model, objective, params: list[torch.nn.Parameter], batch_size: int, device: str,
-                 amp: torch.dtype | None, max_steps: int) -> MemoryCheck:
-    """Run the heaviest micro-batches' forward and backward on `model` under `objective` (as the training step does)
+def widen(batch: dict, width: int, pad_id: int) -> dict:
+    """`batch` right-padded to `width` positions, as a batch holding a longer example would be."""
+    extra = width - batch["input_ids"].shape[1]
+    if extra <= 0:
+        return batch
+    fill = {"input_ids": pad_id, "attention_mask": 0, "labels": IGNORE}
+    return {**batch, **{k: torch.nn.functional.pad(batch[k], (0, extra), value=v) for k, v in fill.items()}}
+
+
+def check_memory(model, objective, params: list[torch.nn.Parameter], batch_size: int, grad_accum: int,
+                 device: str, amp: torch.dtype | None, max_steps: int) -> MemoryCheck:
+    """Run the heaviest micro-batch's forward and backward on `model` under `objective` (as the training step does)
     beside stand-ins for AdamW's state, measure the peak, and raise a one-line SelfalignError when it exceeds what
-    the device has. Every process of a multi-process run calls it (the passes meet the same collectives as a step)."""
+    the device has. Every process of a multi-process run calls it (the pass meets the same collectives as a step)."""
     cuda = str(device).startswith("cuda")
-    candidates = heaviest_batches(objective.lengths, [e.trained_tokens for e in objective.examples], batch_size)
+    rows, width = heaviest_batch(objective.lengths, [e.trained_tokens for e in objective.examples], batch_size)
+    mine, padding = distributed.share(rows)
+    batch = widen(objective.collate(mine), width, objective.pad_id)
     probe = objective.without_side_effects()
     cpu_rng = torch.random.get_rng_state()
     cuda_rng = torch.cuda.get_rng_state_all() if cuda else None
     available = _available(device)
     out_of_memory = False
     moments = []
-    worst = (0, 0, 0, 0)  # peak bytes, examples, padded length, trained tokens
     try:
         # fused AdamW's exp_avg and exp_avg_sq, in the parameters' dtype (fp32 master weights); a sharded
         # parameter's are its shard's. Allocated and written, so a CPU counts their pages too
         moments = [torch.zeros_like(_local(p)) for p in params for _ in range(2)]
-        for rows in candidates:
-            mine, padding = distributed.share(rows)
-            batch = objective.collate(mine)
-            shape = (len(mine), int(batch["input_ids"].shape[1]),
-                     sum(objective.examples[i].trained_tokens for i in mine))
-            worst = max(worst, (0, *shape))  # what the error names if this pass runs out of memory
-            _reset_peak(device)
-            with autocast(device, amp):
-                loss, _ = probe.loss(model, batch, 0, max_steps)
-            (loss * 0.0 if padding else loss).backward()
-            distributed.sum_gradients(params)
-            del loss
+        if grad_accum > 1:  # a later micro-batch of the step runs beside the gradients the first ones left
             for p in params:
-                p.grad = None
-            worst = max(worst, (_peak(device), *shape))
+                p.grad = torch.zeros_like(p)
+        _reset_peak(device)
+        with autocast(device, amp):
+            loss, _ = probe.loss(model, batch, 0, max_steps)
+        (loss * 0.0 if padding else loss).backward()
+        distributed.sum_gradients(params)
+        del loss
     except torch.OutOfMemoryError:
         out_of_memory = True
     finally:
@@ -112,14 +116,17 @@ def check_memory(model, objective, params: list[torch.nn.Parameter], batch_size:
         torch.random.set_rng_state(cpu_rng)
         if cuda:
             torch.cuda.set_rng_state_all(cuda_rng)
+    peak = _peak(device)
     optimizer = sum(m.numel() * m.element_size() for m in moments)
     del moments
     if cuda:
-        torch.cuda.empty_cache()  # the failed or finished passes' blocks, so the first step starts as it would have
-    peak, examples, tokens, trained = worst
-    result = MemoryCheck(str(device), examples, tokens, trained, peak / GiB, optimizer / GiB, available / GiB)
+        torch.cuda.empty_cache()  # the failed or finished pass's blocks, so the first step starts as it would have
+    trained = sum(objective.examples[i].trained_tokens for i in mine)
+    result = MemoryCheck(str(device), len(mine), width, trained, peak / GiB, optimizer / GiB, available / GiB)
     too_big = out_of_memory or result.needed_gb > result.available_gb
-    if distributed.total(float(too_big)):  # every process stops together, not one while the others wait for it
+    # a process that ran out of memory stopped inside the pass, where the others may still wait in its collectives:
+    # it says so at once (and the launcher stops the others) rather than meet them in another collective
+    if out_of_memory or distributed.total(float(too_big)):
         what = (f"ran out of memory on {device} in its forward and backward beside AdamW's state" if out_of_memory
                 else f"needs {result.needed_gb:.1f} GiB on {device} (AdamW's state {result.optimizer_gb:.1f} of it) "
                 f"where {result.available_gb:.1f} GiB is available" if too_big
@@ -161,7 +168,7 @@ def _peak(device: str) -> int:
     status = _proc_status()
     if "VmHWM" in status:
         return status["VmHWM"]
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # kB on Linux (not reached there)
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * (1 if sys.platform == "darwin" else 1024)  # B / kB
 
 
 def _available(device: str) -> int:

@@ -343,7 +343,7 @@ def fit(model, tokenizer, objective, config: TrainConfig, out_dir: str | Path, f
     scheduler = get_cosine_schedule_with_warmup(optimizer, math.ceil(config.warmup_ratio * max_steps), max_steps)
     checked = None
     if memory.wanted(config.memory_check, device):  # before a step, and before a checkpoint's optimizer state loads
-        checked = memory.check_memory(model, objective, params, config.batch_size, device, amp, max_steps)
+        checked = memory.check_memory(model, objective, params, config.batch_size, ga, device, amp, max_steps)
         if verbose and main:
             memory.report(checked)
     start = 0

@@ -10,6 +10,8 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import pytest
+import torch
+from safetensors.torch import save_file
 
 from selfalign.cli import main
 from selfalign.config import config_error, load_config, locate_error
@@ -358,6 +360,13 @@ def test_lora_settings_peft_would_refuse_mid_run_fail_before_the_run_folder_exis
                             (seft, "reviser.adaptive_train.lora={target_modules: [v_proj]}")):
         name = recipe.__name__.rsplit(".", 1)[-1]
         preflight.lora_targets(load_config(recipe.Config, smoke(name), [setting]))  # names it has: no error
+    # a LoRA adapter folder as the model names its adapters' weights, not its base's layers: left to peft
+    adapter = tmp_path / "adapter"
+    adapter.mkdir()
+    (adapter / "adapter_config.json").write_text(json.dumps({"base_model_name_or_path": "smollm2-135m"}))
+    save_file({"base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight": torch.zeros(4, 8)},
+              str(adapter / "adapter_model.safetensors"))
+    preflight.lora_targets(load_config(sft.Config, smoke("sft"), [f"model={adapter}", "train.lora={r: 4}"]))
 
 
 def test_generation_processes_that_cannot_run_fail_before_the_run_folder_exists(tmp_path, capsys):

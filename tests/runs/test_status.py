@@ -201,6 +201,11 @@ def test_status_names_stopped_stages_skips_and_damaged_manifests(tmp_path, capsy
     run.manifest["stages"]["round1/train"] = {"status": "running"}
     (root / "round1" / "train").mkdir(parents=True)
     (root / "round1" / "train" / "log.jsonl").write_text(json.dumps({"step": 1}) + "\n")
+    # SEFT's reviser/adaptive trains into reviser/train; one killed after its model was saved trains nothing more
+    run.manifest["stages"]["reviser/adaptive"] = {"status": "running"}
+    (root / "reviser" / "train").mkdir(parents=True)
+    (root / "reviser" / "train" / "log.jsonl").write_text(json.dumps({"step": 6}) + "\n")
+    (root / "reviser" / "train" / "done.json").write_text("{}")
     run.manifest["stages"]["eval/stage2"] = {"status": "running"}
     run.save()
     del run  # the process that ran it is gone (here: the Run was dropped)
@@ -208,8 +213,11 @@ def test_status_names_stopped_stages_skips_and_damaged_manifests(tmp_path, capsy
     out = capsys.readouterr().out
     assert re.search(r"stage1 +stopped +\S+  stopped after step 3; resumes from its checkpoint at step 2\n", out), out
     assert re.search(r"round1/train +stopped +\S+  stopped after step 1; no checkpoint: resumes from step 0\n", out)
-    assert "stage2/train  done" in out and "skipped: no score-improving refinement: M_final = M_self pairs=0" in out
-    assert "eval/stage2   stopped" in out and "state: stopped during stage eval/stage2" in out
+    assert re.search(r"reviser/adaptive +stopped +\S+  stopped after its last step \(6\), with its model saved: the "
+                     r"resumed stage trains nothing\n", out), out
+    assert re.search(r"stage2/train +done", out) and "skipped: no score-improving refinement: M_final = M_self " \
+        "pairs=0" in out
+    assert re.search(r"eval/stage2 +stopped", out) and "state: stopped during stage eval/stage2" in out
     (root / "manifest.json").write_text("[]")
     assert main(["status", str(root)]) == 2
     assert "manifest.json: not a readable run manifest" in capsys.readouterr().err

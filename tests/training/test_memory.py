@@ -18,11 +18,18 @@ from selfalign.training.noise import SelfRefinementHook
 from selfalign.training.trainer import DPOObjective
 
 
-def test_the_candidates_are_the_longest_examples_and_those_with_most_trained_tokens():
-    assert memory.heaviest_batches([5, 40, 7, 33, 12], [2, 30, 1, 20, 3], 2) == [[3, 1]]  # the same examples: once
+def test_the_heaviest_batch_has_the_most_trained_tokens_at_the_longest_width(tokenizer, real_pairs):
     # a long prompt with a short answer: its logits weigh less than a shorter example's long answer
-    assert memory.heaviest_batches([5, 40, 7, 33, 12], [4, 3, 1, 20, 9], 2) == [[3, 1], [4, 3]]
-    assert memory.heaviest_batches([5, 40], [1, 2], 4) == [[0, 1]]  # fewer examples than a batch: all of them
+    assert memory.heaviest_batch([5, 40, 7, 33, 12], [4, 3, 1, 20, 9], 2) == ([4, 3], 40)
+    assert memory.heaviest_batch([5, 40], [1, 2], 4) == ([0, 1], 40)  # fewer examples than a batch: all of them
+    exs = encode_pairs(tokenizer, real_pairs[:2], max_length=256, max_prompt_length=128)
+    objective = DPOObjective(exs, tokenizer.pad_token_id, DPOTrainConfig(), ref_logps=torch.zeros(2, 2))
+    batch = objective.collate([0, 1])
+    wide = memory.widen(batch, batch["input_ids"].shape[1] + 5, tokenizer.pad_token_id)
+    assert wide["input_ids"].shape == (4, batch["input_ids"].shape[1] + 5)
+    assert (wide["attention_mask"][:, -5:] == 0).all() and (wide["labels"][:, -5:] == -100).all()
+    assert (wide["input_ids"][:, -5:] == tokenizer.pad_token_id).all() and wide["ids"] == batch["ids"]
+    assert torch.equal(wide["labels"][:, :-5], batch["labels"])
 
 
 def train(tmp_path, model_dir, pairs, name, check, **overrides):
@@ -81,9 +88,14 @@ def test_a_batch_that_cannot_fit_stops_the_run_before_its_first_step(tmp_path, t
         train(tmp_path, tiny_model_dir, real_pairs, "oom", "always")
 
 
-def test_the_check_restores_the_random_generator_and_drops_its_gradients(tiny_model_dir, tokenizer, real_pairs):
+@pytest.mark.parametrize("grad_accum", [1, 2])
+def test_the_check_restores_the_random_generator_and_drops_its_gradients(grad_accum, tiny_model_dir, tokenizer,
+                                                                         real_pairs):
     policy = load_model(str(tiny_model_dir), dtype="float32", device="cpu")
     policy.train()
+    for module in policy.modules():  # attention dropout: the pass draws random numbers
+        if hasattr(module, "attention_dropout"):
+            module.attention_dropout = 0.5
     exs = encode_pairs(tokenizer, real_pairs[:4], max_length=64, max_prompt_length=32)
     cfg = DPOTrainConfig(max_length=64, max_prompt_length=32)
     objective = DPOObjective(exs, tokenizer.pad_token_id, cfg, reference=policy)
@@ -92,7 +104,7 @@ def test_the_check_restores_the_random_generator_and_drops_its_gradients(tiny_mo
     torch.nn.functional.dropout(torch.ones(4), 0.5, training=True)  # (draws: the state moves)
     moved = torch.random.get_rng_state()
     assert not torch.equal(before, moved)
-    result = memory.check_memory(policy, objective, params, 2, "cpu", None, 10)
+    result = memory.check_memory(policy, objective, params, 2, grad_accum, "cpu", None, 10)
     assert torch.equal(torch.random.get_rng_state(), moved)
     assert all(p.grad is None for p in params)
     assert result.examples == 2 and 0 < result.tokens <= 64 and result.trained_tokens > 0
