@@ -1,7 +1,7 @@
 """Does `train.memory_check` foretell a training run's peak memory? For SFT and DPO at a few batch sizes, on real
-UltraFeedback pairs and the embedded model: the check's figure (the peak of the longest micro-batch's forward and
-backward, with stand-ins for AdamW's state resident), against the peak of the same training run with no check, one
-epoch, so that the longest batch does come up.
+UltraFeedback pairs and the embedded model: the check's figure (the peak of the forward and backward of a
+micro-batch no step can outweigh, with stand-ins for AdamW's state resident), against the peak of the same training
+run with no check, one epoch, so that its heaviest batches do come up.
 
     python benchmarks/memory_check.py [--device cpu|cuda] [--model smollm2-135m] [--pairs 16] [--max-length 512]
     python benchmarks/memory_check.py --device cuda --model .gpu/tok --random-init smollm2-1.7b   # gpu_run.sh --memory
