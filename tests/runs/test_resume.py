@@ -120,11 +120,12 @@ def test_run_stages_skip_when_done_and_refuse_changed_config(tmp_path):
     assert manifest["stages"]["one"]["status"] == "done" and manifest["versions"]["torch"]
     with pytest.raises(SelfalignError, match="config differs"):
         Run(tmp_path / "run", {"a": 2}, recipe="test")
-    # the message names each changed key, dotted, with both values
-    Run(tmp_path / "nested", {"sampling": {"batch_size": 8, "seed": 1}, "b": [1]}, recipe="test")
+    # the message names each changed key, dotted, with both values (a sampling batch_size may change: see
+    # test_a_run_resumes_on_other_hardware_and_under_a_newer_selfalign)
+    Run(tmp_path / "nested", {"sampling": {"temperature": 0.8, "seed": 1}, "b": [1]}, recipe="test")
     with pytest.raises(SelfalignError) as err:
-        Run(tmp_path / "nested", {"sampling": {"batch_size": 4, "seed": 1}, "b": [1]}, recipe="test")
-    assert "(sampling.batch_size: 8 -> 4); use a new --run-dir" in str(err.value)
+        Run(tmp_path / "nested", {"sampling": {"temperature": 0.4, "seed": 1}, "b": [1]}, recipe="test")
+    assert "(sampling.temperature: 0.8 -> 0.4); use a new --run-dir" in str(err.value)
     # how often progress is printed changes nothing a run computes: a resume may change it, and it is recorded
     Run(tmp_path / "logging", {"train": {"log_steps": 1, "lr": 1.0}}, recipe="test")
     run = Run(tmp_path / "logging", {"train": {"log_steps": 5, "lr": 1.0}}, recipe="test")
