@@ -46,7 +46,8 @@ class MemoryCheck:
     available_gb: float  # what this process can have on the device
 
     def batch(self) -> str:
-        return f"{self.examples} examples of up to {self.tokens} tokens, {self.trained_tokens} trained"
+        return (f"{self.examples} example{'s' if self.examples != 1 else ''} of up to {self.tokens} tokens, "
+                f"{self.trained_tokens} trained")
 
     def to_dict(self) -> dict:
         return {"device": self.device, "examples": self.examples, "tokens": self.tokens,
