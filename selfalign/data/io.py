@@ -10,7 +10,7 @@ import json
 import os
 import re
 from pathlib import Path
-from typing import Any, Iterable, Iterator, TypeVar
+from typing import Any, Iterable, Iterator, Literal, TypeVar
 
 from selfalign.errors import DataError
 
@@ -120,12 +120,12 @@ def check_limit(limit: int | None, path) -> None:
         raise DataError(f"limit must be at least 1, not {limit}", path=str(path))
 
 
-def read_records(source: Any, cls: type[T], limit: int | None = None, default_id: bool = False,
-                 line_ids: bool = False) -> list[T]:
-    """Read typed records from a .jsonl/.json/.parquet path or a `datasets.Dataset`. `default_id`: a row without an
-    `id` gets its record number - 1 (alpaca_eval's own instruction files have no ids). `line_ids`: a row without an
-    `id` gets "<file stem>:<line>" (a JSON array's or parquet file's: "<file stem>:<record>"), for a user's prompt or
-    pair file in the common prompt/chosen/rejected shape."""
+def read_records(source: Any, cls: type[T], limit: int | None = None,
+                 missing_id: Literal["index", "line"] | None = None) -> list[T]:
+    """Read typed records from a .jsonl/.json/.parquet path or a `datasets.Dataset`. `missing_id`, the id of a row
+    without one: "index", its record number - 1 (alpaca_eval's own instruction files have no ids); "line",
+    "<file stem>:<line>" (a JSON array's or parquet file's: "<file stem>:<record>"), for a user's prompt or pair file
+    in the common prompt/chosen/rejected shape; None, none (the `id` is required)."""
     rows: Iterable[tuple[int, dict]]
     name = str(source)
     if hasattr(source, "column_names") and hasattr(source, "__iter__"):  # a datasets.Dataset
@@ -146,11 +146,10 @@ def read_records(source: Any, cls: type[T], limit: int | None = None, default_id
     check_limit(limit, name)
     out = []
     for n, (line, row) in enumerate(rows):
-        if default_id and isinstance(row, dict) and row.get("id") is None:
-            row = {**row, "id": str(n)}
-        elif line_ids and isinstance(row, dict) and row.get("id") is None:
-            # a JSON array's elements may share a line: they are numbered by record
-            row = {**row, "id": f"{Path(name).stem}:{getattr(line, 'record', line)}"}
+        if missing_id and isinstance(row, dict) and row.get("id") is None:
+            # a JSON array's elements may share a line: by line, they are numbered by record
+            number = n if missing_id == "index" else f"{Path(name).stem}:{getattr(line, 'record', line)}"
+            row = {**row, "id": str(number)}
         out.append(_parse(cls, row, name, line))
         if limit is not None and len(out) >= limit:
             break

@@ -39,7 +39,7 @@ def load_prompts(path: str | Path, limit: int | None = None, exclude_ids: set | 
     duplicate ids are an error (they would collide in resumable outputs)."""
     check_limit(limit, path)
     out = []
-    for p in _unique_ids(read_records(path, Prompt, line_ids=True), path):
+    for p in _unique_ids(read_records(path, Prompt, missing_id="line"), path):
         if exclude_ids and p.id in exclude_ids:
             continue
         out.append(p)
@@ -76,7 +76,7 @@ def load_preference_pairs(path: str | Path, limit: int | None = None, drop_ident
     if _is_annotation_file(path):
         pairs = load_annotated_pairs(path)
     else:
-        pairs = read_records(path, PreferencePair, line_ids=True)  # the id of a pair without one: "file:line"
+        pairs = read_records(path, PreferencePair, missing_id="line")  # the id of a pair without one: "file:line"
         pairs = _unique_ids(pairs, path) if unique_ids else pairs
     tally = {"in_file": len(pairs), "identical_dropped": 0, "empty_dropped": 0}
     if drop_identical:
@@ -185,7 +185,7 @@ def load_alpaca_eval_set(path: str | Path | None = None, limit: int | None = Non
 
     path = Path(path or shared_data_dir() / "alpaca_eval" / "eval_set.jsonl")
     check_limit(limit, path)
-    prompts = _unique_ids(read_records(path, Prompt, default_id=True), path)
+    prompts = _unique_ids(read_records(path, Prompt, missing_id="index"), path)
     for p in prompts:
         if p.meta.get("dataset") is None:
             p.meta["dataset"] = "unknown"

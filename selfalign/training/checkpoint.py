@@ -7,6 +7,7 @@ leaves the previous checkpoint as the latest one.
 
 from __future__ import annotations
 
+import json
 import random
 import shutil
 from pathlib import Path
@@ -66,8 +67,6 @@ def latest_checkpoint(folder: Path) -> Path | None:
 def progress(out_dir: Path) -> str | None:
     """Where an unfinished training folder (a trainer's `out_dir`) stands, for `selfalign status`: the last step it
     logged and the checkpoint a resume starts from; None for a folder with no log."""
-    import json
-
     try:
         lines = (Path(out_dir) / "log.jsonl").read_text().splitlines()
     except OSError:  # no log: not a training folder, or no step yet
